@@ -1,0 +1,1 @@
+"""qwen2vl-jax: Qwen2-VL in JAX/Flax."""
