@@ -1,0 +1,148 @@
+"""The Qwen2 decoder with chunked M-RoPE and a fixed-size KV cache.
+
+Shapes: B batch, L new tokens, S cache slots (S == L without a cache), H query heads,
+K key/value heads, hd head dim, D hidden.
+
+Attention is masked by slot: a query in slot q sees key slot s when s <= q and s holds a real
+token (`kv_valid`). Left padding therefore needs no special case, and prefill, decode and the
+plain forward are the same code.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from qwen2vl_jax.config import TextConfig
+from qwen2vl_jax.modules.rope import apply_rotary, mrope_cos_sin
+from qwen2vl_jax.sharding import shard
+
+
+class LayerCache(NamedTuple):
+    k: jax.Array  # [B, S, K, hd]
+    v: jax.Array  # [B, S, K, hd]
+
+
+class RMSNorm(nn.Module):
+    eps: float = 1e-6
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        scale = self.param("scale", nn.initializers.ones, (x.shape[-1],), jnp.float32)
+        xf = x.astype(jnp.float32)
+        xf = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + self.eps)
+        # As HF: normalise in f32, cast back, then scale in the weight's dtype.
+        return (scale.astype(self.dtype) * xf.astype(x.dtype)).astype(self.dtype)
+
+
+def attend(q, k, v, mask, dtype):
+    """q [B, L, H, hd], k/v [B, S, K, hd], mask bool[B, L, S] -> [B, L, H, hd].
+
+    Grouped-query attention without repeating K/V; softmax in f32. Fully masked rows (left
+    padding) get a uniform, finite distribution rather than NaN.
+    """
+    b, l, h, hd = q.shape
+    kh = k.shape[2]
+    qg = q.reshape(b, l, kh, h // kh, hd)
+    logits = jnp.einsum("blkgd,bskd->bkgls", qg, k) * (hd**-0.5)
+    logits = jnp.where(mask[:, None, None], logits.astype(jnp.float32), jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(logits, axis=-1).astype(dtype)
+    out = jnp.einsum("bkgls,bskd->blkgd", probs, v)
+    return out.reshape(b, l, h, hd)
+
+
+class Attention(nn.Module):
+    config: TextConfig
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, cos, sin, mask, cache: LayerCache | None, cache_index):
+        cfg = self.config
+        b, l, _ = x.shape
+        h, kh, hd = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        dense = lambda n, name, bias=True: nn.Dense(n, use_bias=bias, dtype=self.dtype, name=name)  # noqa: E731
+        q = dense(h * hd, "q_proj")(x).reshape(b, l, h, hd)
+        k = dense(kh * hd, "k_proj")(x).reshape(b, l, kh, hd)
+        v = dense(kh * hd, "v_proj")(x).reshape(b, l, kh, hd)
+        q = shard(q, "batch", "seq", "heads", "head_dim")
+        k = shard(k, "batch", "seq", "kv_heads", "head_dim")
+        v = shard(v, "batch", "seq", "kv_heads", "head_dim")
+        # HF casts cos/sin to the activation dtype before rotating.
+        cos_, sin_ = cos[:, :, None].astype(self.dtype), sin[:, :, None].astype(self.dtype)
+        q, k = apply_rotary(q, cos_, sin_), apply_rotary(k, cos_, sin_)
+        if cache is not None:
+            k_all = jax.lax.dynamic_update_slice_in_dim(cache.k, k.astype(cache.k.dtype), cache_index, axis=1)
+            v_all = jax.lax.dynamic_update_slice_in_dim(cache.v, v.astype(cache.v.dtype), cache_index, axis=1)
+            new_cache = LayerCache(k_all, v_all)
+            k, v = k_all.astype(self.dtype), v_all.astype(self.dtype)
+        else:
+            new_cache = None
+        out = attend(q, k, v, mask, self.dtype).reshape(b, l, h * hd)
+        return dense(cfg.hidden_size, "o_proj", bias=False)(out), new_cache
+
+
+class Mlp(nn.Module):
+    config: TextConfig
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        cfg = self.config
+        dense = lambda n, name: nn.Dense(n, use_bias=False, dtype=self.dtype, name=name)  # noqa: E731
+        gate = shard(dense(cfg.intermediate_size, "gate_proj")(x), "batch", "seq", "mlp")
+        up = shard(dense(cfg.intermediate_size, "up_proj")(x), "batch", "seq", "mlp")
+        return dense(cfg.hidden_size, "down_proj")(jax.nn.silu(gate) * up)
+
+
+class DecoderLayer(nn.Module):
+    config: TextConfig
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, cos, sin, mask, cache, cache_index):
+        eps = self.config.rms_norm_eps
+        y = RMSNorm(eps, self.dtype, name="input_layernorm")(x)
+        y, cache = Attention(self.config, self.dtype, name="self_attn")(y, cos, sin, mask, cache, cache_index)
+        x = x + y
+        y = RMSNorm(eps, self.dtype, name="post_attention_layernorm")(x)
+        x = x + Mlp(self.config, self.dtype, name="mlp")(y)
+        return shard(x, "batch", "seq", "embed"), cache
+
+
+class TextModel(nn.Module):
+    """embed_tokens, layers_i, norm: the HF `model` (language_model) subtree."""
+
+    config: TextConfig
+    dtype: Any = jnp.float32
+    remat: bool = False
+
+    def setup(self):
+        cfg = self.config
+        self.embed_tokens = nn.Embed(cfg.vocab_size, cfg.hidden_size, dtype=self.dtype)
+        layer_cls = nn.remat(DecoderLayer, static_argnums=()) if self.remat else DecoderLayer
+        self.layers = [layer_cls(cfg, self.dtype) for _ in range(cfg.num_hidden_layers)]
+        self.norm = RMSNorm(cfg.rms_norm_eps, self.dtype)
+
+    def embed(self, input_ids):
+        return self.embed_tokens(input_ids)
+
+    def __call__(self, embeds, positions, kv_valid, cache=None, cache_index=0):
+        """embeds [B, L, D]; positions int[3, B, L]; kv_valid bool[B, S];
+        cache: tuple of LayerCache (one per layer) or None -> (hidden [B, L, D], new cache)."""
+        cfg = self.config
+        b, l, _ = embeds.shape
+        cos, sin = mrope_cos_sin(positions, cfg.head_dim, cfg.rope_theta, cfg.mrope_section)
+        q_slot = cache_index + jnp.arange(l)
+        k_slot = jnp.arange(kv_valid.shape[1])
+        mask = (k_slot[None, None, :] <= q_slot[None, :, None]) & kv_valid[:, None, :]  # [B, L, S]
+        x = shard(embeds.astype(self.dtype), "batch", "seq", "embed")
+        new_cache = []
+        for i, layer in enumerate(self.layers):
+            with jax.named_scope(f"decoder_layer_{i}"):
+                x, c = layer(x, cos, sin, mask, None if cache is None else cache[i], cache_index)
+            new_cache.append(c)
+        return self.norm(x), (tuple(new_cache) if cache is not None else None)
