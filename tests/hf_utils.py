@@ -1,0 +1,182 @@
+"""Reference helpers: tiny random HF Qwen2-VL models and hand-built multimodal inputs.
+
+Weights are re-drawn with scales near 1/sqrt(fan_in) (HF's default init, std 0.02, leaves
+logits so small that a wrong transpose or rotary could hide under the tolerance).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import numpy as np
+
+IMG, VID, VSTART, VEND = 201, 202, 203, 204
+PAD = 0
+
+SHARED_ASSETS = Path(__file__).resolve().parents[1].parent / "shared" / "assets"
+
+
+@dataclasses.dataclass(frozen=True)
+class TinySpec:
+    """Odd/prime widths so a transposed weight cannot pass by accident."""
+
+    seed: int = 0
+    tie: bool = False
+    mrope_section: tuple[int, int, int] = (2, 1, 2)
+    hidden: int = 60
+    heads: int = 6
+    kv_heads: int = 2
+    intermediate: int = 97
+    layers: int = 2
+    vocab: int = 211
+    v_embed: int = 36
+    v_heads: int = 3
+    v_depth: int = 2
+    v_mlp_ratio: int = 3
+
+
+SPECS = {
+    "untied": TinySpec(),
+    "tied": TinySpec(seed=1, tie=True, mrope_section=(1, 2, 3), hidden=48, heads=4, kv_heads=1,
+                     intermediate=67, v_embed=40, v_heads=2, v_mlp_ratio=2),
+}
+
+
+def hf_config(spec: TinySpec):
+    from transformers import Qwen2VLConfig
+
+    return Qwen2VLConfig(
+        text_config=dict(
+            vocab_size=spec.vocab, hidden_size=spec.hidden, intermediate_size=spec.intermediate,
+            num_hidden_layers=spec.layers, num_attention_heads=spec.heads, num_key_value_heads=spec.kv_heads,
+            rms_norm_eps=1e-6, max_position_embeddings=4096, bos_token_id=205, eos_token_id=206,
+            pad_token_id=PAD, tie_word_embeddings=spec.tie,
+            rope_parameters={"rope_type": "default", "mrope_section": list(spec.mrope_section), "rope_theta": 10000.0},
+        ),
+        vision_config=dict(
+            depth=spec.v_depth, embed_dim=spec.v_embed, num_heads=spec.v_heads, mlp_ratio=spec.v_mlp_ratio,
+            hidden_size=spec.hidden, in_channels=3, patch_size=14, spatial_merge_size=2, temporal_patch_size=2,
+        ),
+        image_token_id=IMG, video_token_id=VID, vision_start_token_id=VSTART, vision_end_token_id=VEND,
+        tie_word_embeddings=spec.tie,
+    )
+
+
+def build_hf_model(spec: TinySpec):
+    """A random fp32 HF Qwen2VLForConditionalGeneration in eval mode."""
+    import torch
+    from transformers import Qwen2VLForConditionalGeneration
+
+    torch.manual_seed(spec.seed)
+    model = Qwen2VLForConditionalGeneration(hf_config(spec)).eval()
+    gen = torch.Generator().manual_seed(spec.seed + 100)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight") or "norm1" in name or "norm2" in name or "ln_q.weight" in name \
+                    or name.endswith("layernorm.weight"):
+                p.copy_(1.0 + 0.2 * torch.randn(p.shape, generator=gen))
+            elif p.ndim == 1:
+                p.copy_(0.2 * torch.randn(p.shape, generator=gen))
+            else:
+                fan_in = int(np.prod(p.shape[1:])) if "embed_tokens" not in name else 1
+                p.copy_(torch.randn(p.shape, generator=gen) / np.sqrt(fan_in))
+    return model
+
+
+def save_hf_model(model, folder: Path) -> Path:
+    model.save_pretrained(folder)
+    return folder
+
+
+# ------------------------------------------------------------------ inputs
+def pixels_for(grids, seed: int) -> np.ndarray:
+    n = int(sum(t * h * w for t, h, w in grids))
+    return np.random.RandomState(seed).randn(n, 1176).astype(np.float32)
+
+
+def vision_tokens(grid) -> list[int]:
+    t, h, w = grid
+    return [t * h * w // 4]
+
+
+def row(*parts) -> list[int]:
+    """parts: ints (text tokens) or ('img', grid) / ('vid', grid) -> token ids."""
+    out = []
+    for p in parts:
+        if isinstance(p, tuple):
+            kind, (t, h, w) = p
+            out += [VSTART] + [IMG if kind == "img" else VID] * (t * h * w // 4) + [VEND]
+        else:
+            out.append(int(p))
+    return out
+
+
+def left_pad(rows: list[list[int]]) -> tuple[np.ndarray, np.ndarray]:
+    width = max(len(r) for r in rows)
+    ids = np.full((len(rows), width), PAD, np.int64)
+    mask = np.zeros((len(rows), width), np.int64)
+    for i, r in enumerate(rows):
+        ids[i, width - len(r):] = r
+        mask[i, width - len(r):] = 1
+    return ids, mask
+
+
+def mm_token_type_ids(ids: np.ndarray) -> np.ndarray:
+    return (ids == IMG).astype(np.int64) + 2 * (ids == VID).astype(np.int64)
+
+
+@dataclasses.dataclass
+class Case:
+    """One multimodal batch in the HF processor's key layout (numpy)."""
+
+    name: str
+    input_ids: np.ndarray
+    attention_mask: np.ndarray
+    image_grid_thw: np.ndarray | None = None
+    video_grid_thw: np.ndarray | None = None
+    pixel_values: np.ndarray | None = None
+    pixel_values_videos: np.ndarray | None = None
+
+    def inputs(self) -> dict:
+        d = {"input_ids": self.input_ids, "attention_mask": self.attention_mask}
+        for k in ("image_grid_thw", "video_grid_thw", "pixel_values", "pixel_values_videos"):
+            if getattr(self, k) is not None:
+                d[k] = getattr(self, k)
+        return d
+
+    def torch_inputs(self) -> dict:
+        import torch
+
+        d = {k: torch.tensor(v) for k, v in self.inputs().items()}
+        d["mm_token_type_ids"] = torch.tensor(mm_token_type_ids(self.input_ids))
+        return d
+
+
+def make_case(name: str, rows: list[list], image_grids=(), video_grids=(), seed: int = 0) -> Case:
+    ids, mask = left_pad([row(*r) for r in rows])
+    ig = np.array(image_grids, np.int64).reshape(-1, 3) if image_grids else None
+    vg = np.array(video_grids, np.int64).reshape(-1, 3) if video_grids else None
+    return Case(
+        name, ids, mask, ig, vg,
+        pixels_for(image_grids, seed) if image_grids else None,
+        pixels_for(video_grids, seed + 1) if video_grids else None,
+    )
+
+
+def standard_cases() -> list[Case]:
+    """The cases every parity test runs: text, images, video, mixed, left-padded batch."""
+    g1, g2, g3 = (1, 4, 6), (1, 6, 4), (1, 2, 2)
+    v1 = (2, 4, 4)  # 4 frames
+    return [
+        make_case("text", [[5, 9, 17, 33, 2, 8, 100]]),
+        make_case("one_image", [[5, 6, ("img", g1), 7, 8, 9]], [g1], seed=1),
+        make_case("two_images", [[5, ("img", g1), 11, ("img", g2), 12, ("img", g3), 13]], [g1, g2, g3], seed=2),
+        make_case("video", [[5, 6, ("vid", v1), 7, 8]], video_grids=[v1], seed=3),
+        make_case("image_video", [[5, ("vid", v1), 6, ("img", g2), 7]], [g2], [v1], seed=4),
+        make_case(
+            "left_padded_batch",
+            [[5, ("img", g1), 7, 8, 9, 10, 11, 12], [3, 4, ("vid", v1), 6, ("img", g3), 2]],
+            [g1, g3], [v1], seed=5,
+        ),
+    ]
