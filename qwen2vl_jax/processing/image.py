@@ -1,0 +1,363 @@
+"""Images to patches: the paper's dynamic resolution.
+
+The pipeline is the one the official Qwen2-VL stack runs (qwen-vl-utils, then HF's
+processor): load -> to_rgb -> smart_resize (sides multiples of 28, pixel count within
+[min_pixels, max_pixels], aspect ratio kept) -> PIL bicubic resize -> rescale 1/255 ->
+CLIP normalise -> 14x14 patches, 2 temporal copies, in 2x2 merge order.
+
+Rescale and normalise are a per-channel lookup table on the uint8 pixels (256 entries,
+computed with HF's float32 arithmetic, so the values are bit-identical), applied after the
+uint8 pixels are already in patch order: one gather per channel writes the final array.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import io
+import math
+import os
+import urllib.request
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from ..errors import InputError
+
+# qwen-vl-utils' image defaults (also the values in the published preprocessor_config.json).
+IMAGE_FACTOR = 28
+MIN_PIXELS = 4 * 28 * 28
+MAX_PIXELS = 16384 * 28 * 28
+MAX_RATIO = 200
+MIN_SIDE = 28
+
+OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+# ----------------------------------------------------------------------------- sizes
+
+
+def check_size(height: int, width: int, what: str = "image") -> None:
+    """Raises InputError for a side under 28 pixels or an aspect ratio over 200."""
+    if height < MIN_SIDE or width < MIN_SIDE:
+        raise InputError(
+            f"{what} {width}x{height} is too small: each side must be at least {MIN_SIDE} pixels"
+        )
+    ratio = max(height, width) / min(height, width)
+    if ratio > MAX_RATIO:
+        raise InputError(f"{what} {width}x{height}: aspect ratio {ratio:.1f} is over {MAX_RATIO}")
+
+
+def smart_resize(
+    height: int,
+    width: int,
+    factor: int = IMAGE_FACTOR,
+    min_pixels: int = MIN_PIXELS,
+    max_pixels: int = MAX_PIXELS,
+) -> tuple[int, int]:
+    """(height, width) with both sides multiples of `factor`, h*w in [min_pixels, max_pixels],
+    aspect ratio kept as closely as possible (HF's and qwen-vl-utils' rule)."""
+    ratio = max(height, width) / min(height, width)
+    if ratio > MAX_RATIO:
+        raise InputError(f"image {width}x{height}: aspect ratio {ratio:.1f} is over {MAX_RATIO}")
+    if min_pixels > max_pixels:
+        raise InputError(f"min_pixels {min_pixels} is larger than max_pixels {max_pixels}")
+    h_bar = max(factor, round(height / factor) * factor)
+    w_bar = max(factor, round(width / factor) * factor)
+    if h_bar * w_bar > max_pixels:
+        beta = math.sqrt((height * width) / max_pixels)
+        h_bar = max(factor, math.floor(height / beta / factor) * factor)
+        w_bar = max(factor, math.floor(width / beta / factor) * factor)
+    elif h_bar * w_bar < min_pixels:
+        beta = math.sqrt(min_pixels / (height * width))
+        h_bar = math.ceil(height * beta / factor) * factor
+        w_bar = math.ceil(width * beta / factor) * factor
+    return h_bar, w_bar
+
+
+# ----------------------------------------------------------------------------- loading
+
+
+def _describe(source: Any) -> str:
+    if isinstance(source, str):
+        return source if len(source) <= 80 else source[:60] + "..."
+    return type(source).__name__
+
+
+def _open_bytes(data: bytes, name: str) -> Image.Image:
+    try:
+        img = Image.open(io.BytesIO(data))
+        img.load()
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
+        kind = "not an image file" if isinstance(e, UnidentifiedImageError) else "corrupt or truncated"
+        raise InputError(f"image {name}: cannot be read ({kind})") from None
+    return img
+
+
+def _open_path(path: str, name: str) -> Image.Image:
+    if not os.path.exists(path):
+        raise InputError(f"image {name}: file not found")
+    if os.path.isdir(path):
+        raise InputError(f"image {name}: is a directory, not an image file")
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except OSError as e:
+        raise InputError(f"image {name}: cannot be read ({e.strerror})") from None
+    return _open_bytes(data, name)
+
+
+def open_image(source: Any) -> Image.Image:
+    """A PIL image from what qwen-vl-utils accepts: a PIL image, a path, a `file://` or
+    `data:image/...;base64,` URI, an http(s) URL, or a uint8 array ([H, W], [H, W, C] or
+    [C, H, W] with C in 1, 3, 4). The image is not converted."""
+    if isinstance(source, Image.Image):
+        return source
+    if isinstance(source, (str, os.PathLike)):
+        s = os.fspath(source)
+        name = _describe(s)
+        if s.startswith("data:"):
+            if not s.startswith("data:image") or "base64," not in s:
+                raise InputError(f"image {name}: only base64 data:image URIs are supported")
+            try:
+                data = base64.b64decode(s.split("base64,", 1)[1], validate=False)
+            except (binascii.Error, ValueError):
+                raise InputError(f"image {name}: invalid base64 data") from None
+            return _open_bytes(data, "data URI")
+        if s.startswith(("http://", "https://")):
+            try:
+                with urllib.request.urlopen(s, timeout=30) as r:
+                    data = r.read()
+            except OSError as e:
+                raise InputError(f"image {name}: cannot be downloaded ({e})") from None
+            return _open_bytes(data, name)
+        if s.startswith("file://"):
+            s = s[7:]
+        return _open_path(s, name)
+    if isinstance(source, (bytes, bytearray)):
+        return _open_bytes(bytes(source), "bytes")
+    return Image.fromarray(as_uint8_hwc(source, "image"))
+
+
+def as_uint8_hwc(array: Any, what: str) -> np.ndarray:
+    """A uint8 [H, W, C] (C in 1, 3, 4) or [H, W] view of an array-like image."""
+    try:
+        a = np.asarray(array)
+    except Exception:  # noqa: BLE001 - anything numpy cannot take is a bad input
+        raise InputError(f"{what}: unsupported input type {type(array).__name__}") from None
+    if a.dtype == object or a.ndim not in (2, 3):
+        raise InputError(f"{what}: expected an image array [H, W] or [H, W, C], got shape {a.shape}")
+    if a.ndim == 3 and a.shape[-1] not in (1, 3, 4) and a.shape[0] in (1, 3, 4):
+        a = np.moveaxis(a, 0, -1)  # [C, H, W]
+    if a.ndim == 3 and a.shape[-1] not in (1, 3, 4):
+        raise InputError(f"{what}: expected 1, 3 or 4 channels, got shape {a.shape}")
+    if a.dtype != np.uint8:
+        if a.dtype == bool or not np.issubdtype(a.dtype, np.number):
+            raise InputError(f"{what}: expected uint8 pixel values, got dtype {a.dtype}")
+        if a.size and (a.min() < 0 or a.max() > 255 or not np.all(np.equal(np.mod(a, 1), 0))):
+            raise InputError(f"{what}: pixel values must be integers in 0..255 (dtype {a.dtype})")
+        a = a.astype(np.uint8)
+    if a.ndim == 3 and a.shape[-1] == 1:
+        a = a[..., 0]
+    return np.ascontiguousarray(a)
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """RGB, with transparency composited on white as qwen-vl-utils' to_rgb does for RGBA
+    (paste with the alpha channel as mask). Palette images with a transparent index and
+    LA images go through RGBA first, so they are composited the same way."""
+    if img.mode == "RGB":
+        return img
+    has_alpha = "A" in img.getbands() or "transparency" in img.info
+    if not has_alpha:
+        return img.convert("RGB")
+    rgba = img if img.mode == "RGBA" else img.convert("RGBA")
+    out = Image.new("RGB", rgba.size, (255, 255, 255))
+    out.paste(rgba, mask=rgba.getchannel("A"))
+    return out
+
+
+def load_image(source: Any) -> Image.Image:
+    """open_image + to_rgb + the size checks: an RGB PIL image ready to resize."""
+    img = open_image(source)
+    try:
+        rgb = to_rgb(img)
+    except OSError as e:
+        raise InputError(f"image {_describe(source)}: cannot be read ({e})") from None
+    w, h = rgb.size
+    check_size(h, w)
+    return rgb
+
+
+def fetch_image(ele: dict | Any, factor: int = IMAGE_FACTOR) -> Image.Image:
+    """qwen-vl-utils' fetch_image: a message element {"image" | "image_url": source, optional
+    min_pixels, max_pixels, resized_height + resized_width} to a resized RGB PIL image."""
+    if not isinstance(ele, dict):
+        ele = {"image": ele}
+    source = ele.get("image", ele.get("image_url"))
+    if isinstance(source, dict):  # OpenAI style {"image_url": {"url": ...}}
+        source = source.get("url")
+    if source is None:
+        raise InputError("image element has no 'image' or 'image_url' source")
+    img = load_image(source)
+    h, w = element_size(ele, img.size[1], img.size[0], factor)
+    if (w, h) != img.size:
+        img = img.resize((w, h), Image.BICUBIC)
+    return img
+
+
+def element_size(ele: dict, height: int, width: int, factor: int = IMAGE_FACTOR) -> tuple[int, int]:
+    """The size fetch_image resizes an image of `height` x `width` to."""
+    if "resized_height" in ele and "resized_width" in ele:
+        return smart_resize(int(ele["resized_height"]), int(ele["resized_width"]), factor)
+    return smart_resize(
+        height,
+        width,
+        factor,
+        min_pixels=int(ele.get("min_pixels", MIN_PIXELS)),
+        max_pixels=int(ele.get("max_pixels", MAX_PIXELS)),
+    )
+
+
+# ----------------------------------------------------------------------------- patches
+
+
+def normalize_lut(mean: Sequence[float], std: Sequence[float], fused: bool) -> np.ndarray:
+    """[3, 256] float32: the normalised value of every uint8 level, per channel.
+
+    fused=False is HF's PIL image processor (uint8 * (1/255) in float64, cast to float32,
+    then (x - mean) / std in float32); fused=True is its torch video processor
+    ((x - mean*255) / (std*255), all float32). Both are bit-identical to the reference."""
+    levels = np.arange(256)
+    m = np.asarray(mean, dtype=np.float32)[:, None]
+    s = np.asarray(std, dtype=np.float32)[:, None]
+    if fused:
+        x = levels.astype(np.float32)[None, :]
+        return ((x - m * np.float32(255.0)) / (s * np.float32(255.0))).astype(np.float32)
+    x = (levels.astype(np.float64) * (1 / 255)).astype(np.float32)[None, :]
+    return ((x - m) / s).astype(np.float32)
+
+
+def patchify(
+    frames: np.ndarray,
+    lut: np.ndarray,
+    patch_size: int = 14,
+    merge_size: int = 2,
+    temporal_patch_size: int = 2,
+) -> tuple[np.ndarray, tuple[int, int, int]]:
+    """uint8 frames [T, H, W, 3] to normalised patches [t*h*w, 3*tp*p*p] and (t, h, w).
+
+    A single frame (T=1, an image) is repeated temporal_patch_size times; otherwise the last
+    frame is repeated until T is a multiple of temporal_patch_size (HF's video padding).
+    Rows are in 2x2 merge order: (t, h/2, w/2, 2, 2); columns are (channel, tp, py, px).
+    """
+    t_in, height, width, c = frames.shape
+    p, m, tp = patch_size, merge_size, temporal_patch_size
+    if height % (p * m) or width % (p * m):
+        raise ValueError(f"frame {height}x{width} is not a multiple of {p * m}")
+    gh, gw = height // p, width // p
+    repeat_image = t_in == 1
+    if not repeat_image and t_in % tp:
+        pad = np.repeat(frames[-1:], tp - t_in % tp, axis=0)
+        frames = np.concatenate([frames, pad], axis=0)
+    t_src = 1 if repeat_image else frames.shape[0]
+    gt = 1 if repeat_image else t_src // tp
+    tsub = 1 if repeat_image else tp
+    # [gt, tp, gh/m, m, p, gw/m, m, p, C] -> [gt, gh/m, gw/m, m, m, C, tp, p, p], still uint8
+    x = frames.reshape(gt, tsub, gh // m, m, p, gw // m, m, p, c)
+    x = np.ascontiguousarray(x.transpose(0, 2, 5, 3, 6, 8, 1, 4, 7))
+    n = gt * gh * gw
+    x = x.reshape(n, c, tsub, p * p)
+    out = np.empty((n, c, tp, p * p), dtype=np.float32)
+    for ch in range(c):
+        out[:, ch] = lut[ch][x[:, ch]]  # [n, tsub, p*p], an image broadcasts over tp
+    return out.reshape(n, c * tp * p * p), (gt, gh, gw)
+
+
+# ----------------------------------------------------------------------------- processor
+
+
+@dataclass(frozen=True)
+class ImageProcessor:
+    """HF's Qwen2VLImageProcessor (PIL backend) in numpy; `from_config` reads the keys of
+    preprocessor_config.json."""
+
+    min_pixels: int = 56 * 56
+    max_pixels: int = 28 * 28 * 1280
+    patch_size: int = 14
+    merge_size: int = 2
+    temporal_patch_size: int = 2
+    image_mean: tuple[float, ...] = OPENAI_CLIP_MEAN
+    image_std: tuple[float, ...] = OPENAI_CLIP_STD
+
+    @classmethod
+    def from_config(cls, cfg: dict) -> "ImageProcessor":
+        size = cfg.get("size") or {}
+        kw = {}
+        min_p = cfg.get("min_pixels", size.get("shortest_edge", size.get("min_pixels")))
+        max_p = cfg.get("max_pixels", size.get("longest_edge", size.get("max_pixels")))
+        if min_p is not None:
+            kw["min_pixels"] = int(min_p)
+        if max_p is not None:
+            kw["max_pixels"] = int(max_p)
+        for k in ("patch_size", "merge_size", "temporal_patch_size"):
+            if k in cfg:
+                kw[k] = int(cfg[k])
+        for k in ("image_mean", "image_std"):
+            if k in cfg:
+                kw[k] = tuple(float(v) for v in cfg[k])
+        return cls(**kw)
+
+    @property
+    def factor(self) -> int:
+        return self.patch_size * self.merge_size
+
+    def _lut(self) -> np.ndarray:
+        lut = getattr(self, "_lut_cache", None)
+        if lut is None:
+            lut = normalize_lut(self.image_mean, self.image_std, fused=False)
+            object.__setattr__(self, "_lut_cache", lut)
+        return lut
+
+    def prepare(self, item: Any, min_pixels: int | None = None, max_pixels: int | None = None) -> Image.Image:
+        """One input (PIL, array, path/URI, or a qwen-vl-utils element dict) to the resized
+        RGB image the patches are cut from."""
+        if isinstance(item, dict):
+            img = fetch_image(item, self.factor)  # the qwen-vl-utils step
+        else:
+            img = load_image(item)
+        w, h = img.size
+        th, tw = smart_resize(
+            h,
+            w,
+            self.factor,
+            self.min_pixels if min_pixels is None else int(min_pixels),
+            self.max_pixels if max_pixels is None else int(max_pixels),
+        )
+        if (tw, th) != (w, h):
+            img = img.resize((tw, th), Image.BICUBIC)
+        return img
+
+    def patches(self, img: Image.Image) -> tuple[np.ndarray, tuple[int, int, int]]:
+        frame = np.asarray(img)[None]  # [1, H, W, 3] uint8
+        return patchify(frame, self._lut(), self.patch_size, self.merge_size, self.temporal_patch_size)
+
+    def __call__(
+        self, images: Any, min_pixels: int | None = None, max_pixels: int | None = None
+    ) -> dict[str, np.ndarray]:
+        """images: one input or a list -> {"pixel_values": float32 [N, 1176],
+        "image_grid_thw": int64 [n, 3]}."""
+        items = images if isinstance(images, (list, tuple)) else [images]
+        pv, grids = [], []
+        for item in items:
+            values, grid = self.patches(self.prepare(item, min_pixels, max_pixels))
+            pv.append(values)
+            grids.append(grid)
+        dim = 3 * self.temporal_patch_size * self.patch_size**2
+        return {
+            "pixel_values": np.concatenate(pv, axis=0) if pv else np.zeros((0, dim), np.float32),
+            "image_grid_thw": np.asarray(grids, dtype=np.int64).reshape(-1, 3),
+        }

@@ -1,0 +1,367 @@
+"""`Processor`: chat messages, images and videos to model inputs, as HF's Qwen2VLProcessor.
+
+    proc = Processor.from_pretrained(DIR)
+    text = proc.apply_chat_template(messages, add_generation_prompt=True)
+    images, videos = process_vision_info(messages)          # as qwen-vl-utils
+    inputs = proc(text=[text], images=images, videos=videos)
+
+returns numpy arrays with HF's keys, dtypes and shapes: input_ids / attention_mask /
+mm_token_type_ids int64 [B, L] (left-padded by default), pixel_values float32 [N, 1176],
+image_grid_thw int64 [n, 3], pixel_values_videos, video_grid_thw. Each <|image_pad|>
+(<|video_pad|>) becomes t*h*w/4 copies of itself; the expansion is done on token ids
+(the placeholder is an atomic special token, so this equals tokenizing the expanded text).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+import numpy as np
+from PIL import Image
+
+from ..errors import InputError
+from . import chat_template as ct
+from .image import ImageProcessor, fetch_image
+from .tokenizer import Qwen2Tokenizer
+from .video import VideoProcessor, fetch_video
+
+
+class BatchFeature(dict):
+    """A dict whose keys are also attributes (HF's BatchFeature, minus the tensor types)."""
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return self[name]
+        except KeyError:
+            raise AttributeError(name) from None
+
+
+# ----------------------------------------------------------------------------- messages
+
+
+def _is_vision(ele: Any) -> bool:
+    return isinstance(ele, dict) and (
+        "image" in ele or "image_url" in ele or "video" in ele or ele.get("type") in ("image", "image_url", "video")
+    )
+
+
+def extract_vision_info(conversations: Sequence[Any]) -> list[dict]:
+    """The image/video content items of one conversation or a batch of them, in order."""
+    if not conversations:
+        return []
+    if isinstance(conversations[0], dict):
+        conversations = [conversations]
+    out = []
+    for conv in conversations:
+        for msg in conv:
+            content = msg.get("content") if isinstance(msg, dict) else None
+            if isinstance(content, list):
+                out.extend(ele for ele in content if _is_vision(ele))
+    return out
+
+
+def process_vision_info(conversations: Sequence[Any]) -> tuple[list[Image.Image] | None, list[np.ndarray] | None]:
+    """qwen-vl-utils' process_vision_info: (resized PIL images, uint8 videos [T, H, W, 3]),
+    each None when there are none."""
+    images, videos = [], []
+    for ele in extract_vision_info(conversations):
+        if "image" in ele or "image_url" in ele:
+            images.append(fetch_image(ele))
+        elif "video" in ele:
+            videos.append(fetch_video(ele))
+        else:
+            raise InputError(f"content item of type {ele.get('type')!r} has no 'image', 'image_url' or 'video'")
+    return images or None, videos or None
+
+
+# ----------------------------------------------------------------------------- inputs
+
+
+def _as_image_list(images: Any) -> list[Any]:
+    if images is None:
+        return []
+    if isinstance(images, (list, tuple)):
+        out = []
+        for item in images:  # a per-sample nested list is flattened, in order
+            out.extend(item if isinstance(item, (list, tuple)) else [item])
+        return out
+    return [images]
+
+
+def _is_frame(x: Any) -> bool:
+    return isinstance(x, Image.Image) or (isinstance(x, np.ndarray) and x.ndim in (2, 3))
+
+
+def _as_video_list(videos: Any) -> list[Any]:
+    if videos is None:
+        return []
+    if isinstance(videos, (list, tuple)):
+        if videos and all(_is_frame(v) for v in videos):
+            return [list(videos)]  # one video given as its frames
+        return list(videos)
+    return [videos]
+
+
+def _plural(n: int, word: str) -> str:
+    return f"{n} {word}" + ("" if n == 1 else "s")
+
+
+class Processor:
+    """Tokenizer + image processor + video processor + chat template of a Qwen2-VL folder."""
+
+    def __init__(
+        self,
+        tokenizer: Qwen2Tokenizer,
+        image_processor: ImageProcessor | None = None,
+        video_processor: VideoProcessor | None = None,
+        chat_template: str | None = None,
+    ):
+        self.tokenizer = tokenizer
+        self.image_processor = image_processor or ImageProcessor()
+        self.video_processor = video_processor or VideoProcessor()
+        self.chat_template = chat_template if chat_template is not None else ct.INSTRUCT_TEMPLATE
+        self.template_name = ct.identify(self.chat_template)
+        self.image_token = tokenizer.image_token
+        self.video_token = tokenizer.video_token
+        self.image_token_id = tokenizer.image_token_id
+        self.video_token_id = tokenizer.video_token_id
+
+    # ------------------------------------------------------------------ loading
+
+    @classmethod
+    def from_pretrained(cls, path: str | os.PathLike, **overrides: Any) -> "Processor":
+        """Reads tokenizer.json (or vocab.json + merges.txt), tokenizer_config.json,
+        preprocessor_config.json (video_preprocessor_config.json for videos when present)
+        and the chat template (chat_template.jinja / .json / tokenizer_config.json).
+        `min_pixels` / `max_pixels` overrides apply to images, as in HF."""
+        d = Path(path)
+        if not d.is_dir():
+            raise InputError(f"{d}: not a folder")
+        tokenizer = Qwen2Tokenizer.from_pretrained(d)
+
+        def read(name: str) -> dict:
+            f = d / name
+            if not f.exists():
+                return {}
+            try:
+                return json.loads(f.read_text())
+            except json.JSONDecodeError as e:
+                raise InputError(f"{f}: invalid JSON ({e.msg}, line {e.lineno})") from None
+
+        pre = read("preprocessor_config.json")
+        vid = read("video_preprocessor_config.json") or pre
+        img_cfg = dict(pre)
+        for k in ("min_pixels", "max_pixels"):
+            if overrides.get(k) is not None:
+                img_cfg[k] = overrides[k]
+        template = None
+        if (d / "chat_template.jinja").exists():
+            template = (d / "chat_template.jinja").read_text()
+        elif (d / "chat_template.json").exists():
+            template = read("chat_template.json").get("chat_template")
+        else:
+            template = tokenizer.config.get("chat_template")
+        if isinstance(template, list):  # [{"name": "default", "template": ...}, ...]
+            named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
+            template = named.get("default", next(iter(named.values()), None))
+        return cls(tokenizer, ImageProcessor.from_config(img_cfg), VideoProcessor.from_config(vid), template)
+
+    # ------------------------------------------------------------------ chat template
+
+    def apply_chat_template(
+        self,
+        conversation: Sequence[Any],
+        add_generation_prompt: bool = False,
+        tokenize: bool = False,
+        return_dict: bool = False,
+        add_vision_id: bool = False,
+        continue_final_message: bool = False,
+        **kwargs: Any,
+    ) -> Any:
+        """Render messages with the folder's (official) template, as HF does.
+
+        A batch (a list of conversations) gives a list of strings. With tokenize=True the
+        images and videos named in the messages are loaded (qwen-vl-utils rules) and the
+        processed inputs are returned (return_dict=True) or just the input_ids."""
+        if self.template_name is None:
+            raise InputError(
+                "the folder's chat template is not one of Qwen2-VL's official templates; "
+                "render the prompt yourself and pass it as text="
+            )
+        if kwargs.get("chat_template") is not None and ct.identify(kwargs["chat_template"]) is None:
+            raise InputError("only Qwen2-VL's official chat templates are supported")
+        name = ct.identify(kwargs["chat_template"]) if kwargs.get("chat_template") else self.template_name
+        batched = (
+            isinstance(conversation, (list, tuple))
+            and bool(conversation)
+            and isinstance(conversation[0], (list, tuple))
+            and name == "instruct"
+        )
+        convs = list(conversation) if batched else [conversation]
+        texts = []
+        for conv in convs:
+            text = ct.render(name, conv, add_generation_prompt and not continue_final_message, add_vision_id)
+            if continue_final_message:
+                text = _continue_final(text, conv)
+            texts.append(text)
+        if not tokenize:
+            return texts if batched else texts[0]
+        vision = extract_vision_info(convs if name == "instruct" else [[{"content": c}] for c in convs])
+        images = [e for e in vision if "image" in e or "image_url" in e] or None
+        videos = [e for e in vision if "video" in e and not ("image" in e or "image_url" in e)] or None
+        call_kw = {k: v for k, v in kwargs.items() if k in ("padding", "padding_side", "max_length", "return_tensors")}
+        out = self(text=texts, images=images, videos=videos, **call_kw)
+        if return_dict:
+            return out
+        ids = out["input_ids"]
+        return ids if batched else ids[0]
+
+    # ------------------------------------------------------------------ processing
+
+    def __call__(
+        self,
+        text: str | Sequence[str] | None = None,
+        images: Any = None,
+        videos: Any = None,
+        padding: bool | str = True,
+        padding_side: str | None = None,
+        max_length: int | None = None,
+        return_tensors: str | None = "np",
+        min_pixels: int | None = None,
+        max_pixels: int | None = None,
+        **kwargs: Any,
+    ) -> BatchFeature:
+        """HF's Qwen2VLProcessor.__call__.
+
+        images: PIL images, uint8 arrays, paths / file:// / data: URIs, or qwen-vl-utils
+        element dicts ({"image": ..., "min_pixels", "max_pixels", "resized_height",
+        "resized_width"}); a flat list in placeholder order, or one list per text.
+        videos: paths, element dicts, [T, H, W, C] arrays or lists of frames.
+        padding: True / "longest" (default) or "max_length" (with max_length) pads on
+        `padding_side` (the tokenizer's, left for Qwen2-VL); False requires equal lengths.
+        """
+        if kwargs.get("truncation"):
+            raise InputError("truncation is not supported: it would cut image/video tokens")
+        out = BatchFeature()
+        image_list = _as_image_list(images)
+        video_list = _as_video_list(videos)
+        merge = self.image_processor.merge_size**2
+        if image_list:
+            out.update(self.image_processor(image_list, min_pixels=min_pixels, max_pixels=max_pixels))
+        if video_list:
+            out.update(self.video_processor(video_list))
+        if text is not None:
+            texts = [text] if isinstance(text, str) else list(text)
+            if not all(isinstance(t, str) for t in texts):
+                raise InputError("text must be a string or a list of strings")
+            image_counts = (
+                np.prod(out["image_grid_thw"], axis=1) // merge if image_list else np.zeros(0, np.int64)
+            )
+            video_counts = (
+                np.prod(out["video_grid_thw"], axis=1) // self.video_processor.merge_size**2
+                if video_list
+                else np.zeros(0, np.int64)
+            )
+            ids = self._expand(self.tokenizer.encode_batch(texts), image_counts, video_counts)
+            out.update(self._pad(ids, padding, padding_side, max_length))
+        return _convert(out, return_tensors)
+
+    def _expand(
+        self, batch_ids: list[list[int]], image_counts: np.ndarray, video_counts: np.ndarray
+    ) -> list[np.ndarray]:
+        arrays = [np.asarray(ids, dtype=np.int64) for ids in batch_ids]
+        n_img = sum(int(np.count_nonzero(a == self.image_token_id)) for a in arrays)
+        n_vid = sum(int(np.count_nonzero(a == self.video_token_id)) for a in arrays)
+        if n_img != len(image_counts):
+            raise InputError(
+                f"text has {_plural(n_img, self.image_token + ' placeholder')} "
+                f"but {_plural(len(image_counts), 'image')} {'was' if len(image_counts) == 1 else 'were'} given"
+            )
+        if n_vid != len(video_counts):
+            raise InputError(
+                f"text has {_plural(n_vid, self.video_token + ' placeholder')} "
+                f"but {_plural(len(video_counts), 'video')} {'was' if len(video_counts) == 1 else 'were'} given"
+            )
+        out, i_img, i_vid = [], 0, 0
+        for a in arrays:
+            reps = np.ones(len(a), dtype=np.int64)
+            is_img, is_vid = a == self.image_token_id, a == self.video_token_id
+            k, m = int(is_img.sum()), int(is_vid.sum())
+            reps[is_img] = image_counts[i_img : i_img + k]
+            reps[is_vid] = video_counts[i_vid : i_vid + m]
+            i_img, i_vid = i_img + k, i_vid + m
+            out.append(np.repeat(a, reps))
+        return out
+
+    def _pad(
+        self, ids: list[np.ndarray], padding: bool | str, padding_side: str | None, max_length: int | None
+    ) -> dict[str, np.ndarray]:
+        side = padding_side or self.tokenizer.padding_side
+        if side not in ("left", "right"):
+            raise InputError(f"padding_side must be 'left' or 'right', got {side!r}")
+        longest = max((len(a) for a in ids), default=0)
+        if padding in (True, "longest"):
+            length = longest
+        elif padding == "max_length":
+            if max_length is None:
+                raise InputError("padding='max_length' needs max_length")
+            if longest > max_length:
+                raise InputError(f"a prompt of {longest} tokens is longer than max_length {max_length}")
+            length = max_length
+        elif padding in (False, None, "do_not_pad"):
+            if len({len(a) for a in ids}) > 1:
+                raise InputError("texts have different token lengths; pass padding=True")
+            length = longest
+        else:
+            raise InputError(f"padding must be True, False, 'longest' or 'max_length', got {padding!r}")
+        b = len(ids)
+        input_ids = np.full((b, length), self.tokenizer.pad_token_id, dtype=np.int64)
+        mask = np.zeros((b, length), dtype=np.int64)
+        for i, a in enumerate(ids):
+            sl = slice(length - len(a), length) if side == "left" else slice(0, len(a))
+            input_ids[i, sl] = a
+            mask[i, sl] = 1
+        types = np.zeros((b, length), dtype=np.int64)
+        types[(input_ids == self.image_token_id) & (mask == 1)] = 1
+        types[(input_ids == self.video_token_id) & (mask == 1)] = 2
+        return {"input_ids": input_ids, "attention_mask": mask, "mm_token_type_ids": types}
+
+    # ------------------------------------------------------------------ decoding
+
+    def decode(self, ids: Iterable[int], skip_special_tokens: bool = False) -> str:
+        return self.tokenizer.decode(np.asarray(ids).reshape(-1).tolist(), skip_special_tokens)
+
+    def batch_decode(self, sequences: Iterable[Iterable[int]], skip_special_tokens: bool = False) -> list[str]:
+        return [self.decode(s, skip_special_tokens) for s in sequences]
+
+    def post_process_image_text_to_text(self, generated: Iterable[Iterable[int]], skip_special_tokens: bool = True) -> list[str]:
+        return self.batch_decode(generated, skip_special_tokens)
+
+
+def _continue_final(text: str, conv: Any) -> str:
+    """Cut the rendered text right after the final message's content (HF's
+    continue_final_message), so the model continues that message."""
+    final = conv[-1] if isinstance(conv, (list, tuple)) and conv else None
+    content = final.get("content") if isinstance(final, dict) else None
+    if isinstance(content, list):
+        texts = [c.get("text") for c in content if isinstance(c, dict) and "text" in c]
+        content = texts[-1] if texts else None
+    if not isinstance(content, str) or not content.strip():
+        raise InputError("continue_final_message needs a final message that ends with text")
+    at = text.rfind(content.strip())
+    if at < 0:
+        raise InputError("continue_final_message: the final message text is not in the rendered prompt")
+    return text[: at + len(content.strip())]
+
+
+def _convert(out: BatchFeature, return_tensors: str | None) -> BatchFeature:
+    if return_tensors in ("np", "numpy", None):
+        return out
+    if return_tensors == "jax":
+        import jax.numpy as jnp  # noqa: PLC0415 - only when asked for
+
+        return BatchFeature({k: jnp.asarray(v) for k, v in out.items()})
+    raise InputError(f"return_tensors must be 'np' or 'jax', got {return_tensors!r}")
