@@ -223,7 +223,7 @@ class Qwen2VLConfig:
             "vision_config": {
                 "depth": v.depth,
                 "embed_dim": v.embed_dim,
-                "mlp_ratio": v.mlp_ratio,
+                "mlp_ratio": int(v.mlp_ratio) if float(v.mlp_ratio).is_integer() else v.mlp_ratio,
                 "num_heads": v.num_heads,
                 "in_chans": v.in_channels,
                 "hidden_size": v.out_hidden_size,
