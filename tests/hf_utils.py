@@ -40,6 +40,8 @@ SPECS = {
     "untied": TinySpec(),
     "tied": TinySpec(seed=1, tie=True, mrope_section=(1, 2, 3), hidden=48, heads=4, kv_heads=1,
                      intermediate=67, v_embed=40, v_heads=2, v_mlp_ratio=2),
+    "seed2": TinySpec(seed=2, mrope_section=(3, 4, 4), hidden=44, heads=2, kv_heads=1, intermediate=53,
+                      layers=3, v_embed=24, v_heads=2, v_depth=3, v_mlp_ratio=4),
 }
 
 
