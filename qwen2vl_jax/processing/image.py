@@ -18,7 +18,9 @@ import io
 import math
 import os
 import urllib.request
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Any, Sequence
 
 import numpy as np
@@ -148,7 +150,9 @@ def as_uint8_hwc(array: Any, what: str) -> np.ndarray:
         a = np.asarray(array)
     except Exception:  # noqa: BLE001 - anything numpy cannot take is a bad input
         raise InputError(f"{what}: unsupported input type {type(array).__name__}") from None
-    if a.dtype == object or a.ndim not in (2, 3):
+    if a.dtype == object or a.ndim == 0:
+        raise InputError(f"{what}: unsupported input type {type(array).__name__}")
+    if a.ndim not in (2, 3):
         raise InputError(f"{what}: expected an image array [H, W] or [H, W, C], got shape {a.shape}")
     if a.ndim == 3 and a.shape[-1] not in (1, 3, 4) and a.shape[0] in (1, 3, 4):
         a = np.moveaxis(a, 0, -1)  # [C, H, W]
@@ -225,6 +229,19 @@ def element_size(ele: dict, height: int, width: int, factor: int = IMAGE_FACTOR)
 # ----------------------------------------------------------------------------- patches
 
 
+@lru_cache(maxsize=1)
+def _pool() -> ThreadPoolExecutor:
+    # numpy's take and PIL's resize release the GIL, so threads use every core.
+    return ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1), thread_name_prefix="qwen2vl-pre")
+
+
+def parallel_map(fn, items: Sequence[Any]) -> list[Any]:
+    """[fn(x) for x in items] on the shared thread pool (in order; the first error raises)."""
+    if len(items) < 2 or (os.cpu_count() or 1) < 2:
+        return [fn(x) for x in items]
+    return list(_pool().map(fn, items))
+
+
 def normalize_lut(mean: Sequence[float], std: Sequence[float], fused: bool) -> np.ndarray:
     """[3, 256] float32: the normalised value of every uint8 level, per channel.
 
@@ -247,8 +264,10 @@ def patchify(
     patch_size: int = 14,
     merge_size: int = 2,
     temporal_patch_size: int = 2,
+    out: np.ndarray | None = None,
 ) -> tuple[np.ndarray, tuple[int, int, int]]:
-    """uint8 frames [T, H, W, 3] to normalised patches [t*h*w, 3*tp*p*p] and (t, h, w).
+    """uint8 frames [T, H, W, 3] to normalised patches [t*h*w, 3*tp*p*p] and (t, h, w),
+    written into `out` when given (a float32 [t*h*w, 3*tp*p*p] slice of a batch buffer).
 
     A single frame (T=1, an image) is repeated temporal_patch_size times; otherwise the last
     frame is repeated until T is a multiple of temporal_patch_size (HF's video padding).
@@ -271,10 +290,19 @@ def patchify(
     x = np.ascontiguousarray(x.transpose(0, 2, 5, 3, 6, 8, 1, 4, 7))
     n = gt * gh * gw
     x = x.reshape(n, c, tsub, p * p)
-    out = np.empty((n, c, tp, p * p), dtype=np.float32)
-    for ch in range(c):
-        out[:, ch] = lut[ch][x[:, ch]]  # [n, tsub, p*p], an image broadcasts over tp
-    return out.reshape(n, c * tp * p * p), (gt, gh, gw)
+    if out is None:
+        out = np.empty((n, c * tp * p * p), dtype=np.float32)
+    result = out
+    out = out.reshape(n, c, tp, p * p)
+
+    def gather(rows: slice) -> None:
+        for ch in range(c):
+            # [rows, tsub, p*p]; an image (tsub=1) broadcasts over the tp copies
+            out[rows, ch] = np.take(lut[ch], x[rows, ch])
+
+    step = 4096  # rows per task: big images are split across the pool's threads
+    parallel_map(gather, [slice(i, min(i + step, n)) for i in range(0, n, step)])
+    return result, (gt, gh, gw)
 
 
 # ----------------------------------------------------------------------------- processor
@@ -341,9 +369,9 @@ class ImageProcessor:
             img = img.resize((tw, th), Image.BICUBIC)
         return img
 
-    def patches(self, img: Image.Image) -> tuple[np.ndarray, tuple[int, int, int]]:
+    def patches(self, img: Image.Image, out: np.ndarray | None = None) -> tuple[np.ndarray, tuple[int, int, int]]:
         frame = np.asarray(img)[None]  # [1, H, W, 3] uint8
-        return patchify(frame, self._lut(), self.patch_size, self.merge_size, self.temporal_patch_size)
+        return patchify(frame, self._lut(), self.patch_size, self.merge_size, self.temporal_patch_size, out)
 
     def __call__(
         self, images: Any, min_pixels: int | None = None, max_pixels: int | None = None
@@ -351,13 +379,13 @@ class ImageProcessor:
         """images: one input or a list -> {"pixel_values": float32 [N, 1176],
         "image_grid_thw": int64 [n, 3]}."""
         items = images if isinstance(images, (list, tuple)) else [images]
-        pv, grids = [], []
-        for item in items:
-            values, grid = self.patches(self.prepare(item, min_pixels, max_pixels))
-            pv.append(values)
-            grids.append(grid)
+        prepared = parallel_map(lambda item: self.prepare(item, min_pixels, max_pixels), items)
+        counts = [(img.size[0] // self.patch_size) * (img.size[1] // self.patch_size) for img in prepared]
         dim = 3 * self.temporal_patch_size * self.patch_size**2
-        return {
-            "pixel_values": np.concatenate(pv, axis=0) if pv else np.zeros((0, dim), np.float32),
-            "image_grid_thw": np.asarray(grids, dtype=np.int64).reshape(-1, 3),
-        }
+        pixel_values = np.empty((sum(counts), dim), dtype=np.float32)  # one buffer, no concatenate
+        grids, start = [], 0
+        for img, n in zip(prepared, counts):
+            _, grid = self.patches(img, pixel_values[start : start + n])
+            grids.append(grid)
+            start += n
+        return {"pixel_values": pixel_values, "image_grid_thw": np.asarray(grids, dtype=np.int64).reshape(-1, 3)}

@@ -198,7 +198,6 @@ class Processor:
             isinstance(conversation, (list, tuple))
             and bool(conversation)
             and isinstance(conversation[0], (list, tuple))
-            and name == "instruct"
         )
         convs = list(conversation) if batched else [conversation]
         texts = []

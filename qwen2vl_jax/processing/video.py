@@ -30,6 +30,7 @@ from .image import (
     fetch_image,
     load_image,
     normalize_lut,
+    parallel_map,
     patchify,
     smart_resize,
 )
@@ -87,32 +88,47 @@ def _aa_weights(in_size: int, out_size: int) -> tuple[np.ndarray, np.ndarray, in
     return xmin, wi, precision
 
 
-def _resize_axis(x: np.ndarray, axis: int, out_size: int) -> np.ndarray:
-    in_size = x.shape[axis]
-    xmin, w, precision = _aa_weights(in_size, out_size)
-    x = np.moveaxis(x, axis, 0)
-    bshape = (-1,) + (1,) * (x.ndim - 1)
-    acc = np.full((out_size,) + x.shape[1:], 1 << (precision - 1), dtype=np.int32)
-    for j in range(w.shape[1]):
-        wj = w[:, j]
-        if not wj.any():
-            continue
-        idx = np.minimum(xmin + j, in_size - 1)  # past-the-end taps have weight 0
-        acc += x[idx] * wj.reshape(bshape)
-    np.right_shift(acc, precision, out=acc)
-    out = np.clip(acc, 0, 255).astype(np.uint8)
-    return np.moveaxis(out, 0, axis)
+def _resample_rows(x: np.ndarray, out_size: int, chunk: int) -> np.ndarray:
+    """uint8 [R, S, C] resampled along S -> [R, out_size, C] with torch's integer arithmetic:
+    sum of int16 taps * pixels + half, shifted down by the precision, clamped to 0..255.
+
+    Rows are processed `chunk` at a time (the int32 accumulator stays in cache) on the
+    shared thread pool; every tap is one contiguous gather + multiply-add."""
+    r, size, c = x.shape
+    xmin, w, precision = _aa_weights(size, out_size)
+    taps = [j for j in range(w.shape[1]) if w[:, j].any()]
+    index = [np.minimum(xmin + j, size - 1) for j in taps]  # past-the-end taps weigh 0
+    weight = [w[:, j][:, None] for j in taps]  # int32 [out, 1]
+    out = np.empty((r, out_size, c), dtype=np.uint8)
+    half = np.int32(1 << (precision - 1))
+
+    def work(rows: slice) -> None:
+        xs = x[rows]
+        acc = np.full((xs.shape[0], out_size, c), half, dtype=np.int32)
+        tmp = np.empty_like(acc)
+        for idx, wj in zip(index, weight):
+            np.multiply(np.take(xs, idx, axis=1), wj, out=tmp)
+            acc += tmp
+        acc >>= precision
+        np.clip(acc, 0, 255, out=acc)
+        out[rows] = acc
+
+    parallel_map(work, [slice(i, min(i + chunk, r)) for i in range(0, r, chunk)])
+    return out
 
 
 def resize_frames(frames: np.ndarray, height: int, width: int) -> np.ndarray:
     """uint8 [T, H, W, C] -> [T, height, width, C], bit-identical to torchvision's
-    `resize(..., BICUBIC, antialias=True)` on a uint8 tensor (width pass first, uint8
-    in between, as torch's CPU kernel)."""
-    if frames.shape[2] != width:
-        frames = _resize_axis(frames, 2, width)
-    if frames.shape[1] != height:
-        frames = _resize_axis(frames, 1, height)
-    return np.ascontiguousarray(frames)
+    `resize(..., BICUBIC, antialias=True)` on a uint8 tensor (torch's CPU kernel: width
+    pass first, uint8 in between)."""
+    t, h, w, c = frames.shape
+    x = np.ascontiguousarray(frames)
+    if w != width:
+        rows = max(1, (1 << 18) // (width * c))  # ~1 MB of int32 accumulator per task
+        x = _resample_rows(x.reshape(t * h, w, c), width, rows).reshape(t, h, width, c)
+    if h != height:
+        x = _resample_rows(x.reshape(t, h, width * c), height, 1).reshape(t, height, width, c)
+    return x
 
 
 # ----------------------------------------------------------------------------- sampling
