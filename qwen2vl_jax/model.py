@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from qwen2vl_jax.checkpoint import is_converted
 from qwen2vl_jax.config import Qwen2VLConfig
 from qwen2vl_jax.errors import CheckpointError, InputError
 from qwen2vl_jax.modules.text import TextModel
@@ -166,23 +167,43 @@ def check_placeholders(config: Qwen2VLConfig, input_ids, image_grid_thw, video_g
 class Qwen2VL:
     """A loaded model: config + params, with HF-processor-shaped entry points."""
 
-    def __init__(self, config: Qwen2VLConfig, params: dict, dtype=None):
+    def __init__(self, config: Qwen2VLConfig, params: dict, dtype=None, mesh=None, rules=None):
+        from qwen2vl_jax.generation import GenerationConfig
+        from qwen2vl_jax.sharding import check_divisible, place_params
+
         self.config = config
         self.dtype = jnp.dtype(dtype or default_dtype())
-        self.params = params
+        check_divisible(config, mesh)
+        self.mesh, self.rules = mesh, rules
+        self.params = place_params(params, mesh, rules)  # a no-op without a mesh
         self.module = Qwen2VLModule(config, self.dtype)
+        self.generation_config = GenerationConfig.from_model_config(config)
 
     # ---------------------------------------------------------------- loading
     @classmethod
-    def from_pretrained(cls, path: str | Path, dtype=None) -> "Qwen2VL":
-        """Loads an HF-layout folder (config.json + safetensors)."""
+    def from_pretrained(cls, path: str | Path, dtype=None, mesh=None, rules=None) -> "Qwen2VL":
+        """Loads a converted folder (from qwen2vl-convert) or an HF-layout folder (config.json +
+        safetensors); with a `mesh` the params are placed by the sharding rules as they load. generation_config.json gives the defaults."""
+        from qwen2vl_jax.generation import GenerationConfig
+        from qwen2vl_jax.sharding import check_divisible
+
         path = Path(path)
         if not path.is_dir():
             raise CheckpointError(f"model folder {path} does not exist")
         config = Qwen2VLConfig.from_hf(path)
+        check_divisible(config, mesh)
         dtype = jnp.dtype(dtype or default_dtype())
-        params = load_hf_params(path, config, dtype)
-        return cls(config, params, dtype)
+        if is_converted(path):  # qwen2vl-convert or training output: Orbax params, restored in place
+            from qwen2vl_jax.checkpoint import load_params
+            from qwen2vl_jax.sharding import param_shardings
+
+            shardings = None if mesh is None else param_shardings(init_shapes(config), mesh, rules)
+            params = load_params(path, config, dtype, shardings)
+        else:
+            params = load_hf_params(path, config, dtype, host=mesh is not None)
+        model = cls(config, params, dtype, mesh=mesh, rules=rules)
+        model.generation_config = GenerationConfig.from_pretrained(path, config)
+        return model
 
     # ---------------------------------------------------------------- forward
     @functools.cached_property
@@ -218,6 +239,22 @@ class Qwen2VL:
                             p["attention_mask"], p["vision"])
         return np.asarray(out.astype(jnp.float32))
 
+    def generate(self, input_ids, attention_mask=None, pixel_values=None, image_grid_thw=None,
+                 pixel_values_videos=None, video_grid_thw=None, *, stream: bool = False, **settings):
+        """Token ids int32[B, n] generated after the prompt (each row up to and including its
+        EOS, pad_token_id after it). `settings` override `self.generation_config`
+        (max_new_tokens, do_sample, temperature, top_k, top_p, repetition_penalty, seed,
+        eos_token_ids, pad_token_id). With stream=True, an iterator of int32[B] per step."""
+        from qwen2vl_jax.generation import generator_for
+
+        settings.pop("mm_token_type_ids", None)
+        gc = self.generation_config.replace(**settings)
+        inputs = {"input_ids": input_ids, "attention_mask": attention_mask, "pixel_values": pixel_values,
+                  "image_grid_thw": image_grid_thw, "pixel_values_videos": pixel_values_videos,
+                  "video_grid_thw": video_grid_thw}
+        gen = generator_for(self)
+        return gen.stream(inputs, gc) if stream else gen.generate(inputs, gc)
+
     def vision_features(self, pixel_values, grid_thw) -> np.ndarray:
         """Merged vision features f32[N/4, D] for patches with their grids."""
         vision = prepare_vision(self.config, pixel_values, grid_thw)
@@ -230,15 +267,16 @@ def _encode_jit(module, params, vision):
     return module.apply({"params": params}, method=Qwen2VLModule.encode_vision, **vision)
 
 
-def load_hf_params(path: Path, config: Qwen2VLConfig, dtype) -> dict:
-    """HF safetensors in `path` -> nested JAX param dict (shape-checked against `config`)."""
+def load_hf_params(path: Path, config: Qwen2VLConfig, dtype, host: bool = False) -> dict:
+    """HF safetensors in `path` -> nested JAX param dict (shape-checked against `config`);
+    host=True keeps numpy arrays (for placing on a mesh without a one-device copy)."""
     from qwen2vl_jax.convert.mapping import convert_tensors, flatten, unflatten
     from qwen2vl_jax.convert.safetensors_io import list_tensors
 
     expected = {k: v.shape for k, v in flatten(init_shapes(config)).items()}
     flat = convert_tensors(
         list_tensors(path), expected, tie_word_embeddings=config.tie_word_embeddings,
-        cast=lambda a: jnp.asarray(a, dtype),
+        cast=(lambda a: np.asarray(a, dtype)) if host else (lambda a: jnp.asarray(a, dtype)),
     )
     return unflatten(flat)
 

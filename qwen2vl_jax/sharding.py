@@ -3,6 +3,11 @@
 Modules name the axes of their activations with logical names (`shard(x, "batch", "seq",
 "embed")`); a rules table maps logical names to mesh axes. Without an active mesh every call
 here is a no-op, so the same code runs unsharded on one device.
+
+Parameters get their logical axes from one regex table on their paths (`PARAM_AXES`), so
+placing a checkpoint on a mesh is `place_params(params, mesh)`. A mesh axis that does not divide
+a dimension is dropped for that array (it stays replicated there), except tensor parallelism
+over attention heads and MLP width, which `check_divisible` refuses up front with one line.
 """
 
 from __future__ import annotations
@@ -10,8 +15,13 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import dataclasses
+import math
+import os
+import re
+from typing import Any, Mapping
 
 import jax
+import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 MESH_AXES = ("data", "fsdp", "tensor")
@@ -35,6 +45,24 @@ class ShardingRules:
 
     def spec(self, *names: str | None) -> P:
         return P(*(None if n is None else getattr(self, n) for n in names))
+
+    def spec_for(self, shape: tuple[int, ...], names: tuple[str | None, ...], mesh: Mesh) -> P:
+        """Like `spec`, but a mesh axis that does not divide its dimension is dropped (and so
+        is one already used by an earlier dimension): batch 1 on data=8 stays replicated."""
+        out, used = [], set()
+        for dim, name in zip(shape, names):
+            axes = None if name is None else getattr(self, name)
+            axes = (axes,) if isinstance(axes, str) else tuple(axes or ())
+            kept = []
+            for a in axes:
+                size = mesh.shape[a]
+                if a in used or size == 1:
+                    continue
+                if dim % (math.prod(mesh.shape[k] for k in kept) * size) == 0:
+                    kept.append(a)
+            used.update(kept)
+            out.append(None if not kept else kept[0] if len(kept) == 1 else tuple(kept))
+        return P(*out)
 
 
 _ACTIVE: contextvars.ContextVar[tuple[Mesh, ShardingRules] | None] = contextvars.ContextVar(
@@ -62,4 +90,189 @@ def shard(x: jax.Array, *names: str | None) -> jax.Array:
     if active is None:
         return x
     mesh, rules = active
-    return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, rules.spec(*names)))
+    return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, rules.spec_for(x.shape, names, mesh)))
+
+
+def named_sharding(mesh: Mesh, rules: ShardingRules, shape: tuple[int, ...], *names: str | None) -> NamedSharding:
+    """The NamedSharding for an array of `shape` with logical axes `names` (padded with None)."""
+    names = tuple(names) + (None,) * (len(shape) - len(names))
+    return NamedSharding(mesh, rules.spec_for(tuple(shape), names, mesh))
+
+
+# ---------------------------------------------------------------- parameters
+# Param path (HF-mirroring, '/'-joined) -> logical axes, first match wins. Dense kernels are
+# [in, out]. Tensor parallelism splits the decoder's heads and MLP width and the vision MLP;
+# the vision tower's fused qkv stays whole on the tensor axis (its output interleaves q, k and
+# v, so a split would not follow heads) and is split over fsdp like every weight's model dim.
+PARAM_AXES: tuple[tuple[str, tuple[str | None, ...]], ...] = (
+    (r"model/embed_tokens/embedding$", ("vocab", "param_embed")),
+    (r"lm_head/kernel$", ("param_embed", "vocab")),
+    (r"self_attn/q_proj/kernel$", ("param_embed", "heads")),
+    (r"self_attn/q_proj/bias$", ("heads",)),
+    (r"self_attn/[kv]_proj/kernel$", ("param_embed", "kv_heads")),
+    (r"self_attn/[kv]_proj/bias$", ("kv_heads",)),
+    (r"self_attn/o_proj/kernel$", ("heads", "param_embed")),
+    (r"mlp/(gate|up)_proj/kernel$", ("param_embed", "mlp")),
+    (r"mlp/down_proj/kernel$", ("mlp", "param_embed")),
+    (r"visual/patch_embed/proj/kernel$", (None, "param_embed")),
+    (r"attn/qkv/kernel$", ("param_embed", None)),
+    (r"attn/proj/kernel$", (None, "param_embed")),
+    (r"(mlp/fc1|merger/mlp_0)/kernel$", ("param_embed", "mlp")),
+    (r"(mlp/fc1|merger/mlp_0)/bias$", ("mlp",)),
+    (r"(mlp/fc2|merger/mlp_2)/kernel$", ("mlp", "param_embed")),
+    (r"(scale|bias)$", (None,)),  # norms and the remaining biases: small, replicated
+)
+_PARAM_RULES = [(re.compile(pattern), axes) for pattern, axes in PARAM_AXES]
+
+
+def _path_str(path) -> str:
+    return "/".join(str(getattr(k, "key", getattr(k, "name", k))) for k in path)
+
+
+def param_logical_axes(params) -> Any:
+    """A tree like `params` whose leaves are tuples of logical axis names (one per dim).
+
+    Every parameter must match a row of PARAM_AXES; the unmatched ones are listed together."""
+    missing = []
+
+    def axes_of(path, leaf):
+        name = _path_str(path)
+        for pattern, axes in _PARAM_RULES:
+            if pattern.search(name):
+                if len(axes) != len(leaf.shape) and axes != (None,):
+                    missing.append(f"{name} (rank {len(leaf.shape)} vs {axes})")
+                return axes + (None,) * (len(leaf.shape) - len(axes))
+        missing.append(name)
+        return (None,) * len(leaf.shape)
+
+    out = jax.tree_util.tree_map_with_path(axes_of, params)
+    if missing:
+        raise ValueError("no sharding rule for parameter(s): " + ", ".join(missing))
+    return out
+
+
+def param_shardings(params, mesh: Mesh, rules: ShardingRules | None = None) -> Any:
+    """NamedSharding for every parameter (works on arrays or ShapeDtypeStructs)."""
+    rules = rules or ShardingRules()
+    axes = param_logical_axes(params)
+    return jax.tree_util.tree_map(
+        lambda leaf, names: named_sharding(mesh, rules, leaf.shape, *names), params, axes,
+        is_leaf=lambda x: hasattr(x, "shape"),
+    )
+
+
+def place_params(params, mesh: Mesh | None, rules: ShardingRules | None = None) -> Any:
+    """Puts every parameter on `mesh` by the rules (a no-op without a mesh)."""
+    if mesh is None:
+        return params
+    shardings = param_shardings(params, mesh, rules)
+    return jax.tree_util.tree_map(lambda x, s: to_global(x, s), params, shardings)
+
+
+def to_global(x, sharding: NamedSharding) -> jax.Array:
+    """A host array (the same on every process) -> a global array with `sharding`; works on
+    multi-host meshes, where a plain device_put of numpy cannot address remote devices."""
+    if isinstance(x, jax.Array) and x.is_fully_addressable:
+        return jax.device_put(x, sharding)
+    if isinstance(x, jax.Array):
+        return x
+    x = np.asarray(x)
+    return jax.make_array_from_callback(x.shape, sharding, lambda idx: x[idx])
+
+
+# ---------------------------------------------------------------- the mesh
+def parse_mesh(spec: str | Mapping[str, int] | None) -> dict[str, int]:
+    """'data=2,fsdp=1,tensor=4' -> {'data': 2, 'fsdp': 1, 'tensor': 4}; axes left out are
+    absent (make_mesh fills them). Raises InputError naming the bad part."""
+    from qwen2vl_jax.errors import InputError
+
+    if spec is None or spec == "":
+        return {}
+    if isinstance(spec, Mapping):
+        items = list(spec.items())
+    else:
+        items = []
+        for part in str(spec).split(","):
+            part = part.strip()
+            if not part:
+                continue
+            name, sep, value = part.partition("=")
+            if not sep:
+                raise InputError(f"--mesh part {part!r} is not axis=size (e.g. data=2,fsdp=1,tensor=4)")
+            items.append((name.strip(), value.strip()))
+    out: dict[str, int] = {}
+    for name, value in items:
+        if name not in MESH_AXES:
+            raise InputError(f"unknown mesh axis {name!r}; the axes are {', '.join(MESH_AXES)}")
+        if name in out:
+            raise InputError(f"mesh axis {name!r} given twice")
+        try:
+            size = int(value)
+        except (TypeError, ValueError):
+            raise InputError(f"mesh axis {name}={value!r} is not a whole number") from None
+        if size < 1:
+            raise InputError(f"mesh axis {name}={size} must be at least 1")
+        out[name] = size
+    return out
+
+
+def make_mesh(spec: str | Mapping[str, int] | None = None, devices=None) -> Mesh:
+    """A (data, fsdp, tensor) mesh over `devices` (default: all of them).
+
+    Axes not given are 1, except `data`, which takes the devices the others leave over. The
+    product must equal the device count; anything else is an InputError."""
+    from qwen2vl_jax.errors import InputError
+
+    sizes = parse_mesh(spec)
+    devices = list(jax.devices() if devices is None else devices)
+    n = len(devices)
+    rest = sizes.get("fsdp", 1) * sizes.get("tensor", 1)
+    if "data" not in sizes:
+        if n % rest:
+            raise InputError(f"mesh fsdp*tensor = {rest} does not divide the {n} available devices")
+        sizes["data"] = n // rest
+    shape = tuple(sizes.get(a, 1) for a in MESH_AXES)
+    if math.prod(shape) != n:
+        desc = ",".join(f"{a}={s}" for a, s in zip(MESH_AXES, shape))
+        raise InputError(f"mesh {desc} needs {math.prod(shape)} devices but {n} are available")
+    try:
+        from jax.experimental import mesh_utils
+
+        grid = mesh_utils.create_device_mesh(shape, devices)
+    except Exception:  # unusual topologies: plain order
+        grid = np.array(devices).reshape(shape)
+    return Mesh(grid, MESH_AXES)
+
+
+def check_divisible(config, mesh: Mesh | None) -> None:
+    """Refuses (InputError, one line) a tensor axis that does not divide the heads or widths."""
+    from qwen2vl_jax.errors import InputError
+
+    if mesh is None:
+        return
+    t = mesh.shape["tensor"]
+    if t == 1:
+        return
+    text, vision = config.text, config.vision
+    dims = {
+        "attention heads": text.num_attention_heads,
+        "key/value heads": text.num_key_value_heads,
+        "MLP width": text.intermediate_size,
+        "vision MLP width": vision.mlp_dim,
+        "merger width": vision.embed_dim * vision.merge_unit,
+    }
+    bad = [f"{n} {name}" for name, n in dims.items() if n % t]
+    if bad:
+        raise InputError(f"mesh tensor={t} does not divide the model's " + ", ".join(bad)
+                         + f"; choose a tensor size that divides them all")
+
+
+def maybe_initialize_distributed() -> bool:
+    """Calls jax.distributed.initialize() when the environment asks for a multi-host run:
+    QWEN2VL_DISTRIBUTED=1, or a coordinator address (JAX_COORDINATOR_ADDRESS) is set. On Cloud
+    TPU pods and SLURM, initialize() finds the coordinator and process ids by itself."""
+    flag = os.environ.get("QWEN2VL_DISTRIBUTED", "").lower() in ("1", "true", "yes")
+    if not (flag or os.environ.get("JAX_COORDINATOR_ADDRESS")):
+        return False
+    jax.distributed.initialize()
+    return True
