@@ -1,0 +1,502 @@
+"""Training data: JSONL conversations -> processed examples -> bucketed, static-shape batches.
+
+One record per line, in the chat-message format users already write for Qwen2-VL:
+
+    {"messages": [{"role": "user", "content": [{"type": "image", "image": "cat.png"},
+                                              {"type": "text", "text": "What is this?"}]},
+                  {"role": "assistant", "content": [{"type": "text", "text": "A cat."}]}]}
+
+(a bare list of messages is accepted too). Image and video paths are relative to the JSONL
+file; a video is a file or a list of frame images, and an item may carry qwen-vl-utils keys
+(min_pixels, max_pixels, fps, nframes, resized_height/width).
+
+Labels (`labels` mode):
+  assistant  the content of each assistant turn and its <|im_end|>. A record with no
+             assistant turn is an image-text pair and falls back to `caption`.
+  caption    the text of every user and assistant turn (not the system prompt, the role
+             headers or the vision tokens), and each turn's <|im_end|>.
+
+Every record is parsed, its files checked and processed once before training starts
+(`JsonlDataset.scan`), so a bad record is reported with its line number up front and never
+crashes an epoch halfway. Batches come from a deterministic plan (seed, epoch): records are
+grouped by bucketed length, so a step's shapes come from a short ladder and jit compiles
+each shape once; a position (epoch, index) is all that is needed to resume exactly.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import queue
+import threading
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import numpy as np
+
+from qwen2vl_jax.config import Qwen2VLConfig
+from qwen2vl_jax.errors import InputError
+from qwen2vl_jax.model import prepare_vision
+from qwen2vl_jax.modules.vision import vision_layout
+from qwen2vl_jax.positions import get_rope_index
+
+IGNORE = -100
+LABEL_MODES = ("assistant", "caption")
+ROLES = ("system", "user", "assistant")
+
+
+# ----------------------------------------------------------------------------- records
+@dataclasses.dataclass
+class Record:
+    line: int  # 1-based line number in the file
+    messages: list[dict]
+
+
+def _media_paths(source: Any) -> list[str]:
+    if isinstance(source, (list, tuple)):
+        return [s for s in source if isinstance(s, str)]
+    return [source] if isinstance(source, str) else []
+
+
+def _resolve(source: Any, base: Path) -> Any:
+    def one(s):
+        if not isinstance(s, str) or s.startswith(("http://", "https://", "data:")):
+            return s
+        if s.startswith("file://"):
+            s = s[7:]
+        return str(s if os.path.isabs(s) else base / s)
+
+    return [one(s) for s in source] if isinstance(source, (list, tuple)) else one(source)
+
+
+def check_record(obj: Any, base: Path) -> list[dict]:
+    """A parsed JSON value -> its messages with media paths made absolute. Raises InputError
+    (without the line number; the caller adds it) on anything malformed or missing."""
+    messages = obj.get("messages") if isinstance(obj, dict) else obj
+    if not isinstance(messages, list) or not messages:
+        raise InputError("expected {\"messages\": [...]} or a non-empty list of messages")
+    out = []
+    for i, msg in enumerate(messages):
+        if not isinstance(msg, dict) or "role" not in msg or "content" not in msg:
+            raise InputError(f"message {i}: expected an object with 'role' and 'content'")
+        if msg["role"] not in ROLES:
+            raise InputError(f"message {i}: role {msg['role']!r} is not one of {', '.join(ROLES)}")
+        content = msg["content"]
+        if isinstance(content, str):
+            out.append({"role": msg["role"], "content": content})
+            continue
+        if not isinstance(content, list):
+            raise InputError(f"message {i}: content must be a string or a list of items")
+        items = []
+        for j, item in enumerate(content):
+            if not isinstance(item, dict):
+                raise InputError(f"message {i} item {j}: expected an object")
+            item = dict(item)
+            kind = item.get("type") or next((k for k in ("image", "video", "text") if k in item), None)
+            if kind == "image_url" or "image_url" in item:
+                kind = "image"
+                item.setdefault("image", item.pop("image_url"))
+            if kind not in ("image", "video", "text"):
+                raise InputError(f"message {i} item {j}: type must be text, image or video")
+            if kind == "text" and not isinstance(item.get("text"), str):
+                raise InputError(f"message {i} item {j}: text item without a 'text' string")
+            if kind in ("image", "video"):
+                if kind not in item:
+                    raise InputError(f"message {i} item {j}: {kind} item without an '{kind}' path")
+                if msg["role"] == "assistant":
+                    raise InputError(f"message {i} item {j}: an assistant turn cannot contain an {kind}")
+                item[kind] = _resolve(item[kind], base)
+                for p in _media_paths(item[kind]):
+                    if not p.startswith(("http://", "https://", "data:")) and not os.path.isfile(p):
+                        raise InputError(f"{kind} file {p} not found")
+            item["type"] = kind
+            items.append(item)
+        out.append({"role": msg["role"], "content": items})
+    return out
+
+
+def read_jsonl(path: str | Path) -> tuple[list[Record], list[str]]:
+    """-> (good records, one problem line per bad record)."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"data file {path} not found")
+    records, problems = [], []
+    base = path.resolve().parent
+    with path.open(encoding="utf-8") as f:
+        for n, raw in enumerate(f, start=1):
+            if not raw.strip():
+                continue
+            try:
+                obj = json.loads(raw)
+            except json.JSONDecodeError as e:
+                problems.append(f"{path.name} line {n}: invalid JSON ({e.msg} at column {e.colno})")
+                continue
+            try:
+                records.append(Record(n, check_record(obj, base)))
+            except InputError as e:
+                problems.append(f"{path.name} line {n}: {e}")
+    return records, problems
+
+
+# ----------------------------------------------------------------------------- labels
+def make_labels(input_ids: np.ndarray, tokenizer, mode: str) -> np.ndarray:
+    """input_ids int[L] (one unpadded row, placeholders expanded) -> labels int32[L].
+
+    Turns are found on the token ids: <|im_start|> ROLE \\n ... <|im_end|>. Text that is not in
+    a turn (the base template) counts as caption text.
+    """
+    if mode not in LABEL_MODES:
+        raise InputError(f"labels must be one of {LABEL_MODES}, got {mode!r}")
+    ids = np.asarray(input_ids)
+    n = len(ids)
+    vision = np.isin(ids, [tokenizer.image_token_id, tokenizer.video_token_id,
+                           tokenizer.vision_start_token_id, tokenizer.vision_end_token_id])
+    starts = np.flatnonzero(ids == tokenizer.im_start_token_id)
+    ends = np.flatnonzero(ids == tokenizer.im_end_token_id)
+    keep = np.zeros(n, bool)
+    if len(starts) == 0:
+        keep[:] = True
+    else:
+        turns = []  # (role, first content token, im_end index)
+        for s in starts:
+            j, head = s + 1, ""
+            while j < n and "\n" not in head and j - s <= 8:
+                head += tokenizer.decode([int(ids[j])])
+                j += 1
+            after = ends[ends >= j]
+            e = int(after[0]) if len(after) else n - 1
+            turns.append((head.split("\n")[0].strip(), j, e))
+        roles = {r for r, _, _ in turns}
+        if mode == "assistant" and "assistant" in roles:
+            wanted = {"assistant"}
+        else:
+            wanted = {"user", "assistant"}
+        for role, j, e in turns:
+            if role in wanted:
+                keep[j:e + 1] = True
+    keep &= ~vision
+    return np.where(keep, ids, IGNORE).astype(np.int32)
+
+
+# ----------------------------------------------------------------------------- examples
+@dataclasses.dataclass
+class Example:
+    """One processed record (unpadded)."""
+
+    input_ids: np.ndarray  # int32[L]
+    labels: np.ndarray  # int32[L]
+    pixel_values: np.ndarray | None = None  # f32[Ni, 1176]
+    image_grid_thw: np.ndarray | None = None  # int[n_img, 3]
+    pixel_values_videos: np.ndarray | None = None
+    video_grid_thw: np.ndarray | None = None
+    line: int = 0
+
+    @property
+    def num_patches(self) -> int:
+        return sum(int(np.prod(g, axis=1).sum()) for g in (self.image_grid_thw, self.video_grid_thw) if g is not None)
+
+    @property
+    def num_segments(self) -> int:
+        return sum(int(g[:, 0].sum()) for g in (self.image_grid_thw, self.video_grid_thw) if g is not None)
+
+    @property
+    def segment_len(self) -> int:
+        lens = [int((g[:, 1] * g[:, 2]).max()) for g in (self.image_grid_thw, self.video_grid_thw)
+                if g is not None and len(g)]
+        return max(lens, default=0)
+
+
+def process_record(messages: list[dict], processor, labels: str = "assistant") -> Example:
+    """Runs the processor on one conversation and masks its labels."""
+    text = processor.apply_chat_template(messages, add_generation_prompt=False)
+    images, videos = [], []
+    for msg in messages:
+        if isinstance(msg["content"], str):
+            continue
+        for item in msg["content"]:
+            if item["type"] == "image":
+                images.append({k: v for k, v in item.items() if k != "type"})
+            elif item["type"] == "video":
+                videos.append({k: v for k, v in item.items() if k != "type"})
+    out = processor(text=[text], images=images or None, videos=videos or None, padding=False)
+    ids = np.asarray(out["input_ids"])[0]
+    return Example(
+        input_ids=ids.astype(np.int32),
+        labels=make_labels(ids, processor.tokenizer, labels),
+        pixel_values=out.get("pixel_values"),
+        image_grid_thw=None if out.get("image_grid_thw") is None else np.asarray(out["image_grid_thw"]),
+        pixel_values_videos=out.get("pixel_values_videos"),
+        video_grid_thw=None if out.get("video_grid_thw") is None else np.asarray(out["video_grid_thw"]),
+    )
+
+
+def split_batch(inputs: dict, image_token_id: int, video_token_id: int, labels=None) -> list[Example]:
+    """HF-processor batch outputs (padded rows, vision arrays concatenated over the batch) ->
+    one unpadded Example per row, each with its own images and videos."""
+    ids = np.asarray(inputs["input_ids"])
+    mask = np.asarray(inputs.get("attention_mask", np.ones_like(ids))).astype(bool)
+    grids = {k: None if inputs.get(k) is None else np.asarray(inputs[k]).reshape(-1, 3)
+             for k in ("image_grid_thw", "video_grid_thw")}
+    used = {"image_grid_thw": 0, "video_grid_thw": 0}
+    offsets = {"pixel_values": 0, "pixel_values_videos": 0}
+    out = []
+    for b in range(ids.shape[0]):
+        row = ids[b][mask[b]]
+        ex = Example(row.astype(np.int32),
+                     (np.asarray(labels)[b][mask[b]] if labels is not None else np.full(len(row), IGNORE)).astype(np.int32))
+        for token, gkey, pkey in ((image_token_id, "image_grid_thw", "pixel_values"),
+                                  (video_token_id, "video_grid_thw", "pixel_values_videos")):
+            is_tok = (row == token).astype(np.int8)
+            runs = int(((np.diff(np.concatenate([[0], is_tok])) == 1)).sum())
+            if not runs:
+                continue
+            g = grids[gkey][used[gkey]:used[gkey] + runs]
+            used[gkey] += runs
+            npatch = int(np.prod(g, axis=1).sum())
+            pix = np.asarray(inputs[pkey])[offsets[pkey]:offsets[pkey] + npatch]
+            offsets[pkey] += npatch
+            setattr(ex, gkey, g)
+            setattr(ex, pkey, pix)
+        out.append(ex)
+    return out
+
+
+# ----------------------------------------------------------------------------- batches
+def bucket(n: int, minimum: int = 16, multiple: int = 1) -> int:
+    """A short ladder: powers of two and 1.5x between them (16, 24, 32, 48, 64, 96, ...)."""
+    b = minimum
+    while b < n:
+        if b < 4:
+            b *= 2
+        else:
+            b = b * 3 // 2 if (b & (b - 1)) == 0 else (b * 4) // 3
+    return int(math.ceil(b / multiple) * multiple)
+
+
+def collate(examples: Sequence[Example | None], config: Qwen2VLConfig, pad_id: int, length: int | None = None,
+            vision_sizes: tuple[int, int, int] | None = None) -> dict:
+    """Examples (None = an empty filler row) -> a right-padded batch:
+
+      input_ids int32[B, L], attention_mask bool[B, L], labels int32[B, L],
+      positions int32[3, B, L] (M-RoPE ids),
+      vision (only when some row has images/videos): per-row layouts, each row padded to
+        the same sizes, patches f32[B, N, 1176], pos_hw int32[B, N, 2], gather int32[B, S, Lseg],
+        valid bool[B, S, Lseg], scatter int32[B, N].
+    """
+    real = [e for e in examples if e is not None]
+    b = len(examples)
+    length = length or bucket(max((len(e.input_ids) for e in real), default=1))
+    ids = np.full((b, length), pad_id, np.int32)
+    mask = np.zeros((b, length), bool)
+    labels = np.full((b, length), IGNORE, np.int32)
+    for i, e in enumerate(examples):
+        if e is None:
+            continue
+        n = len(e.input_ids)
+        if n > length:
+            raise InputError(f"record on line {e.line} has {n} tokens, more than the batch length {length}")
+        ids[i, :n], mask[i, :n], labels[i, :n] = e.input_ids, True, e.labels
+    cat = lambda key: (np.concatenate([getattr(e, key) for e in real if getattr(e, key) is not None])  # noqa: E731
+                       if any(getattr(e, key) is not None for e in real) else None)
+    positions, _ = get_rope_index(ids, mask, cat("image_grid_thw"), cat("video_grid_thw"),
+                                  image_token_id=config.image_token_id, video_token_id=config.video_token_id,
+                                  spatial_merge_size=config.vision.spatial_merge_size)
+    batch = {"input_ids": ids, "attention_mask": mask, "labels": labels, "positions": positions.astype(np.int32)}
+    if vision_sizes is None:
+        vision_sizes = vision_bucket(real, config.vision.merge_unit)
+    if vision_sizes is not None:
+        batch["vision"] = collate_vision(examples, config, *vision_sizes)
+    return batch
+
+
+def vision_bucket(examples: Sequence[Example], unit: int = 4) -> tuple[int, int, int] | None:
+    """Bucketed (patches, segments, segment length) that fit every example, or None."""
+    if not any(e.num_patches for e in examples):
+        return None
+    n = bucket(max(e.num_patches for e in examples), minimum=unit, multiple=unit)
+    s = bucket(max(e.num_segments for e in examples), minimum=1)
+    seg = bucket(max(e.segment_len for e in examples), minimum=unit, multiple=unit)
+    return n, s, seg
+
+
+def collate_vision(examples: Sequence[Example | None], config: Qwen2VLConfig, n: int, s: int, seg: int) -> dict:
+    rows = []
+    m = config.vision.spatial_merge_size
+    for e in examples:
+        v = None
+        if e is not None and e.num_patches:
+            v = prepare_vision(config, e.pixel_values, e.image_grid_thw, e.pixel_values_videos, e.video_grid_thw,
+                               num_patches=n, num_segments=s, segment_len=seg)
+        if v is None:
+            v = {"patches": np.zeros((n, config.vision.patch_dim), np.float32),
+                 **vision_layout(np.zeros((0, 3), np.int64), m, num_patches=n, num_segments=s, segment_len=seg)}
+        rows.append(v)
+    return {k: np.stack([r[k] for r in rows]) for k in rows[0]}
+
+
+def stack_micro(batches: Sequence[dict]) -> dict:
+    """Micro-batches with equal shapes -> one step's arrays with a leading [A] axis."""
+    def stack(*xs):
+        return np.stack(xs)
+
+    import jax  # noqa: PLC0415 - tree utilities only
+
+    return jax.tree.map(stack, *batches)
+
+
+# ----------------------------------------------------------------------------- dataset
+class JsonlDataset:
+    """Records of one JSONL file, processed on demand, with their lengths known up front."""
+
+    def __init__(self, path: str | Path, processor, labels: str = "assistant", max_length: int | None = None,
+                 skip_bad: bool = False, progress: bool = False):
+        if labels not in LABEL_MODES:
+            raise InputError(f"labels must be one of {LABEL_MODES}, got {labels!r}")
+        self.path = Path(path)
+        self.processor = processor
+        self.labels = labels
+        self.max_length = max_length
+        records, problems = read_jsonl(self.path)
+        self.records = records
+        self.skipped: list[str] = []
+        self.lengths: list[int] = []
+        self.vision: list[tuple[int, int, int]] = []
+        self._scan(problems, skip_bad, progress)
+
+    def _scan(self, problems: list[str], skip_bad: bool, progress: bool) -> None:
+        good = []
+        it = self.records
+        if progress:
+            from tqdm import tqdm  # noqa: PLC0415
+
+            it = tqdm(it, desc=f"checking {self.path.name}", unit="rec", leave=False)
+        for rec in it:
+            try:
+                ex = self._process(rec)
+            except InputError as e:
+                problems.append(f"{self.path.name} line {rec.line}: {e}")
+                continue
+            good.append(rec)
+            self.lengths.append(len(ex.input_ids))
+            self.vision.append((ex.num_patches, ex.num_segments, ex.segment_len))
+        if problems and not skip_bad:
+            shown = "; ".join(problems[:5]) + (f"; and {len(problems) - 5} more" if len(problems) > 5 else "")
+            raise InputError(f"{len(problems)} bad record(s) in {self.path}: {shown}")
+        self.skipped = problems
+        self.records = good
+        if not self.records:
+            raise InputError(f"{self.path}: no usable records")
+
+    def _process(self, rec: Record) -> Example:
+        ex = process_record(rec.messages, self.processor, self.labels)
+        ex.line = rec.line
+        if self.max_length is not None and len(ex.input_ids) > self.max_length:
+            raise InputError(f"{len(ex.input_ids)} tokens, more than max_length {self.max_length}")
+        if not (ex.labels != IGNORE).any():
+            raise InputError(f"no tokens to learn from under labels={self.labels!r}")
+        return ex
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def example(self, i: int) -> Example:
+        return self._process(self.records[i])
+
+
+@dataclasses.dataclass(frozen=True)
+class Position:
+    """Where the data stream stands: the next step reads batch `index` of epoch `epoch`."""
+
+    epoch: int = 0
+    index: int = 0
+
+
+class BatchPlan:
+    """Deterministic batches of record indices: per epoch, shuffle, group by bucketed length,
+    cut into steps of `per_step` records (a short last batch is filled with None), shuffle the
+    steps. The same (seed, epoch) always gives the same plan."""
+
+    def __init__(self, lengths: Sequence[int], per_step: int, seed: int = 0):
+        self.lengths = np.asarray(lengths)
+        self.per_step = per_step
+        self.seed = seed
+        self._cache: dict[int, list[list[int | None]]] = {}
+
+    def epoch(self, e: int) -> list[list[int | None]]:
+        if e not in self._cache:
+            rng = np.random.default_rng([self.seed, e])
+            order = rng.permutation(len(self.lengths))
+            groups: dict[int, list[int]] = {}
+            for i in order:
+                groups.setdefault(bucket(int(self.lengths[i])), []).append(int(i))
+            steps = []
+            for key in sorted(groups):
+                g = groups[key]
+                for k in range(0, len(g), self.per_step):
+                    chunk = g[k:k + self.per_step]
+                    steps.append(chunk + [None] * (self.per_step - len(chunk)))
+            self._cache = {e: [steps[i] for i in rng.permutation(len(steps))]}
+        return self._cache[e]
+
+    def advance(self, pos: Position) -> Position:
+        nxt = Position(pos.epoch, pos.index + 1)
+        return nxt if nxt.index < len(self.epoch(pos.epoch)) else Position(pos.epoch + 1, 0)
+
+
+class Loader:
+    """Steps of batches from a dataset: arrays [A, B, ...] (A micro-batches of B rows, equal
+    shapes within a step) with the position after them. A background thread prepares the next
+    steps while the current one runs."""
+
+    def __init__(self, dataset: JsonlDataset, config: Qwen2VLConfig, batch_size: int, accum: int = 1,
+                 seed: int = 0, prefetch: int = 2):
+        self.dataset = dataset
+        self.config = config
+        self.batch_size = batch_size
+        self.accum = accum
+        self.plan = BatchPlan(dataset.lengths, batch_size * accum, seed)
+        self.prefetch = prefetch
+        self.pad_id = dataset.processor.tokenizer.pad_token_id
+
+    def step_batch(self, indices: Sequence[int | None]) -> tuple[dict, int]:
+        """-> (arrays with a leading micro-batch axis, number of real tokens)."""
+        exs = [None if i is None else self.dataset.example(i) for i in indices]
+        real = [e for e in exs if e is not None]
+        length = bucket(max(len(e.input_ids) for e in real))
+        sizes = vision_bucket(real, self.config.vision.merge_unit)
+        micro = [collate(exs[k * self.batch_size:(k + 1) * self.batch_size], self.config, self.pad_id,
+                         length, sizes) for k in range(self.accum)]
+        return stack_micro(micro), sum(len(e.input_ids) for e in real)
+
+    def __call__(self, start: Position) -> Iterator[tuple[dict, int, Position]]:
+        """Yields (step arrays, real tokens, position after this step) forever from `start`."""
+        q: queue.Queue = queue.Queue(maxsize=max(1, self.prefetch))
+        stop = threading.Event()
+
+        def work():
+            pos = start
+            try:
+                while not stop.is_set():
+                    arrays, tokens = self.step_batch(self.plan.epoch(pos.epoch)[pos.index])
+                    pos = self.plan.advance(pos)
+                    while not stop.is_set():
+                        try:
+                            q.put((arrays, tokens, pos), timeout=0.1)
+                            break
+                        except queue.Full:
+                            continue
+            except BaseException as e:  # surfaces in the consumer
+                q.put(e)
+
+        thread = threading.Thread(target=work, daemon=True)
+        thread.start()
+        try:
+            while True:
+                item = q.get()
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+        finally:
+            stop.set()

@@ -1,0 +1,360 @@
+"""The optax train step and the host loop around it.
+
+`Trainer` owns the jitted step: loss = mean cross-entropy over label positions (labels
+shifted by one, -100 ignored; HF's ForCausalLMLoss), gradients of the trainable subtree only,
+gradient accumulation over micro-batches (token-weighted, so A micro-batches give the same
+update as one batch of all their rows), clipping + AdamW from `stages.make_optimizer`.
+
+On a mesh the step runs sharded the same way inference does: parameters and optimizer state
+by `sharding.param_shardings` (FSDP over the model dimension, tensor parallelism where the
+rules ask for it), the batch over (data, fsdp). The vision tower runs per example (vmapped
+over the batch), so its work is data-parallel too.
+
+Options: `remat` rematerialises every vision and decoder block; `compute_dtype=bfloat16`
+computes in bf16 while the params (master weights), gradients and optimizer state stay fp32.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from qwen2vl_jax.config import Qwen2VLConfig
+from qwen2vl_jax.errors import InputError
+from qwen2vl_jax.model import Qwen2VLModule, merge_vision
+from qwen2vl_jax.sharding import ShardingRules, named_sharding, param_shardings, use_mesh
+from qwen2vl_jax.train import stages as st
+from qwen2vl_jax.train.data import IGNORE, Position
+
+
+@flax.struct.dataclass
+class TrainState:
+    step: jax.Array  # int32[]
+    params: Any  # the whole tree, fp32 master weights
+    opt_state: Any  # over the trainable subtree only
+
+    def as_dict(self) -> dict:
+        return {"step": self.step, "params": self.params, "opt_state": self.opt_state}
+
+
+# ----------------------------------------------------------------------------- loss
+def token_loss(logits, labels):
+    """logits [B, L, V], labels int[B, L] (-100 = ignore) -> (sum of CE over the shifted label
+    positions, their count); position t predicts labels[t + 1]."""
+    logits = logits[:, :-1].astype(jnp.float32)
+    targets = labels[:, 1:]
+    valid = targets != IGNORE
+    logz = jax.nn.logsumexp(logits, axis=-1)
+    picked = jnp.take_along_axis(logits, jnp.where(valid, targets, 0)[..., None], axis=-1)[..., 0]
+    return jnp.sum(jnp.where(valid, logz - picked, 0.0)), jnp.sum(valid)
+
+
+def forward_logits(module: Qwen2VLModule, params, batch: dict, spmd_axis=None):
+    """One micro-batch (see data.collate) -> logits [B, L, V]."""
+    cfg = module.config
+    feats = None
+    vision = batch.get("vision")
+    if vision is not None:
+        def encode(v):  # one example's images and videos -> [N / 4, D]
+            return module.apply({"params": params}, method=Qwen2VLModule.encode_vision, **v)
+
+        feats = jax.vmap(encode, spmd_axis_name=spmd_axis)(vision)  # [B, F, D]
+
+    def body(m, ids, positions, mask, feats):
+        x = m.embed(ids)  # [B, L, D]
+        if feats is not None:
+            one = lambda e, i, f: merge_vision(e[None], i[None], f, cfg.image_token_id, cfg.video_token_id)[0]  # noqa: E731
+            x = jax.vmap(one)(x, ids, feats)
+        hidden, _ = m.decode(x, positions, mask)
+        return m.lm_logits(hidden)
+
+    return module.apply({"params": params}, batch["input_ids"], batch["positions"], batch["attention_mask"],
+                        feats, method=body)
+
+
+def batch_loss(module: Qwen2VLModule, params, batch: dict, spmd_axis=None):
+    """-> (CE sum, label count) of one micro-batch."""
+    return token_loss(forward_logits(module, params, batch, spmd_axis), batch["labels"])
+
+
+# ----------------------------------------------------------------------------- trainer
+class Trainer:
+    """The jitted train step of one stage on one (optional) mesh.
+
+    params are fp32 master weights; `compute_dtype` is the forward/backward dtype."""
+
+    def __init__(self, config: Qwen2VLConfig, stage: st.Stage, total_steps: int, *, mesh=None,
+                 rules: ShardingRules | None = None, remat: bool = False, compute_dtype=jnp.float32):
+        self.config = config
+        self.stage = stage
+        self.total_steps = int(total_steps)
+        self.mesh = mesh
+        self.rules = rules or ShardingRules()
+        self.module = Qwen2VLModule(config, jnp.dtype(compute_dtype), remat)
+        self.optimizer = st.make_optimizer(stage, self.total_steps)
+        self.schedule = st.schedule(stage, self.total_steps)
+        self.trainable: frozenset[str] | None = None
+        self._step = None
+
+    # ---------------------------------------------------------------- state
+    def init_state(self, params) -> TrainState:
+        # A copy: the step donates its state, and the caller keeps its arrays.
+        params = jax.tree.map(lambda x: jnp.array(x, jnp.float32, copy=True), params)
+        self.trainable = st.trainable_paths(params, self.stage)
+        train, _ = st.split(params, self.trainable)
+        if self.mesh is None:
+            return TrainState(jnp.zeros((), jnp.int32), params, self.optimizer.init(train))
+        shapes = jax.eval_shape(lambda p: TrainState(jnp.zeros((), jnp.int32), p,
+                                                     self.optimizer.init(st.split(p, self.trainable)[0])), params)
+        shardings = self.state_shardings(shapes)
+        params = jax.device_put(params, shardings.params)
+        init = jax.jit(lambda p: TrainState(jnp.zeros((), jnp.int32), p, self.optimizer.init(st.split(p, self.trainable)[0])),
+                       out_shardings=shardings)
+        return init(params)
+
+    def abstract_state(self, params_shapes) -> TrainState:
+        """ShapeDtypeStructs (with shardings on a mesh) of the state, for restoring."""
+        params_shapes = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, jnp.float32), params_shapes)
+        self.trainable = st.trainable_paths(params_shapes, self.stage)
+        shapes = jax.eval_shape(lambda p: TrainState(jnp.zeros((), jnp.int32), p,
+                                                     self.optimizer.init(st.split(p, self.trainable)[0])),
+                                params_shapes)
+        if self.mesh is None:
+            dev = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+            return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=dev), shapes)
+        shardings = self.state_shardings(shapes)
+        return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, shardings)
+
+    def state_shardings(self, shapes: TrainState) -> TrainState:
+        """Params by the model's rules; each optimizer leaf like the parameter whose path it
+        carries (Adam's mu/nu), scalars replicated."""
+        pshard = param_shardings(shapes.params, self.mesh, self.rules)
+        by_path = st.traverse_util.flatten_dict(pshard, sep="/")
+        replicated = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec())
+
+        def leaf(path, x):
+            keys = [str(k.key) for k in path if isinstance(k, jax.tree_util.DictKey)]
+            for i in range(len(keys)):
+                s = by_path.get("/".join(keys[i:]))
+                if s is not None and len(s.spec) <= len(x.shape):
+                    return s
+            return replicated
+
+        opt = jax.tree_util.tree_map_with_path(leaf, shapes.opt_state)
+        return TrainState(replicated, pshard, opt)
+
+    def batch_shardings(self, batch: dict):
+        """[A, B, ...] arrays: the B axis over the rules' batch axes (positions: [A, 3, B, L])."""
+        def one(path, x):
+            name = path[-1].key if isinstance(path[-1], jax.tree_util.DictKey) else ""
+            axes = (None, None, "batch") if name == "positions" else (None, "batch")
+            return named_sharding(self.mesh, self.rules, x.shape, *axes)
+
+        return jax.tree_util.tree_map_with_path(one, batch)
+
+    # ---------------------------------------------------------------- the step
+    def _spmd_axis(self, batch_size: int):
+        if self.mesh is None:
+            return None
+        spec = self.rules.spec_for((batch_size,), ("batch",), self.mesh)
+        return spec[0] if len(spec) else None
+
+    def loss_and_grads(self, params, batch: dict):
+        """Mean loss and grads w.r.t. the trainable subtree for one step's arrays ([A, B, ...])."""
+        train, frozen = st.split(params, self.trainable)
+        spmd_axis = self._spmd_axis(batch["input_ids"].shape[1])
+
+        def micro(carry, mb):
+            grads, total, count = carry
+            (s, n), g = jax.value_and_grad(
+                lambda tp: batch_loss(self.module, st.merge(tp, frozen), mb, spmd_axis), has_aux=True)(train)
+            return (jax.tree.map(jnp.add, grads, g), total + s, count + n), None
+
+        zeros = jax.tree.map(jnp.zeros_like, train)
+        (grads, total, count), _ = jax.lax.scan(micro, (zeros, jnp.float32(0), jnp.int32(0)), batch)
+        denom = jnp.maximum(count, 1).astype(jnp.float32)
+        return total / denom, jax.tree.map(lambda g: g / denom, grads), count
+
+    def _train_step(self, state: TrainState, batch: dict):
+        loss, grads, count = self.loss_and_grads(state.params, batch)
+        train, frozen = st.split(state.params, self.trainable)
+        updates, opt_state = self.optimizer.update(grads, state.opt_state, train)
+        train = optax.apply_updates(train, updates)
+        metrics = {"loss": loss, "tokens": count, "grad_norm": optax.global_norm(grads),
+                   "lr": self.schedule(state.step)}
+        return TrainState(state.step + 1, st.merge(train, frozen), opt_state), metrics
+
+    def step(self, state: TrainState, batch: dict) -> tuple[TrainState, dict]:
+        """One optimizer update from one step's arrays ([A, B, ...], host numpy)."""
+        if self.trainable is None:
+            raise RuntimeError("call init_state (or restore) before step")
+        if self._step is None:
+            if self.mesh is None:
+                self._step = jax.jit(self._train_step, donate_argnums=0)
+            else:
+                shardings = self.state_shardings(jax.eval_shape(lambda s: s, state))
+
+                @functools.partial(jax.jit, donate_argnums=0, out_shardings=(shardings, None))
+                def sharded(s, b):
+                    with use_mesh(self.mesh, self.rules):
+                        return self._train_step(s, b)
+
+                self._step = sharded
+        if self.mesh is not None:
+            batch = jax.device_put(batch, self.batch_shardings(batch))
+        return self._step(state, batch)
+
+
+# ----------------------------------------------------------------------------- checkpoints
+class Checkpoints:
+    """Orbax checkpoints of {step, params, opt_state} plus the data position and run options
+    (JSON) under `folder`, keeping the last `keep`."""
+
+    def __init__(self, folder: str | Path, keep: int = 2):
+        import orbax.checkpoint as ocp  # noqa: PLC0415
+
+        self.ocp = ocp
+        self.folder = Path(folder).resolve()
+        self.manager = ocp.CheckpointManager(
+            self.folder, options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True),
+            item_names=("state", "meta"))
+
+    def latest(self) -> int | None:
+        return self.manager.latest_step()
+
+    def save(self, state: TrainState, meta: dict) -> None:
+        step = int(state.step)
+        self.manager.save(step, args=self.ocp.args.Composite(
+            state=self.ocp.args.StandardSave(state.as_dict()), meta=self.ocp.args.JsonSave(meta)), force=True)
+        self.manager.wait_until_finished()
+
+    def meta(self, step: int | None = None) -> dict:
+        step = self.latest() if step is None else step
+        out = self.manager.restore(step, args=self.ocp.args.Composite(meta=self.ocp.args.JsonRestore()))
+        return dict(out["meta"])
+
+    def restore(self, abstract: TrainState, step: int | None = None) -> tuple[TrainState, dict]:
+        step = self.latest() if step is None else step
+        out = self.manager.restore(step, args=self.ocp.args.Composite(
+            state=self.ocp.args.StandardRestore(abstract.as_dict()), meta=self.ocp.args.JsonRestore()))
+        s = out["state"]
+        return TrainState(s["step"], s["params"], s["opt_state"]), dict(out["meta"])
+
+    def close(self) -> None:
+        self.manager.close()
+
+
+# ----------------------------------------------------------------------------- host loop
+@dataclasses.dataclass
+class LogRow:
+    step: int
+    loss: float
+    lr: float
+    tokens_per_s: float
+    grad_norm: float
+
+
+def run_steps(trainer: Trainer, state: TrainState, batches: Iterator[tuple[dict, int, Position]],
+              until: int, *, log_every: int = 10, on_log: Callable[[LogRow], None] | None = None,
+              on_save: Callable[[TrainState, Position], None] | None = None, save_every: int = 0,
+              progress: bool = False) -> tuple[TrainState, Position | None, list[tuple[int, float]]]:
+    """Steps until state.step == until; returns (state, data position, [(step, loss)])."""
+    start = int(state.step)
+    bar = None
+    if progress:
+        from tqdm import tqdm  # noqa: PLC0415
+
+        bar = tqdm(total=until, initial=start, unit="step", dynamic_ncols=True)
+    losses: list[tuple[int, Any]] = []
+    pos = None
+    window_tokens, window_start = 0, time.perf_counter()
+    pending: list[tuple[int, dict]] = []
+    for step in range(start, until):
+        arrays, tokens, pos = next(batches)
+        state, metrics = trainer.step(state, arrays)
+        losses.append((step + 1, metrics["loss"]))
+        window_tokens += tokens
+        pending.append((step + 1, metrics))
+        if bar is not None:
+            bar.update(1)
+        last = step + 1 == until
+        if (step + 1) % log_every == 0 or last:
+            jax.block_until_ready(metrics["loss"])
+            elapsed = time.perf_counter() - window_start
+            m = jax.device_get(metrics)
+            row = LogRow(step + 1, float(m["loss"]), float(m["lr"]), window_tokens / max(elapsed, 1e-9),
+                         float(m["grad_norm"]))
+            if bar is not None:
+                bar.set_postfix(loss=f"{row.loss:.4f}", lr=f"{row.lr:.2e}", tok_s=f"{row.tokens_per_s:.0f}")
+            if on_log is not None:
+                on_log(row)
+            window_tokens, window_start = 0, time.perf_counter()
+            pending.clear()
+        if on_save is not None and ((save_every and (step + 1) % save_every == 0) or last):
+            on_save(state, pos)
+    if bar is not None:
+        bar.close()
+    return state, pos, [(s, float(v)) for s, v in jax.device_get(losses)]
+
+
+# ----------------------------------------------------------------------------- plotting
+def plot_losses(points: list[tuple[int, float]], path: str | Path, title: str = "training loss") -> None:
+    """A small line plot (PNG) with PIL: loss against step, and a smoothed curve."""
+    from PIL import Image, ImageDraw  # noqa: PLC0415
+
+    w, h, ml, mr, mt, mb = 640, 360, 60, 20, 30, 40
+    img = Image.new("RGB", (w, h), "white")
+    d = ImageDraw.Draw(img)
+    d.text((ml, 8), title, fill="black")
+    if not points:
+        img.save(path)
+        return
+    xs = np.array([p[0] for p in points], float)
+    ys = np.array([p[1] for p in points], float)
+    ok = np.isfinite(ys)
+    xs, ys = xs[ok], ys[ok]
+    if len(xs) == 0:
+        img.save(path)
+        return
+    x0, x1 = xs.min(), max(xs.max(), xs.min() + 1)
+    y0, y1 = min(0.0, ys.min()), ys.max() * 1.05 + 1e-9
+    px = lambda x: ml + (x - x0) / (x1 - x0) * (w - ml - mr)  # noqa: E731
+    py = lambda y: h - mb - (y - y0) / (y1 - y0) * (h - mt - mb)  # noqa: E731
+    d.rectangle([ml, mt, w - mr, h - mb], outline="black")
+    for k in range(5):
+        yv = y0 + (y1 - y0) * k / 4
+        d.line([ml - 4, py(yv), ml, py(yv)], fill="black")
+        d.text((4, py(yv) - 6), f"{yv:.2f}", fill="black")
+        xv = x0 + (x1 - x0) * k / 4
+        d.line([px(xv), h - mb, px(xv), h - mb + 4], fill="black")
+        d.text((px(xv) - 10, h - mb + 8), f"{int(xv)}", fill="black")
+    d.line(list(zip(map(px, xs), map(py, ys))), fill=(170, 190, 230), width=1) if len(xs) > 1 else None
+    k = max(1, len(ys) // 50)
+    smooth = np.convolve(ys, np.ones(k) / k, mode="valid")
+    if len(smooth) > 1:
+        d.line(list(zip(map(px, xs[k - 1:]), map(py, smooth))), fill=(20, 60, 180), width=2)
+    d.text((w // 2 - 10, h - 16), "step", fill="black")
+    img.save(path)
+
+
+def count_tokens(batch: dict) -> int:
+    return int(np.asarray(batch["attention_mask"]).sum())
+
+
+def meta_json(**kw) -> dict:
+    return json.loads(json.dumps(kw, default=str))
+
+
+def cosine_total(steps: int) -> int:
+    return max(1, int(math.ceil(steps)))
