@@ -369,6 +369,17 @@ def test_chat_template_matches_hf(name, kw, proc, hf_proc):
     assert proc.apply_chat_template(MESSAGES[name], **kw) == hf_proc.apply_chat_template(MESSAGES[name], **kw)
 
 
+def test_continue_final_message_matches_hf(proc, hf_proc):
+    for conv in [
+        [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Sure, "}],
+        [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": [{"type": "text", "text": "The answer is"}]}],
+        MESSAGES["single_image"],
+    ]:
+        ours = proc.apply_chat_template(conv, continue_final_message=True)
+        assert ours == hf_proc.apply_chat_template(conv, continue_final_message=True)
+        assert not ours.endswith("<|im_end|>\n")
+
+
 def test_chat_template_batch_and_base_model():
     p = Processor.from_pretrained(need(MODEL_2B))
     from transformers import AutoProcessor

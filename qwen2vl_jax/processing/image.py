@@ -229,9 +229,10 @@ def element_size(ele: dict, height: int, width: int, factor: int = IMAGE_FACTOR)
 # ----------------------------------------------------------------------------- patches
 
 
-@lru_cache(maxsize=1)
-def _pool() -> ThreadPoolExecutor:
-    # numpy's take and PIL's resize release the GIL, so threads use every core.
+@lru_cache(maxsize=None)
+def _pool(pid: int) -> ThreadPoolExecutor:
+    # numpy's take and PIL's resize release the GIL, so threads use every core. Keyed by
+    # process id: a forked data-loader worker gets its own pool, not the parent's dead one.
     return ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1), thread_name_prefix="qwen2vl-pre")
 
 
@@ -239,7 +240,7 @@ def parallel_map(fn, items: Sequence[Any]) -> list[Any]:
     """[fn(x) for x in items] on the shared thread pool (in order; the first error raises)."""
     if len(items) < 2 or (os.cpu_count() or 1) < 2:
         return [fn(x) for x in items]
-    return list(_pool().map(fn, items))
+    return list(_pool(os.getpid()).map(fn, items))
 
 
 def normalize_lut(mean: Sequence[float], std: Sequence[float], fused: bool) -> np.ndarray:

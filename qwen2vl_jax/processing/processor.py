@@ -202,9 +202,11 @@ class Processor:
         convs = list(conversation) if batched else [conversation]
         texts = []
         for conv in convs:
-            text = ct.render(name, conv, add_generation_prompt and not continue_final_message, add_vision_id)
-            if continue_final_message:
-                text = _continue_final(text, conv)
+            if continue_final_message:  # render up to the end of the final message's text (HF)
+                text = ct.render(name, _tag_final(conv), False, add_vision_id)
+                text = text[: text.rindex(_CONTINUE_TAG)]
+            else:
+                text = ct.render(name, conv, add_generation_prompt, add_vision_id)
             texts.append(text)
         if not tokenize:
             return texts if batched else texts[0]
@@ -340,20 +342,29 @@ class Processor:
         return self.batch_decode(generated, skip_special_tokens)
 
 
-def _continue_final(text: str, conv: Any) -> str:
-    """Cut the rendered text right after the final message's content (HF's
-    continue_final_message), so the model continues that message."""
-    final = conv[-1] if isinstance(conv, (list, tuple)) and conv else None
-    content = final.get("content") if isinstance(final, dict) else None
-    if isinstance(content, list):
-        texts = [c.get("text") for c in content if isinstance(c, dict) and "text" in c]
-        content = texts[-1] if texts else None
-    if not isinstance(content, str) or not content.strip():
-        raise InputError("continue_final_message needs a final message that ends with text")
-    at = text.rfind(content.strip())
-    if at < 0:
-        raise InputError("continue_final_message: the final message text is not in the rendered prompt")
-    return text[: at + len(content.strip())]
+_CONTINUE_TAG = "\x00CONTINUE_FINAL_MESSAGE\x00"
+
+
+def _tag_final(conv: Any) -> Any:
+    """A copy of the conversation whose final text carries a sentinel at its end."""
+    if not isinstance(conv, (list, tuple)) or not conv or not isinstance(conv[-1], dict):
+        raise InputError("continue_final_message needs a final message to continue")
+    final = dict(conv[-1])
+    content = final.get("content")
+    if isinstance(content, str):
+        final["content"] = content + _CONTINUE_TAG
+    elif isinstance(content, (list, tuple)):
+        blocks = list(content)
+        for i in range(len(blocks) - 1, -1, -1):
+            if isinstance(blocks[i], dict) and "text" in blocks[i]:
+                blocks[i] = {**blocks[i], "text": str(blocks[i]["text"]) + _CONTINUE_TAG}
+                break
+        else:
+            raise InputError("continue_final_message: the final message has no text to continue")
+        final["content"] = blocks
+    else:
+        raise InputError("continue_final_message: the final message has no text to continue")
+    return list(conv[:-1]) + [final]
 
 
 def _convert(out: BatchFeature, return_tensors: str | None) -> BatchFeature:
