@@ -186,14 +186,14 @@ class Processor:
         A batch (a list of conversations) gives a list of strings. With tokenize=True the
         images and videos named in the messages are loaded (qwen-vl-utils rules) and the
         processed inputs are returned (return_dict=True) or just the input_ids."""
-        if self.template_name is None:
+        given = kwargs.get("chat_template")
+        name = ct.identify(given) if given is not None else self.template_name
+        if name is None:
+            where = "the chat_template given" if given is not None else "the folder's chat template"
             raise InputError(
-                "the folder's chat template is not one of Qwen2-VL's official templates; "
+                f"{where} is not one of Qwen2-VL's official templates; "
                 "render the prompt yourself and pass it as text="
             )
-        if kwargs.get("chat_template") is not None and ct.identify(kwargs["chat_template"]) is None:
-            raise InputError("only Qwen2-VL's official chat templates are supported")
-        name = ct.identify(kwargs["chat_template"]) if kwargs.get("chat_template") else self.template_name
         batched = (
             isinstance(conversation, (list, tuple))
             and bool(conversation)
