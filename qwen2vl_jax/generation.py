@@ -300,12 +300,16 @@ class Generator:
             p_sh = param_shardings(model.params, mesh, self.rules)
         else:
             p_sh = None
-        jit = functools.partial(jax.jit, in_shardings=None if p_sh is None else (p_sh,) + (None,) * 2)
-        self._encode = jax.jit(self._encode_impl, in_shardings=None if p_sh is None else (p_sh, None))
-        self._prefill = jax.jit(self._prefill_impl, static_argnames=("greedy", "cache_len"),
-                                in_shardings=None if p_sh is None else (p_sh, None, None, None, None))
-        self._step = jit(self._step_impl, static_argnames=("greedy",), donate_argnums=1)
-        self._loop = jit(self._loop_impl, static_argnames=("greedy",), donate_argnums=1)
+        # Params carry explicit shardings; the other inputs arrive already laid out by their
+        # logical axes (`_put_batch`) and the state pins its own (`DecodeState.constrain`).
+        def jit(fn, n_dynamic, **kw):
+            shardings = {} if p_sh is None else {"in_shardings": (p_sh,) + (None,) * (n_dynamic - 1)}
+            return jax.jit(fn, **shardings, **kw)
+
+        self._encode = jit(self._encode_impl, 2)
+        self._prefill = jit(self._prefill_impl, 5, static_argnums=5)
+        self._step = jit(self._step_impl, 2, static_argnums=2, donate_argnums=1)
+        self._loop = jit(self._loop_impl, 2, static_argnums=2, donate_argnums=1)
 
     # ------------------------------------------------------------ traced bodies
     def _mesh_ctx(self):
@@ -319,13 +323,14 @@ class Generator:
         with self._mesh_ctx(), jax.named_scope("vision_tower"):
             return self.module.apply({"params": params}, method=Qwen2VLModule.encode_vision, **vision)
 
-    def _prefill_impl(self, params, batch, features, sampling, rng, *, greedy: bool, cache_len: int):
+    def _prefill_impl(self, params, batch, features, sampling, rng, greedy: bool):
         """batch: input_ids int32[B, Lb], positions int32[3, B, Lb], kv_valid bool[B, S],
         pos_offset int32[B]; features [F, D] or None -> DecodeState after the first token."""
         self.traces["prefill"] += 1
         cfg = self.config.text
         ids = batch["input_ids"]
         b, lb = ids.shape
+        cache_len = batch["kv_valid"].shape[1]
         with self._mesh_ctx(), jax.named_scope("prefill"):
             x = self._apply(params, ids, features, method=Qwen2VLModule.embed)
             shape = (b, cache_len, cfg.num_key_value_heads, cfg.head_dim)
@@ -355,12 +360,12 @@ class Generator:
         logits = self._apply(params, hidden[:, -1], method=Qwen2VLModule.lm_logits).astype(jnp.float32)
         return _advance(state.replace(cache=cache), logits, greedy).constrain()
 
-    def _step_impl(self, params, state: DecodeState, *, greedy: bool) -> DecodeState:
+    def _step_impl(self, params, state: DecodeState, greedy: bool) -> DecodeState:
         self.traces["step"] += 1
         with self._mesh_ctx(), jax.named_scope("decode_step"):
             return self._decode_one(params, state, greedy)
 
-    def _loop_impl(self, params, state: DecodeState, *, greedy: bool) -> DecodeState:
+    def _loop_impl(self, params, state: DecodeState, greedy: bool) -> DecodeState:
         self.traces["loop"] += 1
         with self._mesh_ctx(), jax.named_scope("decode_loop"):
             return jax.lax.while_loop(_keep_going, lambda s: self._decode_one(params, s, greedy), state)
@@ -442,15 +447,14 @@ class Generator:
         batch = self._put_batch(batch, {"input_ids": ("batch",), "positions": (None, "batch"),
                                         "kv_valid": ("batch",), "pos_offset": ("batch",)})
         rng = jax.random.PRNGKey(gc.seed)
-        return self._prefill(params, batch, features, Sampling.of(gc), rng, greedy=gc.greedy,
-                             cache_len=prepared.kv_valid.shape[1])
+        return self._prefill(params, batch, features, Sampling.of(gc), rng, gc.greedy)
 
     def generate(self, inputs: dict, gc: GenerationConfig) -> np.ndarray:
         """-> int32[B, n]: the generated tokens (n <= max_new_tokens; each row stops at its
         EOS, which is included, and holds pad_token_id after it)."""
         prepared = self.prepare(**_vision_keys(inputs), max_new_tokens=gc.max_new_tokens)
         state = self.start(prepared, gc)
-        state = self._loop(self.model.params, state, greedy=gc.greedy)
+        state = self._loop(self.model.params, state, gc.greedy)
         n = int(state.step)
         return np.asarray(state.tokens)[:, :n]
 
@@ -463,7 +467,7 @@ class Generator:
             yield token
             if step >= gc.max_new_tokens or done.all():
                 return
-            state = self._step(self.model.params, state, greedy=gc.greedy)
+            state = self._step(self.model.params, state, gc.greedy)
 
 
 _INPUT_KEYS = ("input_ids", "attention_mask", "pixel_values", "image_grid_thw", "pixel_values_videos",

@@ -208,7 +208,13 @@ class Qwen2VL:
     # ---------------------------------------------------------------- forward
     @functools.cached_property
     def _forward(self):
-        return jax.jit(lambda params, *args: self.module.apply({"params": params}, *args))
+        from qwen2vl_jax.sharding import use_mesh
+
+        def forward(params, *args):
+            with use_mesh(self.mesh, self.rules):  # activation constraints, traced in
+                return self.module.apply({"params": params}, *args)
+
+        return jax.jit(forward)
 
     def prepare(self, input_ids, attention_mask=None, pixel_values=None, image_grid_thw=None,
                 pixel_values_videos=None, video_grid_thw=None, **ignored) -> dict:

@@ -1,0 +1,181 @@
+"""Sharded generation on 8 simulated CPU devices equals the unsharded run.
+
+`jax_num_cpu_devices` only takes effect before JAX starts its backend, which other test modules
+in the same pytest process will already have done; so the checks run in one child process
+(this file run as a script), and the tests here read its JSON report.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+MESHES = {
+    "data8": "data=8",
+    "data2_tensor4": "data=2,tensor=4",
+    "fsdp2_tensor4": "fsdp=2,tensor=4",
+}
+STEPS = 4
+
+
+# ---------------------------------------------------------------- the child process
+def _worker() -> dict:
+    import jax
+
+    jax.config.update("jax_num_cpu_devices", 8)
+    jax.config.update("jax_platforms", "cpu")
+    import numpy as np
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    import hf_utils
+    from qwen2vl_jax.config import Qwen2VLConfig, TextConfig, VisionConfig
+    from qwen2vl_jax.errors import InputError
+    from qwen2vl_jax.generation import GenerationConfig, Generator
+    from qwen2vl_jax.model import Qwen2VL, init_shapes, Qwen2VLModule, _dummy_vision
+    from qwen2vl_jax.sharding import make_mesh
+
+    assert jax.device_count() == 8, jax.devices()
+    # Heads, KV heads and widths that tensor=4 divides; prime-ish elsewhere.
+    config = Qwen2VLConfig(
+        vision=VisionConfig(depth=2, embed_dim=32, num_heads=4, mlp_ratio=2.0, out_hidden_size=64),
+        text=TextConfig(vocab_size=256, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                        num_attention_heads=8, num_key_value_heads=4, mrope_section=(1, 1, 2),
+                        rope_theta=10000.0, max_position_embeddings=4096),
+        image_token_id=hf_utils.IMG, video_token_id=hf_utils.VID, vision_start_token_id=hf_utils.VSTART,
+        vision_end_token_id=hf_utils.VEND, bos_token_id=205, eos_token_id=206,
+    )
+    module = Qwen2VLModule(config)
+    ids = np.zeros((1, 4), np.int32)
+    params = module.init(jax.random.PRNGKey(0), ids, np.zeros((3, 1, 4), np.int32), np.ones((1, 4), bool),
+                         _dummy_vision(config))["params"]
+    # Flax's init (fan-in scaled) keeps this random network well conditioned, so fp32
+    # reordering across shards stays near 1e-7; larger weights make it chaotic.
+    params = jax.tree_util.tree_map(np.asarray, params)
+    assert jax.tree_util.tree_structure(params) == jax.tree_util.tree_structure(init_shapes(config))
+
+    g1, g2, v1 = (1, 4, 6), (1, 2, 2), (2, 4, 4)
+    rows = [[5, ("img", g1), 7, 8], [3, 4, 9], [5, ("vid", v1), 6], [11, 12, 13, 14, 15],
+            [2, ("img", g2), 8], [7, 7, 7], [9, 1], [4, ("img", g2), 6, 10]]
+    case = hf_utils.make_case("batch8", rows, [g1, g2, g2], [v1], seed=7)
+    gc = GenerationConfig(max_new_tokens=STEPS + 1, eos_token_ids=())
+
+    def run(model):
+        gen = Generator(model, model.mesh, model.rules)
+        prepared = gen.prepare(**case.inputs(), max_new_tokens=gc.max_new_tokens)
+        state = gen.start(prepared, gc)
+        logits, tokens = [np.asarray(state.logits)], [np.asarray(state.token)]
+        for _ in range(STEPS):
+            state = gen._step(model.params, state, True)
+            logits.append(np.asarray(state.logits))
+            tokens.append(np.asarray(state.token))
+        full = model.logits(**case.inputs())
+        return np.stack(logits), np.stack(tokens), full, state
+
+    def spec_of(x):
+        """The mesh axes of each dim of x (None: replicated), as JSON."""
+        spec = list(x.sharding.spec) + [None] * (x.ndim - len(x.sharding.spec))
+        return [list(a) if isinstance(a, tuple) else a for a in spec]
+
+    ref_logits, ref_tokens, ref_full, _ = run(Qwen2VL(config, params, "float32"))
+    report = {"ref_logits_absmax": float(np.abs(ref_logits).max()),
+              "ref_logits_std": float(ref_logits.std())}
+    for name, spec in MESHES.items():
+        mesh = make_mesh(spec)
+        model = Qwen2VL(config, params, "float32", mesh=mesh)
+        logits, tokens, full, state = run(model)
+        p = model.params["model"]["layers_0"]
+        q = p["self_attn"]["q_proj"]["kernel"]
+        report[name] = {
+            "mesh": dict(mesh.shape),
+            "step_logits_err": float(np.abs(logits - ref_logits).max() / np.abs(ref_logits).max()),
+            "forward_logits_err": float(np.abs(full - ref_full).max() / np.abs(ref_full).max()),
+            "tokens_equal": bool(np.array_equal(tokens, ref_tokens)),
+            "specs": {
+                "q_proj": spec_of(q),
+                "k_proj": spec_of(p["self_attn"]["k_proj"]["kernel"]),
+                "o_proj": spec_of(p["self_attn"]["o_proj"]["kernel"]),
+                "gate_proj": spec_of(p["mlp"]["gate_proj"]["kernel"]),
+                "down_proj": spec_of(p["mlp"]["down_proj"]["kernel"]),
+                "embed": spec_of(model.params["model"]["embed_tokens"]["embedding"]),
+                "vision_fc1": spec_of(model.params["visual"]["blocks_0"]["mlp"]["fc1"]["kernel"]),
+                "cache_k": spec_of(state.cache[0].k),
+            },
+            "q_shard_shape": list(q.addressable_shards[0].data.shape),
+            "q_shape": list(q.shape),
+        }
+    # A tensor size that does not divide the heads is refused with one line.
+    tiny = Qwen2VLConfig(text=TextConfig(vocab_size=64, hidden_size=48, intermediate_size=64, num_hidden_layers=1,
+                                         num_attention_heads=6, num_key_value_heads=2, mrope_section=(1, 1, 2)),
+                         vision=VisionConfig(depth=1, embed_dim=32, num_heads=4, mlp_ratio=2.0, out_hidden_size=48))
+    try:
+        Qwen2VL(tiny, {}, "float32", mesh=make_mesh("data=2,tensor=4"))
+        report["refused"] = None
+    except InputError as e:
+        report["refused"] = str(e)
+    try:
+        make_mesh("data=3,tensor=2")
+        report["bad_count"] = None
+    except InputError as e:
+        report["bad_count"] = str(e)
+    return report
+
+
+# ---------------------------------------------------------------- the tests
+@pytest.fixture(scope="module")
+def report():
+    repo = Path(__file__).resolve().parents[1]
+    env = dict(os.environ, PYTHONPATH=str(repo) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    env.pop("XLA_FLAGS", None)
+    out = subprocess.run([sys.executable, __file__, "--worker"], capture_output=True, text=True, env=env,
+                         cwd=repo, timeout=900)
+    assert out.returncode == 0, out.stderr[-4000:]
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize("mesh_name", list(MESHES))
+def test_sharded_logits_equal_unsharded(report, mesh_name):
+    r = report[mesh_name]
+    assert r["step_logits_err"] <= 1e-5, r
+    assert r["forward_logits_err"] <= 1e-5, r
+    assert r["tokens_equal"], r
+
+
+def test_reference_logits_not_trivial(report):
+    assert report["ref_logits_std"] > 0.1, report
+
+
+def test_params_really_sharded(report):
+    d8 = report["data8"]["specs"]
+    # data=8 alone: params are replicated; the KV cache is split over the 8 rows.
+    assert d8["q_proj"] == [None, None]
+    assert d8["cache_k"] == ["data", None, None, None]
+    t4 = report["data2_tensor4"]
+    assert t4["specs"]["q_proj"] == [None, "tensor"]
+    assert t4["specs"]["k_proj"] == [None, "tensor"]
+    assert t4["specs"]["o_proj"] == ["tensor", None]
+    assert t4["specs"]["gate_proj"] == [None, "tensor"]
+    assert t4["specs"]["down_proj"] == ["tensor", None]
+    assert t4["specs"]["vision_fc1"] == [None, "tensor"]
+    assert t4["specs"]["cache_k"] == ["data", None, "tensor", None]
+    assert t4["q_shard_shape"] == [t4["q_shape"][0], t4["q_shape"][1] // 4]
+    f2 = report["fsdp2_tensor4"]
+    assert f2["specs"]["q_proj"] == ["fsdp", "tensor"]
+    assert f2["specs"]["embed"] == ["tensor", "fsdp"]
+    assert f2["specs"]["cache_k"] == ["fsdp", None, "tensor", None]
+    assert f2["q_shard_shape"] == [f2["q_shape"][0] // 2, f2["q_shape"][1] // 4]
+
+
+def test_bad_meshes_refused(report):
+    assert report["refused"] and "tensor=4" in report["refused"] and "key/value heads" in report["refused"]
+    assert "\n" not in report["refused"]
+    assert report["bad_count"] and "8 are available" in report["bad_count"]
+
+
+if __name__ == "__main__" and "--worker" in sys.argv:
+    result = _worker()
+    print(json.dumps(result))
