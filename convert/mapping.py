@@ -13,7 +13,7 @@ HF names come in two schemes, both accepted: the published one (`visual.*`, `mod
 from __future__ import annotations
 
 import re
-from typing import Callable, Iterable, Iterator
+from typing import Callable, Iterable, Iterator, NamedTuple
 
 import numpy as np
 
@@ -153,25 +153,36 @@ def unflatten(flat: dict[str, object]) -> dict:
     return tree
 
 
-def convert_tensors(
+class Planned(NamedTuple):
+    """One checked HF tensor: where it goes and how to get it there."""
+
+    path: str  # JAX path
+    hf_name: str
+    transform: str
+    load: Callable[[], np.ndarray]
+    shape: tuple[int, ...]  # JAX shape
+
+
+def _listing(items: list[str], sep: str, limit: int = 20) -> str:
+    shown = sep.join(items[:limit])
+    return shown + (f"{sep}... ({len(items) - limit} more)" if len(items) > limit else "")
+
+
+def plan_conversion(
     tensors: Iterable[tuple[str, Callable[[], np.ndarray], tuple[int, ...]]],
     expected: dict[str, tuple[int, ...]],
     *,
     tie_word_embeddings: bool,
-    cast: Callable[[np.ndarray], object] | None = None,
-    on_tensor: Callable[[str], None] | None = None,
-) -> dict[str, object]:
-    """Maps HF tensors onto the expected JAX parameter paths.
+) -> list[Planned]:
+    """Checks HF tensor names and shapes against the expected JAX parameters, loading nothing.
 
-    tensors: (hf_name, load() -> array, hf_shape) triples; each is loaded only after its name
-      and shape have been checked, and only once, so a caller can stream them from disk.
+    tensors: (hf_name, load() -> array, hf_shape) triples, e.g. from `list_tensors`.
     expected: JAX path -> shape, from `jax.eval_shape` of the model's init.
-    Returns {jax_path: cast(array)}. Raises CheckpointError listing every problem at once.
-    Shapes are checked before any tensor is loaded, so a mismatched checkpoint costs no I/O.
+    Returns one `Planned` per expected parameter, in `expected`'s order. Raises CheckpointError
+    listing every unmapped tensor, missing parameter and shape mismatch at once.
     """
-    unmapped, mismatched, plan = [], [], []
+    unmapped, mismatched, plan = [], [], {}
     seen: dict[str, str] = {}
-    conv_shape_of = {}
     for hf_name, load, hf_shape in tensors:
         if _IGNORED_HF.match(hf_name):
             continue
@@ -193,30 +204,50 @@ def convert_tensors(
         if transform == "conv":
             ok = len(hf_shape) >= 2 and hf_shape[0] == want_jax[1] and int(np.prod(hf_shape[1:])) == want_jax[0]
             want_hf = f"({want_jax[1]}, {want_jax[0]} values per patch)"
-            conv_shape_of[path] = tuple(hf_shape)
         else:
             want_hf = expected_hf_shape(transform, want_jax, ())
             ok = tuple(hf_shape) == want_hf
         if not ok:
             mismatched.append(f"{hf_name}: checkpoint shape {tuple(hf_shape)}, config expects {want_hf}")
             continue
-        plan.append((path, transform, load, want_jax))
-    missing = sorted(set(expected) - set(seen))
+        plan[path] = Planned(path, hf_name, transform, load, want_jax)
+    missing = [p for p in expected if p not in seen]
     problems = []
     if unmapped:
-        problems.append(f"{len(unmapped)} unmapped tensor(s): " + ", ".join(sorted(unmapped)[:20]))
+        problems.append(f"{len(unmapped)} unmapped tensor(s): " + _listing(sorted(unmapped), ", "))
     if missing:
-        problems.append(f"{len(missing)} parameter(s) missing from the checkpoint: " + ", ".join(missing[:20]))
+        problems.append(f"{len(missing)} parameter(s) missing from the checkpoint: " + _listing(sorted(missing), ", "))
     if mismatched:
-        problems.append(f"{len(mismatched)} shape mismatch(es): " + "; ".join(mismatched[:20]))
+        problems.append(f"{len(mismatched)} shape mismatch(es): " + _listing(mismatched, "; "))
     if problems:
         raise CheckpointError("checkpoint does not match its config: " + " | ".join(problems))
+    return [plan[p] for p in expected]
+
+
+def load_planned(item: Planned) -> np.ndarray:
+    """Reads one planned tensor and puts it in the JAX layout (a contiguous copy)."""
+    return np.ascontiguousarray(to_jax(item.load(), item.transform, item.shape))
+
+
+def convert_tensors(
+    tensors: Iterable[tuple[str, Callable[[], np.ndarray], tuple[int, ...]]],
+    expected: dict[str, tuple[int, ...]],
+    *,
+    tie_word_embeddings: bool,
+    cast: Callable[[np.ndarray], object] | None = None,
+    on_tensor: Callable[[str], None] | None = None,
+) -> dict[str, object]:
+    """Maps HF tensors onto the expected JAX parameter paths, all held in memory.
+
+    See `plan_conversion`; shapes are checked before any tensor is loaded, so a mismatched
+    checkpoint costs no I/O. Returns {jax_path: cast(array)}.
+    """
     out = {}
-    for path, transform, load, want_jax in plan:
-        array = np.ascontiguousarray(to_jax(load(), transform, want_jax))
-        out[path] = cast(array) if cast is not None else array
+    for item in plan_conversion(tensors, expected, tie_word_embeddings=tie_word_embeddings):
+        array = load_planned(item)
+        out[item.path] = cast(array) if cast is not None else array
         if on_tensor is not None:
-            on_tensor(path)
+            on_tensor(item.path)
     return out
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import struct
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterable
 
 import ml_dtypes
 import numpy as np
@@ -115,3 +115,38 @@ def save_file(tensors: dict[str, np.ndarray], path: Path, metadata: dict[str, st
         f.write(blob)
         for array in arrays:
             f.write(array.tobytes())
+
+
+def save_file_streaming(
+    path: Path,
+    entries: Iterable[tuple[str, np.dtype, tuple[int, ...]]],
+    produce: Callable[[str], np.ndarray],
+    metadata: dict[str, str] | None = None,
+) -> int:
+    """Writes a safetensors file whose tensors are made one at a time.
+
+    entries: (name, dtype, shape) in file order; the header is written from these first, then
+    `produce(name)` is called for each and its bytes appended, so only one tensor is held.
+    Returns the bytes of tensor data written.
+    """
+    entries = list(entries)
+    header: dict = {}
+    offset = 0
+    for name, dtype, shape in entries:
+        nbytes = int(np.prod(shape)) * np.dtype(dtype).itemsize
+        header[name] = {"dtype": DTYPE_NAMES[np.dtype(dtype)], "shape": list(shape),
+                        "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    if metadata:
+        header["__metadata__"] = metadata
+    blob = json.dumps(header, separators=(",", ":")).encode()
+    blob += b" " * (-len(blob) % 8)
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(blob)))
+        f.write(blob)
+        for name, dtype, shape in entries:
+            array = np.ascontiguousarray(produce(name))
+            if array.dtype != np.dtype(dtype) or tuple(array.shape) != tuple(shape):
+                raise ValueError(f"{name}: produced {array.dtype}{tuple(array.shape)}, header says {dtype}{tuple(shape)}")
+            f.write(memoryview(array.reshape(-1).view(np.uint8)))
+    return offset

@@ -1,0 +1,135 @@
+"""`qwen2vl-convert` and `qwen2vl-export`: thin wrappers over convert.py and export.py.
+
+Bad input prints `error: <one line>` to stderr and exits 2, with nothing written.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import sys
+
+CONVERT_HELP = """\
+Convert a Hugging Face Qwen2-VL checkpoint (Qwen2-VL-2B/7B/72B-Instruct, as published or as
+saved by transformers 5) into a qwen2vl-jax folder: config.json, the tokenizer and processor
+files, and an Orbax checkpoint of the params under params/. Load it with
+qwen2vl_jax.model.Qwen2VL.from_pretrained(OUT_DIR) or qwen2vl-generate --model OUT_DIR.
+
+Tensors are streamed one layer at a time, so memory stays near one copy of the output.
+OUT_DIR is written to a hidden temporary sibling and renamed at the end: a failed or
+interrupted conversion leaves no OUT_DIR. The checkpoint is checked against config.json
+(names, shapes, missing and unmapped tensors; all problems in one error) before anything
+is written."""
+
+EXPORT_HELP = """\
+Export a qwen2vl-jax folder (from qwen2vl-convert or training) back to a Hugging Face
+checkpoint: config.json, the tokenizer and processor files, and safetensors weights in the
+published naming (visual.*, model.layers.*, lm_head.*), sharded with an index when larger
+than --max-shard-size. transformers.Qwen2VLForConditionalGeneration.from_pretrained(HF_DIR)
+loads it. Written to a temporary sibling and renamed at the end, like qwen2vl-convert."""
+
+
+def _convert_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="qwen2vl-convert", description=CONVERT_HELP, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument("hf_dir", metavar="HF_DIR",
+                   help="HF checkpoint folder (config.json, *.safetensors with an optional "
+                        "model.safetensors.index.json, tokenizer files); if no such local folder exists, "
+                        "a hub repo id such as Qwen/Qwen2-VL-2B-Instruct, downloaded with huggingface_hub")
+    p.add_argument("out_dir", metavar="OUT_DIR", help="folder to create; must not exist or be empty (see --force)")
+    p.add_argument("--dtype", choices=("bfloat16", "float32"), default="bfloat16",
+                   help="dtype the params are stored in (default: bfloat16, the published weights' dtype; "
+                        "float32 doubles the size and is what parity tests use)")
+    p.add_argument("--force", action="store_true",
+                   help="replace an existing non-empty OUT_DIR (the old one is removed only after the new "
+                        "one is complete)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    return p
+
+
+def _export_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="qwen2vl-export", description=EXPORT_HELP, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument("src_dir", metavar="OUT_DIR", help="a qwen2vl-jax folder written by qwen2vl-convert or training")
+    p.add_argument("hf_dir", metavar="HF_DIR", help="HF checkpoint folder to create; must not exist or be empty "
+                                                    "(see --force)")
+    p.add_argument("--dtype", choices=("bfloat16", "float32"), default=None,
+                   help="dtype of the written weights (default: the dtype the params are stored in)")
+    p.add_argument("--max-shard-size", default="5GB",
+                   help="largest safetensors file, e.g. 5GB, 500MB, 2GiB (default: 5GB, as transformers); "
+                        "bigger checkpoints are split into model-0000i-of-0000n.safetensors plus an index")
+    p.add_argument("--force", action="store_true",
+                   help="replace an existing non-empty HF_DIR (the old one is removed only after the new "
+                        "one is complete)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    return p
+
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
+def _run(fn) -> int:
+    from qwen2vl_jax.errors import InputError
+
+    # SIGTERM unwinds like Ctrl-C, so the temporary folder is removed on the way out.
+    try:
+        previous = signal.signal(signal.SIGTERM, _interrupt)
+    except ValueError:  # not the main thread: leave signals alone
+        previous = None
+    try:
+        fn()
+    except InputError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("error: interrupted; nothing was written", file=sys.stderr)
+        return 130
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+    return 0
+
+
+def _quiet_libraries() -> None:
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    import logging
+
+    logging.getLogger("absl").setLevel(logging.ERROR)
+
+
+def convert_main(argv: list[str] | None = None) -> int:
+    args = _convert_parser().parse_args(argv)
+
+    def go():
+        _quiet_libraries()
+        from qwen2vl_jax.convert.convert import convert_checkpoint
+
+        out = convert_checkpoint(args.hf_dir, args.out_dir, dtype=args.dtype, force=args.force,
+                                 progress=not args.quiet)
+        if not args.quiet:
+            print(f"wrote {out}", file=sys.stderr)
+
+    return _run(go)
+
+
+def export_main(argv: list[str] | None = None) -> int:
+    args = _export_parser().parse_args(argv)
+
+    def go():
+        _quiet_libraries()
+        from qwen2vl_jax.convert.export import export_checkpoint
+
+        out = export_checkpoint(args.src_dir, args.hf_dir, dtype=args.dtype, force=args.force,
+                                max_shard_size=args.max_shard_size, progress=not args.quiet)
+        if not args.quiet:
+            print(f"wrote {out}", file=sys.stderr)
+
+    return _run(go)
+
+
+if __name__ == "__main__":
+    sys.exit(convert_main())

@@ -1,0 +1,200 @@
+"""HF checkpoint folder (or hub repo id) -> converted folder, streaming.
+
+Order of work, so that bad input costs nothing and leaves nothing:
+1. resolve the source (a local folder, else a hub repo id fetched with huggingface_hub);
+2. refuse an OUT_DIR that exists and is not empty (unless `force`) or that holds the source;
+3. read config.json, list every tensor from the safetensors headers, check the files' byte
+   ranges and map every name and shape onto the config's parameters (one error lists all);
+4. only then write, into a temporary sibling of OUT_DIR: tensors are read (memory-mapped),
+   transposed, cast and handed to Orbax one layer at a time; the sibling is renamed to OUT_DIR
+   at the end, and removed on any failure or interrupt.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import shutil
+import tempfile
+import uuid
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+
+from qwen2vl_jax import checkpoint
+from qwen2vl_jax.config import Qwen2VLConfig
+from qwen2vl_jax.convert.mapping import Planned, load_planned, plan_conversion
+from qwen2vl_jax.convert.safetensors_io import DTYPES, checkpoint_files, list_tensors, read_header
+from qwen2vl_jax.errors import CheckpointError, InputError
+
+OUTPUT_DTYPES = ("bfloat16", "float32")
+HUB_PATTERNS = ["*.json", "*.safetensors", "*.txt", "*.jinja", "*.model", "*.tiktoken", "*.md", "LICENSE*"]
+_REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*")
+
+
+# ---------------------------------------------------------------- source and destination
+def resolve_source(source: str | os.PathLike) -> Path:
+    """A local checkpoint folder, or a hub repo id downloaded with huggingface_hub."""
+    path = Path(source).expanduser()
+    if path.is_dir():
+        return path
+    if path.exists():
+        raise InputError(f"{source} is a file, not a checkpoint folder")
+    name = str(source)
+    if not _REPO_ID.fullmatch(name) or ".." in name:
+        raise InputError(f"no such folder: {source}")
+    try:
+        import huggingface_hub
+    except ImportError:
+        raise InputError(f"{source} is not a local folder, and huggingface_hub is not installed to fetch it") from None
+    try:
+        return Path(huggingface_hub.snapshot_download(name, allow_patterns=HUB_PATTERNS))
+    except Exception as e:  # offline, unknown repo, gated repo, ... : all one line for the user
+        raise CheckpointError(
+            f"{source} is not a local folder and could not be fetched from the Hugging Face hub "
+            f"({type(e).__name__}: {checkpoint._first_line(e)})"
+        ) from None
+
+
+def check_destination(out: Path, sources: list[Path], force: bool) -> None:
+    """Refuses an OUT_DIR that would clobber data: non-empty without force, or the source."""
+    out_r = out.resolve()
+    for src in sources:
+        src_r = src.resolve()
+        if out_r == src_r or out_r in src_r.parents:
+            raise InputError(f"OUT_DIR {out} would overwrite the input {src}")
+    if out.exists() and not force:
+        if not out.is_dir():
+            raise InputError(f"{out} exists and is not a folder (pass --force to replace it)")
+        if any(out.iterdir()):
+            raise InputError(f"{out} exists and is not empty (pass --force to replace it)")
+
+
+@contextlib.contextmanager
+def staging(out: Path) -> Iterator[Path]:
+    """A temporary sibling of `out` to write into; renamed to `out` on success, removed on
+    any failure (KeyboardInterrupt included), so `out` is either whole or untouched."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        yield tmp
+        umask = os.umask(0)
+        os.umask(umask)
+        tmp.chmod(0o777 & ~umask)  # mkdtemp made it private
+        if out.exists() or out.is_symlink():
+            old = out.with_name(f".{out.name}.old-{uuid.uuid4().hex[:8]}")
+            out.rename(old)
+            tmp.rename(out)
+            if old.is_dir() and not old.is_symlink():
+                shutil.rmtree(old)
+            else:
+                old.unlink()
+        else:
+            tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+# ---------------------------------------------------------------- checks
+def check_files(folder: Path) -> None:
+    """Every safetensors header parses, every dtype is known, every byte range fits its shape
+    and its file; all problems in one error, before anything is written."""
+    problems = []
+    for path in checkpoint_files(folder):
+        header, start = read_header(path)
+        size = path.stat().st_size
+        for name, info in header.items():
+            try:
+                dtype = DTYPES.get(info["dtype"])
+                begin, end = info["data_offsets"]
+                shape = tuple(info["shape"])
+            except (KeyError, TypeError, ValueError):
+                problems.append(f"{path.name}:{name}: malformed header entry")
+                continue
+            if dtype is None:
+                problems.append(f"{path.name}:{name}: unsupported dtype {info['dtype']}")
+            elif end - begin != int(np.prod(shape)) * np.dtype(dtype).itemsize:
+                problems.append(f"{path.name}:{name}: byte range does not match shape {shape}")
+            elif start + end > size:
+                problems.append(f"{path.name}:{name}: data runs past the end of the file (truncated?)")
+    if problems:
+        raise CheckpointError(f"{len(problems)} bad tensor(s) in {folder}: " + "; ".join(problems[:20]))
+
+
+def _no_safetensors_hint(folder: Path) -> None:
+    if not list(folder.glob("*.safetensors")) and not (folder / "model.safetensors.index.json").exists():
+        other = sorted(p.name for p in folder.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".ckpt"))
+        if other:
+            raise CheckpointError(
+                f"{folder} holds only {other[0]}-style weights; convert them to safetensors first "
+                "(only safetensors are read)"
+            )
+
+
+def plan(folder: Path, config: Qwen2VLConfig) -> list[Planned]:
+    """Every tensor of the checkpoint, checked against the config; loads no tensor data."""
+    _no_safetensors_hint(folder)
+    check_files(folder)
+    expected = checkpoint.expected_shapes(config)
+    return plan_conversion(list_tensors(folder), expected, tie_word_embeddings=config.tie_word_embeddings)
+
+
+def group_of(path: str) -> str:
+    """The streaming unit: one vision block, one decoder layer, or one other module."""
+    return "/".join(path.split("/")[:2])
+
+
+def groups(items: list[Planned]) -> list[list[Planned]]:
+    out: dict[str, list[Planned]] = {}
+    for item in items:
+        out.setdefault(group_of(item.path), []).append(item)
+    return list(out.values())
+
+
+# ---------------------------------------------------------------- the conversion
+def convert_checkpoint(
+    source: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    *,
+    dtype: str = "bfloat16",
+    force: bool = False,
+    progress: bool = True,
+) -> Path:
+    """Converts an HF Qwen2-VL checkpoint to a converted folder at `out_dir`; returns it.
+
+    dtype: 'bfloat16' or 'float32', the stored dtype of every parameter.
+    force: replace an existing non-empty `out_dir` (only once the new one is complete).
+    Raises InputError/CheckpointError (one line) with nothing written.
+    """
+    if dtype not in OUTPUT_DTYPES:
+        raise InputError(f"dtype must be one of {', '.join(OUTPUT_DTYPES)}, not {dtype!r}")
+    np_dtype = np.dtype(DTYPES["BF16"] if dtype == "bfloat16" else np.float32)
+    out = Path(out_dir).expanduser()
+    local = Path(source).expanduser()
+    if local.is_dir():  # refuse a bad OUT_DIR before any download
+        check_destination(out, [local], force)
+    src = resolve_source(source)
+    check_destination(out, [src], force)
+
+    config = Qwen2VLConfig.from_hf(src)
+    items = plan(src, config)
+
+    from tqdm import tqdm
+
+    with staging(out) as tmp:
+        checkpoint.copy_side_files(src, tmp)
+        writer = checkpoint.ParamWriter(tmp)
+        with tqdm(total=len(items), desc="converting", unit="tensor", disable=not progress) as bar:
+            for group in groups(items):
+                flat = {}
+                for item in group:
+                    flat[item.path] = load_planned(item).astype(np_dtype, copy=False)
+                    bar.update(1)
+                writer.write(flat)
+                del flat
+        writer.finalize()
+        checkpoint.write_marker(tmp, np_dtype, source=str(source))
+    return out

@@ -1,0 +1,226 @@
+"""The converted-folder layout and Orbax save/load of a parameter tree.
+
+A converted folder (what `qwen2vl-convert` writes, what training saves) holds:
+
+    config.json         the HF config, copied as is (either layout; `Qwen2VLConfig.from_hf` reads it)
+    qwen2vl_jax.json    the marker: format name, version, dtype of the stored params
+    params/             an Orbax PyTree checkpoint of {visual, model, lm_head}, paths as in the model
+    tokenizer.json, preprocessor_config.json, chat_template.json ...   copied from the HF folder
+
+Params go through Orbax's v1 API. `ParamWriter` streams a tree into `params/` one group of
+leaves at a time (Orbax partial save, then finalize), so a conversion never holds more than one
+layer; `save_params` writes a whole in-memory tree (training); `load_params` checks the stored
+names and shapes against the config, then restores straight into the requested dtype and
+shardings.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any, Iterable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from qwen2vl_jax.config import Qwen2VLConfig
+from qwen2vl_jax.errors import CheckpointError
+
+MARKER = "qwen2vl_jax.json"
+PARAMS = "params"
+FORMAT = "qwen2vl-jax"
+VERSION = 1
+
+# Non-weight files of an HF folder that a converted folder keeps (tokenizer, processor, chat
+# template, generation defaults, license and card).
+SIDE_SUFFIXES = (".json", ".txt", ".jinja", ".model", ".tiktoken", ".md")
+SIDE_SKIP = ("model.safetensors.index.json", MARKER)
+
+
+def _ocp():
+    from orbax.checkpoint import v1
+
+    return v1
+
+
+def _flatten(tree) -> dict[str, Any]:
+    from qwen2vl_jax.convert.mapping import flatten
+
+    return flatten(tree)
+
+
+def _unflatten(flat: dict[str, Any]) -> dict:
+    from qwen2vl_jax.convert.mapping import unflatten
+
+    return unflatten(flat)
+
+
+# ---------------------------------------------------------------- the folder
+def is_converted(folder: str | Path) -> bool:
+    """True for a folder written by `qwen2vl-convert` or `save_params`."""
+    return (Path(folder) / MARKER).is_file()
+
+
+def read_marker(folder: str | Path) -> dict:
+    path = Path(folder) / MARKER
+    try:
+        marker = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{path}: unreadable ({e})") from None
+    if marker.get("format") != FORMAT or int(marker.get("version", 0)) > VERSION:
+        raise CheckpointError(
+            f"{path}: format {marker.get('format')!r} version {marker.get('version')!r} is not one this "
+            f"qwen2vl-jax reads ({FORMAT!r} <= {VERSION})"
+        )
+    return marker
+
+
+def write_marker(folder: str | Path, dtype, **extra) -> None:
+    marker = {"format": FORMAT, "version": VERSION, "params": PARAMS, "dtype": jnp.dtype(dtype).name, **extra}
+    (Path(folder) / MARKER).write_text(json.dumps(marker, indent=2) + "\n")
+
+
+def side_files(folder: str | Path) -> list[Path]:
+    """The tokenizer/processor/config files of an HF or converted folder (no weights)."""
+    return sorted(
+        p for p in Path(folder).iterdir()
+        if p.is_file() and p.name not in SIDE_SKIP
+        and (p.suffix in SIDE_SUFFIXES or p.name.upper().startswith("LICENSE"))
+    )
+
+
+def copy_side_files(src: str | Path, dst: str | Path, skip: Iterable[str] = ()) -> list[str]:
+    """Copies `side_files(src)` into `dst`; returns the names copied."""
+    skip = set(skip)
+    names = []
+    for p in side_files(src):
+        if p.name not in skip:
+            shutil.copyfile(p, Path(dst) / p.name)
+            names.append(p.name)
+    return names
+
+
+# ---------------------------------------------------------------- saving
+def save_params(params, folder: str | Path, *, overwrite: bool = False) -> Path:
+    """Writes a whole param tree (numpy or jax arrays, sharded or not) to `folder/params`
+    and the marker. Orbax writes to a temporary name and renames, so a failure leaves no
+    `params/`. The folder's config.json and tokenizer files are the caller's to write."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    _ocp().save(folder / PARAMS, params, overwrite=overwrite)
+    dtypes = {jnp.dtype(x.dtype).name for x in jax.tree_util.tree_leaves(params)}
+    write_marker(folder, dtypes.pop() if len(dtypes) == 1 else jnp.float32)
+    return folder / PARAMS
+
+
+class ParamWriter:
+    """Streams a param tree into `folder/params`, one group of leaves per `write`.
+
+    Each group is written and released before the next is built, so peak memory is one
+    group, not the whole tree. Nothing is readable at `folder/params` until `finalize`."""
+
+    def __init__(self, folder: str | Path):
+        self.path = Path(folder) / PARAMS
+        self.written: set[str] = set()
+
+    def write(self, flat: dict[str, np.ndarray]) -> None:
+        """flat: {'model/layers_3/mlp/up_proj/kernel': array, ...}; paths not yet written."""
+        again = self.written.intersection(flat)
+        if again:
+            raise ValueError(f"parameters written twice: {sorted(again)}")
+        _ocp().partial.save(self.path, _unflatten(flat))
+        self.written.update(flat)
+
+    def finalize(self) -> Path:
+        _ocp().partial.finalize(self.path)
+        return self.path
+
+
+# ---------------------------------------------------------------- loading
+def expected_shapes(config: Qwen2VLConfig) -> dict[str, tuple[int, ...]]:
+    """JAX path -> shape of every parameter the config's model has."""
+    from qwen2vl_jax.model import init_shapes
+
+    return {k: tuple(v.shape) for k, v in _flatten(init_shapes(config)).items()}
+
+
+def stored_params(folder: str | Path) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
+    """JAX path -> (shape, dtype) of every array in `folder/params`, read from metadata only."""
+    path = Path(folder) / PARAMS
+    if not path.is_dir():
+        raise CheckpointError(f"{folder}: no {PARAMS}/ checkpoint")
+    try:
+        tree = _ocp().metadata(path).metadata
+    except Exception as e:  # Orbax raises several types for a damaged or foreign folder
+        raise CheckpointError(f"{path}: not a readable Orbax checkpoint ({_first_line(e)})") from None
+    return {k: (tuple(m.shape), np.dtype(m.dtype)) for k, m in _flatten(tree).items()}
+
+
+def check_params(folder: str | Path, config: Qwen2VLConfig) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
+    """Stored names and shapes vs the config; every difference in one CheckpointError."""
+    stored = stored_params(folder)
+    expected = expected_shapes(config)
+    extra = sorted(set(stored) - set(expected))
+    missing = sorted(set(expected) - set(stored))
+    wrong = [
+        f"{k}: stored {stored[k][0]}, config expects {shape}"
+        for k, shape in expected.items() if k in stored and stored[k][0] != shape
+    ]
+    problems = []
+    if extra:
+        problems.append(f"{len(extra)} parameter(s) the config does not have: " + ", ".join(extra[:20]))
+    if missing:
+        problems.append(f"{len(missing)} parameter(s) missing: " + ", ".join(missing[:20]))
+    if wrong:
+        problems.append(f"{len(wrong)} shape mismatch(es): " + "; ".join(wrong[:20]))
+    if problems:
+        raise CheckpointError(f"{folder}: params do not match config.json: " + " | ".join(problems))
+    return stored
+
+
+def load_params(folder: str | Path, config: Qwen2VLConfig, dtype=None, shardings=None) -> dict:
+    """Restores `folder/params` as a nested dict of jax arrays.
+
+    dtype: the arrays' dtype (cast on restore); None keeps the stored dtype.
+    shardings: None (default device), one `jax.sharding.Sharding` for every parameter, or a
+      tree like the params (e.g. from `sharding.param_shardings`); each array is restored
+      straight into its sharding, never gathered on one host first.
+    """
+    folder = Path(folder)
+    stored = check_params(folder, config)
+    default = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    if shardings is None or isinstance(shardings, jax.sharding.Sharding):
+        flat_shardings = dict.fromkeys(stored, shardings or default)
+    else:
+        flat_shardings = _flatten(shardings)
+        absent = sorted(set(stored) - set(flat_shardings))
+        if absent:
+            raise CheckpointError(f"shardings lack {len(absent)} parameter(s): " + ", ".join(absent[:20]))
+    abstract = {
+        k: jax.ShapeDtypeStruct(shape, jnp.dtype(dtype) if dtype is not None else stored_dtype,
+                                sharding=flat_shardings[k])
+        for k, (shape, stored_dtype) in stored.items()
+    }
+    return _ocp().load(folder / PARAMS, _unflatten(abstract))
+
+
+def load_numpy(folder: str | Path, paths: Iterable[str], dtype=None) -> dict[str, np.ndarray]:
+    """Restores only `paths` of `folder/params` as host numpy arrays (stored dtype unless
+    `dtype`): lets a caller walk a large checkpoint one group at a time."""
+    stored = stored_params(folder)
+    paths = list(paths)
+    abstract = {p: np.empty((0,), dtype if dtype is not None else stored[p][1]) for p in paths}
+    ocp = _ocp()
+    ctx = ocp.Context()
+    ctx.pytree.loading.partial_load = True
+    with ctx:
+        tree = ocp.load(Path(folder) / PARAMS, _unflatten(abstract))
+    return {p: np.asarray(v) for p, v in _flatten(tree).items()}
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    line = text[0] if text else type(e).__name__
+    return line if len(line) <= 200 else line[:197] + "..."

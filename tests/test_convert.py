@@ -1,0 +1,450 @@
+"""qwen2vl-convert / qwen2vl-export: both naming schemes, both config layouts, sharded and single
+files, tied and untied; logits parity with HF (fp32), bit-exact round trips, and every bad
+input refused with one clear line and nothing left behind."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import ml_dtypes
+import numpy as np
+import pytest
+
+import hf_utils
+from qwen2vl_jax import checkpoint
+from qwen2vl_jax.convert import convert as convert_lib
+from qwen2vl_jax.convert.cli import convert_main, export_main
+from qwen2vl_jax.convert.convert import convert_checkpoint
+from qwen2vl_jax.convert.export import export_checkpoint
+from qwen2vl_jax.convert.mapping import flatten, hf_to_jax_name, to_jax
+from qwen2vl_jax.convert.safetensors_io import list_tensors, save_file
+from qwen2vl_jax.errors import CheckpointError, InputError
+
+torch = pytest.importorskip("torch")
+
+CASE = {c.name: c for c in hf_utils.standard_cases()}["left_padded_batch"]
+
+
+# ---------------------------------------------------------------- building HF folders
+def read_all(folder: Path) -> dict[str, np.ndarray]:
+    return {name: load() for name, load, _ in list_tensors(folder)}
+
+
+def to_tf5_name(name: str) -> str:
+    """Published name -> transformers 5's (model.visual.*, model.language_model.*)."""
+    if name.startswith("visual."):
+        return "model." + name
+    if name.startswith("model."):
+        return "model.language_model." + name[len("model."):]
+    return name
+
+
+def write_folder(folder: Path, tensors: dict[str, np.ndarray], config: dict, shards: int = 1) -> Path:
+    """An HF folder from tensors, with `shards` files (+ index when more than one)."""
+    folder.mkdir(parents=True)
+    (folder / "config.json").write_text(json.dumps(config))
+    add_side_files(folder)
+    names = list(tensors)
+    if shards == 1:
+        save_file(tensors, folder / "model.safetensors", {"format": "pt"})
+        return folder
+    weight_map = {}
+    for i, part in enumerate(np.array_split(np.arange(len(names)), shards)):
+        fname = f"model-{i + 1:05d}-of-{shards:05d}.safetensors"
+        save_file({names[j]: tensors[names[j]] for j in part}, folder / fname, {"format": "pt"})
+        weight_map.update({names[j]: fname for j in part})
+    (folder / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    return folder
+
+
+SIDE = {"tokenizer_config.json": '{"model_max_length": 4096}', "chat_template.jinja": "{{ messages }}",
+        "preprocessor_config.json": '{"patch_size": 14}', "LICENSE": "Apache-2.0"}
+
+
+def add_side_files(folder: Path) -> Path:
+    for name, text in SIDE.items():
+        (folder / name).write_text(text)
+    return folder
+
+
+def flat_config(folder: Path) -> dict:
+    """The published (flat, transformers 4) config.json layout for a saved tiny model."""
+    from qwen2vl_jax.config import Qwen2VLConfig
+
+    raw = Qwen2VLConfig.from_hf(folder).to_hf()
+    raw["torch_dtype"] = "float32"
+    return raw
+
+
+@pytest.fixture(scope="module")
+def variants(tiny_hf, tmp_path_factory):
+    """name -> (model name, HF folder). Each covers one naming scheme x config layout x files."""
+    root = tmp_path_factory.mktemp("variants")
+    out = {}
+    untied_model, untied_dir = tiny_hf["untied"]
+    tied_model, tied_dir = tiny_hf["tied"]
+    nested = lambda d: json.loads((d / "config.json").read_text())  # noqa: E731
+    # transformers 5.24 save_pretrained: published names, nested config, one file.
+    d = shutil.copytree(untied_dir, root / "u")
+    out["untied-published-nested-single"] = ("untied", add_side_files(Path(d)))
+    # transformers 5 names, nested config, our writer, 3 shards + index.
+    out["untied-tf5-nested-sharded"] = ("untied", write_folder(
+        root / "a", {to_tf5_name(k): v for k, v in read_all(untied_dir).items()}, nested(untied_dir), shards=3))
+    # Published release: published names, flat config, save_pretrained's own shards.
+    d = root / "b"
+    tied_model.save_pretrained(d, max_shard_size="40KB")
+    assert (d / "model.safetensors.index.json").exists() and len(list(d.glob("*.safetensors"))) >= 2
+    (d / "config.json").write_text(json.dumps(flat_config(tied_dir)))
+    add_side_files(d)
+    out["tied-published-flat-sharded"] = ("tied", d)
+    # transformers 5 names, flat config, one file.
+    out["tied-tf5-flat-single"] = ("tied", write_folder(
+        root / "c", {to_tf5_name(k): v for k, v in read_all(tied_dir).items()}, flat_config(tied_dir)))
+    return out
+
+
+_REF: dict[str, np.ndarray] = {}
+
+
+def hf_logits(model, key: str) -> np.ndarray:
+    if key not in _REF:
+        with torch.no_grad():
+            _REF[key] = model(**CASE.torch_inputs()).logits.numpy()
+    return _REF[key]
+
+
+def assert_nothing_left(out: Path) -> None:
+    assert not out.exists() and not out.is_symlink(), f"{out} was written"
+    leftovers = [p.name for p in out.parent.iterdir() if p.name.startswith(f".{out.name}.")]
+    assert not leftovers, leftovers
+
+
+# ---------------------------------------------------------------- parity and round trips
+@pytest.mark.parametrize("variant", [
+    "untied-published-nested-single", "untied-tf5-nested-sharded",
+    "tied-published-flat-sharded", "tied-tf5-flat-single",
+])
+def test_convert_load_matches_hf_logits(tiny_hf, variants, tmp_path, variant):
+    from qwen2vl_jax.model import Qwen2VL
+
+    model_name, src = variants[variant]
+    hf_model, _ = tiny_hf[model_name]
+    out = tmp_path / "jax"
+    assert convert_main([str(src), str(out), "--dtype", "float32", "--quiet"]) == 0
+    assert checkpoint.is_converted(out)
+    for name, text in SIDE.items():
+        assert (out / name).read_text() == text
+    assert json.loads((out / "config.json").read_text()) == json.loads((src / "config.json").read_text())
+    assert not (out / "model.safetensors.index.json").exists() and not list(out.glob("*.safetensors"))
+
+    ours = Qwen2VL.from_pretrained(out, dtype="float32")
+    flat = flatten(ours.params)
+    assert ("lm_head/kernel" in flat) == (model_name == "untied")
+    # Every parameter is the HF tensor, moved to the JAX layout, bit for bit.
+    for name, value in hf_model.state_dict().items():
+        mapped = hf_to_jax_name(name)
+        if mapped is None or mapped[0] not in flat:
+            assert name == "lm_head.weight" and model_name == "tied", name
+            continue
+        want = to_jax(value.numpy(), mapped[1], flat[mapped[0]].shape)
+        np.testing.assert_array_equal(np.asarray(flat[mapped[0]]), want, err_msg=name)
+
+    ref = hf_logits(hf_model, model_name)
+    mine = ours.logits(**CASE.inputs())
+    real = CASE.attention_mask.astype(bool)
+    assert mine.shape == ref.shape
+    assert np.abs(mine[real] - ref[real]).max() <= 1e-4
+
+
+@pytest.mark.parametrize("variant", ["untied-tf5-nested-sharded", "tied-published-flat-sharded"])
+def test_round_trip_is_bit_exact_and_loads_in_transformers(tiny_hf, variants, tmp_path, variant):
+    from transformers import Qwen2VLForConditionalGeneration
+
+    model_name, src = variants[variant]
+    hf_model, published_dir = tiny_hf[model_name]
+    jax_dir, back = tmp_path / "jax", tmp_path / "hf"
+    convert_checkpoint(src, jax_dir, dtype="float32", progress=False)
+    assert export_main([str(jax_dir), str(back), "--max-shard-size", "30KB", "--quiet"]) == 0
+
+    index = json.loads((back / "model.safetensors.index.json").read_text())
+    assert len(set(index["weight_map"].values())) >= 2
+    original = read_all(published_dir)  # published names, as HF saved them
+    exported = read_all(back)
+    assert set(exported) == set(original)
+    for name, array in original.items():
+        assert exported[name].dtype == array.dtype and exported[name].shape == array.shape, name
+        assert exported[name].tobytes() == array.tobytes(), name
+
+    reloaded = Qwen2VLForConditionalGeneration.from_pretrained(back).eval()
+    assert reloaded.dtype == torch.float32
+    with torch.no_grad():
+        again = reloaded(**CASE.torch_inputs()).logits.numpy()
+    np.testing.assert_array_equal(again, hf_logits(hf_model, model_name))
+
+
+def test_default_dtype_is_bfloat16_rounded_like_torch(tiny_hf, tmp_path):
+    hf_model, src = tiny_hf["untied"]
+    out = tmp_path / "jax"
+    convert_checkpoint(src, out, progress=False)
+    assert checkpoint.read_marker(out)["dtype"] == "bfloat16"
+    stored = checkpoint.stored_params(out)
+    assert {dt for _, dt in stored.values()} == {np.dtype(ml_dtypes.bfloat16)}
+    arrays = checkpoint.load_numpy(out, list(stored))
+    for name, value in hf_model.state_dict().items():
+        path, transform = hf_to_jax_name(name)
+        want = to_jax(value.to(torch.bfloat16).view(torch.int16).numpy(), transform, stored[path][0])
+        np.testing.assert_array_equal(arrays[path].view(np.int16), want, err_msg=name)
+    # Export keeps bf16 and says so in config.json.
+    back = tmp_path / "hf"
+    export_checkpoint(out, back, progress=False)
+    assert json.loads((back / "config.json").read_text())["dtype"] == "bfloat16"
+    assert {a.dtype for a in read_all(back).values()} == {np.dtype(ml_dtypes.bfloat16)}
+
+
+def test_load_params_casts_and_places_on_given_shardings(tiny_hf, tmp_path):
+    import jax
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+    from qwen2vl_jax.config import Qwen2VLConfig
+
+    _, src = tiny_hf["tied"]
+    out = tmp_path / "jax"
+    convert_checkpoint(src, out, progress=False)  # bf16 on disk
+    config = Qwen2VLConfig.from_hf(out)
+    mesh = Mesh(np.array(jax.devices()), ("x",))
+    replicated = NamedSharding(mesh, P())
+    params = checkpoint.load_params(out, config, "float32", shardings=replicated)
+    leaves = flatten(params)
+    assert all(v.dtype == np.float32 and v.sharding == replicated for v in leaves.values())
+    # A tree of shardings, one per parameter: the embedding's columns (48) split over the devices.
+    cols = NamedSharding(mesh, P(None, "x"))
+    assert 48 % len(jax.devices()) == 0
+    tree = {k: (cols if k == "model/embed_tokens/embedding" else replicated) for k in leaves}
+    from qwen2vl_jax.convert.mapping import unflatten
+
+    params = checkpoint.load_params(out, config, None, shardings=unflatten(tree))
+    emb = params["model"]["embed_tokens"]["embedding"]
+    assert emb.dtype == ml_dtypes.bfloat16 and emb.sharding == tree["model/embed_tokens/embedding"]
+    np.testing.assert_array_equal(np.asarray(emb, np.float32),
+                                  np.asarray(leaves["model/embed_tokens/embedding"]))
+
+
+def test_save_params_round_trip(tmp_path):
+    import jax.numpy as jnp
+
+    from qwen2vl_jax.config import TINY
+
+    shapes = checkpoint.expected_shapes(TINY)
+    rng = np.random.default_rng(0)
+    flat = {k: jnp.asarray(rng.standard_normal(s, np.float32)) for k, s in shapes.items()}
+    from qwen2vl_jax.convert.mapping import unflatten
+
+    folder = tmp_path / "trained"
+    checkpoint.save_params(unflatten(flat), folder)
+    (folder / "config.json").write_text(json.dumps(TINY.to_hf()))
+    assert checkpoint.is_converted(folder)
+    back = flatten(checkpoint.load_params(folder, TINY))
+    assert set(back) == set(flat)
+    for k in flat:
+        np.testing.assert_array_equal(np.asarray(back[k]), np.asarray(flat[k]))
+
+
+# ---------------------------------------------------------------- bad input
+def _tweaked(src: Path, dst: Path, tensors=None, config=None) -> Path:
+    t = read_all(src) if tensors is None else tensors
+    return write_folder(dst, t, config or json.loads((src / "config.json").read_text()))
+
+
+def test_every_mapping_problem_in_one_error(tiny_hf, tmp_path):
+    _, src = tiny_hf["untied"]
+    t = read_all(src)
+    t["model.layers.0.mlp.extra_proj.weight"] = np.zeros((3, 3), np.float32)
+    del t["model.layers.1.mlp.up_proj.weight"]
+    t["visual.blocks.0.attn.qkv.weight"] = np.ascontiguousarray(t["visual.blocks.0.attn.qkv.weight"].T)
+    bad = _tweaked(src, tmp_path / "bad", t)
+    out = tmp_path / "out"
+    with pytest.raises(CheckpointError) as err:
+        convert_checkpoint(bad, out, progress=False)
+    msg = str(err.value)
+    assert "\n" not in msg
+    assert "1 unmapped tensor(s): model.layers.0.mlp.extra_proj.weight" in msg
+    assert "1 parameter(s) missing from the checkpoint: model/layers_1/mlp/up_proj/kernel" in msg
+    assert "1 shape mismatch(es): visual.blocks.0.attn.qkv.weight: checkpoint shape (36, 108)" in msg
+    assert_nothing_left(out)
+
+
+def test_config_that_does_not_match_the_weights_is_refused(tiny_hf, tmp_path):
+    _, src = tiny_hf["untied"]
+    cfg = json.loads((src / "config.json").read_text())
+    cfg["text_config"]["intermediate_size"] = 96  # the weights say 97
+    bad = _tweaked(src, tmp_path / "bad", config=cfg)
+    out = tmp_path / "out"
+    with pytest.raises(CheckpointError, match=r"6 shape mismatch\(es\): .*mlp.*config expects"):
+        convert_checkpoint(bad, out, progress=False)
+    assert_nothing_left(out)
+
+
+@pytest.mark.parametrize("problem,pattern", [
+    ("no_config", "no config.json"),
+    ("invalid_config", "invalid config"),
+    ("missing_shard", "index names missing shard"),
+    ("truncated", "runs past the end of the file"),
+    ("bin_only", "only safetensors are read"),
+])
+def test_bad_folders_are_refused_before_writing(tiny_hf, tmp_path, problem, pattern):
+    _, src = tiny_hf["untied"]
+    bad = tmp_path / "bad"
+    if problem == "bin_only":
+        bad.mkdir()
+        shutil.copy(src / "config.json", bad)
+        (bad / "pytorch_model.bin").write_bytes(b"\0" * 16)
+    else:
+        write_folder(bad, read_all(src), json.loads((src / "config.json").read_text()),
+                     shards=2 if problem == "missing_shard" else 1)
+    if problem == "no_config":
+        (bad / "config.json").unlink()
+    elif problem == "invalid_config":
+        cfg = json.loads((bad / "config.json").read_text())
+        cfg["text_config"]["num_attention_heads"] = 7  # 60 is not divisible by 7
+        (bad / "config.json").write_text(json.dumps(cfg))
+    elif problem == "missing_shard":
+        next(bad.glob("model-00002-*.safetensors")).unlink()
+    elif problem == "truncated":
+        f = bad / "model.safetensors"
+        f.write_bytes(f.read_bytes()[:-100])
+    out = tmp_path / "out"
+    with pytest.raises(CheckpointError, match=pattern) as err:
+        convert_checkpoint(bad, out, progress=False)
+    assert "\n" not in str(err.value)
+    assert_nothing_left(out)
+
+
+def test_existing_out_dir_needs_force_and_is_replaced_whole(tiny_hf, tmp_path):
+    _, src = tiny_hf["tied"]
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    with pytest.raises(InputError, match="exists and is not empty"):
+        convert_checkpoint(src, out, progress=False)
+    assert (out / "keep.txt").read_text() == "mine"
+    # An empty folder is fine; --force replaces a full one.
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    convert_checkpoint(src, empty, dtype="float32", progress=False)
+    assert checkpoint.is_converted(empty)
+    convert_checkpoint(src, out, dtype="float32", force=True, progress=False)
+    assert checkpoint.is_converted(out) and not (out / "keep.txt").exists()
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+    with pytest.raises(InputError, match="would overwrite the input"):
+        convert_checkpoint(src, src, force=True, progress=False)
+    with pytest.raises(InputError, match="would overwrite the input"):
+        convert_checkpoint(src, src.parent, force=True, progress=False)
+
+
+def test_interrupted_conversion_leaves_nothing(tiny_hf, tmp_path, monkeypatch):
+    _, src = tiny_hf["untied"]
+    calls = []
+    real_write = checkpoint.ParamWriter.write
+
+    def write_then_interrupt(self, flat):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        real_write(self, flat)
+
+    monkeypatch.setattr(checkpoint.ParamWriter, "write", write_then_interrupt)
+    out = tmp_path / "out"
+    assert convert_main([str(src), str(out), "--quiet"]) == 130
+    assert len(calls) == 3
+    assert_nothing_left(out)
+
+
+def test_cli_errors_are_one_line_exit_2(tmp_path, capsys):
+    out = tmp_path / "out"
+    assert convert_main([str(tmp_path / "nowhere" / "x"), str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: no such folder") and err.count("\n") == 1
+    assert_nothing_left(out)
+    assert export_main([str(tmp_path), str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "is not a converted folder" in err and err.count("\n") == 1
+    with pytest.raises(SystemExit) as exit_:
+        convert_main([str(tmp_path), str(out), "--dtype", "float16"])
+    assert exit_.value.code == 2
+
+
+def test_help_explains_every_flag(capsys):
+    for main, flags in ((convert_main, ["--dtype", "--force", "--quiet", "HF_DIR", "OUT_DIR"]),
+                        (export_main, ["--dtype", "--force", "--quiet", "--max-shard-size", "HF_DIR", "OUT_DIR"])):
+        with pytest.raises(SystemExit) as exit_:
+            main(["--help"])
+        assert exit_.value.code == 0
+        text = capsys.readouterr().out
+        for flag in flags:
+            assert flag in text
+
+
+def test_hub_id_offline_fails_with_one_line(tmp_path):
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_HOME=str(tmp_path / "hf_home"))
+    out = tmp_path / "out"
+    proc = subprocess.run(
+        [sys.executable, "-c", "import sys; from qwen2vl_jax.convert.cli import convert_main; "
+                               "sys.exit(convert_main(sys.argv[1:]))", "Qwen/Qwen2-VL-2B-Instruct", str(out)],
+        env=env, capture_output=True, text=True, timeout=120, cwd=tmp_path,
+    )
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, proc.stderr
+    assert lines[0].startswith("error: Qwen/Qwen2-VL-2B-Instruct is not a local folder and could not be fetched")
+    assert_nothing_left(out)
+
+
+def test_params_that_no_longer_match_config_are_refused(tiny_hf, tmp_path):
+    from qwen2vl_jax.model import Qwen2VL
+
+    _, src = tiny_hf["untied"]
+    out = tmp_path / "jax"
+    convert_checkpoint(src, out, dtype="float32", progress=False)
+    cfg = json.loads((out / "config.json").read_text())
+    cfg["text_config"]["num_hidden_layers"] = 3
+    (out / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(CheckpointError, match=r"params do not match config.json: .*missing: model/layers_2/"):
+        Qwen2VL.from_pretrained(out, dtype="float32")
+    back = tmp_path / "hf"
+    with pytest.raises(CheckpointError, match="params do not match config.json"):
+        export_checkpoint(out, back, progress=False)
+    assert_nothing_left(back)
+
+
+def test_groups_stream_one_layer_at_a_time(tiny_hf):
+    from qwen2vl_jax.config import Qwen2VLConfig
+
+    _, src = tiny_hf["untied"]
+    items = convert_lib.plan(src, Qwen2VLConfig.from_hf(src))
+    keys = [convert_lib.group_of(g[0].path) for g in convert_lib.groups(items)]
+    assert len(keys) == len(set(keys))
+    assert {"model/layers_0", "model/layers_1", "visual/blocks_0", "model/embed_tokens", "lm_head/kernel"} <= set(keys)
+    assert max(len(g) for g in convert_lib.groups(items)) == 12  # one vision block: the biggest group
+
+
+def test_from_pretrained_on_a_mesh_restores_into_named_shardings(tiny_hf, tmp_path):
+    import jax
+    from jax.sharding import Mesh, NamedSharding
+
+    from qwen2vl_jax.model import Qwen2VL
+
+    hf_model, src = tiny_hf["tied"]
+    out = tmp_path / "jax"
+    convert_checkpoint(src, out, dtype="float32", progress=False)
+    mesh = Mesh(np.array(jax.devices()[:1]).reshape(1, 1, 1), ("data", "fsdp", "tensor"))
+    model = Qwen2VL.from_pretrained(out, dtype="float32", mesh=mesh)
+    leaves = flatten(model.params)
+    assert all(isinstance(v.sharding, NamedSharding) and v.sharding.mesh == mesh for v in leaves.values())
+    mine = model.logits(**CASE.inputs())
+    real = CASE.attention_mask.astype(bool)
+    assert np.abs(mine[real] - hf_logits(hf_model, "tied")[real]).max() <= 1e-4
