@@ -8,7 +8,7 @@
 from qwen2vl_jax.config import Qwen2VLConfig, TextConfig, VisionConfig
 from qwen2vl_jax.errors import CheckpointError, InputError
 
-__all__ = ["Qwen2VL", "Processor", "Qwen2VLConfig", "TextConfig", "VisionConfig", "InputError", "CheckpointError"]
+__all__ = ["Qwen2VL", "Processor", "process_vision_info", "Qwen2VLConfig", "TextConfig", "VisionConfig", "InputError", "CheckpointError"]
 __version__ = "0.1.0"
 
 
@@ -18,8 +18,8 @@ def __getattr__(name):
         from qwen2vl_jax.model import Qwen2VL
 
         return Qwen2VL
-    if name == "Processor":
-        from qwen2vl_jax.processing import Processor
+    if name in ("Processor", "process_vision_info"):
+        from qwen2vl_jax import processing
 
-        return Processor
+        return getattr(processing, name)
     raise AttributeError(f"module 'qwen2vl_jax' has no attribute {name!r}")
