@@ -1,0 +1,325 @@
+"""Generation: greedy tokens equal to HF `generate` (fp32, tiny random models), batching,
+streaming, sampling, stopping, no recompilation inside a bucket, and the CLI end to end."""
+
+from __future__ import annotations
+
+import io
+import json
+import shutil
+from contextlib import redirect_stderr, redirect_stdout
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import hf_utils
+
+torch = pytest.importorskip("torch")
+
+from qwen2vl_jax.errors import InputError  # noqa: E402
+from qwen2vl_jax.generation import (  # noqa: E402
+    GenerationConfig, Generator, Sampling, bucket, count_compiles, sample_token,
+)
+
+CASES = {c.name: c for c in hf_utils.standard_cases()}
+N_NEW = 28
+EOS = 206
+
+
+def hf_generate(hf, case, n=N_NEW, **kw) -> np.ndarray:
+    with torch.no_grad():
+        out = hf.generate(**case.torch_inputs(), max_new_tokens=n, do_sample=False, **kw)
+    return out[:, case.input_ids.shape[1]:].numpy()
+
+
+def until_eos(tokens) -> list[int]:
+    tokens = [int(t) for t in tokens]
+    return tokens[: tokens.index(EOS) + 1] if EOS in tokens else tokens
+
+
+def assert_same_tokens(mine: np.ndarray, ref: np.ndarray, min_len: int = 24):
+    assert mine.shape[0] == ref.shape[0]
+    for r in range(ref.shape[0]):
+        want, got = until_eos(ref[r]), until_eos(mine[r])
+        assert got == want, f"row {r}:\n ours {got}\n HF   {want}"
+        assert len(want) >= min_len or want[-1] == EOS
+
+
+def split_rows(case: hf_utils.Case) -> list[hf_utils.Case]:
+    """Each row of a batch as its own case, with its own images and videos."""
+    out, img_i, vid_i, img_p, vid_p = [], 0, 0, 0, 0
+    for r in range(case.input_ids.shape[0]):
+        ids = case.input_ids[r][case.attention_mask[r].astype(bool)]
+        starts = np.flatnonzero(ids == hf_utils.VSTART)
+        n_img = int(sum(ids[s + 1] == hf_utils.IMG for s in starts))
+        n_vid = int(sum(ids[s + 1] == hf_utils.VID for s in starts))
+        ig = case.image_grid_thw[img_i: img_i + n_img] if n_img else None
+        vg = case.video_grid_thw[vid_i: vid_i + n_vid] if n_vid else None
+        ni = int(np.prod(ig, axis=1).sum()) if n_img else 0
+        nv = int(np.prod(vg, axis=1).sum()) if n_vid else 0
+        out.append(hf_utils.Case(
+            f"{case.name}[{r}]", ids[None], np.ones((1, len(ids)), np.int64), ig, vg,
+            case.pixel_values[img_p: img_p + ni] if n_img else None,
+            case.pixel_values_videos[vid_p: vid_p + nv] if n_vid else None,
+        ))
+        img_i, vid_i, img_p, vid_p = img_i + n_img, vid_i + n_vid, img_p + ni, vid_p + nv
+    return out
+
+
+# ------------------------------------------------------------------ greedy parity
+@pytest.mark.parametrize("model_name", ["untied", "tied"])
+@pytest.mark.parametrize("case_name", list(CASES))
+def test_greedy_matches_hf(tiny_hf, tiny_ours, model_name, case_name):
+    hf, _ = tiny_hf[model_name]
+    case = CASES[case_name]
+    ref = hf_generate(hf, case)
+    mine = tiny_ours[model_name].generate(**case.inputs(), max_new_tokens=N_NEW)
+    assert mine.dtype == np.int32 and mine.shape[1] <= N_NEW
+    assert_same_tokens(mine, ref)
+
+
+MIXED = hf_utils.make_case(
+    "mixed_batch",
+    [[5, 6, 7, 8, 9, 10, 11],  # text only, shortest: left-padded the most
+     [5, ("img", (1, 4, 6)), 11, ("img", (1, 2, 2)), 12],  # two images
+     [3, ("vid", (2, 4, 4)), 6, ("img", (1, 6, 4)), 2, 9]],  # a video and an image
+    [(1, 4, 6), (1, 2, 2), (1, 6, 4)], [(2, 4, 4)], seed=9,
+)
+
+
+def test_batch_matches_hf_and_rows_alone(tiny_hf, tiny_ours):
+    hf, _ = tiny_hf["untied"]
+    ours = tiny_ours["untied"]
+    batch = ours.generate(**MIXED.inputs(), max_new_tokens=N_NEW)
+    assert_same_tokens(batch, hf_generate(hf, MIXED))
+    for r, single in enumerate(split_rows(MIXED)):
+        alone = ours.generate(**single.inputs(), max_new_tokens=N_NEW)
+        assert until_eos(alone[0]) == until_eos(batch[r]), f"row {r}"
+
+
+def test_right_padded_input_is_the_same_batch(tiny_ours):
+    """Rows are re-packed on the host, so the padding side of the input does not matter."""
+    ours = tiny_ours["untied"]
+    case = CASES["left_padded_batch"]
+    left = ours.generate(**case.inputs(), max_new_tokens=8)
+    ids, mask = np.zeros_like(case.input_ids), np.zeros_like(case.attention_mask)
+    for r in range(ids.shape[0]):
+        real = case.input_ids[r][case.attention_mask[r].astype(bool)]
+        ids[r, : len(real)], mask[r, : len(real)] = real, 1
+    right = ours.generate(**{**case.inputs(), "input_ids": ids, "attention_mask": mask}, max_new_tokens=8)
+    np.testing.assert_array_equal(left, right)
+
+
+def test_stream_equals_generate(tiny_ours):
+    ours = tiny_ours["tied"]
+    case = CASES["left_padded_batch"]
+    whole = ours.generate(**case.inputs(), max_new_tokens=12)
+    steps = list(ours.generate(**case.inputs(), max_new_tokens=12, stream=True))
+    np.testing.assert_array_equal(np.stack(steps, axis=1), whole)
+
+
+# ------------------------------------------------------------------ stopping and settings
+def test_eos_stops_rows_and_pads(tiny_hf, tiny_ours):
+    hf, _ = tiny_hf["untied"]
+    case = CASES["left_padded_batch"]
+    ref = hf_generate(hf, case, n=12)
+    stop = int(ref[0, 4])  # row 0 stops at its 5th token; row 1 goes on unless it meets it
+    mine = tiny_ours["untied"].generate(**case.inputs(), max_new_tokens=12, eos_token_ids=[stop], pad_token_id=0)
+    first = [list(r).index(stop) if stop in r else None for r in ref]
+    assert first[0] is not None and first[0] <= 4
+    for r, f in enumerate(first):
+        if f is None:
+            np.testing.assert_array_equal(mine[r], ref[r][: mine.shape[1]])
+        else:
+            np.testing.assert_array_equal(mine[r, : f + 1], ref[r, : f + 1])
+            assert (mine[r, f + 1:] == 0).all()
+    if all(f is not None for f in first):
+        assert mine.shape[1] == max(first) + 1  # the loop ends when every row is done
+
+
+def test_repetition_penalty_matches_hf(tiny_hf, tiny_ours):
+    hf, _ = tiny_hf["tied"]
+    case = CASES["one_image"]
+    ref = hf_generate(hf, case, n=16, repetition_penalty=1.7)
+    mine = tiny_ours["tied"].generate(**case.inputs(), max_new_tokens=16, repetition_penalty=1.7)
+    assert_same_tokens(mine, ref, min_len=16)
+    assert not np.array_equal(mine, tiny_ours["tied"].generate(**case.inputs(), max_new_tokens=16))
+
+
+def test_sampling_seeds_and_limits(tiny_ours):
+    ours = tiny_ours["untied"]
+    inputs = CASES["left_padded_batch"].inputs()
+    greedy = ours.generate(**inputs, max_new_tokens=10)
+    a = ours.generate(**inputs, max_new_tokens=10, temperature=1.5, seed=1)
+    b = ours.generate(**inputs, max_new_tokens=10, temperature=1.5, seed=1)
+    c = ours.generate(**inputs, max_new_tokens=10, temperature=1.5, seed=2)
+    np.testing.assert_array_equal(a, b)
+    assert not np.array_equal(a, c)
+    assert not np.array_equal(a, greedy)
+    # Sampling that can only pick the top token is greedy.
+    np.testing.assert_array_equal(ours.generate(**inputs, max_new_tokens=10, temperature=1.0, top_p=1e-6), greedy)
+    np.testing.assert_array_equal(
+        ours.generate(**inputs, max_new_tokens=10, temperature=1.0, top_k=2, top_p=1e-6, seed=3), greedy)
+
+
+def test_sample_token_respects_top_k_and_top_p():
+    import jax
+
+    logits = np.log(np.array([[0.05, 0.4, 0.3, 0.2, 0.05]], np.float32))
+    seen = np.zeros_like(logits, bool)
+    keys = jax.random.split(jax.random.PRNGKey(0), 400)
+
+    def draws(**kw):
+        gc = GenerationConfig(do_sample=True, **kw)
+        s = Sampling.of(gc)
+        return set(np.asarray(jax.vmap(lambda k: sample_token(logits, seen, s, k, False))(keys)).ravel().tolist())
+
+    assert draws(top_k=2) == {1, 2}
+    assert draws(top_p=0.6) == {1, 2}  # 0.4 < 0.6, then 0.4 + 0.3 >= 0.6 stops
+    assert draws(top_p=0.75) == {1, 2, 3}
+    assert draws(top_k=3, top_p=0.5) == {1, 2}  # top-p over the renormalised top 3
+    assert draws() == {0, 1, 2, 3, 4}
+    # The repetition penalty divides positive logits of seen tokens (HF's rule).
+    pen = Sampling.of(GenerationConfig(repetition_penalty=2.0))
+    lg = np.array([[1.0, 0.8, -1.0]], np.float32)
+    assert int(sample_token(lg, np.array([[True, False, False]]), pen, keys[0], True)[0]) == 1
+
+
+def test_generation_config_defaults_from_folder():
+    from qwen2vl_jax.config import Qwen2VLConfig
+
+    folder = hf_utils.SHARED_ASSETS / "qwen2-vl-7b-instruct"
+    if not folder.is_dir():
+        pytest.skip("shared assets not found")
+    gc = GenerationConfig.from_pretrained(folder, Qwen2VLConfig.from_hf(folder))
+    assert gc.eos_token_ids == (151645, 151643)
+    assert gc.pad_token_id == 151643 and gc.top_k == 1 and gc.do_sample and gc.greedy
+    assert gc.replace(temperature=0.7, top_k=0).greedy is False
+    assert gc.replace(temperature=0).greedy
+
+
+def test_bad_input_is_one_line(tiny_ours):
+    ours = tiny_ours["untied"]
+    case = CASES["one_image"]
+    with pytest.raises(InputError, match="context"):
+        ours.generate(**case.inputs(), max_new_tokens=5000)
+    with pytest.raises(InputError, match="placeholder"):
+        ours.generate(input_ids=case.input_ids, attention_mask=case.attention_mask, max_new_tokens=4)
+    with pytest.raises(InputError, match="top_p"):
+        ours.generate(**case.inputs(), top_p=0.0)
+    with pytest.raises(InputError, match="no tokens"):
+        ours.generate(input_ids=np.array([[5, 6]]), attention_mask=np.array([[0, 0]]))
+
+
+# ------------------------------------------------------------------ compilation
+def test_no_recompile_within_a_bucket(tiny_ours):
+    gen = Generator(tiny_ours["tied"])  # fresh jits, so the counts are this test's own
+    gc = GenerationConfig(max_new_tokens=6, eos_token_ids=())
+    small = hf_utils.make_case("a", [[5, ("img", (1, 4, 6)), 7]], [(1, 4, 6)], seed=1)
+    other = hf_utils.make_case("b", [[9, 8, ("img", (1, 2, 4)), 7, 6, 5, 4]], [(1, 2, 4)], seed=2)
+    text_a = hf_utils.make_case("c", [[5, 6, 7]])
+    text_b = hf_utils.make_case("d", [list(range(1, 41))])
+    assert bucket(9) == bucket(13) == bucket(40) == 64
+    gen.generate(small.inputs(), gc)
+    gen.generate(text_a.inputs(), gc)
+    traced = dict(gen.traces)
+    with count_compiles() as c:
+        gen.generate(other.inputs(), gc)  # another image size and prompt length, same buckets
+        gen.generate(text_b.inputs(), gc)  # another prompt length, same bucket
+    assert c["n"] == 0, c
+    assert dict(gen.traces) == traced
+    gen.generate(text_b.inputs(), gc.replace(temperature=0.9, top_k=5, seed=4))  # sampling: its own variant
+    with count_compiles() as c:  # other sampling values, seed and max_new_tokens are traced values
+        gen.generate(text_a.inputs(), gc.replace(temperature=0.5, top_p=0.9, seed=7, max_new_tokens=12))
+    assert c["n"] == 0, c
+    with count_compiles() as c:  # the counter does see a new bucket
+        gen.generate(hf_utils.make_case("e", [list(range(1, 80))]).inputs(), gc)
+    assert c["n"] >= 1
+
+
+# ------------------------------------------------------------------ the CLI
+@pytest.fixture(scope="module")
+def real_vocab_model(tmp_path_factory):
+    """A tiny random model with the real Qwen2-VL vocabulary, token ids, tokenizer, chat
+    template and preprocessor config, saved as an HF folder."""
+    from transformers import Qwen2VLConfig as HFConfig, Qwen2VLForConditionalGeneration
+
+    assets = hf_utils.SHARED_ASSETS / "qwen2-vl-7b-instruct"
+    if not (assets / "tokenizer.json").is_file():
+        pytest.skip("shared tokenizer assets not found")
+    cfg = HFConfig(
+        text_config=dict(vocab_size=151936, hidden_size=16, intermediate_size=24, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=32768,
+                         bos_token_id=151643, eos_token_id=151645, tie_word_embeddings=True,
+                         rope_parameters={"rope_type": "default", "mrope_section": [1, 1, 2], "rope_theta": 1e6}),
+        vision_config=dict(depth=1, embed_dim=16, num_heads=2, mlp_ratio=2, hidden_size=16, in_channels=3,
+                           patch_size=14, spatial_merge_size=2, temporal_patch_size=2),
+        image_token_id=151655, video_token_id=151656, vision_start_token_id=151652, vision_end_token_id=151653,
+        tie_word_embeddings=True,
+    )
+    torch.manual_seed(0)
+    hf = Qwen2VLForConditionalGeneration(cfg).eval()
+    with torch.no_grad():
+        for p in hf.parameters():
+            p.copy_(torch.randn(p.shape) / (np.sqrt(p.shape[-1]) if p.ndim > 1 else 5.0))
+    folder = tmp_path_factory.mktemp("real_vocab")
+    hf.save_pretrained(folder)
+    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.json", "preprocessor_config.json",
+                 "generation_config.json"):
+        shutil.copy(assets / name, folder / name)
+    from PIL import Image
+
+    rng = np.random.RandomState(0)
+    image = folder / "img.png"
+    Image.fromarray(rng.randint(0, 255, (70, 90, 3), np.uint8)).save(image)
+    return hf, folder, image
+
+
+def run_cli(argv) -> tuple[int, str, str]:
+    from qwen2vl_jax.cli import generate_main
+
+    out, err = io.StringIO(), io.StringIO()
+    with redirect_stdout(out), redirect_stderr(err):
+        code = generate_main([str(a) for a in argv])
+    return code, out.getvalue(), err.getvalue()
+
+
+def test_cli_json_matches_hf(real_vocab_model):
+    from qwen2vl_jax.cli import build_inputs
+    from qwen2vl_jax.processing import Processor
+
+    hf, folder, image = real_vocab_model
+    code, out, err = run_cli(["--model", folder, "--image", image, "--image", image, "--prompt", "Compare them.",
+                              "--max-new-tokens", 10, "--json"])
+    assert code == 0, err
+    result = json.loads(out)
+    assert set(result) >= {"text", "token_ids"} and isinstance(result["text"], str)
+    inputs = build_inputs(Processor.from_pretrained(folder), "Compare them.", [image, image])
+    t = {k: torch.tensor(v) for k, v in inputs.items()}
+    with torch.no_grad():
+        ref = hf.generate(**t, max_new_tokens=10, do_sample=False)[0, inputs["input_ids"].shape[1]:].tolist()
+    eos = {151645, 151643}
+    ref = ref[: next((i + 1 for i, x in enumerate(ref) if x in eos), len(ref))]
+    assert result["token_ids"] == ref
+
+
+def test_cli_streams_text(real_vocab_model):
+    _, folder, image = real_vocab_model
+    code, out, err = run_cli(["--model", folder, "--image", image, "--prompt", "Hi", "--max-new-tokens", 6,
+                              "--temperature", 0.8, "--top-k", 20, "--seed", 3])
+    assert code == 0, err
+    assert out.endswith("\n")
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--image", "missing.png"], "missing.png: no such file"),
+    (["--mesh", "data=3"], "needs 3 devices"),
+    (["--mesh", "rows=2"], "unknown mesh axis"),
+    (["--top-p", "1.5"], "top_p"),
+    (["--max-new-tokens", "40000"], "context"),
+])
+def test_cli_bad_input(real_vocab_model, argv, message):
+    _, folder, _ = real_vocab_model
+    code, out, err = run_cli(["--model", folder, "--prompt", "Hi", *argv])
+    assert code == 2
+    assert err.startswith("error: ") and message in err and err.count("\n") == 1, err
