@@ -14,7 +14,7 @@ CONVERT_HELP = """\
 Convert a Hugging Face Qwen2-VL checkpoint (Qwen2-VL-2B/7B/72B-Instruct, as published or as
 saved by transformers 5) into a qwen2vl-jax folder: config.json, the tokenizer and processor
 files, and an Orbax checkpoint of the params under params/. Load it with
-qwen2vl_jax.model.Qwen2VL.from_pretrained(OUT_DIR) or qwen2vl-generate --model OUT_DIR.
+qwen2vl_jax.Qwen2VL.from_pretrained(OUT_DIR) or qwen2vl-generate --model OUT_DIR.
 
 Tensors are streamed one layer at a time, so memory stays near one copy of the output.
 OUT_DIR is written to a hidden temporary sibling and renamed at the end: a failed or

@@ -40,8 +40,16 @@ SIDE_SKIP = ("model.safetensors.index.json", MARKER)
 
 
 def _ocp():
-    from orbax.checkpoint import v1
+    """Orbax's v1 API (partial save/load live there)."""
+    try:
+        from orbax.checkpoint import v1
 
+        v1.partial.save, v1.partial.finalize  # noqa: B018
+    except (ImportError, AttributeError):
+        import importlib.metadata
+
+        found = importlib.metadata.version("orbax-checkpoint")
+        raise CheckpointError(f"orbax-checkpoint {found} lacks the v1 partial-save API; install >= 0.12.8") from None
     return v1
 
 

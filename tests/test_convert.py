@@ -102,9 +102,11 @@ def variants(tiny_hf, tmp_path_factory):
     (d / "config.json").write_text(json.dumps(flat_config(tied_dir)))
     add_side_files(d)
     out["tied-published-flat-sharded"] = ("tied", d)
-    # transformers 5 names, flat config, one file.
-    out["tied-tf5-flat-single"] = ("tied", write_folder(
-        root / "c", {to_tf5_name(k): v for k, v in read_all(tied_dir).items()}, flat_config(tied_dir)))
+    # transformers 5 names, flat config, one file; this tied one also stores lm_head (a copy of
+    # the embedding, as some savers write), which tied conversion ignores.
+    t = {to_tf5_name(k): v for k, v in read_all(tied_dir).items()}
+    t["lm_head.weight"] = t["model.language_model.embed_tokens.weight"].copy()
+    out["tied-tf5-flat-single"] = ("tied", write_folder(root / "c", t, flat_config(tied_dir)))
     return out
 
 
