@@ -54,11 +54,12 @@ CACHE_ROOM_MULTIPLE = 64  # max_new_tokens is rounded up to this for the cache's
 
 # ---------------------------------------------------------------------------- buckets
 def bucket(n: int, minimum: int = 64) -> int:
-    """The smallest rung of the ladder minimum * {1, 1.5} * 2^k that holds n (64, 96, 128,
-    192, 256, ...): at most one compile per rung, at most 1.5x padding."""
+    """The smallest rung of the ladder minimum * {1, 1.25, 1.5, 1.75} * 2^k that holds n (64,
+    80, 96, 112, 128, 160, ...): four rungs per octave, so at most 25% padding and a few dozen
+    shapes up to a 32k context; each compiles once."""
     rung = minimum
     while True:
-        for size in (rung, rung * 3 // 2):
+        for size in (rung, rung * 5 // 4, rung * 3 // 2, rung * 7 // 4):
             if size >= n:
                 return size
         rung *= 2

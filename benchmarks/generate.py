@@ -1,0 +1,319 @@
+"""Generation speed: ours (JAX) against HF transformers on the same shapes, one table.
+
+    python benchmarks/generate.py [--device cpu|gpu] [--size 2b|small] [--new-tokens 32]
+        [--image 448] [--variants ours-fp32,hf-fp32,hf-bf16] [--xla-flags "..."]
+
+The model has Qwen2-VL-2B's shapes with random weights (the compute does not depend on the
+values), one image of IMAGE x IMAGE pixels (448 -> 1024 patches -> 256 image tokens) and a
+short prompt, batch 1, greedy, NEW new tokens with EOS ignored. Columns:
+  ViT      the vision tower + merger alone
+  ViT+pre  vision tower + prefill of the whole prompt + the first token (HF: generate with
+           max_new_tokens=1)
+  decode   tokens/s for the remaining NEW-1 tokens (HF: from generate(NEW) - generate(1))
+  peak RSS the process's peak resident memory (each variant runs in its own process)
+  compile  our first-call jit time for ViT+prefill and for the decode loop (not in the timings)
+On a GPU also the peak device memory and the prefill's model FLOP/s against the chip's bf16
+peak. Timings are the best of --repeat runs after one warm-up.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+IMAGE_TOKEN, VSTART, VEND = 151655, 151652, 151653
+# Dense bf16 peak FLOP/s of common accelerators (no sparsity), for the MFU column.
+PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12, "A10": 125e12}
+
+
+# ------------------------------------------------------------------ inputs and FLOPs
+def model_config(size: str):
+    from qwen2vl_jax.config import QWEN2_VL_2B, Qwen2VLConfig, TextConfig, VisionConfig
+
+    if size == "2b":
+        return QWEN2_VL_2B
+    # A reduced model for trying the script: 2B's vocabulary and widths, few layers.
+    return Qwen2VLConfig(vision=VisionConfig(depth=4, out_hidden_size=1536),
+                         text=TextConfig(vocab_size=151936, hidden_size=1536, intermediate_size=8960,
+                                         num_hidden_layers=4, num_attention_heads=12, num_key_value_heads=2),
+                         tie_word_embeddings=True)
+
+
+def make_inputs(image: int, prompt_words: int = 24, seed: int = 0) -> dict:
+    """Token ids of a chat-shaped prompt around one image, and its random patches."""
+    rng = np.random.RandomState(seed)
+    g = image // 14
+    grid = np.array([[1, g, g]])
+    n_img = g * g // 4
+    text = lambda n: rng.randint(100, 150000, n).tolist()  # noqa: E731
+    ids = [151644] + text(3) + [VSTART] + [IMAGE_TOKEN] * n_img + [VEND] + text(prompt_words) + [151645] + text(3)
+    return {"input_ids": np.array([ids], np.int64), "attention_mask": np.ones((1, len(ids)), np.int64),
+            "pixel_values": rng.randn(g * g, 1176).astype(np.float32), "image_grid_thw": grid}
+
+
+def prefill_flops(config, n_tokens: int, n_patches: int) -> float:
+    """Matmul FLOPs (2 per multiply-add) of the ViT over n_patches and the decoder over
+    n_tokens, attention included; the LM head counts once (only the last token)."""
+    v, t = config.vision, config.text
+    e = v.embed_dim
+    vit = n_patches * (2 * v.patch_dim * e + v.depth * (2 * e * 3 * e + 2 * e * e + 2 * 2 * e * v.mlp_dim))
+    vit += v.depth * 2 * 2 * n_patches * n_patches * e  # QK^T and PV (one segment)
+    vit += (n_patches // 4) * (2 * (4 * e) ** 2 + 2 * 4 * e * t.hidden_size)
+    d, hd = t.hidden_size, t.head_dim
+    per_tok = 2 * d * (t.num_attention_heads + 2 * t.num_key_value_heads) * hd + 2 * t.num_attention_heads * hd * d
+    per_tok += 3 * 2 * d * t.intermediate_size
+    dec = t.num_hidden_layers * (n_tokens * per_tok + 2 * 2 * n_tokens * n_tokens * t.num_attention_heads * hd)
+    return float(vit + dec + 2 * d * t.vocab_size)
+
+
+def peak_rss_gb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+
+
+def best_of(fn, repeat: int) -> float:
+    best = float("inf")
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+# ------------------------------------------------------------------ ours
+def run_ours(args, dtype_name: str) -> dict:
+    import jax
+    import jax.numpy as jnp
+
+    from qwen2vl_jax.generation import GenerationConfig, Generator
+    from qwen2vl_jax.model import Qwen2VL, init_shapes
+
+    config = model_config(args.size)
+    dtype = jnp.dtype(dtype_name)
+    shapes = init_shapes(config, dtype)
+
+    @jax.jit
+    def fill(key):  # random weights made on the device, in their final dtype
+        leaves, treedef = jax.tree_util.tree_flatten_with_path(shapes)
+        keys = jax.random.split(key, len(leaves))
+        out = []
+        for k, (path, leaf) in zip(keys, leaves):
+            name = str(path[-1])
+            if "scale" in name:
+                out.append(jnp.ones(leaf.shape, dtype))
+            elif "bias" in name:
+                out.append(jnp.zeros(leaf.shape, dtype))
+            else:
+                out.append((jax.random.normal(k, leaf.shape, jnp.float32) * 0.02).astype(dtype))
+        return jax.tree_util.tree_unflatten(treedef, out)
+
+    params = fill(jax.random.PRNGKey(0))
+    jax.block_until_ready(params)
+    model = Qwen2VL(config, params, dtype)
+    gen = Generator(model)
+    inputs = make_inputs(args.image)
+    gc = GenerationConfig(max_new_tokens=args.new_tokens, eos_token_ids=())
+    prepared = gen.prepare(**inputs, max_new_tokens=gc.max_new_tokens)
+    vision = prepared.vision
+
+    def vit():
+        jax.block_until_ready(gen._encode(model.params, vision))
+
+    def start():
+        return jax.block_until_ready(gen.start(prepared, gc))
+
+    t0 = time.perf_counter()
+    state = start()
+    compile_prefill = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    jax.block_until_ready(gen._loop(model.params, state, gc.greedy))
+    compile_loop = time.perf_counter() - t0
+
+    t_vit = best_of(vit, args.repeat)
+    t_pre = best_of(start, args.repeat)
+    times = []
+    for _ in range(args.repeat):
+        state = start()
+        t0 = time.perf_counter()
+        state = jax.block_until_ready(gen._loop(model.params, state, gc.greedy))
+        times.append(time.perf_counter() - t0)
+        assert int(state.step) == args.new_tokens, int(state.step)
+    out = {"vit_s": t_vit, "prefill_s": t_pre, "decode_tok_s": (args.new_tokens - 1) / min(times),
+           "compile_prefill_s": compile_prefill, "compile_loop_s": compile_loop,
+           "prompt_tokens": int(inputs["input_ids"].shape[1]), "prompt_bucket": int(prepared.input_ids.shape[1])}
+    dev = jax.devices()[0]
+    if dev.platform == "gpu":
+        stats = dev.memory_stats() or {}
+        out["peak_dev_gb"] = stats.get("peak_bytes_in_use", 0) / 2**30
+        out["device_kind"] = dev.device_kind
+        # Larger prefill (8 rows x 1024 text tokens): what the decoder reaches when it is fed.
+        big = {"input_ids": np.random.RandomState(1).randint(100, 150000, (8, 1024)),
+               "attention_mask": np.ones((8, 1024), np.int64)}
+        big_gc = GenerationConfig(max_new_tokens=1, eos_token_ids=())
+        big_prep = gen.prepare(**big, max_new_tokens=1)
+        jax.block_until_ready(gen.start(big_prep, big_gc))
+        out["big_prefill_s"] = best_of(lambda: jax.block_until_ready(gen.start(big_prep, big_gc)), args.repeat)
+        out["big_prefill_flops"] = 8 * (prefill_flops(config, 1024, 0) - 2 * config.text.hidden_size
+                                        * config.text.vocab_size) + 8 * 2 * config.text.hidden_size * config.text.vocab_size
+    out["peak_rss_gb"] = peak_rss_gb()
+    return out
+
+
+# ------------------------------------------------------------------ HF transformers
+def run_hf(args, dtype_name: str) -> dict:
+    import torch
+    from transformers import Qwen2VLConfig as HFConfig, Qwen2VLForConditionalGeneration
+
+    config = model_config(args.size)
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype_name]
+    device = "cuda" if args.device == "gpu" else "cpu"
+    hf_cfg = HFConfig(**config.to_hf())
+    torch.manual_seed(0)
+    try:
+        from transformers.initialization import no_init_weights
+    except ImportError:
+        from transformers.modeling_utils import no_init_weights
+    with no_init_weights(), torch.device(device):
+        model = Qwen2VLForConditionalGeneration._from_config(hf_cfg, dtype=dtype)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name or "ln_q" in name:
+                p.fill_(1.0) if name.endswith("weight") else p.zero_()
+            elif p.ndim == 1:
+                p.zero_()
+            else:
+                p.normal_(0.0, 0.02)
+    model.eval()
+    inputs = make_inputs(args.image)
+    t = {k: torch.tensor(v, device=device) for k, v in inputs.items()}
+    t["pixel_values"] = t["pixel_values"].to(dtype)
+    t["mm_token_type_ids"] = (t["input_ids"] == IMAGE_TOKEN).long()
+
+    def sync():
+        if device == "cuda":
+            torch.cuda.synchronize()
+
+    def vit():
+        with torch.no_grad():
+            model.model.get_image_features(t["pixel_values"], t["image_grid_thw"])
+        sync()
+
+    def gen(n):
+        with torch.no_grad():
+            out = model.generate(**t, max_new_tokens=n, min_new_tokens=n, do_sample=False)
+        sync()
+        assert out.shape[1] == t["input_ids"].shape[1] + n
+        return out
+
+    gen(2)  # warm-up
+    vit()
+    t_vit = best_of(vit, args.repeat)
+    t1 = best_of(lambda: gen(1), args.repeat)
+    tn = best_of(lambda: gen(args.new_tokens), args.repeat)
+    out = {"vit_s": t_vit, "prefill_s": t1, "decode_tok_s": (args.new_tokens - 1) / max(tn - t1, 1e-9)}
+    if device == "cuda":
+        out["peak_dev_gb"] = torch.cuda.max_memory_allocated() / 2**30
+    out["peak_rss_gb"] = peak_rss_gb()
+    return out
+
+
+# ------------------------------------------------------------------ driver
+def run_variant(args, variant: str) -> dict:
+    impl, dtype = variant.split("-")
+    dtype = {"fp32": "float32", "bf16": "bfloat16"}[dtype]
+    return run_ours(args, dtype) if impl == "ours" else run_hf(args, dtype)
+
+
+def child_argv(args, variant: str) -> list[str]:
+    return [sys.executable, __file__, "--only", variant, "--device", args.device, "--size", args.size,
+            "--image", str(args.image), "--new-tokens", str(args.new_tokens), "--repeat", str(args.repeat)]
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--device", choices=["cpu", "gpu"], default="cpu")
+    ap.add_argument("--size", choices=["2b", "small"], default="2b")
+    ap.add_argument("--image", type=int, default=448, help="image side in pixels (a multiple of 28)")
+    ap.add_argument("--new-tokens", type=int, default=32)
+    ap.add_argument("--repeat", type=int, default=2)
+    ap.add_argument("--variants", default=None,
+                    help="comma list of ours-fp32, ours-bf16, hf-fp32, hf-bf16 "
+                         "(default: cpu: ours-fp32,hf-fp32,hf-bf16; gpu: ours-bf16,hf-bf16)")
+    ap.add_argument("--xla-flags", default=None, help="XLA_FLAGS for our variants (e.g. --xla_cpu_use_onednn=true)")
+    ap.add_argument("--only", default=None, help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+
+    if args.only:  # child: one variant, one JSON line
+        if args.device == "cpu":
+            os.environ.setdefault("JAX_PLATFORMS", "cpu")
+        print("RESULT " + json.dumps(run_variant(args, args.only)), flush=True)
+        return 0
+
+    default = "ours-fp32,hf-fp32,hf-bf16" if args.device == "cpu" else "ours-bf16,hf-bf16"
+    variants = (args.variants or default).split(",")
+    results = {}
+    for v in variants:
+        env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+        if args.xla_flags is not None and v.startswith("ours"):
+            env["XLA_FLAGS"] = args.xla_flags
+        print(f"# running {v} ...", file=sys.stderr, flush=True)
+        proc = subprocess.run(child_argv(args, v), capture_output=True, text=True, env=env)
+        lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+        if proc.returncode != 0 or not lines:
+            print(f"# {v} failed:\n{proc.stderr[-3000:]}", file=sys.stderr)
+            continue
+        results[v] = json.loads(lines[-1][len("RESULT "):])
+        print(f"# {v}: {results[v]}", file=sys.stderr, flush=True)
+    print_table(args, results)
+    return 0 if len(results) == len(variants) else 1
+
+
+def print_table(args, results: dict) -> None:
+    config = model_config(args.size)
+    inputs = make_inputs(args.image)
+    n_tok, n_patch = inputs["input_ids"].shape[1], inputs["pixel_values"].shape[0]
+    flops = prefill_flops(config, n_tok, n_patch)
+    device = "GPU" if args.device == "gpu" else f"CPU ({os.cpu_count()} cores)"
+    print(f"\nQwen2-VL-{args.size} shapes, random weights, batch 1, {args.image}x{args.image} image "
+          f"({n_patch} patches), {n_tok}-token prompt, {args.new_tokens} new tokens, {device}; "
+          f"XLA_FLAGS={args.xla_flags or os.environ.get('XLA_FLAGS', '')!r}")
+    head = f"{'variant':10s} {'ViT s':>8s} {'ViT+pre s':>10s} {'decode tok/s':>13s} {'peak RSS GB':>12s}"
+    gpu = args.device == "gpu"
+    if gpu:
+        head += f" {'peak dev GB':>12s} {'prefill TFLOP/s':>16s}"
+    head += f" {'compile s':>10s}"
+    print(head)
+    for v, r in results.items():
+        line = f"{v:10s} {r['vit_s']:8.3f} {r['prefill_s']:10.3f} {r['decode_tok_s']:13.2f} {r['peak_rss_gb']:12.2f}"
+        if gpu:
+            line += f" {r.get('peak_dev_gb', 0):12.2f} {flops / r['prefill_s'] / 1e12:16.1f}"
+        comp = f"{r['compile_prefill_s']:.0f}+{r['compile_loop_s']:.0f}" if "compile_loop_s" in r else "-"
+        print(line + f" {comp:>10s}")
+    ours = [v for v in results if v.startswith("ours")]
+    for o in ours:
+        for h in [v for v in results if v.startswith("hf")]:
+            a, b = results[o], results[h]
+            print(f"{o} vs {h}: ViT {b['vit_s'] / a['vit_s']:.2f}x faster, ViT+prefill "
+                  f"{b['prefill_s'] / a['prefill_s']:.2f}x faster, decode {a['decode_tok_s'] / b['decode_tok_s']:.2f}x "
+                  f"the tokens/s")
+        r = results[o]
+        if gpu and "big_prefill_s" in r:
+            kind = r.get("device_kind", "")
+            peak = next((p for k, p in PEAK_BF16.items() if k in kind), None)
+            tf = flops / r["prefill_s"]
+            big = r["big_prefill_flops"] / r["big_prefill_s"]
+            share = lambda x: f" = {100 * x / peak:.0f}% of the {kind} bf16 peak" if peak else ""  # noqa: E731
+            print(f"{o}: prefill (ViT + {n_tok} tokens) {tf / 1e12:.1f} TFLOP/s{share(tf)}; "
+                  f"text prefill 8x1024 tokens {big / 1e12:.1f} TFLOP/s{share(big)}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
