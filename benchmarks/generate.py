@@ -19,6 +19,7 @@ peak. Timings are the best of --repeat runs after one warm-up.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import resource
@@ -30,6 +31,7 @@ from pathlib import Path
 import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))  # runnable from a checkout without installing
 IMAGE_TOKEN, VSTART, VEND = 151655, 151652, 151653
 # Dense bf16 peak FLOP/s of common accelerators (no sparsity), for the MFU column.
 PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12, "A10": 125e12}
@@ -60,7 +62,7 @@ def make_inputs(image: int, prompt_words: int = 24, seed: int = 0) -> dict:
             "pixel_values": rng.randn(g * g, 1176).astype(np.float32), "image_grid_thw": grid}
 
 
-def prefill_flops(config, n_tokens: int, n_patches: int) -> float:
+def prefill_flops(config, n_tokens: int, n_patches: int, with_vit: bool = True) -> float:
     """Matmul FLOPs (2 per multiply-add) of the ViT over n_patches and the decoder over
     n_tokens, attention included; the LM head counts once (only the last token)."""
     v, t = config.vision, config.text
@@ -72,7 +74,7 @@ def prefill_flops(config, n_tokens: int, n_patches: int) -> float:
     per_tok = 2 * d * (t.num_attention_heads + 2 * t.num_key_value_heads) * hd + 2 * t.num_attention_heads * hd * d
     per_tok += 3 * 2 * d * t.intermediate_size
     dec = t.num_hidden_layers * (n_tokens * per_tok + 2 * 2 * n_tokens * n_tokens * t.num_attention_heads * hd)
-    return float(vit + dec + 2 * d * t.vocab_size)
+    return float((vit if with_vit else 0) + dec + 2 * d * t.vocab_size)
 
 
 def peak_rss_gb() -> float:
@@ -100,19 +102,21 @@ def run_ours(args, dtype_name: str) -> dict:
     dtype = jnp.dtype(dtype_name)
     shapes = init_shapes(config, dtype)
 
-    @jax.jit
-    def fill(key):  # random weights made on the device, in their final dtype
+    @functools.partial(jax.jit, static_argnums=(1, 2))
+    def normal(key, shape, kind):  # one leaf at a time, made on the device in its final dtype
+        if kind == "ones":
+            return jnp.ones(shape, dtype)
+        if kind == "zeros":
+            return jnp.zeros(shape, dtype)
+        return (jax.random.normal(key, shape, jnp.float32) * 0.02).astype(dtype)
+
+    def fill(key):
         leaves, treedef = jax.tree_util.tree_flatten_with_path(shapes)
-        keys = jax.random.split(key, len(leaves))
         out = []
-        for k, (path, leaf) in zip(keys, leaves):
+        for i, (path, leaf) in enumerate(leaves):
             name = str(path[-1])
-            if "scale" in name:
-                out.append(jnp.ones(leaf.shape, dtype))
-            elif "bias" in name:
-                out.append(jnp.zeros(leaf.shape, dtype))
-            else:
-                out.append((jax.random.normal(k, leaf.shape, jnp.float32) * 0.02).astype(dtype))
+            kind = "ones" if "scale" in name else "zeros" if "bias" in name else "normal"
+            out.append(jax.block_until_ready(normal(jax.random.fold_in(key, i), tuple(leaf.shape), kind)))
         return jax.tree_util.tree_unflatten(treedef, out)
 
     params = fill(jax.random.PRNGKey(0))
@@ -150,19 +154,21 @@ def run_ours(args, dtype_name: str) -> dict:
            "compile_prefill_s": compile_prefill, "compile_loop_s": compile_loop,
            "prompt_tokens": int(inputs["input_ids"].shape[1]), "prompt_bucket": int(prepared.input_ids.shape[1])}
     dev = jax.devices()[0]
+    out["device_kind"] = dev.device_kind
     if dev.platform == "gpu":
         stats = dev.memory_stats() or {}
         out["peak_dev_gb"] = stats.get("peak_bytes_in_use", 0) / 2**30
-        out["device_kind"] = dev.device_kind
-        # Larger prefill (8 rows x 1024 text tokens): what the decoder reaches when it is fed.
-        big = {"input_ids": np.random.RandomState(1).randint(100, 150000, (8, 1024)),
-               "attention_mask": np.ones((8, 1024), np.int64)}
+    if args.big_prefill:
+        # A larger text prefill (rows x tokens): the FLOP/s the decoder reaches when it is fed.
+        rows, length = (int(x) for x in args.big_prefill.split("x"))
+        big = {"input_ids": np.random.RandomState(1).randint(100, 150000, (rows, length)),
+               "attention_mask": np.ones((rows, length), np.int64)}
         big_gc = GenerationConfig(max_new_tokens=1, eos_token_ids=())
         big_prep = gen.prepare(**big, max_new_tokens=1)
         jax.block_until_ready(gen.start(big_prep, big_gc))
         out["big_prefill_s"] = best_of(lambda: jax.block_until_ready(gen.start(big_prep, big_gc)), args.repeat)
-        out["big_prefill_flops"] = 8 * (prefill_flops(config, 1024, 0) - 2 * config.text.hidden_size
-                                        * config.text.vocab_size) + 8 * 2 * config.text.hidden_size * config.text.vocab_size
+        out["big_prefill_flops"] = rows * prefill_flops(config, length, 0, with_vit=False)
+        out["big_prefill"] = args.big_prefill
     out["peak_rss_gb"] = peak_rss_gb()
     return out
 
@@ -177,10 +183,13 @@ def run_hf(args, dtype_name: str) -> dict:
     device = "cuda" if args.device == "gpu" else "cpu"
     hf_cfg = HFConfig(**config.to_hf())
     torch.manual_seed(0)
-    try:
+    try:  # skip HF's random init: the weights are overwritten below
         from transformers.initialization import no_init_weights
     except ImportError:
-        from transformers.modeling_utils import no_init_weights
+        try:
+            from transformers.modeling_utils import no_init_weights
+        except ImportError:
+            from contextlib import nullcontext as no_init_weights
     with no_init_weights(), torch.device(device):
         model = Qwen2VLForConditionalGeneration._from_config(hf_cfg, dtype=dtype)
     with torch.no_grad():
@@ -234,7 +243,8 @@ def run_variant(args, variant: str) -> dict:
 
 def child_argv(args, variant: str) -> list[str]:
     return [sys.executable, __file__, "--only", variant, "--device", args.device, "--size", args.size,
-            "--image", str(args.image), "--new-tokens", str(args.new_tokens), "--repeat", str(args.repeat)]
+            "--image", str(args.image), "--new-tokens", str(args.new_tokens), "--repeat", str(args.repeat),
+            "--big-prefill", args.big_prefill or ""]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -248,9 +258,13 @@ def main(argv: list[str] | None = None) -> int:
                     help="comma list of ours-fp32, ours-bf16, hf-fp32, hf-bf16 "
                          "(default: cpu: ours-fp32,hf-fp32,hf-bf16; gpu: ours-bf16,hf-bf16)")
     ap.add_argument("--xla-flags", default=None, help="XLA_FLAGS for our variants (e.g. --xla_cpu_use_onednn=true)")
+    ap.add_argument("--big-prefill", default=None, metavar="ROWSxTOKENS",
+                    help="also time a text-only prefill of this size for ours (default on GPU: 8x1024)")
     ap.add_argument("--only", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
 
+    if args.big_prefill is None and args.device == "gpu":
+        args.big_prefill = "8x1024"
     if args.only:  # child: one variant, one JSON line
         if args.device == "cpu":
             os.environ.setdefault("JAX_PLATFORMS", "cpu")
@@ -305,14 +319,15 @@ def print_table(args, results: dict) -> None:
                   f"{b['prefill_s'] / a['prefill_s']:.2f}x faster, decode {a['decode_tok_s'] / b['decode_tok_s']:.2f}x "
                   f"the tokens/s")
         r = results[o]
-        if gpu and "big_prefill_s" in r:
-            kind = r.get("device_kind", "")
-            peak = next((p for k, p in PEAK_BF16.items() if k in kind), None)
-            tf = flops / r["prefill_s"]
+        kind = r.get("device_kind", "")
+        peak = next((p for k, p in PEAK_BF16.items() if k in kind), None) if gpu else None
+        share = lambda x: f" = {100 * x / peak:.0f}% of the {kind} bf16 peak" if peak else ""  # noqa: E731
+        tf = flops / r["prefill_s"]
+        line = f"{o}: ViT+prefill ({n_patch} patches + {n_tok} tokens) {tf / 1e12:.2f} TFLOP/s{share(tf)}"
+        if "big_prefill_s" in r:
             big = r["big_prefill_flops"] / r["big_prefill_s"]
-            share = lambda x: f" = {100 * x / peak:.0f}% of the {kind} bf16 peak" if peak else ""  # noqa: E731
-            print(f"{o}: prefill (ViT + {n_tok} tokens) {tf / 1e12:.1f} TFLOP/s{share(tf)}; "
-                  f"text prefill 8x1024 tokens {big / 1e12:.1f} TFLOP/s{share(big)}")
+            line += f"; text prefill {r['big_prefill']} tokens {big / 1e12:.2f} TFLOP/s{share(big)}"
+        print(line)
 
 
 if __name__ == "__main__":
