@@ -34,6 +34,7 @@ import threading
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
+import jax
 import numpy as np
 
 from qwen2vl_jax.config import Qwen2VLConfig
@@ -338,12 +339,7 @@ def collate_vision(examples: Sequence[Example | None], config: Qwen2VLConfig, n:
 
 def stack_micro(batches: Sequence[dict]) -> dict:
     """Micro-batches with equal shapes -> one step's arrays with a leading [A] axis."""
-    def stack(*xs):
-        return np.stack(xs)
-
-    import jax  # noqa: PLC0415 - tree utilities only
-
-    return jax.tree.map(stack, *batches)
+    return jax.tree.map(lambda *xs: np.stack(xs), *batches)
 
 
 # ----------------------------------------------------------------------------- dataset

@@ -18,8 +18,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
-import math
 import time
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -31,7 +29,6 @@ import numpy as np
 import optax
 
 from qwen2vl_jax.config import Qwen2VLConfig
-from qwen2vl_jax.errors import InputError
 from qwen2vl_jax.model import Qwen2VLModule, merge_vision
 from qwen2vl_jax.sharding import ShardingRules, named_sharding, param_shardings, use_mesh
 from qwen2vl_jax.train import stages as st
@@ -106,6 +103,7 @@ class Trainer:
         self.schedule = st.schedule(stage, self.total_steps)
         self.trainable: frozenset[str] | None = None
         self._step = None
+        self._grads = None
 
     # ---------------------------------------------------------------- state
     def init_state(self, params) -> TrainState:
@@ -191,9 +189,24 @@ class Trainer:
         train, frozen = st.split(state.params, self.trainable)
         updates, opt_state = self.optimizer.update(grads, state.opt_state, train)
         train = optax.apply_updates(train, updates)
-        metrics = {"loss": loss, "tokens": count, "grad_norm": optax.global_norm(grads),
+        metrics = {"loss": loss, "tokens": count, "grad_norm": optax.tree.norm(grads),
                    "lr": self.schedule(state.step)}
         return TrainState(state.step + 1, st.merge(train, frozen), opt_state), metrics
+
+    def grads(self, params, batch: dict):
+        """(mean loss, gradients of the trainable subtree) for one step's arrays, jitted on the
+        trainer's mesh like `step` but without updating anything."""
+        if self.trainable is None:
+            self.trainable = st.trainable_paths(params, self.stage)
+        if self._grads is None:
+            def fn(p, b):
+                with use_mesh(self.mesh, self.rules):
+                    return self.loss_and_grads(p, b)[:2]
+
+            self._grads = jax.jit(fn)
+        if self.mesh is not None:
+            batch = jax.device_put(batch, self.batch_shardings(batch))
+        return self._grads(params, batch)
 
     def step(self, state: TrainState, batch: dict) -> tuple[TrainState, dict]:
         """One optimizer update from one step's arrays ([A, B, ...], host numpy)."""
@@ -259,7 +272,7 @@ class Checkpoints:
 @dataclasses.dataclass
 class LogRow:
     step: int
-    loss: float
+    loss: float  # mean over the steps since the previous row
     lr: float
     tokens_per_s: float
     grad_norm: float
@@ -268,44 +281,49 @@ class LogRow:
 def run_steps(trainer: Trainer, state: TrainState, batches: Iterator[tuple[dict, int, Position]],
               until: int, *, log_every: int = 10, on_log: Callable[[LogRow], None] | None = None,
               on_save: Callable[[TrainState, Position], None] | None = None, save_every: int = 0,
+              on_losses: Callable[[list[tuple[int, float]]], None] | None = None,
               progress: bool = False) -> tuple[TrainState, Position | None, list[tuple[int, float]]]:
-    """Steps until state.step == until; returns (state, data position, [(step, loss)])."""
+    """Steps until state.step == until; returns (state, data position after it, [(step, loss)]).
+
+    Metrics stay on device between log points, so the host never waits on a step it does not
+    report."""
     start = int(state.step)
     bar = None
     if progress:
         from tqdm import tqdm  # noqa: PLC0415
 
         bar = tqdm(total=until, initial=start, unit="step", dynamic_ncols=True)
-    losses: list[tuple[int, Any]] = []
-    pos = None
+    history: list[tuple[int, float]] = []
+    window: list[tuple[int, dict]] = []
     window_tokens, window_start = 0, time.perf_counter()
-    pending: list[tuple[int, dict]] = []
+    pos = None
     for step in range(start, until):
         arrays, tokens, pos = next(batches)
         state, metrics = trainer.step(state, arrays)
-        losses.append((step + 1, metrics["loss"]))
+        window.append((step + 1, metrics))
         window_tokens += tokens
-        pending.append((step + 1, metrics))
         if bar is not None:
             bar.update(1)
         last = step + 1 == until
         if (step + 1) % log_every == 0 or last:
-            jax.block_until_ready(metrics["loss"])
+            got = jax.device_get([m for _, m in window])
             elapsed = time.perf_counter() - window_start
-            m = jax.device_get(metrics)
-            row = LogRow(step + 1, float(m["loss"]), float(m["lr"]), window_tokens / max(elapsed, 1e-9),
-                         float(m["grad_norm"]))
+            points = [(s, float(m["loss"])) for (s, _), m in zip(window, got)]
+            history += points
+            row = LogRow(step + 1, float(np.mean([v for _, v in points])), float(got[-1]["lr"]),
+                         window_tokens / max(elapsed, 1e-9), float(got[-1]["grad_norm"]))
             if bar is not None:
                 bar.set_postfix(loss=f"{row.loss:.4f}", lr=f"{row.lr:.2e}", tok_s=f"{row.tokens_per_s:.0f}")
+            if on_losses is not None:
+                on_losses(points)
             if on_log is not None:
                 on_log(row)
-            window_tokens, window_start = 0, time.perf_counter()
-            pending.clear()
+            window, window_tokens, window_start = [], 0, time.perf_counter()
         if on_save is not None and ((save_every and (step + 1) % save_every == 0) or last):
             on_save(state, pos)
     if bar is not None:
         bar.close()
-    return state, pos, [(s, float(v)) for s, v in jax.device_get(losses)]
+    return state, pos, history
 
 
 # ----------------------------------------------------------------------------- plotting
@@ -346,15 +364,3 @@ def plot_losses(points: list[tuple[int, float]], path: str | Path, title: str = 
         d.line(list(zip(map(px, xs[k - 1:]), map(py, smooth))), fill=(20, 60, 180), width=2)
     d.text((w // 2 - 10, h - 16), "step", fill="black")
     img.save(path)
-
-
-def count_tokens(batch: dict) -> int:
-    return int(np.asarray(batch["attention_mask"]).sum())
-
-
-def meta_json(**kw) -> dict:
-    return json.loads(json.dumps(kw, default=str))
-
-
-def cosine_total(steps: int) -> int:
-    return max(1, int(math.ceil(steps)))

@@ -101,7 +101,7 @@ def many_shapes(rng: random.Random, count: int | None = None) -> tuple[Image.Ima
     draw = ImageDraw.Draw(img)
     cell = SIZE / 3
     items = []
-    for c in rng.sample(range(9), count):
+    for c in sorted(rng.sample(range(9), count)):  # reading order, so captions list them predictably
         shape, colour = rng.choice(SHAPES), rng.choice(list(COLOURS))
         r = rng.uniform(9, 13)
         cx = (c % 3 + 0.5) * cell + rng.uniform(-4, 4)
@@ -227,7 +227,7 @@ VIDEO_PIXELS = {"min_pixels": 56 * 56, "max_pixels": SIZE * SIZE}
 
 @dataclasses.dataclass
 class Counts:
-    images: int = 3000
+    images: int = 6000
     videos: int = 60
     eval_per_task: int = 100
 

@@ -1,0 +1,435 @@
+"""Training: loss and gradients against HF (torch autograd), stage freezing, accumulation,
+remat/bf16 options, resume, the sharded step on 8 simulated devices, the data loader's labels
+and errors, the synthetic dataset and the shipped demo model."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import traverse_util
+
+import hf_utils
+from qwen2vl_jax.config import TINY
+from qwen2vl_jax.errors import InputError
+from qwen2vl_jax.model import Qwen2VLModule, _dummy_vision
+from qwen2vl_jax.train import data, loop, stages as st, synthetic
+
+TESTS = Path(__file__).resolve().parent
+
+
+def flat(tree) -> dict:
+    return traverse_util.flatten_dict(jax.device_get(tree), sep="/")
+
+
+def case_examples(config, seed: int = 0) -> list[data.Example]:
+    """The parity cases split into single rows, with random labels on text tokens."""
+    rng = np.random.RandomState(seed)
+    out = []
+    for case in hf_utils.standard_cases():
+        ids = case.input_ids
+        labels = np.where(rng.rand(*ids.shape) < 0.6, ids, -100)
+        labels[(case.attention_mask == 0) | np.isin(ids, [hf_utils.IMG, hf_utils.VID])] = -100
+        out += data.split_batch(case.inputs(), config.image_token_id, config.video_token_id, labels=labels)
+    for e in out:
+        e.labels[0] = -100  # nothing predicts a row's first token (HF would from a left pad)
+    return out
+
+
+def random_params(config, seed: int = 0):
+    module = Qwen2VLModule(config)
+    return jax.jit(module.init)(jax.random.PRNGKey(seed), jnp.zeros((1, 4), jnp.int32), jnp.zeros((3, 1, 4), jnp.int32),
+                                jnp.ones((1, 4), bool), _dummy_vision(config))["params"]
+
+
+# ----------------------------------------------------------------------------- HF parity
+@pytest.mark.parametrize("name", ["untied", "tied"])
+def test_loss_and_grads_match_hf(tiny_hf, tiny_ours, name):
+    """One mixed batch (text, images, video, padding): our loss and the gradient of every
+    parameter equal HF's (torch autograd, labels passed to the model) in fp32."""
+    import torch
+    from qwen2vl_jax.convert.mapping import hf_to_jax_name, to_jax
+
+    hf, _ = tiny_hf[name]
+    ours = tiny_ours[name]
+    cfg = ours.config
+    exs = case_examples(cfg)
+    batch = data.stack_micro([data.collate(exs, cfg, hf_utils.PAD)])
+    loss, grads = loop.Trainer(cfg, st.get_stage(2), 10).grads(ours.params, batch)
+    count = int((batch["labels"][:, :, 1:] != -100).sum())
+
+    # HF gets the same rows left-padded into one batch, as its processor would give them.
+    width = max(len(e.input_ids) for e in exs)
+    ids = np.full((len(exs), width), hf_utils.PAD, np.int64)
+    mask, labels = np.zeros_like(ids), np.full_like(ids, -100)
+    for i, e in enumerate(exs):
+        ids[i, width - len(e.input_ids):], mask[i, width - len(e.input_ids):] = e.input_ids, 1
+        labels[i, width - len(e.input_ids):] = e.labels
+    cat = lambda k: torch.tensor(np.concatenate([getattr(e, k) for e in exs if getattr(e, k) is not None]))  # noqa: E731
+    hf.zero_grad()
+    out = hf(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask), labels=torch.tensor(labels),
+             pixel_values=cat("pixel_values"), image_grid_thw=cat("image_grid_thw"),
+             pixel_values_videos=cat("pixel_values_videos"), video_grid_thw=cat("video_grid_thw"),
+             mm_token_type_ids=torch.tensor(hf_utils.mm_token_type_ids(ids)))
+    out.loss.backward()
+
+    assert int(count) == int((labels[:, 1:] != -100).sum())
+    assert abs(float(loss) - out.loss.item()) <= 1e-4 * out.loss.item()
+    ours_g = flat(grads)
+    compared = set()
+    for hf_name, p in hf.named_parameters():
+        path, transform = hf_to_jax_name(hf_name)
+        if path == "lm_head/kernel" and cfg.tie_word_embeddings:
+            continue  # tied: HF's embedding grad already holds the output layer's share
+        want = to_jax(p.grad.numpy(), transform, ours_g[path].shape)
+        err = np.linalg.norm(ours_g[path] - want) / np.linalg.norm(want)
+        assert err <= 1e-4, f"{path}: relative gradient error {err:.2e}"
+        compared.add(path)
+    assert compared == set(ours_g)
+
+
+# ----------------------------------------------------------------------------- the step
+@pytest.fixture(scope="module")
+def tiny_batch():
+    exs = case_examples(TINY)
+    return exs, data.stack_micro([data.collate(exs[:4], TINY, 0)])
+
+
+def one_step(stage, batch, params, **kw):
+    trainer = loop.Trainer(TINY, stage, 10, **kw)
+    state = trainer.init_state(params)
+    new, metrics = trainer.step(state, batch)
+    return trainer, state, new, jax.device_get(metrics)
+
+
+def test_stages_freeze_what_they_should(tiny_batch):
+    """Stage 1 leaves every LLM parameter bit-identical, stage 3 every vision parameter; stage
+    2 changes both; frozen parameters have no optimizer state."""
+    _, batch = tiny_batch
+    params = random_params(TINY)
+    before = flat(params)
+    for n in (1, 2, 3):
+        stage = st.get_stage(n, learning_rate=1e-3, warmup_steps=0)
+        trainer, state, new, metrics = one_step(stage, batch, params)
+        after = flat(new.params)
+        assert np.isfinite(metrics["loss"])
+        changed = {k for k in before if not np.array_equal(before[k], after[k])}
+        vision = {k for k in before if k.startswith("visual/")}
+        llm = set(before) - vision
+        if n == 1:
+            assert changed == vision
+        elif n == 2:
+            assert changed == set(before)
+        else:
+            assert changed == llm
+        # Adam's moments exist for exactly the trainable parameters.
+        mu = new.opt_state[1][0].mu
+        assert set(flat(mu)) == (vision if n == 1 else llm if n == 3 else set(before))
+
+
+def grads_of(stage, batch, params, **kw):
+    loss, grads = loop.Trainer(TINY, stage, 10, **kw).grads(params, batch)
+    return float(loss), flat(grads)
+
+
+def rel_err(a, b) -> float:
+    return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
+
+
+# Adam divides by sqrt(v) + eps: with the usual eps=1e-8 a gradient that is zero in exact
+# arithmetic but 1e-10 in floats (the k_proj bias: softmax ignores a shift shared by all keys)
+# gets an update of +-lr from rounding alone. A larger eps keeps such noise out of the
+# comparison of updates; real gradients (>= 1e-4 here) still move their parameters.
+UPDATE_STAGE = st.get_stage(2, learning_rate=1e-3, warmup_steps=0, eps=1e-4)
+
+
+def assert_same_update(before: dict, a: dict, b: dict, tol: float = 1e-4):
+    """Parameter updates agree tensor by tensor."""
+    for k in before:
+        da, db = a[k] - before[k], b[k] - before[k]
+        assert rel_err(da, db) <= tol, f"{k}: update differs by {rel_err(da, db):.2e}"
+
+
+def test_accumulation_equals_one_big_batch(tiny_batch):
+    """Two micro-batches of 2 rows give the loss, gradients and update of one batch of 4
+    (a token-weighted mean, not a mean of means)."""
+    exs, _ = tiny_batch
+    rows = exs[:4]
+    sizes = data.vision_bucket(rows)
+    length = data.bucket(max(len(e.input_ids) for e in rows))
+    big = data.stack_micro([data.collate(rows, TINY, 0, length, sizes)])
+    micro = data.stack_micro([data.collate(rows[:2], TINY, 0, length, sizes),
+                              data.collate(rows[2:], TINY, 0, length, sizes)])
+    params = random_params(TINY, 1)
+    stage = UPDATE_STAGE
+    (la, ga), (lb, gb) = grads_of(stage, big, params), grads_of(stage, micro, params)
+    assert abs(la - lb) <= 1e-6 * la
+    for k in ga:
+        assert rel_err(gb[k], ga[k]) <= 1e-5, k
+    _, _, a, ma = one_step(stage, big, params)
+    _, _, b, mb = one_step(stage, micro, params)
+    assert ma["tokens"] == mb["tokens"]
+    assert_same_update(flat(params), flat(a.params), flat(b.params))
+
+
+def test_remat_and_bf16_options(tiny_batch):
+    """Remat gives the same loss and gradients; bf16 compute keeps fp32 master weights,
+    gradients and optimizer state, and its loss is close to fp32's."""
+    _, batch = tiny_batch
+    params = random_params(TINY, 2)
+    stage = st.get_stage(2, learning_rate=1e-3, warmup_steps=0)
+    (lr_, gr), (lm, gm) = grads_of(stage, batch, params), grads_of(stage, batch, params, remat=True)
+    assert abs(lr_ - lm) <= 1e-6 * lr_
+    for k in gr:
+        assert rel_err(gm[k], gr[k]) <= 1e-5, k
+    _, _, half, m_half = one_step(stage, batch, params, compute_dtype=jnp.bfloat16)
+    assert {x.dtype for x in jax.tree.leaves(half.params)} == {jnp.dtype(jnp.float32)}
+    assert {x.dtype for x in jax.tree.leaves(half.opt_state) if x.ndim} == {jnp.dtype(jnp.float32)}
+    assert abs(float(m_half["loss"]) - lr_) < 0.05 * lr_
+
+
+SHARDED_SCRIPT = r"""
+import json, sys
+import jax
+jax.config.update("jax_num_cpu_devices", 8)
+sys.path.insert(0, TESTS)
+import numpy as np
+import test_train as tt
+from qwen2vl_jax.config import TINY
+from qwen2vl_jax.sharding import make_mesh
+from qwen2vl_jax.train import data, loop, stages as st
+
+exs = tt.case_examples(TINY)
+exs = (exs + exs)[:8]
+sizes = data.vision_bucket(exs)
+length = data.bucket(max(len(e.input_ids) for e in exs))
+batch = data.stack_micro([data.collate(exs[:4], TINY, 0, length, sizes), data.collate(exs[4:], TINY, 0, length, sizes)])
+params = tt.random_params(TINY, 3)
+stage = tt.UPDATE_STAGE
+ref = loop.Trainer(TINY, stage, 10)
+s = ref.init_state(params)
+mesh = make_mesh("data=2,fsdp=2,tensor=2")
+tr = loop.Trainer(TINY, stage, 10, mesh=mesh)
+t = tr.init_state(params)
+out = {"loss": [], "grad_err": [], "update_err": [], "sharded": []}
+for _ in range(2):
+    before = tt.flat(s.params)
+    ga = tt.flat(ref.grads(s.params, batch)[1])
+    gb = tt.flat(tr.grads(t.params, batch)[1])
+    out["grad_err"].append(max(tt.rel_err(gb[k], ga[k]) for k in ga))
+    s, ms = ref.step(s, batch)
+    t, mt = tr.step(t, batch)
+    out["loss"].append([float(ms["loss"]), float(mt["loss"])])
+    a, b = tt.flat(s.params), tt.flat(t.params)
+    out["update_err"].append(max(tt.rel_err(b[k] - before[k], a[k] - before[k]) for k in a))
+kernel = t.params["model"]["layers_0"]["mlp"]["up_proj"]["kernel"]
+mu = t.opt_state[1][0].mu["model"]["layers_0"]["mlp"]["up_proj"]["kernel"]
+out["sharded"] = [str(kernel.sharding.spec), str(mu.sharding.spec), len(kernel.sharding.device_set)]
+print("RESULT" + json.dumps(out))
+"""
+
+
+def test_sharded_step_matches_unsharded():
+    """On 8 simulated CPU devices (data=2, fsdp=2, tensor=2) two train steps give the loss and
+    the parameters of the unsharded step, with params and Adam state actually sharded."""
+    script = f"TESTS = {str(TESTS)!r}\n" + SHARDED_SCRIPT
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(proc.stdout.split("RESULT", 1)[1])
+    for ref, sharded in out["loss"]:
+        assert abs(ref - sharded) <= 1e-5 * ref
+    assert max(out["grad_err"]) <= 1e-5
+    assert max(out["update_err"]) <= 1e-4  # see UPDATE_STAGE
+    spec, mu_spec, ndev = out["sharded"]
+    assert "fsdp" in spec and "tensor" in spec and spec == mu_spec and ndev == 8
+
+
+# ----------------------------------------------------------------------------- data
+TINY_WIDTHS = dict(vision=dict(depth=1, embed_dim=32, num_heads=2, mlp_ratio=2.0),
+                   text=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                             num_key_value_heads=1, mrope_section=(2, 3, 3)))
+
+
+@pytest.fixture(scope="module")
+def tiny_folder(tmp_path_factory):
+    """A converted folder (own BPE tokenizer, random weights) and a few synthetic images."""
+    from qwen2vl_jax.train import demo
+
+    root = tmp_path_factory.mktemp("train")
+    demo.init_folder(root / "model", 0, vocab=320, corpus_size=200, **TINY_WIDTHS)
+    rng = random.Random(0)
+    (root / "img").mkdir()
+    infos = []
+    for i in range(6):
+        img, info = synthetic.single_shape(rng)
+        img.save(root / "img" / f"{i}.png")
+        infos.append(info)
+    return root, infos
+
+
+def qa(image: str, question: str, answer: str) -> dict:
+    return {"messages": [{"role": "user", "content": [{"type": "image", "image": image},
+                                                      {"type": "text", "text": question}]},
+                         {"role": "assistant", "content": [{"type": "text", "text": answer}]}]}
+
+
+def write_jsonl(path: Path, rows) -> Path:
+    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows))
+    return path
+
+
+def supervised(ex: data.Example, tok) -> str:
+    return tok.decode([int(t) for t in ex.labels if t != data.IGNORE])
+
+
+def test_labels_follow_the_turns(tiny_folder):
+    from qwen2vl_jax.processing import Processor
+
+    root, _ = tiny_folder
+    proc = Processor.from_pretrained(root / "model")
+    img = str(root / "img" / "0.png")
+    two_turns = [{"role": "user", "content": [{"type": "image", "image": img}, {"type": "text", "text": "What shape is this?"}]},
+                 {"role": "assistant", "content": [{"type": "text", "text": "circle"}]},
+                 {"role": "user", "content": "What colour is it?"},
+                 {"role": "assistant", "content": "red"}]
+    ex = data.process_record(two_turns, proc, "assistant")
+    assert supervised(ex, proc.tokenizer) == "circle<|im_end|>red<|im_end|>"
+    pair = [{"role": "user", "content": [{"type": "image", "image": img}, {"type": "text", "text": "a red circle"}]}]
+    for mode in ("caption", "assistant"):  # no assistant turn: the caption is the target
+        ex = data.process_record(pair, proc, mode)
+        assert supervised(ex, proc.tokenizer) == "a red circle<|im_end|>"
+    ex = data.process_record(two_turns, proc, "caption")
+    assert supervised(ex, proc.tokenizer) == "What shape is this?<|im_end|>circle<|im_end|>What colour is it?<|im_end|>red<|im_end|>"
+    # Vision placeholders never carry a label, and the batch has one layout row per example.
+    assert not np.isin(ex.labels, [proc.tokenizer.image_token_id, proc.tokenizer.vision_start_token_id]).any()
+
+
+def test_bad_records_are_named_by_line(tiny_folder, capsys):
+    from qwen2vl_jax.processing import Processor
+    from qwen2vl_jax.train.cli import main
+
+    root, _ = tiny_folder
+    proc = Processor.from_pretrained(root / "model")
+    tiny = root / "tiny.png"
+    from PIL import Image
+
+    Image.new("RGB", (10, 10)).save(tiny)
+    rows = [qa("img/0.png", "What shape?", "circle"),
+            "{not json",
+            qa("img/missing.png", "What shape?", "circle"),
+            {"messages": [{"role": "robot", "content": "hi"}]},
+            qa(str(tiny), "What shape?", "circle"),
+            qa("img/1.png", "What shape?", "square")]
+    path = write_jsonl(root / "bad.jsonl", rows)
+    with pytest.raises(InputError) as e:
+        data.JsonlDataset(path, proc)
+    msg = str(e.value)
+    assert "4 bad record(s)" in msg and "\n" not in msg
+    for line, what in ((2, "invalid JSON"), (3, "missing.png not found"), (4, "robot"), (5, "too small")):
+        assert f"line {line}: " in msg and what in msg
+    ds = data.JsonlDataset(path, proc, skip_bad=True)
+    assert [r.line for r in ds.records] == [1, 6] and len(ds.skipped) == 4
+    rc = main(["--model", str(root / "model"), "--data", str(path), "--stage", "3", "--steps", "1",
+               "--out", str(root / "never"), "--no-progress"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and err[-1].startswith("qwen2vl-train: error: 4 bad record(s)")
+    assert not (root / "never").exists()
+
+
+def test_batches_are_bucketed_and_deterministic():
+    assert [data.bucket(n) for n in (1, 16, 17, 25, 33, 49, 65, 97, 129)] == [16, 16, 24, 32, 48, 64, 96, 128, 192]
+    lengths = [20, 21, 40, 41, 42, 90, 17, 18, 19]
+    plan = data.BatchPlan(lengths, 2, seed=5)
+    e0 = plan.epoch(0)
+    assert e0 == data.BatchPlan(lengths, 2, seed=5).epoch(0) and e0 != plan.epoch(1)
+    seen = [i for step in e0 for i in step if i is not None]
+    assert sorted(seen) == list(range(len(lengths)))
+    for step in e0:  # one length bucket per step
+        assert len({data.bucket(lengths[i]) for i in step if i is not None}) == 1
+    pos = data.Position()
+    for _ in range(len(e0)):
+        pos = plan.advance(pos)
+    assert pos == data.Position(1, 0)
+
+
+# ----------------------------------------------------------------------------- runs
+def test_resume_continues_exactly(tiny_folder):
+    """4 steps straight == 2 steps, stop, resume, 2 more: identical params. The output folder
+    loads as a model and exports to an HF folder."""
+    from qwen2vl_jax import checkpoint as ck
+    from qwen2vl_jax.config import Qwen2VLConfig
+    from qwen2vl_jax.train.run import TrainOptions, fit
+
+    root, infos = tiny_folder
+    rows = [qa(f"img/{i}.png", "What shape is this?", info["shape"]) for i, info in enumerate(infos)]
+    path = write_jsonl(root / "qa.jsonl", rows)
+    common = dict(model=root / "model", data=path, stage=3, steps=4, batch_size=2, learning_rate=1e-2,
+                  warmup_steps=1, seed=1, log_every=1, progress=False)
+    logs = []
+    fit(TrainOptions(out=root / "straight", **common), log=logs.append)
+    fit(TrainOptions(out=root / "split", stop_at=2, **common), log=logs.append)
+    with pytest.raises(InputError, match="already holds a training run"):
+        fit(TrainOptions(out=root / "split", **common), log=logs.append)
+    fit(TrainOptions(out=root / "split", resume=True, **common), log=logs.append)
+    assert any("resuming stage 3 at step 2" in line for line in logs)
+
+    config = Qwen2VLConfig.from_hf(root / "model")
+    a = flat(ck.load_params(root / "straight", config))
+    b = flat(ck.load_params(root / "split", config))
+    init = flat(ck.load_params(root / "model", config))
+    for k in a:
+        assert np.array_equal(a[k], b[k]), k
+    assert any(not np.array_equal(a[k], init[k]) for k in a)
+    assert (root / "split" / "loss.png").is_file()
+    log_rows = [json.loads(x) for x in (root / "split" / "train_log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log_rows] == [1, 2, 3, 4] and all(r["tokens_per_s"] > 0 for r in log_rows)
+
+    from qwen2vl_jax.convert.cli import export_main
+    from qwen2vl_jax.model import Qwen2VL
+
+    model = Qwen2VL.from_pretrained(root / "split", dtype="float32")
+    assert model.logits(input_ids=np.array([[5, 6, 7]])).shape == (1, 3, config.text.vocab_size)
+    assert export_main([str(root / "split"), str(root / "hf")]) == 0
+    assert any((root / "hf").glob("*.safetensors"))
+
+
+def test_synthetic_dataset_is_valid(tmp_path):
+    paths = synthetic.write_dataset(tmp_path, seed=1, counts=synthetic.Counts(images=12, videos=1, eval_per_task=2))
+    for name in ("stage1", "stage2", "stage3", "eval"):
+        records, problems = data.read_jsonl(paths[name])
+        assert records and not problems, problems
+    evals = [json.loads(x) for x in paths["eval"].read_text().splitlines()]
+    assert {r["task"] for r in evals} == set(synthetic.EVAL_TASKS)
+    captions = paths["stage1"].read_text()
+    assert "moving" in captions  # the video's caption
+
+
+# ----------------------------------------------------------------------------- the demo
+def test_demo_model_is_shipped_and_answers():
+    from qwen2vl_jax.train.demo import DEMO_DIR
+
+    if not (DEMO_DIR / "config.json").exists():
+        pytest.skip("demo model not built (python -m qwen2vl_jax.train.demo)")
+    from qwen2vl_jax.model import Qwen2VL
+    from qwen2vl_jax.processing import Processor
+
+    size = sum(p.stat().st_size for p in DEMO_DIR.rglob("*") if p.is_file())
+    assert size < 20 * 2**20
+    info = synthetic.single_shape(random.Random(3))[1]  # what make_example_image drew
+    proc = Processor.from_pretrained(DEMO_DIR)
+    model = Qwen2VL.from_pretrained(DEMO_DIR, dtype="float32")
+    image = str(DEMO_DIR / "example.png")
+    for question, want in (("What shape is this?", info["shape"]), ("What colour is the shape?", info["colour"])):
+        msgs = [{"role": "user", "content": [{"type": "image", "image": image}, {"type": "text", "text": question}]}]
+        inputs = proc(text=[proc.apply_chat_template(msgs, add_generation_prompt=True)], images=[image])
+        got = proc.batch_decode(np.asarray(model.generate(**inputs, max_new_tokens=5)), skip_special_tokens=True)[0]
+        assert got.strip() == want

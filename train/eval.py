@@ -1,0 +1,105 @@
+"""Accuracy of a model on held-out synthetic questions (shape, colour, count).
+
+    python -m qwen2vl_jax.train.eval --model qwen2vl_jax/assets/demo --data DIR/eval.jsonl
+
+Each row of the eval JSONL holds `messages` (one user turn: an image and a question), the
+`task` and the one-word `answer`. The model answers greedily; an answer counts when its first
+word, lower-cased and stripped of punctuation, equals the expected one. Prints one line per
+task and the total (and, with --json, one JSON object).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+
+from qwen2vl_jax.errors import InputError
+
+
+def normalize(text: str) -> str:
+    words = text.strip().lower().split()
+    return words[0].strip(".,!?;:'\"") if words else ""
+
+
+def evaluate(model_dir: str | Path, data: str | Path, batch_size: int = 16, limit: int | None = None,
+             max_new_tokens: int = 6) -> dict:
+    """-> {"accuracy": float, "tasks": {task: {"correct", "total", "accuracy"}}, "mistakes": [...]}"""
+    from qwen2vl_jax.model import Qwen2VL  # noqa: PLC0415
+    from qwen2vl_jax.processing import Processor  # noqa: PLC0415
+    from qwen2vl_jax.train.data import read_jsonl  # noqa: PLC0415
+
+    data = Path(data)
+    records, problems = read_jsonl(data)
+    if problems:
+        raise InputError(f"{len(problems)} bad record(s): " + "; ".join(problems[:3]))
+    raw = [json.loads(line) for line in data.read_text().splitlines() if line.strip()]
+    rows = [(rec.messages, r["task"], str(r["answer"])) for rec, r in zip(records, raw)]
+    if limit:
+        rows = rows[:limit]
+    processor = Processor.from_pretrained(model_dir)
+    model = Qwen2VL.from_pretrained(model_dir)
+    tally = defaultdict(lambda: [0, 0])
+    mistakes = []
+    for k in range(0, len(rows), batch_size):
+        chunk = rows[k:k + batch_size]
+        texts, images = [], []
+        for messages, _, _ in chunk:
+            texts.append(processor.apply_chat_template(messages, add_generation_prompt=True))
+            images += [{kk: v for kk, v in item.items() if kk != "type"}
+                       for m in messages if not isinstance(m["content"], str)
+                       for item in m["content"] if item["type"] == "image"]
+        inputs = processor(text=texts, images=images or None, padding=True)
+        out = model.generate(**inputs, max_new_tokens=max_new_tokens)
+        answers = processor.batch_decode(np.asarray(out), skip_special_tokens=True)
+        for (messages, task, want), got in zip(chunk, answers):
+            ok = normalize(got) == normalize(want)
+            tally[task][0] += ok
+            tally[task][1] += 1
+            if not ok and len(mistakes) < 20:
+                question = next(i["text"] for i in messages[-1]["content"] if i["type"] == "text")
+                mistakes.append({"task": task, "question": question, "want": want, "got": got.strip()})
+    correct = sum(c for c, _ in tally.values())
+    total = sum(t for _, t in tally.values())
+    return {
+        "accuracy": correct / max(total, 1),
+        "correct": correct,
+        "total": total,
+        "tasks": {t: {"correct": c, "total": n, "accuracy": c / n} for t, (c, n) in sorted(tally.items())},
+        "mistakes": mistakes,
+    }
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m qwen2vl_jax.train.eval", description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", default=None, help="model folder (default: the shipped demo model)")
+    p.add_argument("--data", required=True, help="eval JSONL (rows with messages, task, answer)")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--limit", type=int, default=None)
+    p.add_argument("--json", action="store_true")
+    args = p.parse_args(argv)
+    model = args.model
+    if model is None:
+        from qwen2vl_jax.train.demo import DEMO_DIR  # noqa: PLC0415
+
+        model = str(DEMO_DIR)
+    try:
+        result = evaluate(model, args.data, args.batch_size, args.limit)
+    except InputError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if args.json:
+        print(json.dumps(result))
+    else:
+        for task, r in result["tasks"].items():
+            print(f"{task:8s} {r['correct']:4d}/{r['total']:<4d} {100 * r['accuracy']:.1f}%")
+        print(f"{'all':8s} {result['correct']:4d}/{result['total']:<4d} {100 * result['accuracy']:.1f}%")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
