@@ -19,7 +19,7 @@ from pathlib import Path
 from qwen2vl_jax.errors import InputError
 
 # A small model shipped with the package (when present) serves when --model is left out.
-DEFAULT_MODEL = Path(__file__).resolve().parent / "assets" / "demo" / "model"
+DEFAULT_MODEL = Path(__file__).resolve().parent / "assets" / "demo"  # built by python -m qwen2vl_jax.train.demo
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -112,6 +112,14 @@ def _run(args) -> int:
     inputs = build_inputs(processor, args.prompt, args.image, args.video, args.system)
     settings = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
                     top_k=args.top_k, repetition_penalty=args.repetition_penalty, seed=args.seed)
+    if (args.temperature or 0) > 0:
+        # Asking for sampling drops a folder's argmax-in-disguise defaults (Qwen2-VL-Instruct
+        # ships top_k=1, top_p=0.001) unless the flags set them.
+        base = model.generation_config
+        if args.top_k is None and base.top_k == 1:
+            settings["top_k"] = 0
+        if args.top_p is None and base.top_p < 0.01:
+            settings["top_p"] = 1.0
     gc = model.generation_config.replace(**settings)
     eos = set(gc.eos_token_ids)
     leader = jax.process_index() == 0

@@ -227,6 +227,8 @@ class DecodeState:
         return self.replace(
             cache=cache, kv_valid=shard(self.kv_valid, "batch", None), logits=shard(self.logits, "batch", "vocab"),
             seen=shard(self.seen, "batch", None), pos_offset=shard(self.pos_offset, "batch"),
+            # What the host reads back stays replicated, so every process can read it.
+            token=shard(self.token, None), tokens=shard(self.tokens, None, None), done=shard(self.done, None),
         )
 
 

@@ -311,6 +311,17 @@ def test_cli_streams_text(real_vocab_model):
     assert out.endswith("\n")
 
 
+def test_cli_sampling_follows_the_seed(real_vocab_model):
+    _, folder, _ = real_vocab_model
+    runs = {}
+    for seed in (1, 1, 2):
+        code, out, err = run_cli(["--model", folder, "--prompt", "Hi", "--max-new-tokens", 8,
+                                  "--temperature", 1.0, "--seed", seed, "--json"])
+        assert code == 0, err
+        runs.setdefault(seed, []).append(json.loads(out)["token_ids"])
+    assert runs[1][0] == runs[1][1] and runs[1][0] != runs[2][0]
+
+
 @pytest.mark.parametrize("argv, message", [
     (["--image", "missing.png"], "missing.png: no such file"),
     (["--mesh", "data=3"], "needs 3 devices"),
