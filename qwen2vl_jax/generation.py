@@ -23,11 +23,10 @@ from __future__ import annotations
 import collections
 import contextlib
 import dataclasses
-import functools
 import json
 import math
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterator
+from typing import TYPE_CHECKING, Iterator
 
 import flax.struct
 import jax
@@ -303,6 +302,7 @@ class Generator:
             p_sh = param_shardings(model.params, mesh, self.rules)
         else:
             p_sh = None
+
         # Params carry explicit shardings; the other inputs arrive already laid out by their
         # logical axes (`_put_batch`) and the state pins its own (`DecodeState.constrain`).
         def jit(fn, n_dynamic, **kw):
