@@ -93,28 +93,10 @@ def list_tensors(folder: Path) -> list[tuple[str, Callable[[], np.ndarray], tupl
 
 def save_file(tensors: dict[str, np.ndarray], path: Path, metadata: dict[str, str] | None = None) -> None:
     """Writes a safetensors file, streaming each tensor's bytes."""
-    header: dict = {}
-    offset = 0
-    arrays = []
-    for name, array in tensors.items():
-        array = np.ascontiguousarray(array)
-        nbytes = array.nbytes
-        header[name] = {
-            "dtype": DTYPE_NAMES[array.dtype],
-            "shape": list(array.shape),
-            "data_offsets": [offset, offset + nbytes],
-        }
-        offset += nbytes
-        arrays.append(array)
-    if metadata:
-        header["__metadata__"] = metadata
-    blob = json.dumps(header, separators=(",", ":")).encode()
-    blob += b" " * (-len(blob) % 8)
-    with open(path, "wb") as f:
-        f.write(struct.pack("<Q", len(blob)))
-        f.write(blob)
-        for array in arrays:
-            f.write(array.tobytes())
+    arrays = {name: np.ascontiguousarray(a) for name, a in tensors.items()}
+    save_file_streaming(
+        path, [(n, a.dtype, a.shape) for n, a in arrays.items()], arrays.__getitem__, metadata
+    )
 
 
 def save_file_streaming(

@@ -310,9 +310,8 @@ def patchify(
 
 
 @dataclass(frozen=True)
-class ImageProcessor:
-    """HF's Qwen2VLImageProcessor (PIL backend) in numpy; `from_config` reads the keys of
-    preprocessor_config.json."""
+class PatchProcessorSettings:
+    """The preprocessor_config.json settings shared by the image and video processors."""
 
     min_pixels: int = 56 * 56
     max_pixels: int = 28 * 28 * 1280
@@ -322,8 +321,11 @@ class ImageProcessor:
     image_mean: tuple[float, ...] = OPENAI_CLIP_MEAN
     image_std: tuple[float, ...] = OPENAI_CLIP_STD
 
+    # Whether the normalisation table is fused (see normalize_lut); fixed per subclass.
+    _FUSED_LUT = False
+
     @classmethod
-    def from_config(cls, cfg: dict) -> "ImageProcessor":
+    def from_config(cls, cfg: dict):
         size = cfg.get("size") or {}
         kw = {}
         min_p = cfg.get("min_pixels", size.get("shortest_edge", size.get("min_pixels")))
@@ -347,9 +349,15 @@ class ImageProcessor:
     def _lut(self) -> np.ndarray:
         lut = getattr(self, "_lut_cache", None)
         if lut is None:
-            lut = normalize_lut(self.image_mean, self.image_std, fused=False)
+            lut = normalize_lut(self.image_mean, self.image_std, fused=self._FUSED_LUT)
             object.__setattr__(self, "_lut_cache", lut)
         return lut
+
+
+@dataclass(frozen=True)
+class ImageProcessor(PatchProcessorSettings):
+    """HF's Qwen2VLImageProcessor (PIL backend) in numpy; `from_config` reads the keys of
+    preprocessor_config.json."""
 
     def prepare(self, item: Any, min_pixels: int | None = None, max_pixels: int | None = None) -> Image.Image:
         """One input (PIL, array, path/URI, or a qwen-vl-utils element dict) to the resized

@@ -23,13 +23,11 @@ from PIL import Image
 from ..errors import InputError
 from .image import (
     IMAGE_FACTOR,
-    OPENAI_CLIP_MEAN,
-    OPENAI_CLIP_STD,
     as_uint8_hwc,
     check_size,
     fetch_image,
+    PatchProcessorSettings,
     load_image,
-    normalize_lut,
     parallel_map,
     patchify,
     smart_resize,
@@ -352,46 +350,13 @@ def as_frames(video: Any) -> np.ndarray:
 
 
 @dataclass(frozen=True)
-class VideoProcessor:
+class VideoProcessor(PatchProcessorSettings):
     """HF's Qwen2VLVideoProcessor in numpy; `from_config` reads preprocessor_config.json
     (or video_preprocessor_config.json)."""
 
     min_pixels: int = 128 * 28 * 28
     max_pixels: int = 28 * 28 * 768
-    patch_size: int = 14
-    merge_size: int = 2
-    temporal_patch_size: int = 2
-    image_mean: tuple[float, ...] = OPENAI_CLIP_MEAN
-    image_std: tuple[float, ...] = OPENAI_CLIP_STD
-
-    @classmethod
-    def from_config(cls, cfg: dict) -> "VideoProcessor":
-        size = cfg.get("size") or {}
-        kw = {}
-        min_p = cfg.get("min_pixels", size.get("shortest_edge", size.get("min_pixels")))
-        max_p = cfg.get("max_pixels", size.get("longest_edge", size.get("max_pixels")))
-        if min_p is not None:
-            kw["min_pixels"] = int(min_p)
-        if max_p is not None:
-            kw["max_pixels"] = int(max_p)
-        for k in ("patch_size", "merge_size", "temporal_patch_size"):
-            if k in cfg:
-                kw[k] = int(cfg[k])
-        for k in ("image_mean", "image_std"):
-            if k in cfg:
-                kw[k] = tuple(float(v) for v in cfg[k])
-        return cls(**kw)
-
-    @property
-    def factor(self) -> int:
-        return self.patch_size * self.merge_size
-
-    def _lut(self) -> np.ndarray:
-        lut = getattr(self, "_lut_cache", None)
-        if lut is None:
-            lut = normalize_lut(self.image_mean, self.image_std, fused=True)
-            object.__setattr__(self, "_lut_cache", lut)
-        return lut
+    _FUSED_LUT = True
 
     def prepare(self, video: Any, min_pixels: int | None = None, max_pixels: int | None = None) -> np.ndarray:
         """One video (path, element dict, array or list of frames) to resized uint8 frames."""
