@@ -66,9 +66,10 @@ class Reply:
         return n / self.decode_s if n > 0 and self.decode_s > 0 else float("nan")
 
     def summary(self) -> str:
+        n = len(self.token_ids)
         return (f"prompt {self.prompt_tokens} tokens ({self.vision_tokens} vision) | preprocessing "
                 f"{self.preprocess_s:.2f} s | first token {self.first_token_s:.2f} s (vision tower + prefill) | "
-                f"{len(self.token_ids)} tokens at {self.tokens_per_s:.1f} tokens/s ({self.finish_reason})")
+                f"{n} token{'s' * (n != 1)} at {self.tokens_per_s:.1f} tokens/s ({self.finish_reason})")
 
 
 class TextStream:
