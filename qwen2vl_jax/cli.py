@@ -120,6 +120,11 @@ def _run(args) -> int:
             settings["top_k"] = 0
         if args.top_p is None and base.top_p < 0.01:
             settings["top_p"] = 1.0
+    try:  # a chat turn ends at <|im_end|>, whatever the config's EOS list says
+        im_end = processor.tokenizer.token_to_id("<|im_end|>")
+        settings["eos_token_ids"] = tuple(dict.fromkeys([*model.generation_config.eos_token_ids, im_end]))
+    except InputError:
+        pass
     gc = model.generation_config.replace(**settings)
     eos = set(gc.eos_token_ids)
     leader = jax.process_index() == 0

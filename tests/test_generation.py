@@ -312,13 +312,13 @@ def test_cli_streams_text(real_vocab_model):
 
 def test_cli_sampling_follows_the_seed(real_vocab_model):
     _, folder, _ = real_vocab_model
-    runs = {}
-    for seed in (1, 1, 2):
+    runs = []
+    for seed in (1, 2):  # (the same seed repeating itself is test_sampling_seeds_and_limits)
         code, out, err = run_cli(["--model", folder, "--prompt", "Hi", "--max-new-tokens", 8,
                                   "--temperature", 1.0, "--seed", seed, "--json"])
         assert code == 0, err
-        runs.setdefault(seed, []).append(json.loads(out)["token_ids"])
-    assert runs[1][0] == runs[1][1] and runs[1][0] != runs[2][0]
+        runs.append(json.loads(out)["token_ids"])
+    assert runs[0] != runs[1]
 
 
 @pytest.mark.parametrize("argv, message", [
