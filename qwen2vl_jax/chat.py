@@ -22,6 +22,8 @@ from typing import Any, Sequence, TextIO
 
 import numpy as np
 
+from qwen2vl_jax.errors import CheckpointError, InputError
+
 
 def model_folder(name: str | os.PathLike, work_dir: str | os.PathLike = "~/.cache/qwen2vl-jax",
                  dtype: str = "bfloat16") -> Path:
@@ -29,7 +31,6 @@ def model_folder(name: str | os.PathLike, work_dir: str | os.PathLike = "~/.cach
     else is a hub id (Qwen/Qwen2-VL-2B-Instruct), downloaded and converted once into
     work_dir/<name>-jax (later calls reuse it)."""
     from qwen2vl_jax.checkpoint import is_converted
-    from qwen2vl_jax.errors import CheckpointError
 
     if str(name) == "demo":
         from qwen2vl_jax.train.demo import DEMO_DIR
@@ -110,6 +111,12 @@ def chat(model, processor, messages: Sequence[dict[str, Any]], *, out: TextIO | 
                                            return_dict=True, return_tensors="np")
     ids = np.asarray(inputs["input_ids"])
     vision = int(np.isin(ids, [model.config.image_token_id, model.config.video_token_id]).sum())
+    if settings.get("eos_token_ids") is None:  # a chat turn ends at <|im_end|>, as in qwen2vl-generate
+        try:
+            im_end = processor.tokenizer.token_to_id("<|im_end|>")
+            settings["eos_token_ids"] = tuple(dict.fromkeys([*model.generation_config.eos_token_ids, im_end]))
+        except InputError:
+            pass
     eos = set(model.generation_config.replace(**settings).eos_token_ids)
     stream = TextStream(processor, out)
     t1 = time.perf_counter()

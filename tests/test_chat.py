@@ -38,8 +38,8 @@ def test_chat_streams_the_greedy_answer(demo_dir):
     reply = chat(model, processor, messages, out=out, max_new_tokens=12)
 
     inputs = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True)
-    want = model.generate(**inputs, max_new_tokens=12)[0].tolist()
-    eos = set(model.generation_config.eos_token_ids)
+    eos = {*model.generation_config.eos_token_ids, processor.tokenizer.token_to_id("<|im_end|>")}
+    want = model.generate(**inputs, max_new_tokens=12, eos_token_ids=tuple(eos))[0].tolist()
     if reply.finish_reason == "eos":
         assert want[len(reply.token_ids)] in eos
     else:
