@@ -144,23 +144,16 @@ def rel_err(a, b) -> float:
     return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
 
 
-# Adam divides by sqrt(v) + eps: with the usual eps=1e-8 a gradient that is zero in exact
-# arithmetic but 1e-10 in floats (the k_proj bias: softmax ignores a shift shared by all keys)
-# gets an update of +-lr from rounding alone. A larger eps keeps such noise out of the
-# comparison of updates; real gradients (>= 1e-4 here) still move their parameters.
+# For comparing updates. Adam divides by sqrt(v) + eps: with the usual eps=1e-8 a gradient
+# that is zero in exact arithmetic but 1e-10 in floats (the k_proj bias: softmax ignores a
+# shift shared by all keys) gets an update of +-lr from rounding alone. A larger eps keeps
+# such noise out of the comparison; real gradients (>= 1e-4 here) still move their parameters.
 UPDATE_STAGE = st.get_stage(2, learning_rate=1e-3, warmup_steps=0, eps=1e-4)
 
 
-def assert_same_update(before: dict, a: dict, b: dict, tol: float = 1e-4):
-    """Parameter updates agree tensor by tensor."""
-    for k in before:
-        da, db = a[k] - before[k], b[k] - before[k]
-        assert rel_err(da, db) <= tol, f"{k}: update differs by {rel_err(da, db):.2e}"
-
-
 def test_accumulation_equals_one_big_batch(tiny_batch):
-    """Two micro-batches of 2 rows give the loss, gradients and update of one batch of 4
-    (a token-weighted mean, not a mean of means)."""
+    """Two micro-batches of 2 rows give the loss and gradients (so the update) of one batch
+    of 4: a token-weighted mean, not a mean of means."""
     exs, _ = tiny_batch
     rows = exs[:4]
     sizes = data.vision_bucket(rows)
@@ -169,15 +162,11 @@ def test_accumulation_equals_one_big_batch(tiny_batch):
     micro = data.stack_micro([data.collate(rows[:2], TINY, 0, length, sizes),
                               data.collate(rows[2:], TINY, 0, length, sizes)])
     params = random_params(TINY, 1)
-    stage = UPDATE_STAGE
+    stage = st.get_stage(2)
     (la, ga), (lb, gb) = grads_of(stage, big, params), grads_of(stage, micro, params)
     assert abs(la - lb) <= 1e-6 * la
     for k in ga:
         assert rel_err(gb[k], ga[k]) <= 1e-5, k
-    _, _, a, ma = one_step(stage, big, params)
-    _, _, b, mb = one_step(stage, micro, params)
-    assert ma["tokens"] == mb["tokens"]
-    assert_same_update(flat(params), flat(a.params), flat(b.params))
 
 
 def test_remat_and_bf16_options(tiny_batch):
@@ -309,7 +298,7 @@ def test_labels_follow_the_turns(tiny_folder):
         assert supervised(ex, proc.tokenizer) == "a red circle<|im_end|>"
     ex = data.process_record(two_turns, proc, "caption")
     assert supervised(ex, proc.tokenizer) == "What shape is this?<|im_end|>circle<|im_end|>What colour is it?<|im_end|>red<|im_end|>"
-    # Vision placeholders never carry a label, and the batch has one layout row per example.
+    # Vision placeholders never carry a label.
     assert not np.isin(ex.labels, [proc.tokenizer.image_token_id, proc.tokenizer.vision_start_token_id]).any()
 
 
@@ -345,6 +334,26 @@ def test_bad_records_are_named_by_line(tiny_folder, capsys):
     assert not (root / "never").exists()
 
 
+def test_a_record_that_breaks_mid_run_is_skipped(tiny_folder):
+    """A file that disappears after the up-front check costs its row, with a warning naming
+    the line, not the run."""
+    import shutil
+
+    from qwen2vl_jax.config import Qwen2VLConfig
+    from qwen2vl_jax.processing import Processor
+
+    root, _ = tiny_folder
+    shutil.copyfile(root / "img" / "1.png", root / "img" / "gone.png")
+    path = write_jsonl(root / "gone.jsonl", [qa("img/0.png", "What shape?", "circle"),
+                                             qa("img/gone.png", "What shape?", "square")])
+    ds = data.JsonlDataset(path, Processor.from_pretrained(root / "model"))
+    (root / "img" / "gone.png").unlink()
+    loader = data.Loader(ds, Qwen2VLConfig.from_hf(root / "model"), batch_size=2)
+    with pytest.warns(UserWarning, match="gone.jsonl line 2"):
+        arrays, tokens = loader.step_batch([0, 1])
+    assert arrays["attention_mask"][0, 0].any() and not arrays["attention_mask"][0, 1].any()
+
+
 def test_batches_are_bucketed_and_deterministic():
     assert [data.bucket(n) for n in (1, 16, 17, 25, 33, 49, 65, 97, 129)] == [16, 16, 24, 32, 48, 64, 96, 128, 192]
     lengths = [20, 21, 40, 41, 42, 90, 17, 18, 19]
@@ -375,7 +384,11 @@ def test_resume_continues_exactly(tiny_folder):
     common = dict(model=root / "model", data=path, stage=3, steps=4, batch_size=2, learning_rate=1e-2,
                   warmup_steps=1, seed=1, log_every=1, progress=False)
     logs = []
-    fit(TrainOptions(out=root / "straight", **common), log=logs.append)
+    from qwen2vl_jax.train.cli import main  # the straight run goes through the CLI, progress bar and all
+
+    assert main(["--model", str(root / "model"), "--data", str(path), "--stage", "3", "--steps", "4",
+                 "--out", str(root / "straight"), "--batch-size", "2", "--lr", "1e-2", "--warmup", "1",
+                 "--seed", "1", "--log-every", "1"]) == 0
     fit(TrainOptions(out=root / "split", stop_at=2, **common), log=logs.append)
     with pytest.raises(InputError, match="already holds a training run"):
         fit(TrainOptions(out=root / "split", **common), log=logs.append)

@@ -31,6 +31,7 @@ import math
 import os
 import queue
 import threading
+import warnings
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
@@ -458,13 +459,23 @@ class Loader:
 
     def step_batch(self, indices: Sequence[int | None]) -> tuple[dict, int]:
         """-> (arrays with a leading micro-batch axis, number of real tokens)."""
-        exs = [None if i is None else self.dataset.example(i) for i in indices]
+        exs = [None if i is None else self._example(i) for i in indices]
         real = [e for e in exs if e is not None]
-        length = bucket(max(len(e.input_ids) for e in real))
+        length = bucket(max((len(e.input_ids) for e in real), default=1))
         sizes = vision_bucket(real, self.config.vision.merge_unit)
         micro = [collate(exs[k * self.batch_size:(k + 1) * self.batch_size], self.config, self.pad_id,
                          length, sizes) for k in range(self.accum)]
         return stack_micro(micro), sum(len(e.input_ids) for e in real)
+
+    def _example(self, i: int) -> Example | None:
+        """A record that passed the scan but fails now (a file changed on disk) becomes an
+        empty row with a warning: an epoch never stops halfway."""
+        try:
+            return self.dataset.example(i)
+        except InputError as e:
+            rec = self.dataset.records[i]
+            warnings.warn(f"{self.dataset.path.name} line {rec.line}: {e}; skipped this time", stacklevel=2)
+            return None
 
     def __call__(self, start: Position) -> Iterator[tuple[dict, int, Position]]:
         """Yields (step arrays, real tokens, position after this step) forever from `start`."""

@@ -2,7 +2,7 @@
 three stages on the synthetic shapes dataset, then evaluated on held-out images.
 
     python -m qwen2vl_jax.train.demo                    # writes qwen2vl_jax/assets/demo/
-    python -m qwen2vl_jax.train.demo --work /tmp/demo --out DIR --steps 150,900,400
+    python -m qwen2vl_jax.train.demo --work /tmp/demo --out DIR --steps 300,1800,600
 
 Steps: write the dataset (train/synthetic.py); train a small byte-level BPE tokenizer on its
 text (Qwen2's pre-tokenizer and special tokens, so the library's tokenizer and chat template
@@ -21,19 +21,15 @@ import sys
 import time
 from pathlib import Path
 
-import jax
-import jax.numpy as jnp
-
 import qwen2vl_jax
-from qwen2vl_jax import checkpoint as ck
 from qwen2vl_jax.config import Qwen2VLConfig, TextConfig, VisionConfig
-from qwen2vl_jax.model import Qwen2VLModule, _dummy_vision
 from qwen2vl_jax.processing.chat_template import INSTRUCT_TEMPLATE
 from qwen2vl_jax.processing.image import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 from qwen2vl_jax.processing.tokenizer import QWEN2_SPLIT_PATTERN, SPECIAL_TOKENS
 from qwen2vl_jax.train import synthetic
-from qwen2vl_jax.train.run import TrainOptions, fit
 
+# The shipped model (package data); importing this module stays light, so the CLIs can ask
+# for DEMO_DIR without loading JAX.
 DEMO_DIR = Path(qwen2vl_jax.__file__).resolve().parent / "assets" / "demo"
 VOCAB = 1024  # BPE tokens, before the 14 special tokens
 PIXELS = {"min_pixels": 56 * 56, "max_pixels": synthetic.SIZE * synthetic.SIZE}
@@ -121,6 +117,12 @@ def write_side_files(folder: Path, tok, config: Qwen2VLConfig) -> None:
 def init_folder(folder: Path, seed: int = 0, vocab: int = VOCAB, vision: dict | None = None,
                 text: dict | None = None, corpus_size: int = 2000) -> Qwen2VLConfig:
     """A converted folder with a freshly trained tokenizer and random weights."""
+    import jax  # noqa: PLC0415
+    import jax.numpy as jnp  # noqa: PLC0415
+
+    from qwen2vl_jax import checkpoint as ck  # noqa: PLC0415
+    from qwen2vl_jax.model import Qwen2VLModule, _dummy_vision  # noqa: PLC0415
+
     tok = train_tokenizer(tokenizer_corpus(seed, corpus_size), vocab)
     ids = {t: tok.token_to_id(t) for t in SPECIAL_TOKENS}
     config = demo_config(tok.get_vocab_size(with_added_tokens=True), ids, vision, text)
@@ -139,12 +141,13 @@ STAGE_LR = {1: 1e-3, 2: 1e-3, 3: 5e-4}
 
 def copy_model(src: Path, dst: Path) -> None:
     """A converted folder without its training state and logs."""
+    from qwen2vl_jax import checkpoint as ck  # noqa: PLC0415
+
     if dst.exists():
         shutil.rmtree(dst)
     dst.mkdir(parents=True)
     ck.copy_side_files(src, dst)
-    for name in (ck.MARKER,):
-        shutil.copyfile(src / name, dst / name)
+    shutil.copyfile(src / ck.MARKER, dst / ck.MARKER)
     shutil.copytree(src / ck.PARAMS, dst / ck.PARAMS)
 
 
@@ -152,11 +155,13 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m qwen2vl_jax.train.demo", description=__doc__.split("\n\n")[0])
     p.add_argument("--work", default="/tmp/qwen2vl-demo", help="dataset and per-stage outputs")
     p.add_argument("--out", default=str(DEMO_DIR), help="where the finished model goes")
-    p.add_argument("--steps", default="200,1500,600", help="steps of stage 1,2,3")
+    p.add_argument("--steps", default="300,1800,600", help="steps of stage 1,2,3")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--images", type=int, default=synthetic.Counts.images)
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
+    from qwen2vl_jax.train.run import TrainOptions, fit  # noqa: PLC0415
+
     steps = [int(s) for s in args.steps.split(",")]
     work = Path(args.work)
     t0 = time.time()

@@ -30,7 +30,7 @@ import optax
 
 from qwen2vl_jax.config import Qwen2VLConfig
 from qwen2vl_jax.model import Qwen2VLModule, merge_vision
-from qwen2vl_jax.sharding import ShardingRules, named_sharding, param_shardings, use_mesh
+from qwen2vl_jax.sharding import ShardingRules, named_sharding, param_shardings, to_global, use_mesh
 from qwen2vl_jax.train import stages as st
 from qwen2vl_jax.train.data import IGNORE, Position
 
@@ -152,6 +152,12 @@ class Trainer:
         opt = jax.tree_util.tree_map_with_path(leaf, shapes.opt_state)
         return TrainState(replicated, pshard, opt)
 
+    def place_batch(self, batch: dict) -> dict:
+        """Host arrays (the whole global batch, on every host) -> global arrays on the mesh."""
+        if self.mesh is None:
+            return batch
+        return jax.tree.map(to_global, batch, self.batch_shardings(batch))
+
     def batch_shardings(self, batch: dict):
         """[A, B, ...] arrays: the B axis over the rules' batch axes (positions: [A, 3, B, L])."""
         def one(path, x):
@@ -204,9 +210,7 @@ class Trainer:
                     return self.loss_and_grads(p, b)[:2]
 
             self._grads = jax.jit(fn)
-        if self.mesh is not None:
-            batch = jax.device_put(batch, self.batch_shardings(batch))
-        return self._grads(params, batch)
+        return self._grads(params, self.place_batch(batch))
 
     def step(self, state: TrainState, batch: dict) -> tuple[TrainState, dict]:
         """One optimizer update from one step's arrays ([A, B, ...], host numpy)."""
@@ -224,9 +228,7 @@ class Trainer:
                         return self._train_step(s, b)
 
                 self._step = sharded
-        if self.mesh is not None:
-            batch = jax.device_put(batch, self.batch_shardings(batch))
-        return self._step(state, batch)
+        return self._step(state, self.place_batch(batch))
 
 
 # ----------------------------------------------------------------------------- checkpoints
