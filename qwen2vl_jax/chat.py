@@ -100,6 +100,16 @@ class TextStream:
             self.out.flush()
 
 
+def turn_end_ids(model, processor) -> tuple[int, ...]:
+    """The model's EOS ids plus <|im_end|>: a chat turn ends there whatever the config says."""
+    eos = list(model.generation_config.eos_token_ids)
+    try:
+        eos.append(processor.tokenizer.token_to_id("<|im_end|>"))
+    except InputError:
+        pass
+    return tuple(dict.fromkeys(eos))
+
+
 def chat(model, processor, messages: Sequence[dict[str, Any]], *, out: TextIO | None = sys.stdout,
          **settings) -> Reply:
     """Answers one conversation: the answer is written to `out` as it is generated (None: quiet).
@@ -111,12 +121,8 @@ def chat(model, processor, messages: Sequence[dict[str, Any]], *, out: TextIO | 
                                            return_dict=True, return_tensors="np")
     ids = np.asarray(inputs["input_ids"])
     vision = int(np.isin(ids, [model.config.image_token_id, model.config.video_token_id]).sum())
-    if settings.get("eos_token_ids") is None:  # a chat turn ends at <|im_end|>, as in qwen2vl-generate
-        try:
-            im_end = processor.tokenizer.token_to_id("<|im_end|>")
-            settings["eos_token_ids"] = tuple(dict.fromkeys([*model.generation_config.eos_token_ids, im_end]))
-        except InputError:
-            pass
+    if settings.get("eos_token_ids") is None:
+        settings["eos_token_ids"] = turn_end_ids(model, processor)
     eos = set(model.generation_config.replace(**settings).eos_token_ids)
     stream = TextStream(processor, out)
     t1 = time.perf_counter()

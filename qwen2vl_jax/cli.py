@@ -71,30 +71,6 @@ def build_inputs(processor, prompt: str, images=(), videos=(), system: str | Non
                      videos=[str(p) for p in videos] or None, return_tensors="np")
 
 
-class _TextStream:
-    """Decodes the growing token list and prints only the new, complete characters."""
-
-    def __init__(self, processor, out):
-        self.processor, self.out = processor, out
-        self.ids: list[int] = []
-        self.shown = 0
-
-    def push(self, token: int) -> None:
-        self.ids.append(int(token))
-        text = self.processor.decode(self.ids, skip_special_tokens=True)
-        if text.endswith("\ufffd"):  # an incomplete UTF-8 sequence: wait for its rest
-            return
-        self.out.write(text[self.shown:])
-        self.out.flush()
-        self.shown = len(text)
-
-    def close(self) -> str:
-        text = self.processor.decode(self.ids, skip_special_tokens=True)
-        self.out.write(text[self.shown:] + "\n")
-        self.out.flush()
-        return text
-
-
 def _run(args) -> int:
     from qwen2vl_jax.sharding import make_mesh, maybe_initialize_distributed
 
@@ -103,6 +79,7 @@ def _run(args) -> int:
     import jax
     import numpy as np
 
+    from qwen2vl_jax.chat import TextStream, turn_end_ids
     from qwen2vl_jax.model import Qwen2VL
     from qwen2vl_jax.processing import Processor
 
@@ -112,19 +89,7 @@ def _run(args) -> int:
     inputs = build_inputs(processor, args.prompt, args.image, args.video, args.system)
     settings = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
                     top_k=args.top_k, repetition_penalty=args.repetition_penalty, seed=args.seed)
-    if (args.temperature or 0) > 0:
-        # Asking for sampling drops a folder's argmax-in-disguise defaults (Qwen2-VL-Instruct
-        # ships top_k=1, top_p=0.001) unless the flags set them.
-        base = model.generation_config
-        if args.top_k is None and base.top_k == 1:
-            settings["top_k"] = 0
-        if args.top_p is None and base.top_p < 0.01:
-            settings["top_p"] = 1.0
-    try:  # a chat turn ends at <|im_end|>, whatever the config's EOS list says
-        im_end = processor.tokenizer.token_to_id("<|im_end|>")
-        settings["eos_token_ids"] = tuple(dict.fromkeys([*model.generation_config.eos_token_ids, im_end]))
-    except InputError:
-        pass
+    settings["eos_token_ids"] = turn_end_ids(model, processor)
     gc = model.generation_config.replace(**settings)
     eos = set(gc.eos_token_ids)
     leader = jax.process_index() == 0
@@ -145,7 +110,7 @@ def _run(args) -> int:
             }, ensure_ascii=False))
         return 0
 
-    stream = _TextStream(processor, sys.stdout if leader else _Null())
+    stream = TextStream(processor, sys.stdout if leader else None)
     for step_tokens in model.generate(**inputs, stream=True, **settings):
         token = int(step_tokens[0])
         if token in eos:
@@ -153,14 +118,6 @@ def _run(args) -> int:
         stream.push(token)
     stream.close()
     return 0
-
-
-class _Null:
-    def write(self, s):
-        pass
-
-    def flush(self):
-        pass
 
 
 def generate_main(argv: list[str] | None = None) -> int:

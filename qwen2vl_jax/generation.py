@@ -95,13 +95,20 @@ class GenerationConfig:
 
     def replace(self, **overrides) -> "GenerationConfig":
         """Overrides the fields given (None means keep); a temperature > 0 turns sampling on
-        and a temperature of 0 turns it off, as the CLI's --temperature means."""
+        and a temperature of 0 turns it off. Asking for sampling also drops argmax-in-disguise
+        defaults (Qwen2-VL-Instruct's folders ship top_k=1, top_p=0.001) unless top_k/top_p
+        are given too."""
         overrides = {k: v for k, v in overrides.items() if v is not None}
         unknown = set(overrides) - {f.name for f in dataclasses.fields(self)}
         if unknown:
             raise TypeError(f"unknown generation setting(s): {', '.join(sorted(unknown))}")
         if "temperature" in overrides and "do_sample" not in overrides:
             overrides["do_sample"] = overrides["temperature"] > 0
+        if overrides.get("temperature", 0) > 0:
+            if "top_k" not in overrides and self.top_k == 1:
+                overrides["top_k"] = 0
+            if "top_p" not in overrides and self.top_p < 0.01:
+                overrides["top_p"] = 1.0
         if "eos_token_ids" in overrides:
             eos = overrides["eos_token_ids"]
             overrides["eos_token_ids"] = (eos,) if isinstance(eos, int) else tuple(int(e) for e in eos)

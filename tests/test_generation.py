@@ -333,3 +333,16 @@ def test_cli_bad_input(real_vocab_model, argv, message):
     code, out, err = run_cli(["--model", folder, "--prompt", "Hi", *argv])
     assert code == 2
     assert err.startswith("error: ") and message in err and err.count("\n") == 1, err
+
+
+def test_sampling_request_drops_argmax_defaults():
+    """Published Instruct folders ship top_k=1/top_p=0.001; asking for a temperature samples."""
+    from qwen2vl_jax.generation import GenerationConfig
+
+    base = GenerationConfig(do_sample=True, temperature=0.01, top_k=1, top_p=0.001)
+    assert base.greedy
+    sampled = base.replace(temperature=0.7)
+    assert not sampled.greedy and sampled.top_k == 0 and sampled.top_p == 1.0
+    kept = base.replace(temperature=0.7, top_k=5)
+    assert kept.top_k == 5 and kept.top_p == 1.0
+    assert base.replace(temperature=0).greedy
