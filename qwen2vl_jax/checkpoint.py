@@ -115,7 +115,7 @@ def save_params(params, folder: str | Path, *, overwrite: bool = False) -> Path:
     """Writes a whole param tree (numpy or jax arrays, sharded or not) to `folder/params`
     and the marker. Orbax writes to a temporary name and renames, so a failure leaves no
     `params/`. The folder's config.json and tokenizer files are the caller's to write."""
-    folder = Path(folder)
+    folder = Path(folder).resolve()  # Orbax takes absolute paths only
     folder.mkdir(parents=True, exist_ok=True)
     _ocp().save(folder / PARAMS, params, overwrite=overwrite)
     dtypes = {jnp.dtype(x.dtype).name for x in jax.tree_util.tree_leaves(params)}
@@ -130,7 +130,7 @@ class ParamWriter:
     group, not the whole tree. Nothing is readable at `folder/params` until `finalize`."""
 
     def __init__(self, folder: str | Path):
-        self.path = Path(folder) / PARAMS
+        self.path = Path(folder).resolve() / PARAMS
         self.written: set[str] = set()
 
     def write(self, flat: dict[str, np.ndarray]) -> None:
@@ -156,7 +156,7 @@ def expected_shapes(config: Qwen2VLConfig) -> dict[str, tuple[int, ...]]:
 
 def stored_params(folder: str | Path) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
     """JAX path -> (shape, dtype) of every array in `folder/params`, read from metadata only."""
-    path = Path(folder) / PARAMS
+    path = Path(folder).resolve() / PARAMS
     if not path.is_dir():
         raise CheckpointError(f"{folder}: no {PARAMS}/ checkpoint")
     try:
@@ -196,7 +196,7 @@ def load_params(folder: str | Path, config: Qwen2VLConfig, dtype=None, shardings
       tree like the params (e.g. from `sharding.param_shardings`); each array is restored
       straight into its sharding, never gathered on one host first.
     """
-    folder = Path(folder)
+    folder = Path(folder).resolve()
     stored = check_params(folder, config)
     default = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     if shardings is None or isinstance(shardings, jax.sharding.Sharding):
@@ -224,7 +224,7 @@ def load_numpy(folder: str | Path, paths: Iterable[str], dtype=None) -> dict[str
     ctx = ocp.Context()
     ctx.pytree.loading.partial_load = True
     with ctx:
-        tree = ocp.load(Path(folder) / PARAMS, _unflatten(abstract))
+        tree = ocp.load(Path(folder).resolve() / PARAMS, _unflatten(abstract))
     return {p: np.asarray(v) for p, v in _flatten(tree).items()}
 
 

@@ -371,7 +371,7 @@ def test_batches_are_bucketed_and_deterministic():
 
 
 # ----------------------------------------------------------------------------- runs
-def test_resume_continues_exactly(tiny_folder):
+def test_resume_continues_exactly(tiny_folder, monkeypatch):
     """4 steps straight == 2 steps, stop, resume, 2 more: identical params. The output folder
     loads as a model and exports to an HF folder."""
     from qwen2vl_jax import checkpoint as ck
@@ -386,9 +386,9 @@ def test_resume_continues_exactly(tiny_folder):
     logs = []
     from qwen2vl_jax.train.cli import main  # the straight run goes through the CLI, progress bar and all
 
-    assert main(["--model", str(root / "model"), "--data", str(path), "--stage", "3", "--steps", "4",
-                 "--out", str(root / "straight"), "--batch-size", "2", "--lr", "1e-2", "--warmup", "1",
-                 "--seed", "1", "--log-every", "1"]) == 0
+    monkeypatch.chdir(root)  # relative paths, as typed at a shell
+    assert main(["--model", "model", "--data", "qa.jsonl", "--stage", "3", "--steps", "4", "--out", "straight",
+                 "--batch-size", "2", "--lr", "1e-2", "--warmup", "1", "--seed", "1", "--log-every", "1"]) == 0
     fit(TrainOptions(out=root / "split", stop_at=2, **common), log=logs.append)
     with pytest.raises(InputError, match="already holds a training run"):
         fit(TrainOptions(out=root / "split", **common), log=logs.append)

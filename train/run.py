@@ -101,7 +101,7 @@ def export(params, model_dir: Path, out: Path) -> None:
 def fit(opts: TrainOptions, log: Callable[[str], None] | None = None) -> dict:
     """Runs one stage; returns {"loss": last logged loss, "steps", "out", "skipped"}."""
     log = log or (lambda s: print(s, file=sys.stderr))
-    model_dir, out = Path(opts.model), Path(opts.out)
+    model_dir, out = Path(opts.model).resolve(), Path(opts.out).resolve()
     if not model_dir.is_dir():
         raise InputError(f"model folder {model_dir} does not exist")
     if opts.steps < 1:
