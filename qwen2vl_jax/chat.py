@@ -57,8 +57,14 @@ class Reply:
     prompt_tokens: int
     vision_tokens: int  # placeholder tokens among the prompt's
     preprocess_s: float  # chat template, image/video loading, resizing and patching (host)
+    vision_s: float  # the vision tower alone (0 without images/videos)
     first_token_s: float  # vision tower + prefill + the first token (with compilation on a new bucket)
     decode_s: float  # every token after the first
+
+    @property
+    def prefill_s(self) -> float:
+        """Prefill and the first token, the vision tower taken out."""
+        return self.first_token_s - self.vision_s
 
     @property
     def tokens_per_s(self) -> float:
@@ -69,7 +75,7 @@ class Reply:
     def summary(self) -> str:
         n = len(self.token_ids)
         return (f"prompt {self.prompt_tokens} tokens ({self.vision_tokens} vision) | preprocessing "
-                f"{self.preprocess_s:.2f} s | first token {self.first_token_s:.2f} s (vision tower + prefill) | "
+                f"{self.preprocess_s:.2f} s | vision tower {self.vision_s:.2f} s | prefill {self.prefill_s:.2f} s | "
                 f"{n} token{'s' * (n != 1)} at {self.tokens_per_s:.1f} tokens/s ({self.finish_reason})")
 
 
@@ -116,6 +122,8 @@ def chat(model, processor, messages: Sequence[dict[str, Any]], *, out: TextIO | 
 
     `settings` override the model's generation_config (max_new_tokens, temperature, top_k,
     top_p, repetition_penalty, seed, ...)."""
+    from qwen2vl_jax.generation import generator_for
+
     t0 = time.perf_counter()
     inputs = processor.apply_chat_template(list(messages), add_generation_prompt=True, tokenize=True,
                                            return_dict=True, return_tensors="np")
@@ -139,4 +147,5 @@ def chat(model, processor, messages: Sequence[dict[str, Any]], *, out: TextIO | 
     t2 = time.perf_counter()
     text = stream.close()
     return Reply(text=text, token_ids=stream.ids, finish_reason=finish, prompt_tokens=int(ids.shape[-1]),
-                 vision_tokens=vision, preprocess_s=t1 - t0, first_token_s=first - t1, decode_s=t2 - first)
+                 vision_tokens=vision, preprocess_s=t1 - t0, vision_s=generator_for(model).last_vision_s,
+                 first_token_s=first - t1, decode_s=t2 - first)

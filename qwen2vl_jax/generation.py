@@ -25,6 +25,7 @@ import contextlib
 import dataclasses
 import json
 import math
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterator
 
@@ -448,9 +449,12 @@ class Generator:
         """Vision tower + prefill: the state after the first generated token."""
         params = self.model.params
         features = None
+        self.last_vision_s = 0.0  # wall time of the vision tower alone, for reports
         if prepared.vision is not None:
+            t0 = time.perf_counter()
             vision = self._put_batch(prepared.vision, {})
-            features = self._encode(params, vision)
+            features = jax.block_until_ready(self._encode(params, vision))
+            self.last_vision_s = time.perf_counter() - t0
         batch = {"input_ids": prepared.input_ids, "positions": prepared.positions,
                  "kv_valid": prepared.kv_valid, "pos_offset": prepared.pos_offset,
                  "max_new": np.int32(gc.max_new_tokens)}

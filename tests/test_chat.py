@@ -50,7 +50,8 @@ def test_chat_streams_the_greedy_answer(demo_dir):
     assert reply.prompt_tokens == inputs["input_ids"].shape[1]
     assert reply.vision_tokens == int(np.isin(inputs["input_ids"], [model.config.image_token_id]).sum()) == 16
     assert min(reply.preprocess_s, reply.first_token_s, reply.decode_s) >= 0
-    assert "tokens/s" in reply.summary()
+    assert 0 < reply.vision_s <= reply.first_token_s  # the image went through the vision tower
+    assert "vision tower" in reply.summary() and "prefill" in reply.summary() and "tokens/s" in reply.summary()
     assert chat(model, processor, messages, out=None, max_new_tokens=12).token_ids == reply.token_ids
 
 
