@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 
 from qwen2vl_jax.config import TextConfig
+from qwen2vl_jax.modules.attention import masked_softmax
 from qwen2vl_jax.modules.rope import apply_rotary, mrope_cos_sin
 from qwen2vl_jax.sharding import shard
 
@@ -49,8 +50,7 @@ def attend(q, k, v, mask, dtype):
     kh = k.shape[2]
     qg = q.reshape(b, l, kh, h // kh, hd)
     logits = jnp.einsum("blkgd,bskd->bkgls", qg, k) * (hd**-0.5)
-    logits = jnp.where(mask[:, None, None], logits.astype(jnp.float32), jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(logits, axis=-1).astype(dtype)
+    probs = masked_softmax(logits, mask[:, None, None], dtype)
     out = jnp.einsum("bkgls,bskd->blkgd", probs, v)
     return out.reshape(b, l, h, hd)
 

@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from qwen2vl_jax.config import VisionConfig
+from qwen2vl_jax.modules.attention import masked_softmax
 from qwen2vl_jax.modules.rope import apply_rotary, vision_cos_sin
 from qwen2vl_jax.sharding import shard
 
@@ -104,8 +105,7 @@ class VisionAttention(nn.Module):
         # Regroup into segments: [S, Lmax, H, hd].
         qs, ks, vs = q[gather], k[gather], v[gather]
         logits = jnp.einsum("slhd,smhd->shlm", qs, ks) * (hd**-0.5)
-        logits = jnp.where(valid[:, None, None, :], logits.astype(jnp.float32), jnp.finfo(jnp.float32).min)
-        probs = jax.nn.softmax(logits, axis=-1).astype(self.dtype)
+        probs = masked_softmax(logits, valid[:, None, None, :], self.dtype)
         out = jnp.einsum("shlm,smhd->slhd", probs, vs)
         out = out.reshape(-1, h * hd)[scatter]  # back to patch order: [N, D]
         return nn.Dense(d, dtype=self.dtype, name="proj")(out)
