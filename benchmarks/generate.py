@@ -92,7 +92,7 @@ def best_of(fn, repeat: int) -> float:
 
 
 # ------------------------------------------------------------------ ours
-def run_ours(args, dtype_name: str) -> dict:
+def run_ours(args, dtype_name: str, loop_graph: bool = True) -> dict:
     import jax
     import jax.numpy as jnp
 
@@ -123,7 +123,7 @@ def run_ours(args, dtype_name: str) -> dict:
     params = fill(jax.random.PRNGKey(0))
     jax.block_until_ready(params)
     model = Qwen2VL(config, params, dtype)
-    gen = Generator(model)
+    gen = Generator(model, loop_graph=loop_graph)
     inputs = make_inputs(args.image)
     gc = GenerationConfig(max_new_tokens=args.new_tokens, eos_token_ids=())
     prepared = gen.prepare(**inputs, max_new_tokens=gc.max_new_tokens)
@@ -251,14 +251,20 @@ def run_hf(args, dtype_name: str) -> dict:
 
 
 # ------------------------------------------------------------------ driver
-# Variant suffixes: XLA CPU flags worth measuring for ours.
+# Variant suffixes for ours: XLA CPU flags worth measuring, and the GPU levers switched off
+# (xlaattn: our einsum attention instead of cuDNN's fused kernel; nograph: the decode loop
+# without its CUDA graph).
 FLAG_SETS = {"onednn": "--xla_cpu_use_onednn=true", "xnn": "--xla_cpu_use_xnnpack=true"}
+ENV_SETS = {"xlaattn": {"QWEN2VL_ATTENTION": "xla"}}
+SUFFIXES = set(FLAG_SETS) | set(ENV_SETS) | {"nograph"}
 
 
 def run_variant(args, variant: str) -> dict:
     impl, dtype = variant.split("+")[0].split("-")
     dtype = {"fp32": "float32", "bf16": "bfloat16"}[dtype]
-    return run_ours(args, dtype) if impl == "ours" else run_hf(args, dtype)
+    if impl == "hf":
+        return run_hf(args, dtype)
+    return run_ours(args, dtype, loop_graph="nograph" not in variant.split("+")[1:])
 
 
 def child_argv(args, variant: str) -> list[str]:
@@ -279,7 +285,8 @@ def main(argv: list[str] | None = None) -> int:
                          "variant's best (evens out a shared machine's load; default cpu 2, gpu 1)")
     ap.add_argument("--variants", default=None,
                     help="comma list of ours-fp32, ours-bf16, hf-fp32, hf-bf16; ours may take "
-                         "+onednn or +xnn (XLA CPU flags) (default: cpu: ours-fp32,hf-fp32,hf-bf16; "
+                         "+onednn or +xnn (XLA CPU flags), +xlaattn (no cuDNN attention) or +nograph "
+                         "(no CUDA graph for the decode loop) (default: cpu: ours-fp32,hf-fp32,hf-bf16; "
                          "gpu: ours-bf16,hf-bf16)")
     ap.add_argument("--xla-flags", default=None, help="XLA_FLAGS for our variants (e.g. --xla_cpu_use_onednn=true)")
     ap.add_argument("--big-prefill", default=None, metavar="ROWSxTOKENS",
@@ -297,15 +304,20 @@ def main(argv: list[str] | None = None) -> int:
 
     default = "ours-fp32,hf-fp32,hf-bf16" if args.device == "cpu" else "ours-bf16,hf-bf16"
     variants = (args.variants or default).split(",")
+    unknown = [v for v in variants if set(v.split("+")[1:]) - SUFFIXES]
+    if unknown:
+        ap.error(f"unknown variant suffix in {', '.join(unknown)} (known: {', '.join(sorted(SUFFIXES))})")
     rounds = args.rounds or (2 if args.device == "cpu" else 1)
     results: dict[str, dict] = {}
     for r in range(rounds):
         for v in variants:
             env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
             flags = [args.xla_flags or ""] if v.startswith("ours") else []
-            flags += [FLAG_SETS[f] for f in v.split("+")[1:]]
+            flags += [FLAG_SETS[f] for f in v.split("+")[1:] if f in FLAG_SETS]
             if v.startswith("ours"):
                 env["XLA_FLAGS"] = " ".join(f for f in flags if f)
+            for suffix in v.split("+")[1:]:
+                env.update(ENV_SETS.get(suffix, {}))
             load = os.getloadavg()[0]
             print(f"# round {r + 1}/{rounds}: {v} (load {load:.1f}) ...", file=sys.stderr, flush=True)
             proc = subprocess.run(child_argv(args, v), capture_output=True, text=True, env=env)

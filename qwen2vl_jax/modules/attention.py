@@ -1,6 +1,17 @@
-"""What the vision and text attentions share."""
+"""What the vision and text attentions share: the masked softmax, and the choice of kernel.
+
+Two kernels compute the same attention:
+  "xla"    einsums and a masked f32 softmax (below). Exact in f32; used on CPU, for f32 models,
+           and for one-token decode steps, where a fused kernel gains nothing.
+  "cudnn"  cuDNN's fused flash attention (`jax.nn.dot_product_attention(implementation=
+           "cudnn")`) for bf16/f16 prefill and vision on NVIDIA GPUs: the [.., L, S] logits are
+           never written to memory.
+`attention_kernel` picks one when a function is traced; QWEN2VL_ATTENTION=xla forces the first.
+"""
 
 from __future__ import annotations
+
+import os
 
 import jax
 import jax.numpy as jnp
@@ -15,3 +26,30 @@ def masked_softmax(logits: jax.Array, mask: jax.Array, dtype) -> jax.Array:
     """
     logits = jnp.where(mask, logits.astype(jnp.float32), jnp.finfo(jnp.float32).min)
     return jax.nn.softmax(logits, axis=-1).astype(dtype)
+
+
+KERNELS = ("auto", "xla", "cudnn")
+
+
+def attention_kernel(dtype, num_queries: int, head_dim: int) -> str:
+    """"cudnn" for half-precision attention over more than one query on a GPU, with a head
+    width cuDNN takes (a multiple of 8, at most 128); else "xla". QWEN2VL_ATTENTION=xla|cudnn
+    overrides "auto"."""
+    choice = os.environ.get("QWEN2VL_ATTENTION", "auto").lower()
+    if choice not in KERNELS:
+        raise ValueError(f"QWEN2VL_ATTENTION must be one of {', '.join(KERNELS)} (got {choice!r})")
+    if choice != "auto":
+        return choice
+    half = jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+    shape_ok = num_queries > 1 and head_dim % 8 == 0 and head_dim <= 128
+    return "cudnn" if half and shape_ok and jax.default_backend() == "gpu" else "xla"
+
+
+def fused_attention(q, k, v, *, mask=None, lengths=None, causal=False):
+    """cuDNN flash attention. q [B, L, H, hd], k/v [B, S, K, hd] (K divides H);
+    mask bool broadcastable to [B, 1, L, S], or lengths int32[B] (a valid prefix of each row,
+    queries and keys alike); causal: query slot i sees key slots <= i."""
+    kw = {}
+    if lengths is not None:
+        kw = {"query_seq_lengths": lengths, "key_value_seq_lengths": lengths}
+    return jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=causal, implementation="cudnn", **kw)

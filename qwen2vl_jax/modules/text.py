@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 
 from qwen2vl_jax.config import TextConfig
-from qwen2vl_jax.modules.attention import masked_softmax
+from qwen2vl_jax.modules.attention import attention_kernel, fused_attention, masked_softmax
 from qwen2vl_jax.modules.rope import apply_rotary, mrope_cos_sin
 from qwen2vl_jax.sharding import shard
 
@@ -40,13 +40,16 @@ class RMSNorm(nn.Module):
         return (scale.astype(self.dtype) * xf.astype(x.dtype)).astype(self.dtype)
 
 
-def attend(q, k, v, mask, dtype):
+def attend(q, k, v, mask, dtype, aligned: bool = False):
     """q [B, L, H, hd], k/v [B, S, K, hd], mask bool[B, L, S] -> [B, L, H, hd].
 
     Grouped-query attention without repeating K/V; softmax in f32. Fully masked rows (left
-    padding) get a uniform, finite distribution rather than NaN.
+    padding) get a uniform, finite distribution rather than NaN. `aligned`: query i sits in key
+    slot i (a prefill from slot 0), so the fused kernel may skip the blocks above the diagonal.
     """
     b, l, h, hd = q.shape
+    if attention_kernel(dtype, l, hd) == "cudnn":
+        return fused_attention(q, k.astype(q.dtype), v.astype(q.dtype), mask=mask[:, None], causal=aligned)
     kh = k.shape[2]
     qg = q.reshape(b, l, kh, h // kh, hd)
     logits = jnp.einsum("blkgd,bskd->bkgls", qg, k) * (hd**-0.5)
@@ -81,7 +84,8 @@ class Attention(nn.Module):
             k, v = k_all.astype(self.dtype), v_all.astype(self.dtype)
         else:
             new_cache = None
-        out = attend(q, k, v, mask, self.dtype).reshape(b, l, h * hd)
+        aligned = isinstance(cache_index, int) and cache_index == 0
+        out = attend(q, k, v, mask, self.dtype, aligned).reshape(b, l, h * hd)
         return dense(cfg.hidden_size, "o_proj", bias=False)(out), new_cache
 
 

@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from qwen2vl_jax.config import VisionConfig
-from qwen2vl_jax.modules.attention import masked_softmax
+from qwen2vl_jax.modules.attention import attention_kernel, fused_attention, masked_softmax
 from qwen2vl_jax.modules.rope import apply_rotary, vision_cos_sin
 from qwen2vl_jax.sharding import shard
 
@@ -104,9 +104,13 @@ class VisionAttention(nn.Module):
         k = apply_rotary(k, cos[:, None], sin[:, None]).astype(self.dtype)
         # Regroup into segments: [S, Lmax, H, hd].
         qs, ks, vs = q[gather], k[gather], v[gather]
-        logits = jnp.einsum("slhd,smhd->shlm", qs, ks) * (hd**-0.5)
-        probs = masked_softmax(logits, valid[:, None, None, :], self.dtype)
-        out = jnp.einsum("shlm,smhd->slhd", probs, vs)
+        if attention_kernel(self.dtype, qs.shape[1], hd) == "cudnn":
+            # Real patches fill a prefix of each segment, so a length per segment is the mask.
+            out = fused_attention(qs, ks, vs, lengths=jnp.sum(valid, axis=1, dtype=jnp.int32))
+        else:
+            logits = jnp.einsum("slhd,smhd->shlm", qs, ks) * (hd**-0.5)
+            probs = masked_softmax(logits, valid[:, None, None, :], self.dtype)
+            out = jnp.einsum("shlm,smhd->slhd", probs, vs)
         out = out.reshape(-1, h * hd)[scatter]  # back to patch order: [N, D]
         return nn.Dense(d, dtype=self.dtype, name="proj")(out)
 
