@@ -92,7 +92,7 @@ def best_of(fn, repeat: int) -> float:
 
 
 # ------------------------------------------------------------------ ours
-def run_ours(args, dtype_name: str, loop_graph: bool = True) -> dict:
+def run_ours(args, dtype_name: str) -> dict:
     import jax
     import jax.numpy as jnp
 
@@ -123,7 +123,7 @@ def run_ours(args, dtype_name: str, loop_graph: bool = True) -> dict:
     params = fill(jax.random.PRNGKey(0))
     jax.block_until_ready(params)
     model = Qwen2VL(config, params, dtype)
-    gen = Generator(model, loop_graph=loop_graph)
+    gen = Generator(model, loop_options=json.loads(args.loop_options) if args.loop_options else None)
     inputs = make_inputs(args.image)
     gc = GenerationConfig(max_new_tokens=args.new_tokens, eos_token_ids=())
     prepared = gen.prepare(**inputs, max_new_tokens=gc.max_new_tokens)
@@ -251,12 +251,11 @@ def run_hf(args, dtype_name: str) -> dict:
 
 
 # ------------------------------------------------------------------ driver
-# Variant suffixes for ours: XLA CPU flags worth measuring, and the GPU levers switched off
-# (xlaattn: our einsum attention instead of cuDNN's fused kernel; nograph: the decode loop
-# without its CUDA graph).
+# Variant suffixes for ours: XLA CPU flags worth measuring, and xlaattn: our einsum attention
+# instead of cuDNN's fused kernel on a GPU.
 FLAG_SETS = {"onednn": "--xla_cpu_use_onednn=true", "xnn": "--xla_cpu_use_xnnpack=true"}
 ENV_SETS = {"xlaattn": {"QWEN2VL_ATTENTION": "xla"}}
-SUFFIXES = set(FLAG_SETS) | set(ENV_SETS) | {"nograph"}
+SUFFIXES = set(FLAG_SETS) | set(ENV_SETS)
 
 
 def run_variant(args, variant: str) -> dict:
@@ -264,13 +263,13 @@ def run_variant(args, variant: str) -> dict:
     dtype = {"fp32": "float32", "bf16": "bfloat16"}[dtype]
     if impl == "hf":
         return run_hf(args, dtype)
-    return run_ours(args, dtype, loop_graph="nograph" not in variant.split("+")[1:])
+    return run_ours(args, dtype)
 
 
 def child_argv(args, variant: str) -> list[str]:
     return [sys.executable, __file__, "--only", variant, "--device", args.device, "--size", args.size,
             "--image", str(args.image), "--new-tokens", str(args.new_tokens), "--repeat", str(args.repeat),
-            "--big-prefill", args.big_prefill or ""]
+            "--big-prefill", args.big_prefill or "", "--loop-options", args.loop_options or ""]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -285,12 +284,13 @@ def main(argv: list[str] | None = None) -> int:
                          "variant's best (evens out a shared machine's load; default cpu 2, gpu 1)")
     ap.add_argument("--variants", default=None,
                     help="comma list of ours-fp32, ours-bf16, hf-fp32, hf-bf16; ours may take "
-                         "+onednn or +xnn (XLA CPU flags), +xlaattn (no cuDNN attention) or +nograph "
-                         "(no CUDA graph for the decode loop) (default: cpu: ours-fp32,hf-fp32,hf-bf16; "
+                         "+onednn or +xnn (XLA CPU flags), or +xlaattn (no cuDNN attention) (default: cpu: ours-fp32,hf-fp32,hf-bf16; "
                          "gpu: ours-bf16,hf-bf16)")
     ap.add_argument("--xla-flags", default=None, help="XLA_FLAGS for our variants (e.g. --xla_cpu_use_onednn=true)")
     ap.add_argument("--big-prefill", default=None, metavar="ROWSxTOKENS",
                     help="also time a text-only prefill of this size for ours (default on GPU: 8x1024)")
+    ap.add_argument("--loop-options", default=None, metavar="JSON",
+                    help='XLA compiler options for our decode loop, e.g. \'{"xla_gpu_graph_min_graph_size": 1}\'')
     ap.add_argument("--only", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
 

@@ -50,9 +50,6 @@ if TYPE_CHECKING:
 
 MAX_EOS = 8  # EOS ids are a fixed-size array (padded with -1) so their number never recompiles
 CACHE_ROOM_MULTIPLE = 64  # max_new_tokens is rounded up to this for the cache's extra slots
-# On GPUs the decode loop's while (and its body) is recorded into one CUDA graph, so a step
-# costs no kernel launches from the host and no host round trip for the loop condition.
-GPU_LOOP_OPTIONS = {"xla_gpu_enable_command_buffer": "FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN,WHILE,CONDITIONAL"}
 
 
 # ---------------------------------------------------------------------------- buckets
@@ -298,7 +295,7 @@ class Generator:
     """
 
     def __init__(self, model: "Qwen2VL", mesh: "Mesh | None" = None, rules: ShardingRules | None = None,
-                 *, prompt_bucket_min: int = 64, patch_bucket_min: int = 64, loop_graph: bool = True):
+                 *, prompt_bucket_min: int = 64, patch_bucket_min: int = 64, loop_options: dict | None = None):
         self.model = model
         self.config = model.config
         self.module: Qwen2VLModule = model.module
@@ -323,9 +320,8 @@ class Generator:
         self._encode = jit(self._encode_impl, 2)
         self._prefill = jit(self._prefill_impl, 5, static_argnums=5)
         self._step = jit(self._step_impl, 2, static_argnums=2, donate_argnums=1)
-        graph = loop_graph and jax.default_backend() == "gpu"
         self._loop = jit(self._loop_impl, 2, static_argnums=2, donate_argnums=1,
-                         **({"compiler_options": GPU_LOOP_OPTIONS} if graph else {}))
+                         **({"compiler_options": loop_options} if loop_options else {}))
 
     # ------------------------------------------------------------ traced bodies
     def _mesh_ctx(self):
