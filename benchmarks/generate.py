@@ -261,9 +261,7 @@ SUFFIXES = set(FLAG_SETS) | set(ENV_SETS)
 def run_variant(args, variant: str) -> dict:
     impl, dtype = variant.split("+")[0].split("-")
     dtype = {"fp32": "float32", "bf16": "bfloat16"}[dtype]
-    if impl == "hf":
-        return run_hf(args, dtype)
-    return run_ours(args, dtype)
+    return run_ours(args, dtype) if impl == "ours" else run_hf(args, dtype)
 
 
 def child_argv(args, variant: str) -> list[str]:

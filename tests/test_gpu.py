@@ -34,15 +34,21 @@ CASE = hf_utils.make_case(
 )
 
 
-def make_params():
-    module = Qwen2VLModule(CONFIG, jnp.float32)
-    ids = jnp.asarray(CASE.input_ids, jnp.int32)
+def case_inputs():
+    """The batch's 3D positions and exact-size vision layout."""
     pos, _ = get_rope_index(CASE.input_ids, CASE.attention_mask, CASE.image_grid_thw, CASE.video_grid_thw,
                             image_token_id=CONFIG.image_token_id, video_token_id=CONFIG.video_token_id,
                             spatial_merge_size=2)
     vision = prepare_vision(CONFIG, CASE.pixel_values, CASE.image_grid_thw, CASE.pixel_values_videos,
                             CASE.video_grid_thw)
-    return module.init(jax.random.PRNGKey(0), ids, jnp.asarray(pos), jnp.asarray(CASE.attention_mask, bool),
+    return jnp.asarray(pos), vision
+
+
+def make_params():
+    module = Qwen2VLModule(CONFIG, jnp.float32)
+    ids = jnp.asarray(CASE.input_ids, jnp.int32)
+    pos, vision = case_inputs()
+    return module.init(jax.random.PRNGKey(0), ids, pos, jnp.asarray(CASE.attention_mask, bool),
                        vision)["params"]
 
 
@@ -83,13 +89,9 @@ def test_vision_tower_with_padding_segments(params, monkeypatch):
 
 
 def test_logits_left_padded_batch(params, monkeypatch):
-    pos, _ = get_rope_index(CASE.input_ids, CASE.attention_mask, CASE.image_grid_thw, CASE.video_grid_thw,
-                            image_token_id=CONFIG.image_token_id, video_token_id=CONFIG.video_token_id,
-                            spatial_merge_size=2)
-    vision = prepare_vision(CONFIG, CASE.pixel_values, CASE.image_grid_thw, CASE.pixel_values_videos,
-                            CASE.video_grid_thw)
+    pos, vision = case_inputs()
     ids, mask = jnp.asarray(CASE.input_ids, jnp.int32), jnp.asarray(CASE.attention_mask, bool)
-    fn = lambda m, p: m.apply({"params": p}, ids, jnp.asarray(pos), mask, vision)  # noqa: E731
+    fn = lambda m, p: m.apply({"params": p}, ids, pos, mask, vision)  # noqa: E731
     err_xla, err_cudnn = errors(params, monkeypatch, fn, mask=CASE.attention_mask.astype(bool)[..., None])
     print(f"logits, max error relative to f32: xla bf16 {err_xla:.2e}, cudnn bf16 {err_cudnn:.2e}")
     assert err_cudnn <= 2 * err_xla + 1e-3
