@@ -122,18 +122,15 @@ def test_eos_stops_rows_and_pads(tiny_hf, tiny_ours):
     hf, _ = tiny_hf["untied"]
     case = CASES["left_padded_batch"]
     ref = hf_generate(hf, case, n=12)
-    stop = int(ref[0, 4])  # row 0 stops at its 5th token; row 1 goes on unless it meets it
-    mine = tiny_ours["untied"].generate(**case.inputs(), max_new_tokens=12, eos_token_ids=[stop], pad_token_id=0)
-    first = [list(r).index(stop) if stop in r else None for r in ref]
-    assert first[0] is not None and first[0] <= 4
+    # Row 0 stops at its 5th token and row 1 at its 8th (or earlier, where it meets either id).
+    stops = [int(ref[0, 4]), int(ref[1, 7])]
+    mine = tiny_ours["untied"].generate(**case.inputs(), max_new_tokens=12, eos_token_ids=stops, pad_token_id=0)
+    first = [next(i for i, t in enumerate(row) if t in stops) for row in ref]
+    assert first[0] != first[1]  # the rows finish at different steps
     for r, f in enumerate(first):
-        if f is None:
-            np.testing.assert_array_equal(mine[r], ref[r][: mine.shape[1]])
-        else:
-            np.testing.assert_array_equal(mine[r, : f + 1], ref[r, : f + 1])
-            assert (mine[r, f + 1:] == 0).all()
-    if all(f is not None for f in first):
-        assert mine.shape[1] == max(first) + 1  # the loop ends when every row is done
+        np.testing.assert_array_equal(mine[r, : f + 1], ref[r, : f + 1])
+        assert (mine[r, f + 1:] == 0).all()  # pad after the row's EOS
+    assert mine.shape[1] == max(first) + 1 < 12  # the loop ends when every row is done
 
 
 def test_repetition_penalty_matches_hf(tiny_hf, tiny_ours):
@@ -178,10 +175,16 @@ def test_sample_token_respects_top_k_and_top_p():
     assert draws(top_p=0.75) == {1, 2, 3}
     assert draws(top_k=3, top_p=0.5) == {1, 2}  # top-p over the renormalised top 3
     assert draws() == {0, 1, 2, 3, 4}
-    # The repetition penalty divides positive logits of seen tokens (HF's rule).
+    # The repetition penalty (HF's rule): a seen token's positive logit is divided by it, a
+    # negative one multiplied, so both push the seen token 0 below token 1 here.
     pen = Sampling.of(GenerationConfig(repetition_penalty=2.0))
-    lg = np.array([[1.0, 0.8, -1.0]], np.float32)
-    assert int(sample_token(lg, np.array([[True, False, False]]), pen, keys[0], True)[0]) == 1
+    first_seen = np.array([[True, False, False]])
+    for lg in ([1.0, 0.8, -1.0], [-0.5, -0.8, -3.0]):
+        assert int(sample_token(np.array([lg], np.float32), first_seen, pen, keys[0], True)[0]) == 1
+    # A low temperature sharpens: token 1 has p = 0.4 at T = 1 and 0.4^4 / sum(p^4) = 0.72 at T = 0.25.
+    cold = Sampling.of(GenerationConfig(do_sample=True, temperature=0.25))
+    share = np.mean(np.asarray(jax.vmap(lambda k: sample_token(logits, seen, cold, k, False))(keys)) == 1)
+    assert 0.62 < share < 0.82, share
 
 
 def test_generation_config_defaults_from_folder():
@@ -304,10 +307,14 @@ def test_cli_json_matches_hf(real_vocab_model):
 
 def test_cli_streams_text(real_vocab_model):
     _, folder, image = real_vocab_model
-    code, out, err = run_cli(["--model", folder, "--image", image, "--prompt", "Hi", "--max-new-tokens", 6,
-                              "--temperature", 0.8, "--top-k", 20, "--seed", 3])
+    argv = ["--model", folder, "--image", image, "--prompt", "Hi", "--max-new-tokens", 6,
+            "--temperature", 0.8, "--top-k", 20, "--seed", 3]
+    code, out, err = run_cli(argv)
     assert code == 0, err
-    assert out.endswith("\n")
+    code, js, err = run_cli(argv + ["--json"])
+    assert code == 0, err
+    whole = json.loads(js)["text"]
+    assert whole and out == whole + "\n"  # the streamed pieces add up to the whole reply
 
 
 def test_cli_sampling_follows_the_seed(real_vocab_model):

@@ -37,7 +37,7 @@ from qwen2vl_jax.processing import (  # noqa: E402
     resize_frames,
     smart_resize,
 )
-from qwen2vl_jax.processing.video import VIDEO_MAX_PIXELS, VIDEO_MIN_PIXELS, linspace_indices  # noqa: E402
+from qwen2vl_jax.processing.video import linspace_indices  # noqa: E402
 
 torch = pytest.importorskip("torch")
 pytest.importorskip("torchvision")
@@ -52,6 +52,9 @@ from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_res
 from transformers.models.qwen2_vl.video_processing_qwen2_vl import Qwen2VLVideoProcessor  # noqa: E402
 
 MIN_PX, MAX_PX = 3136, 12845056  # the published preprocessor_config.json
+# qwen-vl-utils' published video budgets, written here so the tests do not take them from the code
+VIDEO_MIN_PIXELS, VIDEO_MAX_PIXELS = 128 * 28 * 28, 768 * 28 * 28
+VIDEO_TOTAL_PIXELS = int(128000 * 28 * 28 * 0.9)
 IMG = "<|vision_start|><|image_pad|><|vision_end|>"
 VID = "<|vision_start|><|video_pad|><|vision_end|>"
 RNG = np.random.default_rng(1234)
@@ -299,8 +302,9 @@ def test_video_file_sampled_at_2_fps(clip):
         all_frames = np.stack([f.to_ndarray(format="rgb24") for f in c.decode(video=0)])
     assert len(all_frames) == 30
     idx = torch.linspace(0, 29, 6).round().long().numpy()
-    max_px = max(min(VIDEO_MAX_PIXELS, int(128000 * 28 * 28 * 0.9) / 6 * 2), int(VIDEO_MIN_PIXELS * 1.05))
+    max_px = max(min(VIDEO_MAX_PIXELS, VIDEO_TOTAL_PIXELS / 6 * 2), int(VIDEO_MIN_PIXELS * 1.05))
     h, w = hf_smart_resize(64, 96, 28, VIDEO_MIN_PIXELS, max_px)
+    assert (h, w) == (280, 392)  # a 64x96 clip is scaled up to the 128*28*28 floor
     ref = tvF.resize(torch.from_numpy(all_frames[idx]).permute(0, 3, 1, 2), [h, w], interpolation=tvF.InterpolationMode.BICUBIC, antialias=True)
     np.testing.assert_array_equal(video, ref.permute(0, 2, 3, 1).numpy())
 
