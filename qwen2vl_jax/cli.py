@@ -1,6 +1,6 @@
 """`qwen2vl-generate`: chat with a model about images, a video or plain text.
 
-    qwen2vl-generate --model DIR [--image PATH]... [--video PATH] --prompt TEXT
+    qwen2vl-generate [--model DIR] [--image PATH]... [--video PATH]... --prompt TEXT
         [--max-new-tokens N] [--temperature T] [--top-p P] [--top-k K] [--seed S]
         [--mesh data=D,fsdp=F,tensor=T] [--json]
 
@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -25,12 +26,20 @@ DEFAULT_MODEL = Path(__file__).resolve().parent / "assets" / "demo"  # built by 
 def _parser() -> argparse.ArgumentParser:
     have_default = (DEFAULT_MODEL / "config.json").is_file()
     p = argparse.ArgumentParser(
-        prog="qwen2vl-generate", description="Generate an answer about images / a video with Qwen2-VL (JAX).")
+        prog="qwen2vl-generate",
+        description="Answer a prompt about images, videos or plain text with Qwen2-VL (JAX). The answer is "
+                    "printed as it is generated.",
+        epilog="Sampling defaults come from the model's generation_config.json (greedy for the published "
+               "Instruct models); --temperature > 0 turns sampling on, and --top-k/--top-p/--seed only act "
+               "then. Videos need PyAV (pip install av). Bad input prints one 'error:' line and exits "
+               "with status 2.")
     p.add_argument("--model", required=not have_default, default=str(DEFAULT_MODEL) if have_default else None,
-                   help="a model folder (converted, or an HF checkpoint with tokenizer files)")
+                   help="a model folder (converted by qwen2vl-convert, or an HF checkpoint with tokenizer files)"
+                        + ("; default: the small demo model shipped with the package" if have_default else ""))
     p.add_argument("--image", action="append", default=[], metavar="PATH",
                    help="an image file; repeat for several images (they come before the prompt)")
-    p.add_argument("--video", action="append", default=[], metavar="PATH", help="a video file")
+    p.add_argument("--video", action="append", default=[], metavar="PATH",
+                   help="a video file (sampled at 2 frames/s); repeat for several videos")
     p.add_argument("--prompt", required=True, help="the user's message")
     p.add_argument("--system", default=None, help="an optional system message")
     p.add_argument("--max-new-tokens", type=int, default=None, help="at most this many new tokens")
@@ -38,7 +47,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--top-p", type=float, default=None, help="nucleus sampling mass (0, 1]")
     p.add_argument("--top-k", type=int, default=None, help="sample from the k likeliest tokens (0 = all)")
     p.add_argument("--repetition-penalty", type=float, default=None, help="HF's repetition penalty (1 = off)")
-    p.add_argument("--seed", type=int, default=None, help="random seed for sampling")
+    p.add_argument("--seed", type=int, default=None, help="random seed for sampling, 0 .. 2**32-1 (default 0, so a run repeats itself)")
     p.add_argument("--mesh", default=None, metavar="data=D,fsdp=F,tensor=T",
                    help="shard over a device mesh (axes left out are 1; data takes the rest)")
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default=None,
@@ -50,6 +59,8 @@ def _parser() -> argparse.ArgumentParser:
 def _check_files(args) -> None:
     for kind, paths in (("image", args.image), ("video", args.video)):
         for path in paths:
+            if Path(path).is_dir():
+                raise InputError(f"--{kind} {path}: is a folder, not a file")
             if not Path(path).is_file():
                 raise InputError(f"--{kind} {path}: no such file")
     if not Path(args.model).is_dir():
@@ -91,6 +102,10 @@ def _run(args) -> int:
                     top_k=args.top_k, repetition_penalty=args.repetition_penalty, seed=args.seed)
     settings["eos_token_ids"] = turn_end_ids(model, processor)
     gc = model.generation_config.replace(**settings)
+    ignored = [f"--{k.replace('_', '-')}" for k in ("top_k", "top_p", "seed") if getattr(args, k) is not None]
+    if gc.greedy and ignored:
+        print(f"note: {', '.join(ignored)} only act when sampling, and these settings decode greedily "
+              "(sampling needs --temperature > 0 and a --top-k other than 1)", file=sys.stderr)
     eos = set(gc.eos_token_ids)
     leader = jax.process_index() == 0
 
@@ -130,6 +145,11 @@ def generate_main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        # The reader went away (`... | head`): stop quietly, as other command-line tools do.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 141
 
 
 if __name__ == "__main__":

@@ -48,6 +48,7 @@ if TYPE_CHECKING:
 
     from qwen2vl_jax.model import Qwen2VL
 
+INT32_MAX = 2**31 - 1
 MAX_EOS = 8  # EOS ids are a fixed-size array (padded with -1) so their number never recompiles
 CACHE_ROOM_MULTIPLE = 64  # max_new_tokens is rounded up to this for the cache's extra slots
 
@@ -118,17 +119,20 @@ class GenerationConfig:
         return out
 
     def validate(self) -> None:
+        # Comparisons are written so that NaN fails them too.
         problems = []
         if self.max_new_tokens < 1:
             problems.append(f"max_new_tokens must be at least 1 (got {self.max_new_tokens})")
-        if self.temperature < 0:
-            problems.append(f"temperature must be >= 0 (got {self.temperature})")
-        if self.top_k < 0:
-            problems.append(f"top_k must be >= 0 (got {self.top_k})")
+        if not 0 <= self.temperature < math.inf:
+            problems.append(f"temperature must be a number >= 0 (got {self.temperature})")
+        if not 0 <= self.top_k <= INT32_MAX:
+            problems.append(f"top_k must be between 0 and {INT32_MAX} (got {self.top_k})")
         if not 0 < self.top_p <= 1:
             problems.append(f"top_p must be in (0, 1] (got {self.top_p})")
-        if self.repetition_penalty <= 0:
-            problems.append(f"repetition_penalty must be > 0 (got {self.repetition_penalty})")
+        if not 0 < self.repetition_penalty < math.inf:
+            problems.append(f"repetition_penalty must be a number > 0 (got {self.repetition_penalty})")
+        if not 0 <= self.seed < 2**32:  # JAX keys take 32 bits of the seed; wider ones would collide
+            problems.append(f"seed must be between 0 and {2**32 - 1} (got {self.seed})")
         if len(self.eos_token_ids) > MAX_EOS:
             problems.append(f"at most {MAX_EOS} EOS token ids (got {len(self.eos_token_ids)})")
         if problems:

@@ -353,3 +353,51 @@ def test_sampling_request_drops_argmax_defaults():
     kept = base.replace(temperature=0.7, top_k=5)
     assert kept.top_k == 5 and kept.top_p == 1.0
     assert base.replace(temperature=0).greedy
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--temperature", "nan"], "temperature"),
+    (["--repetition-penalty", "nan"], "repetition_penalty"),
+    (["--top-k", "99999999999", "--temperature", "1"], "top_k"),
+    (["--seed", "18446744073709551615", "--temperature", "1"], "seed"),
+    (["--image", "."], "is a folder"),
+])
+def test_cli_bad_values_are_one_line(real_vocab_model, argv, message):
+    _, folder, _ = real_vocab_model
+    code, out, err = run_cli(["--model", folder, "--prompt", "Hi", *argv])
+    assert code == 2
+    assert err.startswith("error: ") and message in err and err.count("\n") == 1, err
+
+
+def test_cli_notes_flags_that_greedy_ignores(real_vocab_model):
+    _, folder, _ = real_vocab_model
+    # The folder's generation_config.json (the published one) samples with top_k=1: argmax.
+    code, out, err = run_cli(["--model", folder, "--prompt", "Hi", "--max-new-tokens", 2, "--top-p", 0.9, "--seed", 1])
+    assert code == 0, err
+    assert err.startswith("note: --top-p, --seed only act when sampling") and err.count("\n") == 1
+    code, out, err = run_cli(["--model", folder, "--prompt", "Hi", "--max-new-tokens", 2, "--top-k", 5, "--seed", 1])
+    assert code == 0 and err == ""  # top_k=5 at the folder's temperature samples
+
+
+def test_cli_stops_quietly_when_the_reader_goes(real_vocab_model, tmp_path):
+    """`qwen2vl-generate ... | head -c 3`: a closed pipe ends the run with 141, no traceback."""
+    from qwen2vl_jax.cli import generate_main
+
+    _, folder, _ = real_vocab_model
+
+    class ClosedPipe(io.StringIO):
+        def __init__(self, fd):
+            super().__init__()
+            self._fd = fd
+
+        def write(self, text):
+            raise BrokenPipeError(32, "Broken pipe")
+
+        def fileno(self):
+            return self._fd
+
+    with open(tmp_path / "sink", "w") as sink:
+        err = io.StringIO()
+        with redirect_stdout(ClosedPipe(sink.fileno())), redirect_stderr(err):
+            code = generate_main(["--model", str(folder), "--prompt", "Hi", "--max-new-tokens", "4"])
+    assert code == 141 and err.getvalue() == ""

@@ -526,3 +526,26 @@ def test_video_sampling_errors(clip):
         fetch_video({"video": str(clip), "fps": 1, "nframes": 4})
     with pytest.raises(InputError, match="cannot sample 40 frames from 30"):
         fetch_video({"video": str(clip), "nframes": 40})
+
+
+def test_image_over_the_pixel_limit_is_one_line(tmp_path, monkeypatch):
+    """PIL refuses images over twice MAX_IMAGE_PIXELS (a decompression bomb guard) and warns
+    between once and twice; the limit is lowered here so a small file stands in for a huge one."""
+    import warnings
+
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)
+    big, middle = tmp_path / "big.png", tmp_path / "middle.png"
+    Image.new("RGB", (64, 64), "red").save(big)  # 4096 > 2 * 1000
+    Image.new("RGB", (40, 40), "red").save(middle)  # 1600: between the warning and the error
+    with pytest.raises(InputError, match=r"big.png: too many pixels to decode safely \(PIL's limit is 2000 pixels\)"):
+        fetch_image({"image": str(big)})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert fetch_image({"image": str(middle)}).size == (56, 56)
+
+
+def test_one_frame_video_is_refused_plainly(tmp_path):
+    pytest.importorskip("av")
+    one = write_video(tmp_path / "one.mp4", n=1)
+    with pytest.raises(InputError, match="one.mp4: has 1 frame\\(s\\); a video needs at least 2"):
+        fetch_video({"video": str(one)})

@@ -18,6 +18,7 @@ import io
 import math
 import os
 import urllib.request
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import lru_cache
@@ -91,8 +92,14 @@ def _describe(source: Any) -> str:
 
 def _open_bytes(data: bytes, name: str) -> Image.Image:
     try:
-        img = Image.open(io.BytesIO(data))
-        img.load()
+        with warnings.catch_warnings():
+            # Images a little over PIL's pixel limit only warn; they are resized down anyway.
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            img = Image.open(io.BytesIO(data))
+            img.load()
+    except Image.DecompressionBombError:
+        raise InputError(f"image {name}: too many pixels to decode safely (PIL's limit is "
+                         f"{2 * Image.MAX_IMAGE_PIXELS} pixels)") from None
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
         kind = "not an image file" if isinstance(e, UnidentifiedImageError) else "corrupt or truncated"
         raise InputError(f"image {name}: cannot be read ({kind})") from None

@@ -159,6 +159,8 @@ def smart_nframes(ele: dict, total_frames: int, video_fps: float, name: str = "v
         nframes = total_frames / video_fps * fps
         nframes = min(min(max(nframes, min_frames), max_frames), total_frames)
         nframes = floor_by_factor(nframes, FRAME_FACTOR)
+    if total_frames < FRAME_FACTOR:
+        raise InputError(f"{name}: has {total_frames} frame(s); a video needs at least {FRAME_FACTOR}")
     if not (FRAME_FACTOR <= nframes <= total_frames):
         raise InputError(
             f"{name}: cannot sample {nframes} frames from {total_frames} "
