@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import signal
 import sys
 
 CONVERT_HELP = """\
@@ -18,7 +17,8 @@ qwen2vl_jax.Qwen2VL.from_pretrained(OUT_DIR) or qwen2vl-generate --model OUT_DIR
 
 Tensors are streamed one layer at a time, so memory stays near one copy of the output.
 OUT_DIR is written to a hidden temporary sibling and renamed at the end: a failed or
-interrupted conversion leaves no OUT_DIR. The checkpoint is checked against config.json
+interrupted conversion leaves no OUT_DIR (Ctrl-C or SIGTERM stops once the layer being
+written is done; a second Ctrl-C stops at once). The checkpoint is checked against config.json
 (names, shapes, missing and unmapped tensors; all problems in one error) before anything
 is written."""
 
@@ -68,30 +68,41 @@ def _export_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _interrupt(signum, frame):
-    raise KeyboardInterrupt
-
-
 def _run(fn) -> int:
+    from qwen2vl_jax.convert import interrupts
     from qwen2vl_jax.errors import InputError
 
-    # SIGTERM unwinds like Ctrl-C, so the temporary folder is removed on the way out.
+    # SIGTERM unwinds like Ctrl-C, so the temporary folder is removed on the way out; while
+    # writing, both wait for a safe point (interrupts.py).
     try:
-        previous = signal.signal(signal.SIGTERM, _interrupt)
-    except ValueError:  # not the main thread: leave signals alone
-        previous = None
-    try:
-        fn()
+        with interrupts.installed():
+            try:
+                fn()
+            except Exception:
+                interrupts.check()  # an error that an interrupt caused inside Orbax is the interrupt
+                raise
     except InputError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("error: interrupted; nothing was written", file=sys.stderr)
+        _quiet_abandoned_work()
         return 130
-    finally:
-        if previous is not None:
-            signal.signal(signal.SIGTERM, previous)
+    except OSError as e:  # disk full, permissions, ... while writing: the folder is already removed
+        lines = str(e).strip().splitlines() or [type(e).__name__]
+        print(f"error: {lines[0]}", file=sys.stderr)
+        return 1
     return 0
+
+
+def _quiet_abandoned_work() -> None:
+    """A second Ctrl-C can cut an Orbax read short; what it leaves pending is reported by
+    asyncio and the warnings module at exit, as noise after the one line that matters."""
+    import logging
+    import warnings
+
+    logging.getLogger("asyncio").setLevel(logging.CRITICAL)
+    warnings.filterwarnings("ignore", message="coroutine .* was never awaited", category=RuntimeWarning)
 
 
 def _quiet_libraries() -> None:

@@ -17,6 +17,7 @@ import os
 import re
 import shutil
 import tempfile
+import time
 import uuid
 from pathlib import Path
 from typing import Iterator
@@ -25,7 +26,8 @@ import numpy as np
 
 from qwen2vl_jax import checkpoint
 from qwen2vl_jax.config import Qwen2VLConfig
-from qwen2vl_jax.convert.mapping import Planned, load_planned, plan_conversion
+from qwen2vl_jax.convert import gptq, interrupts
+from qwen2vl_jax.convert.mapping import Planned, hf_to_jax_name, load_planned, plan_conversion
 from qwen2vl_jax.convert.safetensors_io import DTYPES, checkpoint_files, list_tensors, read_header
 from qwen2vl_jax.errors import CheckpointError, InputError
 
@@ -75,27 +77,47 @@ def check_destination(out: Path, sources: list[Path], force: bool) -> None:
 @contextlib.contextmanager
 def staging(out: Path) -> Iterator[Path]:
     """A temporary sibling of `out` to write into; renamed to `out` on success, removed on
-    any failure (KeyboardInterrupt included), so `out` is either whole or untouched."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    any failure (KeyboardInterrupt included), so `out` is either whole or untouched.
+
+    Ctrl-C and SIGTERM are held inside (see interrupts.py): the body calls
+    `interrupts.check()` between units of work, so an interrupt stops it between Orbax
+    operations, never while Orbax's background threads still write into the folder."""
     try:
-        yield tmp
-        umask = os.umask(0)
-        os.umask(umask)
-        tmp.chmod(0o777 & ~umask)  # mkdtemp made it private
-        if out.exists() or out.is_symlink():
-            old = out.with_name(f".{out.name}.old-{uuid.uuid4().hex[:8]}")
-            out.rename(old)
-            tmp.rename(out)
-            if old.is_dir() and not old.is_symlink():
-                shutil.rmtree(old)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    except OSError as e:
+        raise InputError(f"cannot create {out}: {e.strerror or e}") from None
+    with interrupts.held():
+        try:
+            yield tmp
+            interrupts.check()  # the last point where stopping leaves nothing
+            umask = os.umask(0)
+            os.umask(umask)
+            tmp.chmod(0o777 & ~umask)  # mkdtemp made it private
+            if out.exists() or out.is_symlink():
+                old = out.with_name(f".{out.name}.old-{uuid.uuid4().hex[:8]}")
+                out.rename(old)
+                tmp.rename(out)
+                if old.is_dir() and not old.is_symlink():
+                    shutil.rmtree(old)
+                else:
+                    old.unlink()
             else:
-                old.unlink()
-        else:
-            tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+                tmp.rename(out)
+        except BaseException:
+            with interrupts.shielded():
+                remove_tree(tmp)
+            raise
+
+
+def remove_tree(path: Path, settle: float = 0.05, tries: int = 20) -> None:
+    """Removes `path` and checks it stays gone: a writer thread that outlived an interrupt
+    (one that cut short the wait for it) could recreate part of it."""
+    for _ in range(tries):
+        shutil.rmtree(path, ignore_errors=True)
+        time.sleep(settle)
+        if not os.path.lexists(path):
+            return
 
 
 # ---------------------------------------------------------------- checks
@@ -111,11 +133,15 @@ def check_files(folder: Path) -> None:
                 dtype = DTYPES.get(info["dtype"])
                 begin, end = info["data_offsets"]
                 shape = tuple(info["shape"])
+                if not all(type(x) is int and x >= 0 for x in (begin, end, *shape)):
+                    raise ValueError
             except (KeyError, TypeError, ValueError):
                 problems.append(f"{path.name}:{name}: malformed header entry")
                 continue
             if dtype is None:
                 problems.append(f"{path.name}:{name}: unsupported dtype {info['dtype']}")
+            elif np.dtype(dtype).kind != "f" and hf_to_jax_name(name) is not None:
+                problems.append(f"{path.name}:{name}: dtype {info['dtype']} where a floating-point weight belongs")
             elif end - begin != int(np.prod(shape)) * np.dtype(dtype).itemsize:
                 problems.append(f"{path.name}:{name}: byte range does not match shape {shape}")
             elif start + end > size:
@@ -134,12 +160,18 @@ def _no_safetensors_hint(folder: Path) -> None:
             )
 
 
-def plan(folder: Path, config: Qwen2VLConfig) -> list[Planned]:
-    """Every tensor of the checkpoint, checked against the config; loads no tensor data."""
+def plan(folder: Path, config: Qwen2VLConfig, dtype=np.float32) -> list[Planned]:
+    """Every tensor of the checkpoint, checked against the config; loads no tensor data.
+    GPTQ layers become float kernels in `dtype`, dequantized when loaded (see gptq.py)."""
+    quant = gptq.read_quantization(folder)
     _no_safetensors_hint(folder)
     check_files(folder)
     expected = checkpoint.expected_shapes(config)
-    return plan_conversion(list_tensors(folder), expected, tie_word_embeddings=config.tie_word_embeddings)
+    tensors, problems = list_tensors(folder), []
+    if quant is not None:
+        tensors, problems = gptq.fold(tensors, expected, quant, dtype)
+    return plan_conversion(tensors, expected, tie_word_embeddings=config.tie_word_embeddings,
+                           mismatched=problems)
 
 
 def group_of(path: str) -> str:
@@ -179,16 +211,18 @@ def convert_checkpoint(
     src = resolve_source(source)
     check_destination(out, [src], force)
 
-    config = Qwen2VLConfig.from_hf(src)
-    items = plan(src, config)
+    config = checkpoint.read_config(src)
+    items = plan(src, config, np_dtype)
 
     from tqdm import tqdm
 
     with staging(out) as tmp:
         checkpoint.copy_side_files(src, tmp)
+        gptq.strip_quantization(tmp / "config.json")  # the params written are float
         writer = checkpoint.ParamWriter(tmp)
         with tqdm(total=len(items), desc="converting", unit="tensor", disable=not progress) as bar:
             for group in groups(items):
+                interrupts.check()
                 flat = {}
                 for item in group:
                     flat[item.path] = load_planned(item).astype(np_dtype, copy=False)

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from qwen2vl_jax import checkpoint
-from qwen2vl_jax.config import Qwen2VLConfig
+from qwen2vl_jax.convert import interrupts
 from qwen2vl_jax.convert.convert import OUTPUT_DTYPES, check_destination, group_of, staging
 from qwen2vl_jax.convert.mapping import expected_hf_shape, jax_to_hf_name, to_hf
 from qwen2vl_jax.convert.safetensors_io import DTYPES, save_file_streaming
@@ -78,7 +78,7 @@ def export_checkpoint(
     shard_bytes = parse_size(max_shard_size)
     check_destination(out, [src], force)
     checkpoint.read_marker(src)
-    config = Qwen2VLConfig.from_hf(src)
+    config = checkpoint.read_config(src)
     stored = checkpoint.check_params(src, config)
 
     v = config.vision
@@ -110,6 +110,7 @@ def export_checkpoint(
     cache: dict = {"group": None, "arrays": {}}
 
     def produce(hf_name: str) -> np.ndarray:
+        interrupts.check()
         _, out_dtype, hf_shape, path, transform = by_name[hf_name]
         group = group_of(path)
         if cache["group"] != group:

@@ -173,15 +173,17 @@ def plan_conversion(
     expected: dict[str, tuple[int, ...]],
     *,
     tie_word_embeddings: bool,
+    mismatched: Iterable[str] = (),
 ) -> list[Planned]:
     """Checks HF tensor names and shapes against the expected JAX parameters, loading nothing.
 
     tensors: (hf_name, load() -> array, hf_shape) triples, e.g. from `list_tensors`.
     expected: JAX path -> shape, from `jax.eval_shape` of the model's init.
+    mismatched: shape problems a caller already found (gptq.fold's), reported with the rest.
     Returns one `Planned` per expected parameter, in `expected`'s order. Raises CheckpointError
     listing every unmapped tensor, missing parameter and shape mismatch at once.
     """
-    unmapped, mismatched, plan = [], [], {}
+    unmapped, mismatched, plan = [], list(mismatched), {}
     seen: dict[str, str] = {}
     for hf_name, load, hf_shape in tensors:
         if _IGNORED_HF.match(hf_name):

@@ -45,6 +45,8 @@ def read_header(path: Path) -> tuple[dict, int]:
             header = json.loads(f.read(size))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise CheckpointError(f"{path}: cannot read safetensors header ({e})") from None
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{path}: not a safetensors file (the header is not a JSON object)")
     header.pop("__metadata__", None)
     return header, 8 + size
 
@@ -68,8 +70,10 @@ def checkpoint_files(folder: Path) -> list[Path]:
     if index.exists():
         try:
             weight_map = json.loads(index.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError) as e:
-            raise CheckpointError(f"{index}: malformed index ({e})") from None
+        except (json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError) as e:
+            raise CheckpointError(f"{index}: malformed index ({type(e).__name__}: {e})") from None
+        if not isinstance(weight_map, dict) or not all(isinstance(f, str) for f in weight_map.values()):
+            raise CheckpointError(f"{index}: malformed index (weight_map is not an object of tensor name -> file name)")
         files = sorted({folder / name for name in weight_map.values()})
         absent = [f.name for f in files if not f.exists()]
         if absent:

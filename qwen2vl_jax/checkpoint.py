@@ -44,7 +44,7 @@ def _ocp():
     try:
         from orbax.checkpoint import v1
 
-        v1.partial.save, v1.partial.finalize  # noqa: B018
+        v1.partial.save_async, v1.partial.finalize  # noqa: B018
     except (ImportError, AttributeError):
         import importlib.metadata
 
@@ -83,6 +83,24 @@ def read_marker(folder: str | Path) -> dict:
             f"qwen2vl-jax reads ({FORMAT!r} <= {VERSION})"
         )
     return marker
+
+
+def read_config(folder: str | Path) -> Qwen2VLConfig:
+    """`Qwen2VLConfig.from_hf(folder)`, with a malformed config.json (not a JSON object, a
+    field of the wrong type) refused as one CheckpointError naming the file."""
+    path = Path(folder) / "config.json"
+    try:
+        return Qwen2VLConfig.from_hf(folder)
+    except CheckpointError:
+        raise
+    except (AttributeError, KeyError, TypeError, ValueError) as e:
+        try:
+            raw = json.loads(path.read_text())
+        except (OSError, ValueError):
+            raw = None
+        if not isinstance(raw, dict):
+            raise CheckpointError(f"{path}: not a JSON object") from None
+        raise CheckpointError(f"{path}: a field has a bad value ({_first_line(e)})") from None
 
 
 def write_marker(folder: str | Path, dtype, **extra) -> None:
@@ -138,7 +156,17 @@ class ParamWriter:
         again = self.written.intersection(flat)
         if again:
             raise ValueError(f"parameters written twice: {sorted(again)}")
-        _ocp().partial.save(self.path, _unflatten(flat))
+        response = _ocp().partial.save_async(self.path, _unflatten(flat))
+        try:
+            response.result()
+        except BaseException:
+            # Interrupted while Orbax writes in its background threads: let the write end
+            # before the caller removes the folder, or the threads would recreate parts of it.
+            try:
+                response.result()
+            except Exception:
+                pass
+            raise
         self.written.update(flat)
 
     def finalize(self) -> Path:
@@ -159,11 +187,30 @@ def stored_params(folder: str | Path) -> dict[str, tuple[tuple[int, ...], np.dty
     path = Path(folder).resolve() / PARAMS
     if not path.is_dir():
         raise CheckpointError(f"{folder}: no {PARAMS}/ checkpoint")
+    state = path / "state"
+    if state.is_dir() and not (state / "manifest.ocdbt").exists() and (
+        (state / "d").exists() or any(state.glob("ocdbt.process_*"))
+    ):  # Orbax would log a traceback per array before giving up
+        raise CheckpointError(f"{path}: not a readable Orbax checkpoint (state/manifest.ocdbt is missing)")
     try:
         tree = _ocp().metadata(path).metadata
     except Exception as e:  # Orbax raises several types for a damaged or foreign folder
         raise CheckpointError(f"{path}: not a readable Orbax checkpoint ({_first_line(e)})") from None
-    return {k: (tuple(m.shape), np.dtype(m.dtype)) for k, m in _flatten(tree).items()}
+    try:
+        return {k: (tuple(m.shape), np.dtype(m.dtype)) for k, m in _flatten(tree).items()}
+    except (AttributeError, TypeError) as e:  # e.g. no tree at all when state/manifest.ocdbt is gone
+        raise CheckpointError(f"{path}: not a readable Orbax checkpoint (no parameter metadata: "
+                              f"{_first_line(e)})") from None
+
+
+def _restore(path: Path, abstract):
+    """Orbax's load, with a damaged data file (truncated, missing) as one CheckpointError."""
+    try:
+        return _ocp().load(path, abstract)
+    except CheckpointError:
+        raise
+    except Exception as e:  # tensorstore reports damage as ValueError, OSError, ...
+        raise CheckpointError(f"{path}: cannot read the stored params ({_first_line(e)})") from None
 
 
 def check_params(folder: str | Path, config: Qwen2VLConfig) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
@@ -211,7 +258,7 @@ def load_params(folder: str | Path, config: Qwen2VLConfig, dtype=None, shardings
                                 sharding=flat_shardings[k])
         for k, (shape, stored_dtype) in stored.items()
     }
-    return _ocp().load(folder / PARAMS, _unflatten(abstract))
+    return _restore(folder / PARAMS, _unflatten(abstract))
 
 
 def load_numpy(folder: str | Path, paths: Iterable[str], dtype=None) -> dict[str, np.ndarray]:
@@ -224,7 +271,7 @@ def load_numpy(folder: str | Path, paths: Iterable[str], dtype=None) -> dict[str
     ctx = ocp.Context()
     ctx.pytree.loading.partial_load = True
     with ctx:
-        tree = ocp.load(Path(folder).resolve() / PARAMS, _unflatten(abstract))
+        tree = _restore(Path(folder).resolve() / PARAMS, _unflatten(abstract))
     return {p: np.asarray(v) for p, v in _flatten(tree).items()}
 
 

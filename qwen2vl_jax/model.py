@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from qwen2vl_jax.checkpoint import is_converted
+from qwen2vl_jax.checkpoint import is_converted, read_config
 from qwen2vl_jax.config import Qwen2VLConfig
 from qwen2vl_jax.errors import CheckpointError, InputError
 from qwen2vl_jax.modules.text import TextModel
@@ -183,14 +183,15 @@ class Qwen2VL:
     @classmethod
     def from_pretrained(cls, path: str | Path, dtype=None, mesh=None, rules=None) -> "Qwen2VL":
         """Loads a converted folder (from qwen2vl-convert) or an HF-layout folder (config.json +
-        safetensors); with a `mesh` the params are placed by the sharding rules as they load. generation_config.json gives the defaults."""
+        safetensors); with a `mesh` the params are placed by the sharding rules as they load.
+        generation_config.json gives the defaults."""
         from qwen2vl_jax.generation import GenerationConfig
         from qwen2vl_jax.sharding import check_divisible
 
         path = Path(path)
         if not path.is_dir():
             raise CheckpointError(f"model folder {path} does not exist")
-        config = Qwen2VLConfig.from_hf(path)
+        config = read_config(path)
         check_divisible(config, mesh)
         dtype = jnp.dtype(dtype or default_dtype())
         if is_converted(path):  # qwen2vl-convert or training output: Orbax params, restored in place

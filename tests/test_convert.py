@@ -7,8 +7,11 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
+import struct
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import ml_dtypes
@@ -364,6 +367,162 @@ def test_interrupted_conversion_leaves_nothing(tiny_hf, tmp_path, monkeypatch):
     assert convert_main([str(src), str(out), "--quiet"]) == 130
     assert len(calls) == 3
     assert_nothing_left(out)
+
+
+def _orbax_writes(monkeypatch, wrap):
+    """Routes every Orbax partial save through `wrap(response) -> response` (each write runs
+    in Orbax's background threads once scheduled); returns the list of real responses."""
+    from orbax.checkpoint import v1
+    from orbax.checkpoint.experimental.v1._src.partial import saving
+
+    real, responses = saving.save_async, []
+
+    def save_async(*args, **kwargs):
+        response = real(*args, **kwargs)
+        responses.append(response)
+        return wrap(response, len(responses))
+
+    monkeypatch.setattr(saving, "save_async", save_async)
+    monkeypatch.setattr(v1.partial, "save_async", save_async)
+    return responses
+
+
+class _InterruptedWait:
+    """A response whose first result() raises KeyboardInterrupt, as a Ctrl-C while waiting
+    for the write would (the write itself goes on in the background)."""
+
+    def __init__(self, response):
+        self.response, self.raised = response, False
+
+    def result(self, timeout=None):
+        if not self.raised:
+            self.raised = True
+            raise KeyboardInterrupt
+        return self.response.result(timeout)
+
+
+@pytest.mark.parametrize("how", ["SIGINT", "SIGTERM", "raise"])
+def test_interrupt_during_an_orbax_write_leaves_nothing(tiny_hf, tmp_path, monkeypatch, capsys, how):
+    """A signal that lands while Orbax writes in the background is held until the write is
+    done, then stops the conversion; an interrupt that does cut the wait short still waits for
+    the write before the temporary folder goes. Either way: one line, exit 130, nothing left."""
+    _, src = tiny_hf["untied"]
+
+    def wrap(response, n):
+        if n != 2:
+            return response
+        if how == "raise":
+            return _InterruptedWait(response)
+        os.kill(os.getpid(), getattr(signal, how))
+        return response
+
+    responses = _orbax_writes(monkeypatch, wrap)
+    out = tmp_path / "out"
+    assert convert_main([str(src), str(out), "--quiet"]) == 130
+    assert capsys.readouterr().err == "error: interrupted; nothing was written\n"
+    assert len(responses) == 2  # stopped before the next layer
+    for response in responses:
+        response.result(timeout=0)  # every write had finished (and succeeded) before the cleanup
+    time.sleep(0.3)
+    assert_nothing_left(out)
+
+
+def test_interrupt_during_an_export_read_leaves_nothing(tiny_hf, tmp_path, monkeypatch, capsys):
+    _, src = tiny_hf["untied"]
+    jax_dir, back = tmp_path / "jax", tmp_path / "hf"
+    convert_checkpoint(src, jax_dir, dtype="float32", progress=False)
+    real, loaded = checkpoint.load_numpy, []
+
+    def load_numpy(*args, **kwargs):
+        if len(loaded) == 1:
+            os.kill(os.getpid(), signal.SIGINT)
+        arrays = real(*args, **kwargs)
+        loaded.append(sorted(arrays))  # only reached when the signal did not cut the read short
+        return arrays
+
+    monkeypatch.setattr(checkpoint, "load_numpy", load_numpy)
+    assert export_main([str(jax_dir), str(back), "--quiet"]) == 130
+    assert capsys.readouterr().err == "error: interrupted; nothing was written\n"
+    assert len(loaded) == 2
+    assert_nothing_left(back)
+
+
+def _int_weight(folder: Path) -> None:
+    t = read_all(folder)
+    t["model.layers.0.mlp.up_proj.weight"] = t["model.layers.0.mlp.up_proj.weight"].astype(np.int32)
+    (folder / "model.safetensors").unlink()
+    save_file(t, folder / "model.safetensors")
+
+
+def _list_header(folder: Path) -> None:
+    (folder / "extra.safetensors").write_bytes(struct.pack("<Q", 7) + b"[1,2,3]")
+
+
+def _list_weight_map(folder: Path) -> None:
+    (folder / "model.safetensors.index.json").write_text(json.dumps({"weight_map": ["model.safetensors"]}))
+
+
+def _config(edit):
+    def apply(folder: Path) -> None:
+        path = folder / "config.json"
+        path.write_text(json.dumps(edit(json.loads(path.read_text()))))
+    return apply
+
+
+def _set_hidden_size(cfg: dict) -> dict:
+    cfg["text_config"]["hidden_size"] = "abc"
+    return cfg
+
+
+@pytest.mark.parametrize("damage,pattern", [
+    (_config(lambda cfg: [1, 2]), r"config.json: not a JSON object"),
+    (_config(_set_hidden_size), r"config.json: .*'abc'"),
+    (_list_header, r"extra.safetensors: .*header is not a JSON object"),
+    (_list_weight_map, r"model.safetensors.index.json: .*weight_map"),
+    (_int_weight, r"model.layers.0.mlp.up_proj.weight: dtype I32 .*floating-point"),
+], ids=["config_list", "config_bad_value", "header_list", "weight_map_list", "int_dtype"])
+def test_malformed_input_is_one_line_exit_2(tiny_hf, tmp_path, capsys, damage, pattern):
+    import re
+
+    _, src = tiny_hf["untied"]
+    bad = Path(shutil.copytree(src, tmp_path / "bad"))
+    damage(bad)
+    out = tmp_path / "out"
+    assert convert_main([str(bad), str(out), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1, err
+    assert re.search(pattern, err), err
+    assert_nothing_left(out)
+
+
+def test_out_dir_that_cannot_be_created_is_one_line(tiny_hf, tmp_path, capsys):
+    _, src = tiny_hf["tied"]
+    (tmp_path / "file").write_text("not a folder")
+    out = tmp_path / "file" / "out"
+    assert convert_main([str(src), str(out), "--quiet"]) != 0
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: cannot create {out}") and err.count("\n") == 1, err
+    assert [p.name for p in tmp_path.iterdir()] == ["file"]
+
+
+def test_damaged_params_are_refused_by_export_with_one_line(tiny_hf, tmp_path, capsys):
+    _, src = tiny_hf["tied"]
+    good = tmp_path / "good"
+    convert_checkpoint(src, good, dtype="float32", progress=False)
+    state = good / checkpoint.PARAMS / "state"
+    no_manifest = Path(shutil.copytree(good, tmp_path / "no_manifest"))
+    (no_manifest / checkpoint.PARAMS / "state" / "manifest.ocdbt").unlink()
+    truncated = Path(shutil.copytree(good, tmp_path / "truncated"))
+    data = max((p for p in state.rglob("*") if p.is_file() and p.parent.name == "d"), key=lambda p: p.stat().st_size)
+    victim = truncated / data.relative_to(good)
+    victim.write_bytes(victim.read_bytes()[:100])
+    for folder, pattern in ((no_manifest, "not a readable Orbax checkpoint"), (truncated, "cannot read the stored params")):
+        back = tmp_path / f"hf_{folder.name}"
+        assert export_main([str(folder), str(back), "--quiet"]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"error: {folder / checkpoint.PARAMS}") and pattern in err, err
+        assert err.count("\n") == 1, err
+        assert_nothing_left(back)
 
 
 def test_cli_errors_are_one_line_exit_2(tmp_path, capsys):

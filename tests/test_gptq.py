@@ -1,0 +1,256 @@
+"""GPTQ (AutoGPTQ "gptq" v1) checkpoints: tiny random HF models whose decoder linears are
+quantized here (chosen integers, zeros and fp16 scales), packed into the published layout by a
+packer written from the format's description, and converted. The converted kernels equal the
+weights dequantized from the chosen integers bit for bit, and fp32 logits equal HF's on a model
+holding those same float weights. Unsupported quantizations and bad tensors are refused with
+one line and nothing written."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+import shutil
+from pathlib import Path
+
+import ml_dtypes
+import numpy as np
+import pytest
+
+import hf_utils
+from qwen2vl_jax import checkpoint
+from qwen2vl_jax.config import Qwen2VLConfig
+from qwen2vl_jax.convert import gptq
+from qwen2vl_jax.convert.cli import convert_main
+from qwen2vl_jax.convert.convert import convert_checkpoint
+from qwen2vl_jax.convert.mapping import flatten, hf_to_jax_name, normalize_hf_name, to_jax
+from qwen2vl_jax.convert.safetensors_io import list_tensors, save_file
+from qwen2vl_jax.errors import CheckpointError
+
+torch = pytest.importorskip("torch")
+
+CASE = {c.name: c for c in hf_utils.standard_cases()}["left_padded_batch"]
+
+# Widths that pack 8 (or 4) values per int32: hidden 48, kv width 2 * 12 = 24, intermediate 88;
+# q/o are square but k/v/gate/up/down are not, and every value is random.
+SPECS = {
+    "untied": hf_utils.TinySpec(seed=3, mrope_section=(1, 2, 3), hidden=48, heads=4, kv_heads=2, intermediate=88),
+    "tied": hf_utils.TinySpec(seed=4, tie=True, mrope_section=(2, 2, 2), hidden=48, heads=4, kv_heads=2,
+                              intermediate=88, v_embed=40, v_heads=2, v_mlp_ratio=2),
+}
+QUANTIZED = re.compile(r"^model\.layers\.\d+\.(self_attn\.[qkvo]_proj|mlp\.(gate|up|down)_proj)\.weight$")
+
+
+@dataclasses.dataclass(frozen=True)
+class Quant:
+    model: str
+    bits: int
+    group_size: int  # -1: one group
+    desc_act: bool  # shuffled g_idx
+    sym: bool
+    where: str  # quantization_config at the "top" of the nested config, under "text_config", or a "flat" config
+    tf5_names: bool = False
+
+
+CASES = {
+    "int4-g32": Quant("untied", 4, 32, desc_act=False, sym=True, where="top"),  # 48 = 32 + 16: a short last group
+    "int4-desc_act-tied": Quant("tied", 4, 32, desc_act=True, sym=True, where="text_config"),
+    "int8-asym-one_group-tf5": Quant("untied", 8, -1, desc_act=False, sym=False, where="flat", tf5_names=True),
+}
+
+
+# ---------------------------------------------------------------- quantizing and packing
+def quantize(rng, in_f: int, out_f: int, q: Quant):
+    """Chosen integers [I, O], zero points [G, O], fp16 scales [G, O] and g_idx [I]."""
+    top = 2**q.bits
+    n_groups = 1 if q.group_size == -1 else -(-in_f // q.group_size)
+    ints = rng.integers(0, top, (in_f, out_f))
+    zeros = np.full((n_groups, out_f), top // 2) if q.sym else rng.integers(1, top, (n_groups, out_f))
+    # std of the weights near 1/sqrt(fan_in), so a wrong weight moves the logits
+    scales = (rng.uniform(0.5, 1.5, (n_groups, out_f)) / (0.3 * top * np.sqrt(in_f))).astype(np.float16)
+    g_idx = np.arange(in_f) // q.group_size if q.group_size != -1 else np.zeros(in_f, np.int64)
+    if q.desc_act:
+        g_idx = g_idx[rng.permutation(in_f)]
+        assert not np.array_equal(g_idx, np.sort(g_idx))
+    return ints, zeros, scales, g_idx.astype(np.int32)
+
+
+def dequantized(ints, zeros, scales, g_idx) -> np.ndarray:
+    """W [I, O] from the unpacked integers (exact in float32)."""
+    return (ints - zeros[g_idx]).astype(np.float32) * scales[g_idx].astype(np.float32)
+
+
+def pack_rows(ints: np.ndarray, bits: int) -> np.ndarray:
+    """[R, C] -> int32 [R*bits/32, C]: row r is bits bits*(r%n).. of word r//n, n = 32/bits."""
+    n = 32 // bits
+    words = np.zeros((ints.shape[0] // n, ints.shape[1]), np.uint32)
+    for r in range(ints.shape[0]):
+        words[r // n] |= ints[r].astype(np.uint32) << np.uint32(bits * (r % n))
+    return words.view(np.int32)
+
+
+def pack_cols(ints: np.ndarray, bits: int) -> np.ndarray:
+    """[R, C] -> int32 [R, C*bits/32]: column c is bits bits*(c%n).. of word c//n."""
+    return np.ascontiguousarray(pack_rows(ints.T, bits).T)
+
+
+def to_tf5_name(name: str) -> str:
+    if name.startswith("visual."):
+        return "model." + name
+    if name.startswith("model."):
+        return "model.language_model." + name[len("model."):]
+    return name
+
+
+def write_folder(folder: Path, tensors: dict[str, np.ndarray], config: dict) -> Path:
+    folder.mkdir(parents=True)
+    (folder / "config.json").write_text(json.dumps(config))
+    save_file(tensors, folder / "model.safetensors", {"format": "pt"})
+    return folder
+
+
+def build(root: Path, q: Quant):
+    """-> (HF model holding the dequantized float weights, GPTQ folder, {JAX kernel path: W})."""
+    spec = SPECS[q.model]
+    model = hf_utils.build_hf_model(spec)
+    rng = np.random.default_rng(spec.seed)
+    tensors, kernels = {}, {}
+    with torch.no_grad():
+        for name, p in model.state_dict().items():
+            name = normalize_hf_name(name)
+            if name == "lm_head.weight" and spec.tie:
+                continue  # published tied checkpoints do not store it
+            if QUANTIZED.match(name):
+                out_f, in_f = p.shape
+                ints, zeros, scales, g_idx = quantize(rng, in_f, out_f, q)
+                w = dequantized(ints, zeros, scales, g_idx)
+                p.copy_(torch.from_numpy(w.T))  # the reference model holds exactly these weights
+                kernels[hf_to_jax_name(name)[0]] = w
+                prefix = name[: -len(".weight")]
+                tensors.update({
+                    f"{prefix}.qweight": pack_rows(ints, q.bits),
+                    f"{prefix}.qzeros": pack_cols(zeros - 1, q.bits),  # v1 stores zero - 1
+                    f"{prefix}.scales": scales,
+                    f"{prefix}.g_idx": g_idx,
+                })
+            else:  # vision, embeddings, norms, biases, lm_head stay fp16 in GPTQ releases
+                half = p.half()
+                p.copy_(half.float())
+                tensors[name] = half.numpy()
+    if q.tf5_names:
+        tensors = {to_tf5_name(k): v for k, v in tensors.items()}
+    root.mkdir(parents=True, exist_ok=True)
+    model.config.save_pretrained(root)  # transformers 5's nested layout
+    config = json.loads((root / "config.json").read_text())
+    if q.where == "flat":
+        config = Qwen2VLConfig.from_hf(config).to_hf()
+    quant = {"bits": q.bits, "group_size": q.group_size, "desc_act": q.desc_act, "sym": q.sym,
+             "damp_percent": 0.01, "true_sequential": True, "quant_method": "gptq"}
+    (config["text_config"] if q.where == "text_config" else config)["quantization_config"] = quant
+    (root / "config.json").unlink()
+    return model.eval(), write_folder(root / "gptq", tensors, config), kernels
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    cache = {}
+
+    def get(name: str):
+        if name not in cache:
+            cache[name] = build(tmp_path_factory.mktemp(name), CASES[name])
+        return cache[name]
+
+    return get
+
+
+def read_all(folder: Path) -> dict[str, np.ndarray]:
+    return {name: load() for name, load, _ in list_tensors(folder)}
+
+
+def assert_nothing_left(out: Path) -> None:
+    assert not out.exists(), f"{out} was written"
+    assert not [p.name for p in out.parent.iterdir() if p.name.startswith(f".{out.name}.")]
+
+
+# ---------------------------------------------------------------- tests
+def test_unpack_reads_the_published_bit_order():
+    words = np.array([[0x76543210, -0x01234568]], np.int32)  # the second is 0xFEDCBA98
+    np.testing.assert_array_equal(gptq.unpack(words, 4, axis=1), [list(range(16))])
+    np.testing.assert_array_equal(gptq.unpack(words.T, 4, axis=0), np.arange(16).reshape(16, 1))
+    np.testing.assert_array_equal(gptq.unpack(np.array([[0x04030201]], np.int32), 8, axis=1), [[1, 2, 3, 4]])
+
+
+@pytest.mark.parametrize("case_name", list(CASES))
+def test_gptq_converts_to_the_dequantized_weights(built, tmp_path, case_name):
+    from qwen2vl_jax.model import Qwen2VL
+
+    hf_model, src, kernels = built(case_name)
+    out = tmp_path / "jax"
+    assert convert_main([str(src), str(out), "--dtype", "float32", "--quiet"]) == 0
+    config = json.loads((out / "config.json").read_text())
+    assert "quantization_config" not in config and "quantization_config" not in config.get("text_config", {})
+
+    ours = Qwen2VL.from_pretrained(out, dtype="float32")
+    flat = flatten(ours.params)
+    assert len(kernels) == 7 * SPECS[CASES[case_name].model].layers
+    for path, want in kernels.items():
+        np.testing.assert_array_equal(np.asarray(flat[path]), want, err_msg=path)
+    for name, value in hf_model.state_dict().items():  # the fp16 tensors too
+        path, transform = hf_to_jax_name(name)
+        if path in flat:
+            np.testing.assert_array_equal(np.asarray(flat[path]), to_jax(value.numpy(), transform, None), err_msg=name)
+
+    with torch.no_grad():
+        ref = hf_model(**CASE.torch_inputs()).logits.numpy()
+    mine = ours.logits(**CASE.inputs())
+    real = CASE.attention_mask.astype(bool)
+    assert mine.shape == ref.shape
+    assert np.abs(mine[real] - ref[real]).max() <= 1e-4
+
+
+def test_bfloat16_output_is_the_dequantized_weight_rounded_once(built, tmp_path):
+    _, src, kernels = built("int4-desc_act-tied")
+    out = tmp_path / "jax"
+    convert_checkpoint(src, out, progress=False)
+    stored = checkpoint.load_numpy(out, list(kernels))
+    for path, want in kernels.items():
+        assert stored[path].dtype == ml_dtypes.bfloat16
+        np.testing.assert_array_equal(stored[path].view(np.int16), want.astype(ml_dtypes.bfloat16).view(np.int16))
+
+
+@pytest.mark.parametrize("change,message", [
+    ({"bits": 3}, "config.json: GPTQ with bits=3 is not supported (only 4 or 8)"),
+    ({"checkpoint_format": "gptq_v2"}, "config.json: GPTQ checkpoint_format 'gptq_v2' is not supported"),
+    ({"quant_method": "awq"}, "config.json: quantization method 'awq' is not supported"),
+])
+def test_unsupported_quantization_is_refused_in_one_line(built, tmp_path, capsys, change, message):
+    _, src, _ = built("int4-g32")
+    bad = Path(shutil.copytree(src, tmp_path / "bad"))
+    config = json.loads((bad / "config.json").read_text())
+    config["quantization_config"].update(change)
+    (bad / "config.json").write_text(json.dumps(config))
+    out = tmp_path / "out"
+    assert convert_main([str(bad), str(out), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: " + message) and err.count("\n") == 1, err
+    assert_nothing_left(out)
+
+
+def test_bad_quantized_tensors_are_named_in_one_error(built, tmp_path):
+    _, src, _ = built("int4-g32")
+    t = read_all(src)
+    t["model.layers.1.mlp.down_proj.qweight"] = t["model.layers.1.mlp.down_proj.qweight"][:-1].copy()  # I = 88
+    del t["model.layers.0.self_attn.k_proj.scales"]
+    t["model.layers.0.self_attn.v_proj.g_idx"] = np.zeros(47, np.int32)
+    bad = write_folder(tmp_path / "bad", t, json.loads((src / "config.json").read_text()))
+    out = tmp_path / "out"
+    with pytest.raises(CheckpointError) as err:
+        convert_checkpoint(bad, out, progress=False)
+    msg = str(err.value)
+    assert "\n" not in msg
+    assert "3 shape mismatch(es): " in msg, msg
+    assert "model.layers.1.mlp.down_proj.qweight: checkpoint shape (10, 48), config expects (11, 48)" in msg
+    assert "model.layers.0.self_attn.k_proj: quantized layer lacks model.layers.0.self_attn.k_proj.scales" in msg
+    assert "model.layers.0.self_attn.v_proj.g_idx: checkpoint shape (47,), config expects (48,)" in msg
+    assert "missing" not in msg and "unmapped" not in msg
+    assert_nothing_left(out)
