@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -413,6 +414,190 @@ def test_resume_continues_exactly(tiny_folder, monkeypatch):
     assert model.logits(input_ids=np.array([[5, 6, 7]])).shape == (1, 3, config.text.vocab_size)
     assert export_main([str(root / "split"), str(root / "hf")]) == 0
     assert any((root / "hf").glob("*.safetensors"))
+
+
+# ----------------------------------------------------------------------------- CLI robustness
+def train_cli(*args: str) -> int:
+    """Runs qwen2vl-train in-process -> its exit status (capsys holds its stderr)."""
+    from qwen2vl_jax.train.cli import main
+
+    return main([*args, "--no-progress"])
+
+
+def err_lines(capsys) -> list[str]:
+    return capsys.readouterr().err.strip().splitlines()
+
+
+def tree_listing(folder: Path) -> list[str]:
+    return sorted(str(p.relative_to(folder)) for p in folder.rglob("*"))
+
+
+# case: (arguments after the good ones, what the one error line says)
+BAD_RUNS = {
+    "log-every 0": (["--log-every", "0"], "--log-every must be at least 1, got 0"),
+    "negative lr": (["--lr", "-1"], "--lr must be positive, got -1"),
+    "nan lr": (["--lr", "nan"], "--lr must be positive, got nan"),
+    "bad regex": (["--train", "("], "--train '(' is not a valid regex"),
+    "end lr ratio": (["--end-lr-ratio", "2"], "--end-lr-ratio must be between 0 and 1"),
+    "negative seed": (["--seed", "-1"], "--seed must be at least 0"),
+    "latin-1 data": (["--data", "latin1.jsonl"], "latin1.jsonl line 2: not UTF-8 text"),
+    "out is the model": (["--out", "../model"], "is the --model folder"),
+    "out is another model": (["--out", "other_model"], "exists and is not empty (pass --force to replace it)"),
+    "out cannot be made": (["--out", "a_file/out"], "cannot create the folder"),
+    "resume with nothing": (["--out", "empty_run", "--resume"], "holds no checkpoint to resume from"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_RUNS))
+def test_bad_runs_stop_up_front_in_one_line(tiny_folder, monkeypatch, capsys, case):
+    """Bad numbers, an invalid regex, undecodable data and an --out that would clobber
+    something (the model itself, another model) or cannot be made stop before training with
+    one line and status 2, and leave every folder as it was."""
+    root, _ = tiny_folder
+    work = root / "bad_runs"
+    if not work.exists():
+        work.mkdir()
+        write_jsonl(work / "ok.jsonl", [qa("../img/0.png", "What shape?", "circle")])
+        rows = [qa("../img/0.png", "What shape?", "circle"), qa("../img/1.png", "Quelle forme ?", "carré")]
+        (work / "latin1.jsonl").write_bytes(b"".join(json.dumps(r, ensure_ascii=False).encode("latin-1") + b"\n"
+                                                     for r in rows))
+        (work / "other_model").mkdir()
+        for name in ("config.json", "qwen2vl_jax.json"):
+            (work / "other_model" / name).write_text("{}")
+        (work / "a_file").write_text("not a folder")
+        (work / "empty_run" / "train_state").mkdir(parents=True)  # what a run killed before saving left
+    monkeypatch.chdir(work)
+    before = tree_listing(work), tree_listing(root / "model")
+    extra, message = BAD_RUNS[case]
+    rc = train_cli("--model", "../model", "--data", "ok.jsonl", "--stage", "3", "--steps", "1", "--out", "new", *extra)
+    err = err_lines(capsys)
+    assert rc == 2 and len(err) == 1, err
+    assert err[0].startswith("qwen2vl-train: error: ") and message in err[0], err
+    assert (tree_listing(work), tree_listing(root / "model")) == before
+
+
+def test_help_says_what_each_stage_trains(capsys):
+    from qwen2vl_jax.train.cli import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["--help"])
+    out = capsys.readouterr().out
+    assert e.value.code == 0
+    assert "(default: None)" not in out and not any(line.count("default") > 1 for line in out.splitlines())
+    for words in ("1  the vision tower and merger, the LLM frozen", "2  every parameter",
+                  "3  the LLM (embeddings, decoder, lm_head), the vision tower and merger frozen",
+                  '{"messages": [{"role": "user"', "--force", "--resume"):
+        assert words in out, words
+    for n, stage in st.STAGES.items():  # the learning rates it quotes are the stages'
+        assert f"lr {stage.learning_rate:.0e}".replace("e-0", "e-") in out, n
+
+
+def test_interrupt_before_the_first_checkpoint_says_so(tiny_folder, monkeypatch, capsys):
+    """Ctrl-C in a run that saved nothing yet (--save-every 0) says so and leaves no folder;
+    --resume there is then one error line, not a traceback."""
+    root, _ = tiny_folder
+    monkeypatch.chdir(root)
+    write_jsonl(root / "one.jsonl", [qa("img/0.png", "What shape?", "circle")])
+
+    def interrupted(self, state, batch):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(loop.Trainer, "step", interrupted)
+    args = ("--model", "model", "--data", "one.jsonl", "--stage", "3", "--steps", "2", "--out", "cut")
+    assert train_cli(*args) == 130
+    assert err_lines(capsys)[-1].startswith("qwen2vl-train: interrupted before the first checkpoint; nothing was saved")
+    assert not (root / "cut").exists()
+    assert train_cli(*args, "--resume") == 2
+    err = err_lines(capsys)
+    assert len(err) == 1 and err[0].startswith("qwen2vl-train: error: --resume: ") and "no checkpoint" in err[0]
+
+
+def test_os_errors_are_one_line(monkeypatch, capsys):
+    """A failing disk or permission (OSError) mid-run is one line and a non-zero exit."""
+    from qwen2vl_jax.train import run
+
+    def full_disk(opts, log=None):
+        raise OSError(28, "No space left on device", "/runs/out/params")
+
+    monkeypatch.setattr(run, "fit", full_disk)
+    assert train_cli("--model", "m", "--data", "d.jsonl", "--stage", "3", "--steps", "1", "--out", "o") == 1
+    assert err_lines(capsys) == ["qwen2vl-train: error: No space left on device: /runs/out/params"]
+
+
+def interrupted_save(tiny_folder, monkeypatch, capsys, name: str, save_params) -> Path:
+    """A 3-step run with --save-every 1 whose `checkpoint.save_params` is `save_params`;
+    -> its --out, after checking it holds a whole model that exports."""
+    from qwen2vl_jax import checkpoint as ck
+    from qwen2vl_jax.config import Qwen2VLConfig
+    from qwen2vl_jax.convert.cli import export_main
+
+    root, _ = tiny_folder
+    monkeypatch.chdir(root)
+    write_jsonl(root / "one.jsonl", [qa("img/0.png", "What shape?", "circle")])
+    monkeypatch.setattr(ck, "save_params", save_params)
+    assert train_cli("--model", "model", "--data", "one.jsonl", "--stage", "3", "--steps", "3", "--out", name,
+                     "--save-every", "1", "--batch-size", "1") == 130
+    out = root / name
+    ck.load_params(out, Qwen2VLConfig.from_hf(out))
+    assert not [p.name for p in out.iterdir() if p.name.startswith(".")]  # no staging left
+    assert export_main([str(out), str(root / f"{name}_hf"), "--quiet"]) == 0
+    return out
+
+
+def test_interrupted_params_save_keeps_the_last_model(tiny_folder, monkeypatch, capsys):
+    """An interrupt that stops a params save halfway (after Orbax removed the old params/, as
+    it does when overwriting) leaves OUT with the previous complete params."""
+    from qwen2vl_jax import checkpoint as ck
+
+    real, calls = ck.save_params, []
+
+    def save_params(params, folder, *, overwrite=False):
+        calls.append(folder)
+        if len(calls) == 2:
+            if overwrite:
+                shutil.rmtree(Path(folder) / ck.PARAMS, ignore_errors=True)
+            raise KeyboardInterrupt
+        return real(params, folder, overwrite=overwrite)
+
+    interrupted_save(tiny_folder, monkeypatch, capsys, "cut_save", save_params)
+    assert err_lines(capsys)[-1].endswith("holds the checkpoint of step 2, which --resume continues from")
+
+
+def test_ctrl_c_during_a_save_lets_it_finish(tiny_folder, monkeypatch, capsys):
+    """A real SIGINT while the params are written is held until the save is done: the step's
+    checkpoint and params are complete, and the message names that step."""
+    import signal
+
+    from qwen2vl_jax import checkpoint as ck
+
+    real = ck.save_params
+
+    def save_params(params, folder, *, overwrite=False):
+        signal.raise_signal(signal.SIGINT)
+        return real(params, folder, overwrite=overwrite)
+
+    out = interrupted_save(tiny_folder, monkeypatch, capsys, "cut_signal", save_params)
+    assert err_lines(capsys)[-1].endswith("holds the checkpoint of step 1, which --resume continues from")
+    assert sorted(p.name for p in (out / "train_state").iterdir()) == ["1"]
+
+
+def test_force_starts_a_fresh_log(tiny_folder, monkeypatch, capsys):
+    """A folder holding a dead run's logs is refused without --force; with it the new run's
+    losses.csv and train_log.jsonl hold its own steps only."""
+    root, _ = tiny_folder
+    monkeypatch.chdir(root)
+    write_jsonl(root / "one.jsonl", [qa("img/0.png", "What shape?", "circle")])
+    out = root / "dead"
+    out.mkdir()
+    (out / "losses.csv").write_text("".join(f"{s},9.0\n" for s in range(1, 30)))
+    (out / "train_log.jsonl").write_text(json.dumps({"step": 29, "loss": 9.0}) + "\n")
+    args = ("--model", "model", "--data", "one.jsonl", "--stage", "3", "--steps", "1", "--out", "dead",
+            "--log-every", "1", "--batch-size", "1")
+    assert train_cli(*args) == 2
+    assert "exists and is not empty (pass --force" in err_lines(capsys)[-1]
+    assert train_cli(*args, "--force") == 0
+    assert [x.split(",")[0] for x in (out / "losses.csv").read_text().splitlines()] == ["1"]
+    assert [json.loads(x)["step"] for x in (out / "train_log.jsonl").read_text().splitlines()] == [1]
 
 
 def test_synthetic_dataset_is_valid(tmp_path):

@@ -1,61 +1,106 @@
-"""`qwen2vl-train`: one of the paper's three stages on a JSONL dataset.
+"""Trains one of the paper's three stages of Qwen2-VL on a JSONL dataset.
 
-    qwen2vl-train --model DIR --data FILE.jsonl --stage 1|2|3 --steps N --out DIR
+stages (each trains the parameters whose paths match its regexes; --train overrides them):
+  1  the vision tower and merger, the LLM frozen; loss on all caption text; lr 2e-4
+  2  every parameter; loss on the assistant turns; lr 5e-5
+  3  the LLM (embeddings, decoder, lm_head), the vision tower and merger frozen; loss on the
+     assistant turns; lr 1e-5
 
-stage 1 trains the vision tower and merger (LLM frozen), stage 2 everything, stage 3 the LLM
-(vision tower frozen). OUT becomes a converted folder that `qwen2vl-generate --model OUT`
-loads; `--resume` continues a run in OUT exactly where its last checkpoint left it.
+data: UTF-8 JSONL, one conversation per line in the chat-message format, e.g.
+  {"messages": [{"role": "user", "content": [{"type": "image", "image": "img/1.png"},
+                                             {"type": "text", "text": "What shape is this?"}]},
+                {"role": "assistant", "content": [{"type": "text", "text": "circle"}]}]}
+  (a bare list of messages is accepted too). Roles are system, user and assistant; content is
+  a string or a list of text, image and video items; image and video paths are relative to
+  the JSONL file, and a video is a file or a list of frame images. A record without an
+  assistant turn is an image-text pair whose text is the target. Every record is checked
+  before the first step: a bad one stops the run naming its line (--skip-bad drops it).
+
+output: --out becomes a converted model folder that `qwen2vl-generate --model OUT` loads and
+  `qwen2vl-export` converts, plus train_state/ (checkpoints), train_log.jsonl, losses.csv and
+  loss.png. A fresh run needs a new or empty --out (--force replaces what is there); a
+  checkpoint is saved every --save-every steps and at the end, and --resume continues the
+  run in --out from its latest checkpoint exactly.
 """
 
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 
 from qwen2vl_jax.errors import InputError
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="qwen2vl-train", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--model", required=True, help="model folder to start from (converted or HF)")
-    p.add_argument("--data", required=True, help="JSONL, one conversation per line (paths relative to it)")
-    p.add_argument("--stage", type=int, required=True, choices=(1, 2, 3))
-    p.add_argument("--steps", type=int, required=True, help="total optimizer steps of the run")
-    p.add_argument("--out", required=True, help="output folder (a converted model folder + train_state/)")
+    p = argparse.ArgumentParser(prog="qwen2vl-train", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    q = p.add_argument_group("required")
+    q.add_argument("--model", required=True, metavar="DIR", help="model folder to start from (converted or HF)")
+    q.add_argument("--data", required=True, metavar="FILE",
+                   help="JSONL, one conversation per line (format above; paths relative to it)")
+    q.add_argument("--stage", type=int, required=True, choices=(1, 2, 3),
+                   help="what trains: 1 the vision tower + merger (LLM frozen), 2 everything, 3 the LLM "
+                        "(vision tower and merger frozen); sets the default --lr and --labels")
+    q.add_argument("--steps", type=int, required=True, metavar="N", help="total optimizer steps of the run")
+    q.add_argument("--out", required=True, metavar="DIR",
+                   help="output folder: a converted model folder + train_state/; new or empty unless "
+                        "--resume or --force; never the --model folder")
     g = p.add_argument_group("optimization")
-    g.add_argument("--batch-size", type=int, default=8, help="rows per micro-batch")
-    g.add_argument("--accum", type=int, default=1, help="micro-batches per optimizer step")
-    g.add_argument("--lr", type=float, default=None, help="peak learning rate (default: the stage's)")
-    g.add_argument("--warmup", type=float, default=None,
-                   help="warmup steps, or a fraction of --steps when below 1 (default 0.05)")
-    g.add_argument("--end-lr-ratio", type=float, default=None, help="cosine ends at lr * this (default 0.1)")
-    g.add_argument("--weight-decay", type=float, default=None, help="AdamW decay on matrices (default 0.1)")
-    g.add_argument("--clip", type=float, default=None, help="global gradient-norm clip (default 1.0)")
+    g.add_argument("--batch-size", type=int, default=8, metavar="N", help="rows per micro-batch (default: 8)")
+    g.add_argument("--accum", type=int, default=1, metavar="N",
+                   help="micro-batches per optimizer step (default: 1)")
+    g.add_argument("--lr", type=float, default=None,
+                   help="peak learning rate, > 0 (default: the stage's: 2e-4, 5e-5, 1e-5)")
+    g.add_argument("--warmup", type=float, default=None, metavar="STEPS",
+                   help="linear warmup: steps, or a fraction of --steps when below 1 (default: 0.05)")
+    g.add_argument("--end-lr-ratio", type=float, default=None, metavar="RATIO",
+                   help="the cosine decay ends at lr * this, 0 to 1 (default: 0.1)")
+    g.add_argument("--weight-decay", type=float, default=None, metavar="WD",
+                   help="AdamW decay on matrices, not biases or norms (default: 0.1)")
+    g.add_argument("--clip", type=float, default=None, metavar="NORM",
+                   help="global gradient-norm clip; 0: none (default: 1.0)")
     g.add_argument("--train", action="append", default=None, metavar="REGEX",
-                   help="parameter paths to train, instead of the stage's (repeatable), e.g. '^visual/merger/'")
+                   help="parameter paths to train instead of the stage's (repeatable), e.g. '^visual/merger/'")
     g.add_argument("--labels", choices=("assistant", "caption"), default=None,
-                   help="loss on assistant turns or on all caption text (default: caption for stage 1)")
-    g.add_argument("--seed", type=int, default=0, help="data order")
+                   help="loss on the assistant turns or on all caption text (default: caption for stage 1, "
+                        "assistant for 2 and 3)")
+    g.add_argument("--seed", type=int, default=0, metavar="N", help="data order (default: 0)")
     d = p.add_argument_group("data")
-    d.add_argument("--max-length", type=int, default=4096, help="longest record, in tokens")
+    d.add_argument("--max-length", type=int, default=4096, metavar="N",
+                   help="longest record, in tokens; longer ones are bad records (default: 4096)")
     d.add_argument("--skip-bad", action="store_true", help="skip bad records (listed) instead of stopping")
     r = p.add_argument_group("run")
-    r.add_argument("--remat", action="store_true", help="rematerialise vision and decoder blocks")
+    r.add_argument("--remat", action="store_true", help="rematerialise vision and decoder blocks (less memory)")
     r.add_argument("--compute-dtype", choices=("float32", "bfloat16"), default="float32",
-                   help="forward/backward dtype; params and optimizer state stay float32")
-    r.add_argument("--mesh", default=None, help="data=D,fsdp=F,tensor=T (default: one device)")
-    r.add_argument("--log-every", type=int, default=10)
-    r.add_argument("--save-every", type=int, default=0, help="checkpoint interval in steps (0: at the end)")
-    r.add_argument("--stop-at", type=int, default=None,
+                   help="forward/backward dtype; params and optimizer state stay float32 (default: float32)")
+    r.add_argument("--mesh", default=None, metavar="SPEC", help="data=D,fsdp=F,tensor=T (default: one device)")
+    r.add_argument("--log-every", type=int, default=10, metavar="N",
+                   help="log a line and a train_log.jsonl row every N steps (default: 10)")
+    r.add_argument("--save-every", type=int, default=0, metavar="N",
+                   help="checkpoint every N steps; 0: only at the end, so an interrupted run keeps nothing "
+                        "(default: 0)")
+    r.add_argument("--stop-at", type=int, default=None, metavar="STEP",
                    help="stop with a checkpoint at this step (e.g. a job's time limit); --resume continues")
-    r.add_argument("--resume", action="store_true", help="continue the run in --out")
+    r.add_argument("--resume", action="store_true", help="continue the run in --out from its latest checkpoint")
+    r.add_argument("--force", action="store_true",
+                   help="replace an existing non-empty --out (its old checkpoints and logs are removed when "
+                        "training starts, its params at the first checkpoint)")
     r.add_argument("--no-progress", action="store_true", help="no progress bar; log lines only")
     return p
 
 
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    # SIGTERM (a job's time limit) unwinds like Ctrl-C, so a failed start cleans up after itself.
+    try:
+        previous = signal.signal(signal.SIGTERM, _interrupt)
+    except ValueError:  # not the main thread: leave signals alone
+        previous = None
     try:
         from qwen2vl_jax.sharding import maybe_initialize_distributed  # noqa: PLC0415
         from qwen2vl_jax.train.run import TrainOptions, fit  # noqa: PLC0415
@@ -70,15 +115,29 @@ def main(argv=None) -> int:
             end_lr_ratio=args.end_lr_ratio, weight_decay=args.weight_decay, clip_norm=args.clip,
             labels=args.labels, train=tuple(args.train) if args.train else None, max_length=args.max_length,
             seed=args.seed, remat=args.remat, compute_dtype=args.compute_dtype, mesh=args.mesh,
-            log_every=args.log_every, save_every=args.save_every, stop_at=args.stop_at, resume=args.resume, skip_bad=args.skip_bad,
-            progress=not args.no_progress,
+            log_every=args.log_every, save_every=args.save_every, stop_at=args.stop_at, resume=args.resume,
+            force=args.force, skip_bad=args.skip_bad, progress=not args.no_progress,
         ))
     except InputError as e:
         print(f"qwen2vl-train: error: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("qwen2vl-train: interrupted; the last checkpoint in --out can be resumed", file=sys.stderr)
+    except OSError as e:  # disk full, permissions, a folder that vanished
+        what = f"{e.strerror}: {e.filename}" if e.strerror and e.filename else str(e)
+        print(f"qwen2vl-train: error: {' '.join(what.split())}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt as e:  # from fit: run.Interrupted, which knows what was saved
+        if not hasattr(e, "step"):
+            print("qwen2vl-train: interrupted before training started; nothing was written", file=sys.stderr)
+        elif e.step is None:
+            print("qwen2vl-train: interrupted before the first checkpoint; nothing was saved "
+                  "(--save-every N checkpoints during a run)", file=sys.stderr)
+        else:
+            print(f"qwen2vl-train: interrupted; {e.out} holds the checkpoint of step {e.step}, which --resume "
+                  "continues from", file=sys.stderr)
         return 130
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
     loss = "n/a" if result["loss"] is None else f"{result['loss']:.4f}"
     print(f"stage {args.stage}: {result['steps']} steps, final loss {loss}; model in {result['out']}", file=sys.stderr)
     return 0

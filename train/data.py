@@ -126,8 +126,18 @@ def read_jsonl(path: str | Path) -> tuple[list[Record], list[str]]:
         raise InputError(f"data file {path} not found")
     records, problems = [], []
     base = path.resolve().parent
-    with path.open(encoding="utf-8") as f:
-        for n, raw in enumerate(f, start=1):
+    try:
+        f = path.open("rb")
+    except OSError as e:
+        raise InputError(f"data file {path}: cannot read it ({e.strerror or e})") from None
+    with f:
+        for n, line in enumerate(f, start=1):
+            try:
+                raw = line.decode("utf-8-sig" if n == 1 else "utf-8")
+            except UnicodeDecodeError as e:
+                problems.append(f"{path.name} line {n}: not UTF-8 text (byte {line[e.start]:#04x} at offset "
+                                f"{e.start}); save the file as UTF-8")
+                continue
             if not raw.strip():
                 continue
             try:

@@ -299,32 +299,34 @@ def run_steps(trainer: Trainer, state: TrainState, batches: Iterator[tuple[dict,
     window: list[tuple[int, dict]] = []
     window_tokens, window_start = 0, time.perf_counter()
     pos = None
-    for step in range(start, until):
-        arrays, tokens, pos = next(batches)
-        state, metrics = trainer.step(state, arrays)
-        window.append((step + 1, metrics))
-        window_tokens += tokens
-        if bar is not None:
-            bar.update(1)
-        last = step + 1 == until
-        if (step + 1) % log_every == 0 or last:
-            got = jax.device_get([m for _, m in window])
-            elapsed = time.perf_counter() - window_start
-            points = [(s, float(m["loss"])) for (s, _), m in zip(window, got)]
-            history += points
-            row = LogRow(step + 1, float(np.mean([v for _, v in points])), float(got[-1]["lr"]),
-                         window_tokens / max(elapsed, 1e-9), float(got[-1]["grad_norm"]))
+    try:
+        for step in range(start, until):
+            arrays, tokens, pos = next(batches)
+            state, metrics = trainer.step(state, arrays)
+            window.append((step + 1, metrics))
+            window_tokens += tokens
             if bar is not None:
-                bar.set_postfix(loss=f"{row.loss:.4f}", lr=f"{row.lr:.2e}", tok_s=f"{row.tokens_per_s:.0f}")
-            if on_losses is not None:
-                on_losses(points)
-            if on_log is not None:
-                on_log(row)
-            window, window_tokens, window_start = [], 0, time.perf_counter()
-        if on_save is not None and ((save_every and (step + 1) % save_every == 0) or last):
-            on_save(state, pos)
-    if bar is not None:
-        bar.close()
+                bar.update(1)
+            last = step + 1 == until
+            if (step + 1) % log_every == 0 or last:
+                got = jax.device_get([m for _, m in window])
+                elapsed = time.perf_counter() - window_start
+                points = [(s, float(m["loss"])) for (s, _), m in zip(window, got)]
+                history += points
+                row = LogRow(step + 1, float(np.mean([v for _, v in points])), float(got[-1]["lr"]),
+                             window_tokens / max(elapsed, 1e-9), float(got[-1]["grad_norm"]))
+                if bar is not None:
+                    bar.set_postfix(loss=f"{row.loss:.4f}", lr=f"{row.lr:.2e}", tok_s=f"{row.tokens_per_s:.0f}")
+                if on_losses is not None:
+                    on_losses(points)
+                if on_log is not None:
+                    on_log(row)
+                window, window_tokens, window_start = [], 0, time.perf_counter()
+            if on_save is not None and ((save_every and (step + 1) % save_every == 0) or last):
+                on_save(state, pos)
+    finally:
+        if bar is not None:
+            bar.close()
     return state, pos, history
 
 

@@ -12,14 +12,28 @@ writes OUT as a converted folder (config.json, tokenizer and processor files, pa
     OUT/loss.png              the loss curve
 
 `resume=True` restores the latest train_state and continues exactly where it stopped (same
-params, optimizer state, learning-rate step and data position).
+params, optimizer state, learning-rate step and data position). A fresh run needs a new or
+empty OUT (`force=True` replaces what is there); it never trains into its own --model.
+
+Nothing is left half-written: Ctrl-C (and SIGTERM) wait for a save in progress, params are
+saved to a temporary sibling and swapped in by rename, so OUT holds the old or the new params
+whole, and a fresh run that fails or is interrupted before its first checkpoint removes what
+it created. Ctrl-C surfaces as `Interrupted`, which says which checkpoint (if any) `--resume`
+continues from.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
+import math
+import os
+import re
+import shutil
+import signal
 import sys
+import threading
 from pathlib import Path
 from typing import Callable
 
@@ -62,6 +76,7 @@ class TrainOptions:
     save_every: int = 0  # 0: only at the end
     stop_at: int | None = None  # stop (with a checkpoint) at this step; --resume goes on to `steps`
     resume: bool = False
+    force: bool = False  # a fresh run may replace the model, checkpoints and logs in a non-empty `out`
     skip_bad: bool = False
     progress: bool = True
 
@@ -70,6 +85,79 @@ class TrainOptions:
                             end_lr_ratio=self.end_lr_ratio, weight_decay=self.weight_decay,
                             clip_norm=self.clip_norm, labels=self.labels,
                             train=tuple(self.train) if self.train else None)
+
+
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C during `fit`. `step`: the latest checkpoint in `out` that `--resume` continues
+    from, or None when nothing was saved (a fresh run then removes what it created)."""
+
+    def __init__(self, out: Path, step: int | None):
+        held = "no checkpoint" if step is None else f"the checkpoint of step {step}"
+        super().__init__(f"interrupted; {out} holds {held}")
+        self.out, self.step = out, step
+
+
+def check_options(opts: TrainOptions) -> None:
+    """Every numeric option and regex, before anything is read or written (InputError)."""
+    ints = {"--steps": (opts.steps, 1), "--batch-size": (opts.batch_size, 1), "--accum": (opts.accum, 1),
+            "--log-every": (opts.log_every, 1), "--save-every": (opts.save_every, 0), "--seed": (opts.seed, 0),
+            "--stop-at": (opts.stop_at, 1), "--max-length": (opts.max_length, 1)}
+    for flag, (value, low) in ints.items():
+        if value is None and flag in ("--stop-at", "--max-length"):
+            continue
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            raise InputError(f"{flag} must be at least {low}, got {value}")
+
+    def number(flag, value, ok, want):
+        if value is not None and not (math.isfinite(value) and ok(value)):
+            raise InputError(f"{flag} must be {want}, got {value:g}")
+
+    number("--lr", opts.learning_rate, lambda v: v > 0, "positive")
+    number("--warmup", opts.warmup_steps, lambda v: v >= 0, "at least 0")
+    number("--end-lr-ratio", opts.end_lr_ratio, lambda v: 0 <= v <= 1, "between 0 and 1")
+    number("--weight-decay", opts.weight_decay, lambda v: v >= 0, "at least 0")
+    number("--clip", opts.clip_norm, lambda v: v >= 0, "at least 0 (0: no clipping)")
+    for pattern in opts.train or ():
+        try:
+            re.compile(pattern)
+        except re.error as e:
+            raise InputError(f"--train {pattern!r} is not a valid regex ({e})") from None
+    if opts.compute_dtype not in ("float32", "bfloat16"):
+        raise InputError(f"--compute-dtype must be float32 or bfloat16, got {opts.compute_dtype!r}")
+    opts.stage_spec()  # the stage number
+
+
+def saved_steps(state_dir: Path) -> list[int]:
+    """Finished checkpoints under `state_dir` (an interrupted save leaves none)."""
+    if not state_dir.is_dir():
+        return []
+    import orbax.checkpoint as ocp  # noqa: PLC0415
+
+    return sorted(ocp.utils.checkpoint_steps(state_dir))
+
+
+def check_out(opts: TrainOptions, model_dir: Path, out: Path) -> int | None:
+    """Refuses an --out that would clobber something; -> the checkpoint step to resume from."""
+    if out == model_dir:
+        raise InputError(f"--out {out} is the --model folder; training would overwrite the model it starts "
+                         "from: choose another --out")
+    if out.exists() and not out.is_dir():
+        raise InputError(f"--out {out} exists and is not a folder")
+    steps = saved_steps(out / STATE_DIR)
+    if opts.resume:
+        if not steps:
+            raise InputError(f"--resume: {out} holds no checkpoint to resume from (a run saves one every "
+                             "--save-every steps and at its end)")
+        return steps[-1]
+    if opts.force:
+        return None
+    if steps:
+        raise InputError(f"{out} already holds a training run; pass --resume to continue it, --force to replace "
+                         "it, or choose another --out")
+    state_dir = out / STATE_DIR  # an empty one is what a run killed before its first save left
+    if out.is_dir() and any(p != state_dir or not p.is_dir() or any(p.iterdir()) for p in out.iterdir()):
+        raise InputError(f"--out {out} exists and is not empty (pass --force to replace it)")
+    return None
 
 
 def _run_key(opts: TrainOptions, stage: st.Stage, records: int) -> dict:
@@ -91,39 +179,110 @@ def load_model_params(folder: Path, config: Qwen2VLConfig, shardings=None) -> di
     raise InputError(f"{folder}: no weights (neither a converted folder with params/ nor *.safetensors)")
 
 
+STAGING = ".params.tmp"  # the same name on every host: Orbax saves collectively
+
+
 def export(params, model_dir: Path, out: Path) -> None:
-    """Writes OUT as a converted folder: side files from the source model, then params."""
-    out.mkdir(parents=True, exist_ok=True)
-    ck.copy_side_files(model_dir, out)
-    ck.save_params(params, out, overwrite=True)
+    """Writes OUT as a converted folder: side files from the source model, then params.
+
+    Every piece replaces the old one by rename: the params are saved into OUT/.params.tmp and
+    swapped with OUT/params (the marker last) with Ctrl-C held off, so an interrupt at any
+    point leaves the old or the new params whole, never none."""
+    main = jax.process_index() == 0
+    if main:
+        out.mkdir(parents=True, exist_ok=True)
+        for src in ck.side_files(model_dir):
+            _replace_file(src, out / src.name)
+    staging = out / STAGING
+    if main:
+        shutil.rmtree(staging, ignore_errors=True)  # what a killed save left
+    try:
+        ck.save_params(params, staging, overwrite=True)
+        if main:
+            with _signals_held():
+                if (out / ck.PARAMS).exists():
+                    os.replace(out / ck.PARAMS, staging / "old")
+                os.replace(staging / ck.PARAMS, out / ck.PARAMS)
+                os.replace(staging / ck.MARKER, out / ck.MARKER)
+    finally:
+        if main:
+            shutil.rmtree(staging, ignore_errors=True)
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils  # noqa: PLC0415
+
+            multihost_utils.sync_global_devices("qwen2vl_train_export")
+
+
+def _replace_file(src: Path, dst: Path) -> None:
+    tmp = dst.with_name(f".{dst.name}.tmp")
+    try:
+        shutil.copyfile(src, tmp)
+        os.replace(tmp, dst)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def _signals_held():
+    """Defers SIGINT/SIGTERM (main thread only) until the block is done, then delivers them."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    got: list[int] = []
+    sigs = (signal.SIGINT, signal.SIGTERM)
+    previous = {s: signal.signal(s, lambda signum, frame: got.append(signum)) for s in sigs}
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler if handler is not None else signal.SIG_DFL)
+        for s in dict.fromkeys(got):
+            signal.raise_signal(s)
 
 
 def fit(opts: TrainOptions, log: Callable[[str], None] | None = None) -> dict:
-    """Runs one stage; returns {"loss": last logged loss, "steps", "out", "skipped"}."""
+    """Runs one stage; returns {"loss": last logged loss, "steps", "out", "skipped"}.
+
+    Raises InputError on bad options, data or --out before training starts, and `Interrupted`
+    on Ctrl-C."""
     log = log or (lambda s: print(s, file=sys.stderr))
     model_dir, out = Path(opts.model).resolve(), Path(opts.out).resolve()
+    check_options(opts)
     if not model_dir.is_dir():
         raise InputError(f"model folder {model_dir} does not exist")
-    if opts.steps < 1:
-        raise InputError(f"--steps must be at least 1, got {opts.steps}")
-    if opts.batch_size < 1 or opts.accum < 1:
-        raise InputError("--batch-size and --accum must be at least 1")
-    state_dir = out / STATE_DIR
-    if opts.resume and not state_dir.is_dir():
-        raise InputError(f"--resume: {state_dir} holds no checkpoint to resume from")
-    if not opts.resume and state_dir.is_dir() and any(state_dir.iterdir()):
-        raise InputError(f"{out} already holds a training run; pass --resume to continue it or choose another --out")
+    saved = {"step": check_out(opts, model_dir, out)}  # the latest checkpoint in out
+    made: list[Path] = []  # what a fresh run created, removed if it fails before its first checkpoint
+    try:
+        return _fit(opts, log, model_dir, out, saved, made)
+    except BaseException as e:
+        if saved["step"] is None:
+            for path in reversed(made):
+                shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
+        if isinstance(e, KeyboardInterrupt) and not isinstance(e, Interrupted):
+            raise Interrupted(out, saved["step"]) from None
+        raise
 
-    config = Qwen2VLConfig.from_hf(model_dir)
+
+def _fit(opts: TrainOptions, log, model_dir: Path, out: Path, saved: dict, made: list[Path]) -> dict:
+    new = [p for p in (out, *out.parents) if not p.exists()]  # the last is the top-most
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise InputError(f"--out {out}: cannot create the folder ({e.strerror or e})") from None
+    finally:
+        if new and new[-1].exists():
+            made.append(new[-1])
+    state_dir = out / STATE_DIR
+    log_file, loss_file, plot_file = out / "train_log.jsonl", out / "losses.csv", out / "loss.png"
+
+    config = ck.read_config(model_dir)
     from qwen2vl_jax.processing import Processor  # noqa: PLC0415 - heavy, only when training
 
     processor = Processor.from_pretrained(model_dir)
     stage = opts.stage_spec()
     mesh = make_mesh(opts.mesh) if opts.mesh else None
     check_divisible(config, mesh)
-    dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}.get(opts.compute_dtype)
-    if dtype is None:
-        raise InputError(f"--compute-dtype must be float32 or bfloat16, got {opts.compute_dtype!r}")
+    dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[opts.compute_dtype]
 
     dataset = JsonlDataset(opts.data, processor, labels=stage.labels, max_length=opts.max_length,
                            skip_bad=opts.skip_bad, progress=opts.progress)
@@ -131,6 +290,10 @@ def fit(opts: TrainOptions, log: Callable[[str], None] | None = None) -> dict:
         log(f"skipped: {p}")
     key = _run_key(opts, stage, len(dataset))
     trainer = loop.Trainer(config, stage, opts.steps, mesh=mesh, remat=opts.remat, compute_dtype=dtype)
+    if not opts.resume:  # a new run: the old one's checkpoints and log rows must not leak into it
+        for path in (state_dir, log_file, loss_file, plot_file):
+            shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
+        made += [state_dir, log_file, loss_file, plot_file]
     ckpts = loop.Checkpoints(state_dir)
     try:
         if opts.resume:
@@ -142,6 +305,7 @@ def fit(opts: TrainOptions, log: Callable[[str], None] | None = None) -> dict:
             state, meta = ckpts.restore(trainer.abstract_state(init_shapes(config)))
             position = Position(**meta["position"])
             log(f"resuming stage {opts.stage} at step {int(state.step)} (epoch {position.epoch}, batch {position.index})")
+            _drop_rows_after(int(state.step), log_file, loss_file)  # the dead continuation's
         else:
             shardings = param_shardings(init_shapes(config), mesh) if mesh is not None else None
             state = trainer.init_state(load_model_params(model_dir, config, shardings))
@@ -154,8 +318,6 @@ def fit(opts: TrainOptions, log: Callable[[str], None] | None = None) -> dict:
         n_all = sum(int(x.size) for x in jax.tree.leaves(state.params))
         log(f"stage {opts.stage} ({stage.name}): training {n_train:,} of {n_all:,} parameters on "
             f"{len(dataset)} records, {opts.steps} steps of {opts.batch_size}x{opts.accum}, lr {stage.learning_rate:g}")
-        out.mkdir(parents=True, exist_ok=True)
-        log_file, loss_file = out / "train_log.jsonl", out / "losses.csv"
         last = {}
 
         def on_log(row: loop.LogRow):
@@ -172,8 +334,11 @@ def fit(opts: TrainOptions, log: Callable[[str], None] | None = None) -> dict:
                 f.write(json.dumps(dataclasses.asdict(row)) + "\n")
 
         def on_save(s: loop.TrainState, pos: Position):
-            ckpts.save(s, {"key": key, "position": dataclasses.asdict(pos)})
-            export(s.params, model_dir, out)
+            # Ctrl-C waits for the save: stopping Orbax halfway leaves its threads writing.
+            with _signals_held():
+                ckpts.save(s, {"key": key, "position": dataclasses.asdict(pos)})
+                saved["step"] = int(s.step)
+                export(s.params, model_dir, out)
 
         until = opts.steps if opts.stop_at is None else max(int(state.step), min(opts.stop_at, opts.steps))
         batches = Loader(dataset, config, opts.batch_size, opts.accum, opts.seed)(position)
@@ -181,10 +346,24 @@ def fit(opts: TrainOptions, log: Callable[[str], None] | None = None) -> dict:
             trainer, state, batches, until, log_every=opts.log_every, on_log=on_log, on_save=on_save,
             save_every=opts.save_every, progress=opts.progress,
             on_losses=lambda pts: _append_losses(loss_file, pts))
-        loop.plot_losses(_read_losses(loss_file), out / "loss.png", title=f"stage {opts.stage} ({stage.name}) loss")
+        loop.plot_losses(_read_losses(loss_file), plot_file, title=f"stage {opts.stage} ({stage.name}) loss")
         return {"loss": last.get("loss"), "steps": int(state.step), "out": str(out), "skipped": dataset.skipped}
     finally:
         ckpts.close()
+
+
+def _drop_rows_after(step: int, log_file: Path, loss_file: Path) -> None:
+    """Keeps the log rows up to `step` (a resumed run rewrites the ones after it)."""
+    if log_file.exists():
+        def kept(row: str) -> bool:
+            try:
+                return json.loads(row)["step"] <= step
+            except (ValueError, KeyError, TypeError):  # a row cut short when the run was killed
+                return False
+
+        log_file.write_text("".join(r + "\n" for r in log_file.read_text().splitlines() if kept(r)))
+    if loss_file.exists():
+        _write_losses(loss_file, [(s, v) for s, v in _read_losses(loss_file) if s <= step])
 
 
 def _append_losses(path: Path, points: list[tuple[int, float]]) -> None:
@@ -192,11 +371,18 @@ def _append_losses(path: Path, points: list[tuple[int, float]]) -> None:
         f.writelines(f"{s},{v:.6f}\n" for s, v in points)
 
 
+def _write_losses(path: Path, points: list[tuple[int, float]]) -> None:
+    path.write_text("".join(f"{s},{v:.6f}\n" for s, v in points))
+
+
 def _read_losses(path: Path) -> list[tuple[int, float]]:
     if not path.exists():
         return []
     pts = {}
     for line in path.read_text().splitlines():
-        s, v = line.split(",")
-        pts[int(s)] = float(v)  # a resumed run rewrites the steps after its checkpoint
+        try:
+            s, v = line.split(",")
+            pts[int(s)] = float(v)  # a resumed run rewrites the steps after its checkpoint
+        except ValueError:  # a line cut short when a run was killed
+            continue
     return sorted(pts.items())
