@@ -7,6 +7,7 @@ logits so small that a wrong transpose or rotary could hide under the tolerance)
 from __future__ import annotations
 
 import dataclasses
+import json
 from pathlib import Path
 
 import numpy as np
@@ -182,3 +183,51 @@ def standard_cases() -> list[Case]:
             [g1, g3], [v1], seed=5,
         ),
     ]
+
+
+# ---------------------------------------------------------------- HF folders from tensors
+def _io():
+    from qwen2vl_jax.convert import safetensors_io
+
+    return safetensors_io
+
+
+def read_all(folder: Path) -> dict[str, np.ndarray]:
+    return {name: load() for name, load, _ in _io().list_tensors(folder)}
+
+
+def to_tf5_name(name: str) -> str:
+    """Published name -> transformers 5's (model.visual.*, model.language_model.*)."""
+    if name.startswith("visual."):
+        return "model." + name
+    if name.startswith("model."):
+        return "model.language_model." + name[len("model."):]
+    return name
+
+
+def write_folder(folder: Path, tensors: dict[str, np.ndarray], config: dict, shards: int = 1) -> Path:
+    """An HF folder from tensors, with `shards` files (+ index when more than one)."""
+    folder.mkdir(parents=True)
+    (folder / "config.json").write_text(json.dumps(config))
+    add_side_files(folder)
+    names = list(tensors)
+    if shards == 1:
+        _io().save_file(tensors, folder / "model.safetensors", {"format": "pt"})
+        return folder
+    weight_map = {}
+    for i, part in enumerate(np.array_split(np.arange(len(names)), shards)):
+        fname = f"model-{i + 1:05d}-of-{shards:05d}.safetensors"
+        _io().save_file({names[j]: tensors[names[j]] for j in part}, folder / fname, {"format": "pt"})
+        weight_map.update({names[j]: fname for j in part})
+    (folder / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    return folder
+
+
+SIDE = {"tokenizer_config.json": '{"model_max_length": 4096}', "chat_template.jinja": "{{ messages }}",
+        "preprocessor_config.json": '{"patch_size": 14}', "LICENSE": "Apache-2.0"}
+
+
+def add_side_files(folder: Path) -> Path:
+    for name, text in SIDE.items():
+        (folder / name).write_text(text)
+    return folder

@@ -19,13 +19,14 @@ import numpy as np
 import pytest
 
 import hf_utils
+from hf_utils import SIDE, add_side_files, read_all, to_tf5_name, write_folder
 from qwen2vl_jax import checkpoint
 from qwen2vl_jax.convert import convert as convert_lib
 from qwen2vl_jax.convert.cli import convert_main, export_main
 from qwen2vl_jax.convert.convert import convert_checkpoint
 from qwen2vl_jax.convert.export import export_checkpoint
 from qwen2vl_jax.convert.mapping import flatten, hf_to_jax_name, to_jax
-from qwen2vl_jax.convert.safetensors_io import list_tensors, save_file
+from qwen2vl_jax.convert.safetensors_io import save_file
 from qwen2vl_jax.errors import CheckpointError, InputError
 
 torch = pytest.importorskip("torch")
@@ -34,47 +35,6 @@ CASE = {c.name: c for c in hf_utils.standard_cases()}["left_padded_batch"]
 
 
 # ---------------------------------------------------------------- building HF folders
-def read_all(folder: Path) -> dict[str, np.ndarray]:
-    return {name: load() for name, load, _ in list_tensors(folder)}
-
-
-def to_tf5_name(name: str) -> str:
-    """Published name -> transformers 5's (model.visual.*, model.language_model.*)."""
-    if name.startswith("visual."):
-        return "model." + name
-    if name.startswith("model."):
-        return "model.language_model." + name[len("model."):]
-    return name
-
-
-def write_folder(folder: Path, tensors: dict[str, np.ndarray], config: dict, shards: int = 1) -> Path:
-    """An HF folder from tensors, with `shards` files (+ index when more than one)."""
-    folder.mkdir(parents=True)
-    (folder / "config.json").write_text(json.dumps(config))
-    add_side_files(folder)
-    names = list(tensors)
-    if shards == 1:
-        save_file(tensors, folder / "model.safetensors", {"format": "pt"})
-        return folder
-    weight_map = {}
-    for i, part in enumerate(np.array_split(np.arange(len(names)), shards)):
-        fname = f"model-{i + 1:05d}-of-{shards:05d}.safetensors"
-        save_file({names[j]: tensors[names[j]] for j in part}, folder / fname, {"format": "pt"})
-        weight_map.update({names[j]: fname for j in part})
-    (folder / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
-    return folder
-
-
-SIDE = {"tokenizer_config.json": '{"model_max_length": 4096}', "chat_template.jinja": "{{ messages }}",
-        "preprocessor_config.json": '{"patch_size": 14}', "LICENSE": "Apache-2.0"}
-
-
-def add_side_files(folder: Path) -> Path:
-    for name, text in SIDE.items():
-        (folder / name).write_text(text)
-    return folder
-
-
 def flat_config(folder: Path) -> dict:
     """The published (flat, transformers 4) config.json layout for a saved tiny model."""
     from qwen2vl_jax.config import Qwen2VLConfig
@@ -226,7 +186,9 @@ def test_load_params_casts_and_places_on_given_shardings(tiny_hf, tmp_path):
     params = checkpoint.load_params(out, config, "float32", shardings=replicated)
     leaves = flatten(params)
     assert all(v.dtype == np.float32 and v.sharding == replicated for v in leaves.values())
-    # A tree of shardings, one per parameter: the embedding's columns (48) split over the devices.
+    # A tree of shardings, one per parameter: the embedding's columns (48) split over the devices
+    # (one CPU device in this process, so this checks that a per-parameter tree is honoured;
+    # test_sharding.py restores params really split over 8 devices).
     cols = NamedSharding(mesh, P(None, "x"))
     assert 48 % len(jax.devices()) == 0
     tree = {k: (cols if k == "model/embed_tokens/embedding" else replicated) for k in leaves}

@@ -18,13 +18,13 @@ import numpy as np
 import pytest
 
 import hf_utils
+from hf_utils import read_all, to_tf5_name, write_folder
 from qwen2vl_jax import checkpoint
 from qwen2vl_jax.config import Qwen2VLConfig
 from qwen2vl_jax.convert import gptq
 from qwen2vl_jax.convert.cli import convert_main
 from qwen2vl_jax.convert.convert import convert_checkpoint
 from qwen2vl_jax.convert.mapping import flatten, hf_to_jax_name, normalize_hf_name, to_jax
-from qwen2vl_jax.convert.safetensors_io import list_tensors, save_file
 from qwen2vl_jax.errors import CheckpointError
 
 torch = pytest.importorskip("torch")
@@ -94,21 +94,6 @@ def pack_cols(ints: np.ndarray, bits: int) -> np.ndarray:
     return np.ascontiguousarray(pack_rows(ints.T, bits).T)
 
 
-def to_tf5_name(name: str) -> str:
-    if name.startswith("visual."):
-        return "model." + name
-    if name.startswith("model."):
-        return "model.language_model." + name[len("model."):]
-    return name
-
-
-def write_folder(folder: Path, tensors: dict[str, np.ndarray], config: dict) -> Path:
-    folder.mkdir(parents=True)
-    (folder / "config.json").write_text(json.dumps(config))
-    save_file(tensors, folder / "model.safetensors", {"format": "pt"})
-    return folder
-
-
 def build(root: Path, q: Quant):
     """-> (HF model holding the dequantized float weights, GPTQ folder, {JAX kernel path: W})."""
     spec = SPECS[q.model]
@@ -161,10 +146,6 @@ def built(tmp_path_factory):
         return cache[name]
 
     return get
-
-
-def read_all(folder: Path) -> dict[str, np.ndarray]:
-    return {name: load() for name, load, _ in list_tensors(folder)}
 
 
 def assert_nothing_left(out: Path) -> None:

@@ -108,6 +108,23 @@ def _worker() -> dict:
             "q_shard_shape": list(q.addressable_shards[0].data.shape),
             "q_shape": list(q.shape),
         }
+    # Params restored from a checkpoint go straight into their shards (no gather on one host).
+    import tempfile
+
+    from qwen2vl_jax import checkpoint
+    from qwen2vl_jax.sharding import param_shardings
+
+    with tempfile.TemporaryDirectory() as folder:
+        checkpoint.save_params(params, folder)
+        mesh = make_mesh(MESHES["fsdp2_tensor4"])
+        loaded = checkpoint.load_params(folder, config, "float32", shardings=param_shardings(params, mesh))
+    q = loaded["model"]["layers_0"]["self_attn"]["q_proj"]["kernel"]
+    report["loaded"] = {
+        "q_proj": spec_of(q), "embed": spec_of(loaded["model"]["embed_tokens"]["embedding"]),
+        "q_shard_shape": list(q.addressable_shards[0].data.shape),
+        "equal": all(np.array_equal(np.asarray(a), b) for a, b in zip(
+            jax.tree_util.tree_leaves(loaded), jax.tree_util.tree_leaves(params))),
+    }
     # A tensor size that does not divide the heads is refused with one line.
     tiny = Qwen2VLConfig(text=TextConfig(vocab_size=64, hidden_size=48, intermediate_size=64, num_hidden_layers=1,
                                          num_attention_heads=6, num_key_value_heads=2, mrope_section=(1, 1, 2)),
@@ -168,6 +185,10 @@ def test_params_really_sharded(report):
     assert f2["specs"]["embed"] == ["tensor", "fsdp"]
     assert f2["specs"]["cache_k"] == ["fsdp", None, "tensor", None]
     assert f2["q_shard_shape"] == [f2["q_shape"][0] // 2, f2["q_shape"][1] // 4]
+    # Restored from a checkpoint onto the same mesh: the same layout, the same values.
+    loaded = report["loaded"]
+    assert loaded["q_proj"] == f2["specs"]["q_proj"] and loaded["embed"] == f2["specs"]["embed"]
+    assert loaded["q_shard_shape"] == f2["q_shard_shape"] and loaded["equal"]
 
 
 def test_bad_meshes_refused(report):
