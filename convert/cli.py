@@ -119,10 +119,15 @@ def convert_main(argv: list[str] | None = None) -> int:
         _quiet_libraries()
         from qwen2vl_jax.convert.convert import convert_checkpoint
 
+        from qwen2vl_jax.processing.tokenizer import Qwen2Tokenizer
+
         out = convert_checkpoint(args.hf_dir, args.out_dir, dtype=args.dtype, force=args.force,
                                  progress=not args.quiet)
         if not args.quiet:
             print(f"wrote {out}", file=sys.stderr)
+        if not Qwen2Tokenizer.present(out):
+            print(f"note: the checkpoint had no tokenizer files (tokenizer.json, or vocab.json + merges.txt); "
+                  f"copy them into {out} before generating with it", file=sys.stderr)
 
     return _run(go)
 

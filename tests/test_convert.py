@@ -94,13 +94,16 @@ def assert_nothing_left(out: Path) -> None:
     "untied-published-nested-single", "untied-tf5-nested-sharded",
     "tied-published-flat-sharded", "tied-tf5-flat-single",
 ])
-def test_convert_load_matches_hf_logits(tiny_hf, variants, tmp_path, variant):
+def test_convert_load_matches_hf_logits(tiny_hf, variants, tmp_path, variant, capsys):
     from qwen2vl_jax.model import Qwen2VL
 
     model_name, src = variants[variant]
     hf_model, _ = tiny_hf[model_name]
     out = tmp_path / "jax"
     assert convert_main([str(src), str(out), "--dtype", "float32", "--quiet"]) == 0
+    # These folders carry no tokenizer: the CLI says so, even with --quiet.
+    assert capsys.readouterr().err == (f"note: the checkpoint had no tokenizer files (tokenizer.json, or vocab.json "
+                                       f"+ merges.txt); copy them into {out} before generating with it\n")
     assert checkpoint.is_converted(out)
     for name, text in SIDE.items():
         assert (out / name).read_text() == text
@@ -571,3 +574,13 @@ def test_from_pretrained_on_a_mesh_restores_into_named_shardings(tiny_hf, tmp_pa
     mine = model.logits(**CASE.inputs())
     real = CASE.attention_mask.astype(bool)
     assert np.abs(mine[real] - hf_logits(hf_model, "tied")[real]).max() <= 1e-4
+
+
+def test_no_tokenizer_note_when_the_files_are_there(variants, tmp_path, capsys):
+    _, src = variants["tied-tf5-flat-single"]
+    folder = tmp_path / "hf"
+    shutil.copytree(src, folder)
+    (folder / "vocab.json").write_text("{}")
+    (folder / "merges.txt").write_text("")
+    assert convert_main([str(folder), str(tmp_path / "jax"), "--quiet"]) == 0
+    assert capsys.readouterr().err == ""

@@ -108,6 +108,12 @@ class Qwen2Tokenizer:
         self.im_end_token_id = self.token_to_id("<|im_end|>")
         self.endoftext_token_id = self.token_to_id("<|endoftext|>")
 
+    @staticmethod
+    def present(path: str | os.PathLike) -> bool:
+        """Whether `path` holds tokenizer files this class reads."""
+        d = Path(path)
+        return (d / "tokenizer.json").exists() or ((d / "vocab.json").exists() and (d / "merges.txt").exists())
+
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike) -> "Qwen2Tokenizer":
         d = Path(path)
@@ -115,7 +121,7 @@ class Qwen2Tokenizer:
         cfg = json.loads(cfg_file.read_text()) if cfg_file.exists() else {}
         if (d / "tokenizer.json").exists():
             tok = Tokenizer.from_file(str(d / "tokenizer.json"))
-        elif (d / "vocab.json").exists() and (d / "merges.txt").exists():
+        elif cls.present(d):
             tok = _build_from_vocab(str(d / "vocab.json"), str(d / "merges.txt"), _added_tokens(cfg))
         else:
             raise InputError(f"{d}: no tokenizer.json, nor vocab.json + merges.txt")
