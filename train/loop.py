@@ -11,7 +11,8 @@ rules ask for it), the batch over (data, fsdp). The vision tower runs per exampl
 over the batch), so its work is data-parallel too.
 
 Options: `remat` rematerialises every vision and decoder block; `compute_dtype=bfloat16`
-computes in bf16 while the params (master weights), gradients and optimizer state stay fp32.
+computes in bf16 while the params (master weights), gradients and optimizer state stay fp32;
+`loss_chunk` is how many tokens' vocabulary logits exist at once (`chunked_token_loss`).
 """
 
 from __future__ import annotations
@@ -46,19 +47,47 @@ class TrainState:
 
 
 # ----------------------------------------------------------------------------- loss
-def token_loss(logits, labels):
-    """logits [B, L, V], labels int[B, L] (-100 = ignore) -> (sum of CE over the shifted label
-    positions, their count); position t predicts labels[t + 1]."""
-    logits = logits[:, :-1].astype(jnp.float32)
-    targets = labels[:, 1:]
+LOSS_CHUNK = 2048  # tokens (rows x positions) whose vocabulary logits exist at once in the loss
+
+
+def _cross_entropy(logits, targets):
+    """logits [..., V] (cast to f32), targets int[...] (-100 = ignore) -> (CE sum, count)."""
+    logits = logits.astype(jnp.float32)
     valid = targets != IGNORE
     logz = jax.nn.logsumexp(logits, axis=-1)
     picked = jnp.take_along_axis(logits, jnp.where(valid, targets, 0)[..., None], axis=-1)[..., 0]
     return jnp.sum(jnp.where(valid, logz - picked, 0.0)), jnp.sum(valid)
 
 
-def forward_logits(module: Qwen2VLModule, params, batch: dict, spmd_axis=None):
-    """One micro-batch (see data.collate) -> logits [B, L, V]."""
+def chunked_token_loss(module: Qwen2VLModule, params, hidden, labels, chunk: int = LOSS_CHUNK):
+    """(sum of CE over the shifted label positions, their count) for hidden [B, L, D] and
+    labels int[B, L] (-100 = ignore; position t predicts labels[t + 1]), without ever holding
+    all the logits [B, L, V]: the sequence is cut into pieces of max(1, chunk // B) positions
+    (about `chunk` tokens), each piece's logits are made, reduced to its loss and dropped, and
+    remade in the backward pass. With Qwen2-VL's 151,936-token vocabulary the f32 logits of a
+    whole batch would otherwise dominate training memory (8 x 2048 tokens: 10 GB)."""
+    b, l, d = hidden.shape
+    span = max(1, chunk // b)  # positions per piece
+    targets = jnp.concatenate([labels[:, 1:], jnp.full((b, 1), IGNORE, labels.dtype)], axis=1)
+    n = -(-l // span)
+    hidden = jnp.pad(hidden, ((0, 0), (0, n * span - l), (0, 0)))
+    targets = jnp.pad(targets, ((0, 0), (0, n * span - l)), constant_values=IGNORE)
+    pieces = (hidden.reshape(b, n, span, d).swapaxes(0, 1), targets.reshape(b, n, span).swapaxes(0, 1))
+
+    @jax.checkpoint
+    def piece_loss(p, h, t):
+        return _cross_entropy(module.apply({"params": p}, h, method=Qwen2VLModule.lm_logits), t)
+
+    def body(carry, piece):
+        s, c = piece_loss(params, *piece)
+        return (carry[0] + s, carry[1] + c), None
+
+    (total, count), _ = jax.lax.scan(body, (jnp.float32(0), jnp.int32(0)), pieces)
+    return total, count
+
+
+def forward_hidden(module: Qwen2VLModule, params, batch: dict, spmd_axis=None):
+    """One micro-batch (see data.collate) -> the final hidden states [B, L, D]."""
     cfg = module.config
     feats = None
     vision = batch.get("vision")
@@ -73,16 +102,16 @@ def forward_logits(module: Qwen2VLModule, params, batch: dict, spmd_axis=None):
         if feats is not None:
             one = lambda e, i, f: merge_vision(e[None], i[None], f, cfg.image_token_id, cfg.video_token_id)[0]  # noqa: E731
             x = jax.vmap(one)(x, ids, feats)
-        hidden, _ = m.decode(x, positions, mask)
-        return m.lm_logits(hidden)
+        return m.decode(x, positions, mask)[0]
 
     return module.apply({"params": params}, batch["input_ids"], batch["positions"], batch["attention_mask"],
                         feats, method=body)
 
 
-def batch_loss(module: Qwen2VLModule, params, batch: dict, spmd_axis=None):
+def batch_loss(module: Qwen2VLModule, params, batch: dict, spmd_axis=None, chunk: int = LOSS_CHUNK):
     """-> (CE sum, label count) of one micro-batch."""
-    return token_loss(forward_logits(module, params, batch, spmd_axis), batch["labels"])
+    hidden = forward_hidden(module, params, batch, spmd_axis)
+    return chunked_token_loss(module, params, hidden, batch["labels"], chunk)
 
 
 # ----------------------------------------------------------------------------- trainer
@@ -92,8 +121,10 @@ class Trainer:
     params are fp32 master weights; `compute_dtype` is the forward/backward dtype."""
 
     def __init__(self, config: Qwen2VLConfig, stage: st.Stage, total_steps: int, *, mesh=None,
-                 rules: ShardingRules | None = None, remat: bool = False, compute_dtype=jnp.float32):
+                 rules: ShardingRules | None = None, remat: bool = False, compute_dtype=jnp.float32,
+                 loss_chunk: int = LOSS_CHUNK):
         self.config = config
+        self.loss_chunk = loss_chunk
         self.stage = stage
         self.total_steps = int(total_steps)
         self.mesh = mesh
@@ -182,7 +213,8 @@ class Trainer:
         def micro(carry, mb):
             grads, total, count = carry
             (s, n), g = jax.value_and_grad(
-                lambda tp: batch_loss(self.module, st.merge(tp, frozen), mb, spmd_axis), has_aux=True)(train)
+                lambda tp: batch_loss(self.module, st.merge(tp, frozen), mb, spmd_axis, self.loss_chunk),
+                has_aux=True)(train)
             return (jax.tree.map(jnp.add, grads, g), total + s, count + n), None
 
         zeros = jax.tree.map(jnp.zeros_like, train)

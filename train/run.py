@@ -70,6 +70,7 @@ class TrainOptions:
     max_length: int | None = 4096
     seed: int = 0
     remat: bool = False
+    loss_chunk: int = loop.LOSS_CHUNK  # tokens whose vocabulary logits exist at once
     compute_dtype: str = "float32"
     mesh: str | None = None
     log_every: int = 10
@@ -101,7 +102,8 @@ def check_options(opts: TrainOptions) -> None:
     """Every numeric option and regex, before anything is read or written (InputError)."""
     ints = {"--steps": (opts.steps, 1), "--batch-size": (opts.batch_size, 1), "--accum": (opts.accum, 1),
             "--log-every": (opts.log_every, 1), "--save-every": (opts.save_every, 0), "--seed": (opts.seed, 0),
-            "--stop-at": (opts.stop_at, 1), "--max-length": (opts.max_length, 1)}
+            "--stop-at": (opts.stop_at, 1), "--max-length": (opts.max_length, 1),
+            "--loss-chunk": (opts.loss_chunk, 1)}
     for flag, (value, low) in ints.items():
         if value is None and flag in ("--stop-at", "--max-length"):
             continue
@@ -289,7 +291,8 @@ def _fit(opts: TrainOptions, log, model_dir: Path, out: Path, saved: dict, made:
     for p in dataset.skipped:
         log(f"skipped: {p}")
     key = _run_key(opts, stage, len(dataset))
-    trainer = loop.Trainer(config, stage, opts.steps, mesh=mesh, remat=opts.remat, compute_dtype=dtype)
+    trainer = loop.Trainer(config, stage, opts.steps, mesh=mesh, remat=opts.remat, compute_dtype=dtype,
+                          loss_chunk=opts.loss_chunk)
     if not opts.resume:  # a new run: the old one's checkpoints and log rows must not leak into it
         for path in (state_dir, log_file, loss_file, plot_file):
             shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
