@@ -31,6 +31,8 @@ from qwen2vl_jax.convert.mapping import Planned, hf_to_jax_name, load_planned, p
 from qwen2vl_jax.convert.safetensors_io import DTYPES, checkpoint_files, list_tensors, read_header
 from qwen2vl_jax.errors import CheckpointError, InputError
 
+FLOAT_DTYPES = ("F64", "F32", "F16", "BF16")  # safetensors names (bfloat16's numpy kind is 'V', not 'f')
+
 OUTPUT_DTYPES = ("bfloat16", "float32")
 HUB_PATTERNS = ["*.json", "*.safetensors", "*.txt", "*.jinja", "*.model", "*.tiktoken", "*.md", "LICENSE*"]
 _REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*")
@@ -140,7 +142,7 @@ def check_files(folder: Path) -> None:
                 continue
             if dtype is None:
                 problems.append(f"{path.name}:{name}: unsupported dtype {info['dtype']}")
-            elif np.dtype(dtype).kind != "f" and hf_to_jax_name(name) is not None:
+            elif info["dtype"] not in FLOAT_DTYPES and hf_to_jax_name(name) is not None:
                 problems.append(f"{path.name}:{name}: dtype {info['dtype']} where a floating-point weight belongs")
             elif end - begin != int(np.prod(shape)) * np.dtype(dtype).itemsize:
                 problems.append(f"{path.name}:{name}: byte range does not match shape {shape}")

@@ -129,7 +129,8 @@ def dequantize(qweight: np.ndarray, qzeros: np.ndarray, scales: np.ndarray, g_id
     groups = scales.shape[0]
     if g_idx.size and (g_idx.min() < 0 or g_idx.max() >= groups):
         raise CheckpointError(f"{name}.g_idx: group ids outside 0..{groups - 1}")
-    zeros = unpack(qzeros, bits, axis=1).astype(np.float32) + 1.0  # v1 stores zero - 1; [G, O]
+    # v1 stores zero - 1, wrapping within `bits` as AutoGPTQ reads it back; [G, O]
+    zeros = ((unpack(qzeros, bits, axis=1) + 1) & np.uint32(2**bits - 1)).astype(np.float32)
     scales = scales.astype(np.float32)
     n = 32 // bits
     in_features, out_features = qweight.shape[0] * n, qweight.shape[1]

@@ -26,7 +26,7 @@ from qwen2vl_jax.convert.cli import convert_main, export_main
 from qwen2vl_jax.convert.convert import convert_checkpoint
 from qwen2vl_jax.convert.export import export_checkpoint
 from qwen2vl_jax.convert.mapping import flatten, hf_to_jax_name, to_jax
-from qwen2vl_jax.convert.safetensors_io import save_file
+from qwen2vl_jax.convert.safetensors_io import read_header, save_file
 from qwen2vl_jax.errors import CheckpointError, InputError
 
 torch = pytest.importorskip("torch")
@@ -172,6 +172,28 @@ def test_default_dtype_is_bfloat16_rounded_like_torch(tiny_hf, tmp_path):
     export_checkpoint(out, back, progress=False)
     assert json.loads((back / "config.json").read_text())["dtype"] == "bfloat16"
     assert {a.dtype for a in read_all(back).values()} == {np.dtype(ml_dtypes.bfloat16)}
+
+
+def test_bf16_and_f16_sources_convert(tiny_hf, tmp_path):
+    """The published checkpoints are bf16 on disk (the GPTQ ones f16): both convert, exactly."""
+    import copy
+
+    hf_model, _ = tiny_hf["tied"]
+    for torch_dtype, name in ((torch.bfloat16, "BF16"), (torch.float16, "F16")):
+        src = tmp_path / f"hf_{name}"
+        low = copy.deepcopy(hf_model).to(torch_dtype)
+        low.save_pretrained(src)
+        assert {info["dtype"] for info in read_header(src / "model.safetensors")[0].values()} == {name}
+        out = tmp_path / f"jax_{name}"
+        convert_checkpoint(src, out, dtype="float32", progress=False)
+        stored = checkpoint.stored_params(out)
+        arrays = checkpoint.load_numpy(out, list(stored))
+        for key, value in low.state_dict().items():
+            path, transform = hf_to_jax_name(key)
+            if path == "lm_head/kernel":
+                continue  # tied to the embedding, which is compared
+            want = to_jax(value.float().numpy(), transform, stored[path][0])
+            np.testing.assert_array_equal(arrays[path], want, err_msg=key)
 
 
 def test_load_params_casts_and_places_on_given_shardings(tiny_hf, tmp_path):

@@ -161,6 +161,16 @@ def test_unpack_reads_the_published_bit_order():
     np.testing.assert_array_equal(gptq.unpack(np.array([[0x04030201]], np.int32), 8, axis=1), [[1, 2, 3, 4]])
 
 
+def test_stored_zero_wraps_within_the_bit_width():
+    """v1 stores zero - 1 in `bits` bits, so a zero point of 0 is stored as 15 and read back as
+    (15 + 1) & 15 = 0 (AutoGPTQ's reading), not 16."""
+    qweight = np.full((1, 8), 0x33333333, np.int32)  # 8 input rows of q = 3, 8 output columns
+    qzeros = np.array([[-1]], np.int32)  # every 4-bit zero stored as 15
+    scales = np.full((1, 8), 0.5, np.float16)
+    w = gptq.dequantize(qweight, qzeros, scales, np.zeros(8, np.int32), bits=4)
+    np.testing.assert_array_equal(w, np.full((8, 8), 1.5, np.float32))  # (3 - 0) * 0.5
+
+
 @pytest.mark.parametrize("case_name", list(CASES))
 def test_gptq_converts_to_the_dequantized_weights(built, tmp_path, case_name):
     from qwen2vl_jax.model import Qwen2VL
