@@ -1,4 +1,4 @@
-"""Ctrl-C and SIGTERM for the conversion CLIs: stop cleanly, at a point where stopping is safe.
+"""Ctrl-C and SIGTERM for the CLIs: stop cleanly, at a point where stopping is safe.
 
 With `installed()` (the CLIs, around the whole run) SIGINT and SIGTERM raise KeyboardInterrupt,
 as Ctrl-C does by default, with two exceptions:
@@ -9,6 +9,8 @@ as Ctrl-C does by default, with two exceptions:
   except inside `shielded()` (removing the temporary folder: the work is stopping already).
 - a signal that lands in a garbage-collection callback (JAX registers one) would be printed and
   dropped by Python there; it is sent again a moment later instead.
+`deferred()` (training's checkpoint saves) holds both signals for a block and delivers them
+once it has finished, so the work stops right after it rather than halfway through.
 Outside the main thread signals are Python's to handle, and all of this does nothing.
 """
 
@@ -104,3 +106,20 @@ def check() -> None:
     """Raises KeyboardInterrupt if a signal was noted."""
     if _state["noted"]:
         raise KeyboardInterrupt
+
+
+@contextlib.contextmanager
+def deferred() -> Iterator[None]:
+    """SIGINT/SIGTERM that arrive inside the block are delivered when it ends (main thread only)."""
+    if not _main_thread():
+        yield
+        return
+    got: list[int] = []
+    previous = {sig: signal.signal(sig, lambda signum, frame: got.append(signum)) for sig in SIGNALS}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
+        for sig in dict.fromkeys(got):
+            signal.raise_signal(sig)

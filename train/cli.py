@@ -26,9 +26,9 @@ output: --out becomes a converted model folder that `qwen2vl-generate --model OU
 from __future__ import annotations
 
 import argparse
-import signal
 import sys
 
+from qwen2vl_jax.convert import interrupts
 from qwen2vl_jax.errors import InputError
 
 
@@ -93,35 +93,32 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _interrupt(signum, frame):
-    raise KeyboardInterrupt
+def _fit(args) -> dict:
+    from qwen2vl_jax.sharding import maybe_initialize_distributed  # noqa: PLC0415
+    from qwen2vl_jax.train.run import TrainOptions, fit  # noqa: PLC0415
+
+    maybe_initialize_distributed()
+    warmup = args.warmup
+    if warmup is not None and warmup >= 1:
+        warmup = int(warmup)
+    return fit(TrainOptions(
+        model=args.model, data=args.data, stage=args.stage, steps=args.steps, out=args.out,
+        batch_size=args.batch_size, accum=args.accum, learning_rate=args.lr, warmup_steps=warmup,
+        end_lr_ratio=args.end_lr_ratio, weight_decay=args.weight_decay, clip_norm=args.clip,
+        labels=args.labels, train=tuple(args.train) if args.train else None, max_length=args.max_length,
+        seed=args.seed, remat=args.remat, loss_chunk=args.loss_chunk, compute_dtype=args.compute_dtype,
+        mesh=args.mesh,
+        log_every=args.log_every, save_every=args.save_every, stop_at=args.stop_at, resume=args.resume,
+        force=args.force, skip_bad=args.skip_bad, progress=not args.no_progress,
+    ))
 
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    # SIGTERM (a job's time limit) unwinds like Ctrl-C, so a failed start cleans up after itself.
     try:
-        previous = signal.signal(signal.SIGTERM, _interrupt)
-    except ValueError:  # not the main thread: leave signals alone
-        previous = None
-    try:
-        from qwen2vl_jax.sharding import maybe_initialize_distributed  # noqa: PLC0415
-        from qwen2vl_jax.train.run import TrainOptions, fit  # noqa: PLC0415
-
-        maybe_initialize_distributed()
-        warmup = args.warmup
-        if warmup is not None and warmup >= 1:
-            warmup = int(warmup)
-        result = fit(TrainOptions(
-            model=args.model, data=args.data, stage=args.stage, steps=args.steps, out=args.out,
-            batch_size=args.batch_size, accum=args.accum, learning_rate=args.lr, warmup_steps=warmup,
-            end_lr_ratio=args.end_lr_ratio, weight_decay=args.weight_decay, clip_norm=args.clip,
-            labels=args.labels, train=tuple(args.train) if args.train else None, max_length=args.max_length,
-            seed=args.seed, remat=args.remat, loss_chunk=args.loss_chunk, compute_dtype=args.compute_dtype,
-            mesh=args.mesh,
-            log_every=args.log_every, save_every=args.save_every, stop_at=args.stop_at, resume=args.resume,
-            force=args.force, skip_bad=args.skip_bad, progress=not args.no_progress,
-        ))
+        # SIGTERM (a job's time limit) unwinds like Ctrl-C, so a failed start cleans up after itself.
+        with interrupts.installed():
+            result = _fit(args)
     except InputError as e:
         print(f"qwen2vl-train: error: {e}", file=sys.stderr)
         return 2
@@ -139,9 +136,6 @@ def main(argv=None) -> int:
             print(f"qwen2vl-train: interrupted; {e.out} holds the checkpoint of step {e.step}, which --resume "
                   "continues from", file=sys.stderr)
         return 130
-    finally:
-        if previous is not None:
-            signal.signal(signal.SIGTERM, previous)
     loss = "n/a" if result["loss"] is None else f"{result['loss']:.4f}"
     print(f"stage {args.stage}: {result['steps']} steps, final loss {loss}; model in {result['out']}", file=sys.stderr)
     return 0

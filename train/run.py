@@ -24,16 +24,13 @@ continues from.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import math
 import os
 import re
 import shutil
-import signal
 import sys
-import threading
 from pathlib import Path
 from typing import Callable
 
@@ -42,6 +39,7 @@ import jax.numpy as jnp
 
 from qwen2vl_jax import checkpoint as ck
 from qwen2vl_jax.config import Qwen2VLConfig
+from qwen2vl_jax.convert import interrupts
 from qwen2vl_jax.errors import InputError
 from qwen2vl_jax.model import init_shapes, load_hf_params
 from qwen2vl_jax.sharding import check_divisible, make_mesh, param_shardings
@@ -188,8 +186,8 @@ def export(params, model_dir: Path, out: Path) -> None:
     """Writes OUT as a converted folder: side files from the source model, then params.
 
     Every piece replaces the old one by rename: the params are saved into OUT/.params.tmp and
-    swapped with OUT/params (the marker last) with Ctrl-C held off, so an interrupt at any
-    point leaves the old or the new params whole, never none."""
+    swapped with OUT/params (the marker last). The caller holds Ctrl-C off (`on_save` in `fit`),
+    so an interrupt at any point leaves the old or the new params whole, never none."""
     main = jax.process_index() == 0
     if main:
         out.mkdir(parents=True, exist_ok=True)
@@ -201,11 +199,10 @@ def export(params, model_dir: Path, out: Path) -> None:
     try:
         ck.save_params(params, staging, overwrite=True)
         if main:
-            with _signals_held():
-                if (out / ck.PARAMS).exists():
-                    os.replace(out / ck.PARAMS, staging / "old")
-                os.replace(staging / ck.PARAMS, out / ck.PARAMS)
-                os.replace(staging / ck.MARKER, out / ck.MARKER)
+            if (out / ck.PARAMS).exists():
+                os.replace(out / ck.PARAMS, staging / "old")
+            os.replace(staging / ck.PARAMS, out / ck.PARAMS)
+            os.replace(staging / ck.MARKER, out / ck.MARKER)
     finally:
         if main:
             shutil.rmtree(staging, ignore_errors=True)
@@ -222,24 +219,6 @@ def _replace_file(src: Path, dst: Path) -> None:
         os.replace(tmp, dst)
     finally:
         tmp.unlink(missing_ok=True)
-
-
-@contextlib.contextmanager
-def _signals_held():
-    """Defers SIGINT/SIGTERM (main thread only) until the block is done, then delivers them."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    got: list[int] = []
-    sigs = (signal.SIGINT, signal.SIGTERM)
-    previous = {s: signal.signal(s, lambda signum, frame: got.append(signum)) for s in sigs}
-    try:
-        yield
-    finally:
-        for s, handler in previous.items():
-            signal.signal(s, handler if handler is not None else signal.SIG_DFL)
-        for s in dict.fromkeys(got):
-            signal.raise_signal(s)
 
 
 def fit(opts: TrainOptions, log: Callable[[str], None] | None = None) -> dict:
@@ -338,7 +317,7 @@ def _fit(opts: TrainOptions, log, model_dir: Path, out: Path, saved: dict, made:
 
         def on_save(s: loop.TrainState, pos: Position):
             # Ctrl-C waits for the save: stopping Orbax halfway leaves its threads writing.
-            with _signals_held():
+            with interrupts.deferred():
                 ckpts.save(s, {"key": key, "position": dataclasses.asdict(pos)})
                 saved["step"] = int(s.step)
                 export(s.params, model_dir, out)
