@@ -12,6 +12,8 @@ from pathlib import Path
 
 import numpy as np
 
+from qwen2vl_jax.convert.safetensors_io import list_tensors, save_file
+
 IMG, VID, VSTART, VEND = 201, 202, 203, 204
 PAD = 0
 
@@ -186,14 +188,8 @@ def standard_cases() -> list[Case]:
 
 
 # ---------------------------------------------------------------- HF folders from tensors
-def _io():
-    from qwen2vl_jax.convert import safetensors_io
-
-    return safetensors_io
-
-
 def read_all(folder: Path) -> dict[str, np.ndarray]:
-    return {name: load() for name, load, _ in _io().list_tensors(folder)}
+    return {name: load() for name, load, _ in list_tensors(folder)}
 
 
 def to_tf5_name(name: str) -> str:
@@ -212,12 +208,12 @@ def write_folder(folder: Path, tensors: dict[str, np.ndarray], config: dict, sha
     add_side_files(folder)
     names = list(tensors)
     if shards == 1:
-        _io().save_file(tensors, folder / "model.safetensors", {"format": "pt"})
+        save_file(tensors, folder / "model.safetensors", {"format": "pt"})
         return folder
     weight_map = {}
     for i, part in enumerate(np.array_split(np.arange(len(names)), shards)):
         fname = f"model-{i + 1:05d}-of-{shards:05d}.safetensors"
-        _io().save_file({names[j]: tensors[names[j]] for j in part}, folder / fname, {"format": "pt"})
+        save_file({names[j]: tensors[names[j]] for j in part}, folder / fname, {"format": "pt"})
         weight_map.update({names[j]: fname for j in part})
     (folder / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
     return folder
