@@ -28,7 +28,7 @@ ASSETS = Path(__file__).resolve().parents[1].parent / "shared" / "assets" / "qwe
 def hf_tensors(config) -> dict[str, tuple[tuple[int, ...], str]]:
     """Published HF name -> (shape, file) for the 2B, from our table and the 2B shapes."""
     from qwen2vl_jax.checkpoint import expected_shapes
-    from qwen2vl_jax.convert.mapping import expected_hf_shape, jax_to_hf_name
+    from qwen2vl_jax.hf_mapping import expected_hf_shape, jax_to_hf_name
 
     v = config.vision
     conv = (v.embed_dim, v.in_channels, v.temporal_patch_size, v.patch_size, v.patch_size)
@@ -44,7 +44,7 @@ def build_checkpoint(folder: Path) -> int:
     import ml_dtypes
 
     from qwen2vl_jax.config import QWEN2_VL_2B, Qwen2VLConfig
-    from qwen2vl_jax.convert.safetensors_io import save_file_streaming
+    from qwen2vl_jax.safetensors_io import save_file_streaming
 
     folder.mkdir(parents=True)
     if ASSETS.exists():  # the published files: config, tokenizer, and the shard split of the index
@@ -101,7 +101,7 @@ def run_child(args: list[str]) -> tuple[float, float]:
 
 def same_tensors(a: Path, b: Path) -> bool:
     """Every tensor of `a` equals `b`'s byte for byte (read one at a time)."""
-    from qwen2vl_jax.convert.safetensors_io import list_tensors
+    from qwen2vl_jax.safetensors_io import list_tensors
 
     left = {name: (load, shape) for name, load, shape in list_tensors(a)}
     right = {name: (load, shape) for name, load, shape in list_tensors(b)}

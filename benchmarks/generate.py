@@ -9,8 +9,10 @@ short prompt, batch 1, greedy, NEW new tokens with EOS ignored. Columns:
   ViT      the vision tower + merger alone
   ViT+pre  vision tower + prefill of the whole prompt + the first token (HF: time to the
            first token of generate, read by a streamer that timestamps each token)
-  decode   tokens/s for the remaining NEW-1 tokens (HF: between the streamer's first and
-           last token of the same generate call)
+  decode   tokens/s for the remaining NEW-1 tokens (ours: the decode while_loop; HF: between
+           the streamer's first and last token of the same generate call)
+  stream   ours only: the same tokens streamed one step at a time, as qwen2vl-generate and
+           chat() print them (the next step is queued before a token is read back)
   peak RSS the process's peak resident memory (each variant runs in its own process)
   compile  our first-call jit time for ViT+prefill and for the decode loop (not in the timings)
 On a GPU also the peak device memory and the prefill's model FLOP/s against the chip's bf16
@@ -96,8 +98,10 @@ def run_ours(args, dtype_name: str) -> dict:
     import jax
     import jax.numpy as jnp
 
-    from qwen2vl_jax.generation import GenerationConfig, Generator
-    from qwen2vl_jax.model import Qwen2VL, init_shapes
+    from qwen2vl_jax.api import Qwen2VL
+    from qwen2vl_jax.engine import Engine
+    from qwen2vl_jax.modules.qwen2vl import init_shapes
+    from qwen2vl_jax.sampling import GenerationConfig
 
     config = model_config(args.size)
     dtype = jnp.dtype(dtype_name)
@@ -123,37 +127,42 @@ def run_ours(args, dtype_name: str) -> dict:
     params = fill(jax.random.PRNGKey(0))
     jax.block_until_ready(params)
     model = Qwen2VL(config, params, dtype)
-    gen = Generator(model, loop_options=json.loads(args.loop_options) if args.loop_options else None)
+    engine = Engine(model.module, loop_options=json.loads(args.loop_options) if args.loop_options else None)
     inputs = make_inputs(args.image)
     gc = GenerationConfig(max_new_tokens=args.new_tokens, eos_token_ids=())
-    prepared = gen.prepare(**inputs, max_new_tokens=gc.max_new_tokens)
-    vision = prepared.vision
+    built = model.inputs(**inputs, room=gc.max_new_tokens)
 
     def vit():
-        jax.block_until_ready(gen._encode(model.params, vision))
+        jax.block_until_ready(engine.encode(model.params, built.vision))
 
     def start():
-        return jax.block_until_ready(gen.start(prepared, gc))
+        return jax.block_until_ready(engine.start(model.params, built, gc)[2])
+
+    def loop():
+        result = engine.generate(model.params, built, gc)
+        assert result.tokens.shape[1] == args.new_tokens, result.tokens.shape
+        return (args.new_tokens - 1) / (result.total_s - result.first_token_s)
+
+    def stream():
+        times = [time.perf_counter() for _ in engine.stream(model.params, built, gc)]
+        assert len(times) == args.new_tokens, len(times)
+        return (args.new_tokens - 1) / (times[-1] - times[0])
 
     t0 = time.perf_counter()
-    state = start()
+    start()
     compile_prefill = time.perf_counter() - t0
     t0 = time.perf_counter()
-    jax.block_until_ready(gen._loop(model.params, state, gc.greedy))
+    loop()
     compile_loop = time.perf_counter() - t0
+    stream()  # compiles the single step
 
     t_vit = best_of(vit, args.repeat)
     t_pre = best_of(start, args.repeat)
-    times = []
-    for _ in range(args.repeat):
-        state = start()
-        t0 = time.perf_counter()
-        state = jax.block_until_ready(gen._loop(model.params, state, gc.greedy))
-        times.append(time.perf_counter() - t0)
-        assert int(state.step) == args.new_tokens, int(state.step)
-    out = {"vit_s": t_vit, "prefill_s": t_pre, "decode_tok_s": (args.new_tokens - 1) / min(times),
+    rates = [(loop(), stream()) for _ in range(args.repeat)]
+    out = {"vit_s": t_vit, "prefill_s": t_pre, "decode_tok_s": max(r[0] for r in rates),
+           "stream_tok_s": max(r[1] for r in rates),
            "compile_prefill_s": compile_prefill, "compile_loop_s": compile_loop,
-           "prompt_tokens": int(inputs["input_ids"].shape[1]), "prompt_bucket": int(prepared.input_ids.shape[1])}
+           "prompt_tokens": int(inputs["input_ids"].shape[1]), "prompt_bucket": int(built.shape[1])}
     dev = jax.devices()[0]
     out["device_kind"] = dev.device_kind
     if dev.platform == "gpu":
@@ -165,9 +174,10 @@ def run_ours(args, dtype_name: str) -> dict:
         big = {"input_ids": np.random.RandomState(1).randint(100, 150000, (rows, length)),
                "attention_mask": np.ones((rows, length), np.int64)}
         big_gc = GenerationConfig(max_new_tokens=1, eos_token_ids=())
-        big_prep = gen.prepare(**big, max_new_tokens=1)
-        jax.block_until_ready(gen.start(big_prep, big_gc))
-        out["big_prefill_s"] = best_of(lambda: jax.block_until_ready(gen.start(big_prep, big_gc)), args.repeat)
+        big_inputs = model.inputs(**big, room=1)
+        big_start = lambda: jax.block_until_ready(engine.start(model.params, big_inputs, big_gc)[2])  # noqa: E731
+        big_start()
+        out["big_prefill_s"] = best_of(big_start, args.repeat)
         out["big_prefill_flops"] = rows * prefill_flops(config, length, 0, with_vit=False)
         out["big_prefill"] = args.big_prefill
     out["peak_rss_gb"] = peak_rss_gb()
@@ -352,14 +362,17 @@ def print_table(args, results: dict) -> None:
     print(f"\nQwen2-VL-{args.size} shapes, random weights, batch 1, {args.image}x{args.image} image "
           f"({n_patch} patches), {n_tok}-token prompt, {args.new_tokens} new tokens, {device}; "
           f"XLA_FLAGS={args.xla_flags or os.environ.get('XLA_FLAGS', '')!r}")
-    head = f"{'variant':17s} {'ViT s':>8s} {'ViT+pre s':>10s} {'decode tok/s':>13s} {'peak RSS GB':>12s}"
+    head = (f"{'variant':17s} {'ViT s':>8s} {'ViT+pre s':>10s} {'decode tok/s':>13s} {'stream tok/s':>13s} "
+            f"{'peak RSS GB':>12s}")
     gpu = args.device == "gpu"
     if gpu:
         head += f" {'peak dev GB':>12s} {'prefill TFLOP/s':>16s}"
     head += f" {'compile s':>10s}"
     print(head)
     for v, r in results.items():
-        line = f"{v:17s} {r['vit_s']:8.3f} {r['prefill_s']:10.3f} {r['decode_tok_s']:13.2f} {r['peak_rss_gb']:12.2f}"
+        stream = f"{r['stream_tok_s']:13.2f}" if "stream_tok_s" in r else f"{'-':>13s}"
+        line = (f"{v:17s} {r['vit_s']:8.3f} {r['prefill_s']:10.3f} {r['decode_tok_s']:13.2f} {stream} "
+                f"{r['peak_rss_gb']:12.2f}")
         if gpu:
             line += f" {r.get('peak_dev_gb', 0):12.2f} {flops / r['prefill_s'] / 1e12:16.1f}"
         comp = f"{r['compile_prefill_s']:.0f}+{r['compile_loop_s']:.0f}" if "compile_loop_s" in r else "-"
@@ -372,6 +385,8 @@ def print_table(args, results: dict) -> None:
                   f"{b['prefill_s'] / a['prefill_s']:.2f}x faster, decode {a['decode_tok_s'] / b['decode_tok_s']:.2f}x "
                   f"the tokens/s")
         r = results[o]
+        print(f"{o}: streamed decode {r['stream_tok_s']:.2f} tokens/s = {100 * r['stream_tok_s'] / r['decode_tok_s']:.0f}% "
+              f"of the while_loop's {r['decode_tok_s']:.2f}")
         kind = r.get("device_kind", "")
         peak = next((p for k, p in PEAK_BF16.items() if k in kind), None) if gpu else None
         share = lambda x: f" = {100 * x / peak:.0f}% of the {kind} bf16 peak" if peak else ""  # noqa: E731

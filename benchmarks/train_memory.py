@@ -43,7 +43,7 @@ def main(argv=None) -> int:
     import jax.numpy as jnp
 
     from qwen2vl_jax.config import PRESETS
-    from qwen2vl_jax.model import Qwen2VLModule, init_shapes
+    from qwen2vl_jax.modules.qwen2vl import Qwen2VLModule, init_shapes
 
     print(f"{'model':6} {'batch':>8} {'one piece':>10} {'chunked':>9}  ratio   (scratch GiB, bf16 compute, "
           f"f32 params, {jax.default_backend()})")

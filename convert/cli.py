@@ -1,13 +1,17 @@
 """`qwen2vl-convert` and `qwen2vl-export`: thin wrappers over convert.py and export.py.
 
-Bad input prints `error: <one line>` to stderr and exits 2, with nothing written.
+Bad input prints `qwen2vl-convert: error: <one line>` (or `qwen2vl-export: ...`) to stderr and
+exits 2, with nothing written; see qwen2vl_jax.shell for the other exit statuses.
 """
 
 from __future__ import annotations
 
 import argparse
-import os
 import sys
+
+from qwen2vl_jax import shell
+
+CONVERT_PROG, EXPORT_PROG = "qwen2vl-convert", "qwen2vl-export"
 
 CONVERT_HELP = """\
 Convert a Hugging Face Qwen2-VL checkpoint (Qwen2-VL-2B/7B/72B-Instruct, as published or as
@@ -32,7 +36,7 @@ loads it. Written to a temporary sibling and renamed at the end, like qwen2vl-co
 
 def _convert_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="qwen2vl-convert", description=CONVERT_HELP, formatter_class=argparse.RawDescriptionHelpFormatter
+        prog=CONVERT_PROG, description=CONVERT_HELP, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     p.add_argument("hf_dir", metavar="HF_DIR",
                    help="HF checkpoint folder (config.json, *.safetensors with an optional "
@@ -51,7 +55,7 @@ def _convert_parser() -> argparse.ArgumentParser:
 
 def _export_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="qwen2vl-export", description=EXPORT_HELP, formatter_class=argparse.RawDescriptionHelpFormatter
+        prog=EXPORT_PROG, description=EXPORT_HELP, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     p.add_argument("src_dir", metavar="OUT_DIR", help="a qwen2vl-jax folder written by qwen2vl-convert or training")
     p.add_argument("hf_dir", metavar="HF_DIR", help="HF checkpoint folder to create; must not exist or be empty "
@@ -68,55 +72,16 @@ def _export_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _run(fn) -> int:
-    from qwen2vl_jax.convert import interrupts
-    from qwen2vl_jax.errors import InputError
-
-    # SIGTERM unwinds like Ctrl-C, so the temporary folder is removed on the way out; while
-    # writing, both wait for a safe point (interrupts.py).
-    try:
-        with interrupts.installed():
-            try:
-                fn()
-            except Exception:
-                interrupts.check()  # an error that an interrupt caused inside Orbax is the interrupt
-                raise
-    except InputError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("error: interrupted; nothing was written", file=sys.stderr)
-        _quiet_abandoned_work()
-        return 130
-    except OSError as e:  # disk full, permissions, ... while writing: the folder is already removed
-        lines = str(e).strip().splitlines() or [type(e).__name__]
-        print(f"error: {lines[0]}", file=sys.stderr)
-        return 1
-    return 0
-
-
-def _quiet_abandoned_work() -> None:
-    """A second Ctrl-C can cut an Orbax read short; what it leaves pending is reported by
-    asyncio and the warnings module at exit, as noise after the one line that matters."""
-    import logging
-    import warnings
-
-    logging.getLogger("asyncio").setLevel(logging.CRITICAL)
-    warnings.filterwarnings("ignore", message="coroutine .* was never awaited", category=RuntimeWarning)
-
-
-def _quiet_libraries() -> None:
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    import logging
-
-    logging.getLogger("absl").setLevel(logging.ERROR)
+def _nothing_written(_: KeyboardInterrupt) -> str:
+    # Both write into a temporary sibling that is removed on the way out (convert.staging).
+    return "interrupted; nothing was written"
 
 
 def convert_main(argv: list[str] | None = None) -> int:
     args = _convert_parser().parse_args(argv)
 
     def go():
-        _quiet_libraries()
+        shell.quiet_libraries()
         from qwen2vl_jax.convert.convert import convert_checkpoint
 
         from qwen2vl_jax.processing.tokenizer import Qwen2Tokenizer
@@ -129,22 +94,23 @@ def convert_main(argv: list[str] | None = None) -> int:
             print(f"note: the checkpoint had no tokenizer files (tokenizer.json, or vocab.json + merges.txt); "
                   f"copy them into {out} before generating with it", file=sys.stderr)
 
-    return _run(go)
+    return shell.run(CONVERT_PROG, go, interrupted=_nothing_written)
 
 
 def export_main(argv: list[str] | None = None) -> int:
     args = _export_parser().parse_args(argv)
 
     def go():
-        _quiet_libraries()
-        from qwen2vl_jax.convert.export import export_checkpoint
+        shell.quiet_libraries()
+        from qwen2vl_jax.convert.export import export_checkpoint, parse_size
 
+        shard_bytes = parse_size(args.max_shard_size, "--max-shard-size")
         out = export_checkpoint(args.src_dir, args.hf_dir, dtype=args.dtype, force=args.force,
-                                max_shard_size=args.max_shard_size, progress=not args.quiet)
+                                max_shard_size=shard_bytes, progress=not args.quiet)
         if not args.quiet:
             print(f"wrote {out}", file=sys.stderr)
 
-    return _run(go)
+    return shell.run(EXPORT_PROG, go, interrupted=_nothing_written)
 
 
 if __name__ == "__main__":

@@ -24,12 +24,12 @@ from typing import Iterator
 
 import numpy as np
 
-from qwen2vl_jax import checkpoint
-from qwen2vl_jax.config import Qwen2VLConfig
-from qwen2vl_jax.convert import gptq, interrupts
-from qwen2vl_jax.convert.mapping import Planned, hf_to_jax_name, load_planned, plan_conversion
-from qwen2vl_jax.convert.safetensors_io import DTYPES, checkpoint_files, list_tensors, read_header
+from qwen2vl_jax import checkpoint, interrupts
+from qwen2vl_jax.config import DEMO_DIR, Qwen2VLConfig
+from qwen2vl_jax.convert import gptq
 from qwen2vl_jax.errors import CheckpointError, InputError
+from qwen2vl_jax.hf_mapping import Planned, hf_to_jax_name, load_planned, plan_conversion
+from qwen2vl_jax.safetensors_io import DTYPES, checkpoint_files, list_tensors, read_header
 
 FLOAT_DTYPES = ("F64", "F32", "F16", "BF16")  # safetensors names (bfloat16's numpy kind is 'V', not 'f')
 
@@ -233,4 +233,22 @@ def convert_checkpoint(
                 del flat
         writer.finalize()
         checkpoint.write_marker(tmp, np_dtype, source=str(source))
+    return out
+
+
+def model_folder(name: str | os.PathLike, work_dir: str | os.PathLike = "~/.cache/qwen2vl-jax",
+                 dtype: str = "bfloat16") -> Path:
+    """What a user names -> a folder to load: "demo" -> the shipped demo model; a local folder
+    (converted or HF) -> itself; anything else is a hub id (Qwen/Qwen2-VL-2B-Instruct),
+    downloaded and converted once into work_dir/<name>-jax (later calls reuse it)."""
+    if str(name) == "demo":
+        if not (DEMO_DIR / "config.json").is_file():
+            raise CheckpointError(f"the demo model is not in this install ({DEMO_DIR} has no config.json)")
+        return DEMO_DIR
+    path = Path(name).expanduser()
+    if path.is_dir():
+        return path
+    out = Path(work_dir).expanduser() / (str(name).rstrip("/").split("/")[-1] + "-jax")
+    if not checkpoint.is_converted(out):
+        convert_checkpoint(str(name), out, dtype=dtype, force=True)
     return out

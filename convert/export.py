@@ -16,17 +16,19 @@ from pathlib import Path
 import numpy as np
 
 from qwen2vl_jax import checkpoint
-from qwen2vl_jax.convert import interrupts
+from qwen2vl_jax import interrupts
 from qwen2vl_jax.convert.convert import OUTPUT_DTYPES, check_destination, group_of, staging
-from qwen2vl_jax.convert.mapping import expected_hf_shape, jax_to_hf_name, to_hf
-from qwen2vl_jax.convert.safetensors_io import DTYPES, save_file_streaming
+from qwen2vl_jax.hf_mapping import expected_hf_shape, jax_to_hf_name, to_hf
+from qwen2vl_jax.jsonio import read_json
+from qwen2vl_jax.safetensors_io import DTYPES, save_file_streaming
 from qwen2vl_jax.errors import CheckpointError, InputError
 
 DEFAULT_SHARD_BYTES = 5 * 10**9  # what transformers' save_pretrained uses
 
 
-def parse_size(text: str | int) -> int:
-    """'5GB', '500MB', '2GiB', '1000000' -> bytes."""
+def parse_size(text: str | int, name: str = "max_shard_size") -> int:
+    """'5GB', '500MB', '2GiB', '1000000' -> bytes; `name` is what the error calls the value
+    (the CLI passes its flag)."""
     if isinstance(text, int):
         return text
     units = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
@@ -37,14 +39,14 @@ def parse_size(text: str | int) -> int:
         value = float(num)
     except ValueError:
         value = -1
-    if unit not in units or value <= 0:
-        raise InputError(f"bad size {text!r} (use e.g. 5GB, 500MB, 2GiB)")
+    if unit not in units or not 0 < value < float("inf"):  # nan fails too
+        raise InputError(f"{name} {str(text)!r} is not a size (use e.g. 5GB, 500MB, 2GiB)")
     return int(value * units[unit])
 
 
 def _hf_config(src: Path, dtype_name: str) -> dict:
     """The folder's own config.json, with its dtype field set to what the weights hold."""
-    raw = json.loads((src / "config.json").read_text())
+    raw = read_json(src / "config.json", error=CheckpointError)
     keys = [k for k in ("torch_dtype", "dtype") if k in raw] or ["torch_dtype"]
     for k in keys:
         raw[k] = dtype_name

@@ -26,7 +26,8 @@ from typing import Callable
 
 import numpy as np
 
-from qwen2vl_jax.convert.mapping import hf_to_jax_name
+from qwen2vl_jax.hf_mapping import hf_to_jax_name
+from qwen2vl_jax.jsonio import read_json
 from qwen2vl_jax.errors import CheckpointError
 
 PARTS = ("qweight", "qzeros", "scales", "g_idx")
@@ -60,9 +61,12 @@ def quantization(raw: dict) -> GPTQ | None:
     """The checkpoint's GPTQ settings from a parsed config.json (top level, or under
     text_config in transformers 5's nested layout); None when it is not quantized. Any
     quantization this module cannot read is refused with one line."""
-    q = raw.get("quantization_config") or (raw.get("text_config") or {}).get("quantization_config")
+    text = raw.get("text_config")
+    q = raw.get("quantization_config") or (text.get("quantization_config") if isinstance(text, dict) else None)
     if not q:
         return None
+    if not isinstance(q, dict):
+        raise CheckpointError("config.json: quantization_config is not a JSON object")
     method = str(q.get("quant_method", "unknown")).lower()
     if method != "gptq":
         raise CheckpointError(
@@ -84,14 +88,14 @@ def quantization(raw: dict) -> GPTQ | None:
 
 def read_quantization(folder: Path) -> GPTQ | None:
     """`quantization` of folder/config.json; None without one (Qwen2VLConfig.from_hf refuses that)."""
-    path = Path(folder) / "config.json"
-    return quantization(json.loads(path.read_text())) if path.is_file() else None
+    raw = read_json(Path(folder) / "config.json", error=CheckpointError, missing_ok=True)
+    return None if raw is None else quantization(raw)
 
 
 def strip_quantization(config_path: Path) -> None:
     """Drops quantization_config from a copied config.json: the converted params are float, and
     an exported HF folder must not claim to be quantized."""
-    raw = json.loads(config_path.read_text())
+    raw = read_json(config_path, error=CheckpointError)
     text = raw.get("text_config") if isinstance(raw.get("text_config"), dict) else {}
     if "quantization_config" not in raw and "quantization_config" not in text:
         return

@@ -15,7 +15,7 @@ __version__ = "0.1.0"
 def __getattr__(name):
     # Heavy modules load on first use, so `import qwen2vl_jax` stays cheap for the CLIs.
     if name == "Qwen2VL":
-        from qwen2vl_jax.model import Qwen2VL
+        from qwen2vl_jax.api import Qwen2VL
 
         return Qwen2VL
     if name in ("Processor", "process_vision_info"):

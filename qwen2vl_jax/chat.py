@@ -7,46 +7,21 @@ text while it is generated, and returns it with its timings.
     print(reply.summary())   # prompt 93 tokens (64 vision) | first token 0.21 s | 31 tokens at 45.2 tokens/s
 
 Messages are HF chat messages; image and video items take whatever the Processor takes (paths,
-URLs for images, PIL images, arrays, lists of frames for a video). `model_folder` turns what a
-user names (the shipped demo model, a local folder, a hub id) into a folder to load.
+URLs for images, PIL images, arrays, lists of frames for a video). `chat` is the one streaming
+consumer: `qwen2vl-generate` prints its answers through it too.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import os
 import sys
 import time
-from pathlib import Path
 from typing import Any, Sequence, TextIO
 
 import numpy as np
 
-from qwen2vl_jax.errors import CheckpointError, InputError
-
-
-def model_folder(name: str | os.PathLike, work_dir: str | os.PathLike = "~/.cache/qwen2vl-jax",
-                 dtype: str = "bfloat16") -> Path:
-    """"demo" -> the shipped demo model; a local folder (converted or HF) -> itself; anything
-    else is a hub id (Qwen/Qwen2-VL-2B-Instruct), downloaded and converted once into
-    work_dir/<name>-jax (later calls reuse it)."""
-    from qwen2vl_jax.checkpoint import is_converted
-
-    if str(name) == "demo":
-        from qwen2vl_jax.train.demo import DEMO_DIR
-
-        if not (DEMO_DIR / "config.json").is_file():
-            raise CheckpointError(f"the demo model is not in this install ({DEMO_DIR} has no config.json)")
-        return DEMO_DIR
-    path = Path(name).expanduser()
-    if path.is_dir():
-        return path
-    out = Path(work_dir).expanduser() / (str(name).rstrip("/").split("/")[-1] + "-jax")
-    if not is_converted(out):
-        from qwen2vl_jax.convert.convert import convert_checkpoint
-
-        convert_checkpoint(str(name), out, dtype=dtype, force=True)
-    return out
+from qwen2vl_jax.errors import InputError
+from qwen2vl_jax.sampling import GenerationConfig
 
 
 @dataclasses.dataclass
@@ -54,6 +29,7 @@ class Reply:
     text: str
     token_ids: list[int]  # the generated tokens, without the EOS
     finish_reason: str  # "eos" or "length"
+    eos_token_id: int | None  # the token that ended the turn (finish_reason "eos")
     prompt_tokens: int
     vision_tokens: int  # placeholder tokens among the prompt's
     preprocess_s: float  # chat template, image/video loading, resizing and patching (host)
@@ -117,35 +93,36 @@ def turn_end_ids(model, processor) -> tuple[int, ...]:
 
 
 def chat(model, processor, messages: Sequence[dict[str, Any]], *, out: TextIO | None = sys.stdout,
-         **settings) -> Reply:
+         config: GenerationConfig | None = None, **settings) -> Reply:
     """Answers one conversation: the answer is written to `out` as it is generated (None: quiet).
 
-    `settings` override the model's generation_config (max_new_tokens, temperature, top_k,
-    top_p, repetition_penalty, seed, ...)."""
-    from qwen2vl_jax.generation import generator_for
-
+    `settings` override `config` or the model's generation_config (max_new_tokens,
+    temperature, top_k, top_p, repetition_penalty, seed, ...); the turn also ends at
+    <|im_end|> (`turn_end_ids`) unless eos_token_ids are given."""
     t0 = time.perf_counter()
     inputs = processor.apply_chat_template(list(messages), add_generation_prompt=True, tokenize=True,
                                            return_dict=True, return_tensors="np")
     ids = np.asarray(inputs["input_ids"])
     vision = int(np.isin(ids, [model.config.image_token_id, model.config.video_token_id]).sum())
-    if settings.get("eos_token_ids") is None:
+    if settings.get("eos_token_ids") is None and config is None:
         settings["eos_token_ids"] = turn_end_ids(model, processor)
-    eos = set(model.generation_config.replace(**settings).eos_token_ids)
+    gc = model.generation_settings(config, **settings)
+    eos = set(gc.eos_token_ids)
     stream = TextStream(processor, out)
     t1 = time.perf_counter()
     first = t1
-    finish = "length"
-    for i, step in enumerate(model.generate(**inputs, stream=True, **settings)):
-        token = int(step[0])
-        if i == 0:
-            first = time.perf_counter()
+    finish, end = "length", None
+    vision_s = 0.0
+    for step in model.stream(inputs, gc):
+        token = int(step.ids[0])
+        if step.index == 0:
+            first, vision_s = time.perf_counter(), step.vision_s
         if token in eos:
-            finish = "eos"
+            finish, end = "eos", token
             break
         stream.push(token)
     t2 = time.perf_counter()
     text = stream.close()
-    return Reply(text=text, token_ids=stream.ids, finish_reason=finish, prompt_tokens=int(ids.shape[-1]),
-                 vision_tokens=vision, preprocess_s=t1 - t0, vision_s=generator_for(model).last_vision_s,
-                 first_token_s=first - t1, decode_s=t2 - first)
+    return Reply(text=text, token_ids=stream.ids, finish_reason=finish, eos_token_id=end, prompt_tokens=int(ids.shape[-1]),
+                 vision_tokens=vision, preprocess_s=t1 - t0, vision_s=vision_s, first_token_s=first - t1,
+                 decode_s=t2 - first)

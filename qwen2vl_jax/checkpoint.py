@@ -27,6 +27,11 @@ import numpy as np
 
 from qwen2vl_jax.config import Qwen2VLConfig
 from qwen2vl_jax.errors import CheckpointError
+from qwen2vl_jax.hf_mapping import convert_tensors
+from qwen2vl_jax.jsonio import read_json
+from qwen2vl_jax.modules.qwen2vl import init_shapes
+from qwen2vl_jax.params import flatten, unflatten
+from qwen2vl_jax.safetensors_io import list_tensors
 
 MARKER = "qwen2vl_jax.json"
 PARAMS = "params"
@@ -53,18 +58,6 @@ def _ocp():
     return v1
 
 
-def _flatten(tree) -> dict[str, Any]:
-    from qwen2vl_jax.convert.mapping import flatten
-
-    return flatten(tree)
-
-
-def _unflatten(flat: dict[str, Any]) -> dict:
-    from qwen2vl_jax.convert.mapping import unflatten
-
-    return unflatten(flat)
-
-
 # ---------------------------------------------------------------- the folder
 def is_converted(folder: str | Path) -> bool:
     """True for a folder written by `qwen2vl-convert` or `save_params`."""
@@ -73,11 +66,8 @@ def is_converted(folder: str | Path) -> bool:
 
 def read_marker(folder: str | Path) -> dict:
     path = Path(folder) / MARKER
-    try:
-        marker = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"{path}: unreadable ({e})") from None
-    if marker.get("format") != FORMAT or int(marker.get("version", 0)) > VERSION:
+    marker = read_json(path, error=CheckpointError)
+    if marker.get("format") != FORMAT or not isinstance(marker.get("version", 0), int) or marker.get("version", 0) > VERSION:
         raise CheckpointError(
             f"{path}: format {marker.get('format')!r} version {marker.get('version')!r} is not one this "
             f"qwen2vl-jax reads ({FORMAT!r} <= {VERSION})"
@@ -86,21 +76,8 @@ def read_marker(folder: str | Path) -> dict:
 
 
 def read_config(folder: str | Path) -> Qwen2VLConfig:
-    """`Qwen2VLConfig.from_hf(folder)`, with a malformed config.json (not a JSON object, a
-    field of the wrong type) refused as one CheckpointError naming the file."""
-    path = Path(folder) / "config.json"
-    try:
-        return Qwen2VLConfig.from_hf(folder)
-    except CheckpointError:
-        raise
-    except (AttributeError, KeyError, TypeError, ValueError) as e:
-        try:
-            raw = json.loads(path.read_text())
-        except (OSError, ValueError):
-            raw = None
-        if not isinstance(raw, dict):
-            raise CheckpointError(f"{path}: not a JSON object") from None
-        raise CheckpointError(f"{path}: a field has a bad value ({_first_line(e)})") from None
+    """The folder's config.json (`Qwen2VLConfig.from_hf`: any problem is one CheckpointError)."""
+    return Qwen2VLConfig.from_hf(folder)
 
 
 def write_marker(folder: str | Path, dtype, **extra) -> None:
@@ -156,7 +133,7 @@ class ParamWriter:
         again = self.written.intersection(flat)
         if again:
             raise ValueError(f"parameters written twice: {sorted(again)}")
-        response = _ocp().partial.save_async(self.path, _unflatten(flat))
+        response = _ocp().partial.save_async(self.path, unflatten(flat))
         try:
             response.result()
         except BaseException:
@@ -177,9 +154,7 @@ class ParamWriter:
 # ---------------------------------------------------------------- loading
 def expected_shapes(config: Qwen2VLConfig) -> dict[str, tuple[int, ...]]:
     """JAX path -> shape of every parameter the config's model has."""
-    from qwen2vl_jax.model import init_shapes
-
-    return {k: tuple(v.shape) for k, v in _flatten(init_shapes(config)).items()}
+    return {k: tuple(v.shape) for k, v in flatten(init_shapes(config)).items()}
 
 
 def stored_params(folder: str | Path) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
@@ -197,7 +172,7 @@ def stored_params(folder: str | Path) -> dict[str, tuple[tuple[int, ...], np.dty
     except Exception as e:  # Orbax raises several types for a damaged or foreign folder
         raise CheckpointError(f"{path}: not a readable Orbax checkpoint ({_first_line(e)})") from None
     try:
-        return {k: (tuple(m.shape), np.dtype(m.dtype)) for k, m in _flatten(tree).items()}
+        return {k: (tuple(m.shape), np.dtype(m.dtype)) for k, m in flatten(tree).items()}
     except (AttributeError, TypeError) as e:  # e.g. no tree at all when state/manifest.ocdbt is gone
         raise CheckpointError(f"{path}: not a readable Orbax checkpoint (no parameter metadata: "
                               f"{_first_line(e)})") from None
@@ -249,7 +224,7 @@ def load_params(folder: str | Path, config: Qwen2VLConfig, dtype=None, shardings
     if shardings is None or isinstance(shardings, jax.sharding.Sharding):
         flat_shardings = dict.fromkeys(stored, shardings or default)
     else:
-        flat_shardings = _flatten(shardings)
+        flat_shardings = flatten(shardings)
         absent = sorted(set(stored) - set(flat_shardings))
         if absent:
             raise CheckpointError(f"shardings lack {len(absent)} parameter(s): " + ", ".join(absent[:20]))
@@ -258,7 +233,7 @@ def load_params(folder: str | Path, config: Qwen2VLConfig, dtype=None, shardings
                                 sharding=flat_shardings[k])
         for k, (shape, stored_dtype) in stored.items()
     }
-    return _restore(folder / PARAMS, _unflatten(abstract))
+    return _restore(folder / PARAMS, unflatten(abstract))
 
 
 def load_numpy(folder: str | Path, paths: Iterable[str], dtype=None) -> dict[str, np.ndarray]:
@@ -271,11 +246,22 @@ def load_numpy(folder: str | Path, paths: Iterable[str], dtype=None) -> dict[str
     ctx = ocp.Context()
     ctx.pytree.loading.partial_load = True
     with ctx:
-        tree = _restore(Path(folder).resolve() / PARAMS, _unflatten(abstract))
-    return {p: np.asarray(v) for p, v in _flatten(tree).items()}
+        tree = _restore(Path(folder).resolve() / PARAMS, unflatten(abstract))
+    return {p: np.asarray(v) for p, v in flatten(tree).items()}
 
 
 def _first_line(e: BaseException) -> str:
     text = str(e).strip().splitlines()
     line = text[0] if text else type(e).__name__
     return line if len(line) <= 200 else line[:197] + "..."
+
+
+def load_hf_params(path: str | Path, config: Qwen2VLConfig, dtype, host: bool = False) -> dict:
+    """HF safetensors in `path` -> nested param dict (names and shapes checked against
+    `config`); host=True keeps numpy arrays (for placing on a mesh without a one-device copy)."""
+    expected = {k: v.shape for k, v in flatten(init_shapes(config)).items()}
+    flat = convert_tensors(
+        list_tensors(Path(path)), expected, tie_word_embeddings=config.tie_word_embeddings,
+        cast=(lambda a: np.asarray(a, dtype)) if host else (lambda a: jnp.asarray(a, dtype)),
+    )
+    return unflatten(flat)

@@ -10,11 +10,11 @@ Two config.json layouts exist in the wild and both are read:
 from __future__ import annotations
 
 import dataclasses
-import json
 from pathlib import Path
 from typing import Any
 
 from qwen2vl_jax.errors import CheckpointError
+from qwen2vl_jax.jsonio import read_json
 
 
 @dataclasses.dataclass(frozen=True)
@@ -109,20 +109,22 @@ class Qwen2VLConfig:
     # ------------------------------------------------------------------ HF I/O
     @classmethod
     def from_hf(cls, source: str | Path | dict[str, Any]) -> "Qwen2VLConfig":
-        """Reads an HF config.json (a path, a folder holding one, or the parsed dict)."""
+        """Reads an HF config.json (a path, a folder holding one, or the parsed dict). A file
+        that is missing, not a JSON object, or has a field of the wrong type is one
+        CheckpointError naming it."""
         if isinstance(source, dict):
-            raw = source
-        else:
-            path = Path(source)
-            if path.is_dir():
-                path = path / "config.json"
-            try:
-                raw = json.loads(path.read_text())
-            except FileNotFoundError:
-                raise CheckpointError(f"no config.json at {path}") from None
-            except json.JSONDecodeError as e:
-                raise CheckpointError(f"{path} is not valid JSON: {e}") from None
-        return cls._from_dict(raw)
+            return cls._from_dict(source)
+        path = Path(source)
+        if path.is_dir():
+            path = path / "config.json"
+        raw = read_json(path, error=CheckpointError)
+        try:
+            return cls._from_dict(raw)
+        except CheckpointError as e:
+            raise CheckpointError(f"{path}: {e}") from None
+        except (AttributeError, KeyError, TypeError, ValueError) as e:
+            line = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            raise CheckpointError(f"{path}: a field has a bad value ({line[:200]})") from None
 
     @classmethod
     def _from_dict(cls, raw: dict[str, Any]) -> "Qwen2VLConfig":
@@ -274,5 +276,9 @@ TINY = Qwen2VLConfig(
     bos_token_id=205,
     eos_token_id=206,
 )
+
+# The small model shipped with the package (built by `python -m qwen2vl_jax.train.demo`): what
+# the CLIs and the server use when no model is named.
+DEMO_DIR = Path(__file__).resolve().parent / "assets" / "demo"
 
 PRESETS = {"2b": QWEN2_VL_2B, "7b": QWEN2_VL_7B, "72b": QWEN2_VL_72B, "tiny": TINY}

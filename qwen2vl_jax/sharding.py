@@ -24,6 +24,9 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from qwen2vl_jax.errors import InputError
+from qwen2vl_jax.params import path_str
+
 MESH_AXES = ("data", "fsdp", "tensor")
 
 
@@ -125,10 +128,6 @@ PARAM_AXES: tuple[tuple[str, tuple[str | None, ...]], ...] = (
 _PARAM_RULES = [(re.compile(pattern), axes) for pattern, axes in PARAM_AXES]
 
 
-def _path_str(path) -> str:
-    return "/".join(str(getattr(k, "key", getattr(k, "name", k))) for k in path)
-
-
 def param_logical_axes(params) -> Any:
     """A tree like `params` whose leaves are tuples of logical axis names (one per dim).
 
@@ -136,7 +135,7 @@ def param_logical_axes(params) -> Any:
     missing = []
 
     def axes_of(path, leaf):
-        name = _path_str(path)
+        name = path_str(path)
         for pattern, axes in _PARAM_RULES:
             if pattern.search(name):
                 if len(axes) != len(leaf.shape) and axes != (None,):
@@ -184,8 +183,6 @@ def to_global(x, sharding: NamedSharding) -> jax.Array:
 def parse_mesh(spec: str | Mapping[str, int] | None) -> dict[str, int]:
     """'data=2,fsdp=1,tensor=4' -> {'data': 2, 'fsdp': 1, 'tensor': 4}; axes left out are
     absent (make_mesh fills them). Raises InputError naming the bad part."""
-    from qwen2vl_jax.errors import InputError
-
     if spec is None or spec == "":
         return {}
     if isinstance(spec, Mapping):
@@ -221,8 +218,6 @@ def make_mesh(spec: str | Mapping[str, int] | None = None, devices=None) -> Mesh
 
     Axes not given are 1, except `data`, which takes the devices the others leave over. The
     product must equal the device count; anything else is an InputError."""
-    from qwen2vl_jax.errors import InputError
-
     sizes = parse_mesh(spec)
     devices = list(jax.devices() if devices is None else devices)
     n = len(devices)
@@ -246,8 +241,6 @@ def make_mesh(spec: str | Mapping[str, int] | None = None, devices=None) -> Mesh
 
 def check_divisible(config, mesh: Mesh | None) -> None:
     """Refuses (InputError, one line) a tensor axis that does not divide the heads or widths."""
-    from qwen2vl_jax.errors import InputError
-
     if mesh is None:
         return
     t = mesh.shape["tensor"]

@@ -1,4 +1,5 @@
-"""qwen2vl_jax.chat: the streamed text is the generated answer; model names resolve to folders."""
+"""qwen2vl_jax.chat: the streamed text is the generated answer; model names resolve to folders
+(`convert.model_folder`)."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from qwen2vl_jax.errors import CheckpointError
 @pytest.fixture(scope="module")
 def demo_dir(tmp_path_factory):
     """The shipped demo model, or a random-init folder of its layout when it is not shipped."""
-    from qwen2vl_jax.train.demo import DEMO_DIR
+    from qwen2vl_jax.config import DEMO_DIR
 
     if (DEMO_DIR / "config.json").is_file():
         return DEMO_DIR
@@ -56,9 +57,9 @@ def test_chat_streams_the_greedy_answer(demo_dir):
 
 
 def test_model_folder(tmp_path, demo_dir):
-    from qwen2vl_jax.chat import model_folder
     from qwen2vl_jax.checkpoint import MARKER
-    from qwen2vl_jax.train.demo import DEMO_DIR
+    from qwen2vl_jax.config import DEMO_DIR
+    from qwen2vl_jax.convert.convert import model_folder
 
     assert model_folder(demo_dir) == demo_dir  # a local folder as it is
     if (DEMO_DIR / "config.json").is_file():

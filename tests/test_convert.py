@@ -25,8 +25,8 @@ from qwen2vl_jax.convert import convert as convert_lib
 from qwen2vl_jax.convert.cli import convert_main, export_main
 from qwen2vl_jax.convert.convert import convert_checkpoint
 from qwen2vl_jax.convert.export import export_checkpoint
-from qwen2vl_jax.convert.mapping import flatten, hf_to_jax_name, to_jax
-from qwen2vl_jax.convert.safetensors_io import read_header, save_file
+from qwen2vl_jax.hf_mapping import flatten, hf_to_jax_name, to_jax
+from qwen2vl_jax.safetensors_io import read_header, save_file
 from qwen2vl_jax.errors import CheckpointError, InputError
 
 torch = pytest.importorskip("torch")
@@ -95,7 +95,7 @@ def assert_nothing_left(out: Path) -> None:
     "tied-published-flat-sharded", "tied-tf5-flat-single",
 ])
 def test_convert_load_matches_hf_logits(tiny_hf, variants, tmp_path, variant, capsys):
-    from qwen2vl_jax.model import Qwen2VL
+    from qwen2vl_jax.api import Qwen2VL
 
     model_name, src = variants[variant]
     hf_model, _ = tiny_hf[model_name]
@@ -217,7 +217,7 @@ def test_load_params_casts_and_places_on_given_shardings(tiny_hf, tmp_path):
     cols = NamedSharding(mesh, P(None, "x"))
     assert 48 % len(jax.devices()) == 0
     tree = {k: (cols if k == "model/embed_tokens/embedding" else replicated) for k in leaves}
-    from qwen2vl_jax.convert.mapping import unflatten
+    from qwen2vl_jax.hf_mapping import unflatten
 
     params = checkpoint.load_params(out, config, None, shardings=unflatten(tree))
     emb = params["model"]["embed_tokens"]["embedding"]
@@ -234,7 +234,7 @@ def test_save_params_round_trip(tmp_path):
     shapes = checkpoint.expected_shapes(TINY)
     rng = np.random.default_rng(0)
     flat = {k: jnp.asarray(rng.standard_normal(s, np.float32)) for k, s in shapes.items()}
-    from qwen2vl_jax.convert.mapping import unflatten
+    from qwen2vl_jax.hf_mapping import unflatten
 
     folder = tmp_path / "trained"
     checkpoint.save_params(unflatten(flat), folder)
@@ -282,7 +282,7 @@ def test_config_that_does_not_match_the_weights_is_refused(tiny_hf, tmp_path):
 
 
 @pytest.mark.parametrize("problem,pattern", [
-    ("no_config", "no config.json"),
+    ("no_config", "(no config.json|config.json: no such file)"),
     ("invalid_config", "invalid config"),
     ("missing_shard", "index names missing shard"),
     ("truncated", "runs past the end of the file"),
@@ -406,7 +406,7 @@ def test_interrupt_during_an_orbax_write_leaves_nothing(tiny_hf, tmp_path, monke
     responses = _orbax_writes(monkeypatch, wrap)
     out = tmp_path / "out"
     assert convert_main([str(src), str(out), "--quiet"]) == 130
-    assert capsys.readouterr().err == "error: interrupted; nothing was written\n"
+    assert capsys.readouterr().err == "qwen2vl-convert: interrupted; nothing was written\n"
     assert len(responses) == 2  # stopped before the next layer
     for response in responses:
         response.result(timeout=0)  # every write had finished (and succeeded) before the cleanup
@@ -429,7 +429,7 @@ def test_interrupt_during_an_export_read_leaves_nothing(tiny_hf, tmp_path, monke
 
     monkeypatch.setattr(checkpoint, "load_numpy", load_numpy)
     assert export_main([str(jax_dir), str(back), "--quiet"]) == 130
-    assert capsys.readouterr().err == "error: interrupted; nothing was written\n"
+    assert capsys.readouterr().err == "qwen2vl-export: interrupted; nothing was written\n"
     assert len(loaded) == 2
     assert_nothing_left(back)
 
@@ -449,6 +449,17 @@ def _list_weight_map(folder: Path) -> None:
     (folder / "model.safetensors.index.json").write_text(json.dumps({"weight_map": ["model.safetensors"]}))
 
 
+def _write(name: str, text: bytes):
+    def apply(folder: Path) -> None:
+        (folder / name).write_bytes(text)
+    return apply
+
+
+def _bad_json_header(folder: Path) -> None:
+    header = b'{"a": {"dtype": "F32",}}'
+    (folder / "extra.safetensors").write_bytes(struct.pack("<Q", len(header)) + header)
+
+
 def _config(edit):
     def apply(folder: Path) -> None:
         path = folder / "config.json"
@@ -462,12 +473,18 @@ def _set_hidden_size(cfg: dict) -> dict:
 
 
 @pytest.mark.parametrize("damage,pattern", [
-    (_config(lambda cfg: [1, 2]), r"config.json: not a JSON object"),
+    (_config(lambda cfg: [1, 2]), r"config.json: (not a JSON object|expected a JSON object)"),
     (_config(_set_hidden_size), r"config.json: .*'abc'"),
     (_list_header, r"extra.safetensors: .*header is not a JSON object"),
     (_list_weight_map, r"model.safetensors.index.json: .*weight_map"),
     (_int_weight, r"model.layers.0.mlp.up_proj.weight: dtype I32 .*floating-point"),
-], ids=["config_list", "config_bad_value", "header_list", "weight_map_list", "int_dtype"])
+    (_write("config.json", b'{"model_type": "qwen2_vl",'), r"config.json.* valid JSON"),
+    (_write("model.safetensors.index.json", b'{"weight_map": {"a": "model.safetensors"'),
+     r"model.safetensors.index.json: not valid JSON \(expecting .* at line 1 column \d+\)$"),
+    (_write("model.safetensors.index.json", b'{"metadata": {}}'), r"model.safetensors.index.json: .*no weight_map"),
+    (_bad_json_header, r"extra.safetensors: safetensors header: not valid JSON \(.*column \d+\)$"),
+], ids=["config_list", "config_bad_value", "header_list", "weight_map_list", "int_dtype", "config_not_json",
+        "index_not_json", "index_without_weight_map", "header_not_json"])
 def test_malformed_input_is_one_line_exit_2(tiny_hf, tmp_path, capsys, damage, pattern):
     import re
 
@@ -477,8 +494,8 @@ def test_malformed_input_is_one_line_exit_2(tiny_hf, tmp_path, capsys, damage, p
     out = tmp_path / "out"
     assert convert_main([str(bad), str(out), "--quiet"]) == 2
     err = capsys.readouterr().err
-    assert err.startswith("error: ") and err.count("\n") == 1, err
-    assert re.search(pattern, err), err
+    assert err.startswith("qwen2vl-convert: error: ") and err.count("\n") == 1, err
+    assert re.search(pattern, err.strip()), err
     assert_nothing_left(out)
 
 
@@ -488,7 +505,7 @@ def test_out_dir_that_cannot_be_created_is_one_line(tiny_hf, tmp_path, capsys):
     out = tmp_path / "file" / "out"
     assert convert_main([str(src), str(out), "--quiet"]) != 0
     err = capsys.readouterr().err
-    assert err.startswith(f"error: cannot create {out}") and err.count("\n") == 1, err
+    assert err.startswith(f"qwen2vl-convert: error: cannot create {out}") and err.count("\n") == 1, err
     assert [p.name for p in tmp_path.iterdir()] == ["file"]
 
 
@@ -507,7 +524,7 @@ def test_damaged_params_are_refused_by_export_with_one_line(tiny_hf, tmp_path, c
         back = tmp_path / f"hf_{folder.name}"
         assert export_main([str(folder), str(back), "--quiet"]) == 2
         err = capsys.readouterr().err
-        assert err.startswith(f"error: {folder / checkpoint.PARAMS}") and pattern in err, err
+        assert err.startswith(f"qwen2vl-export: error: {folder / checkpoint.PARAMS}") and pattern in err, err
         assert err.count("\n") == 1, err
         assert_nothing_left(back)
 
@@ -516,7 +533,7 @@ def test_cli_errors_are_one_line_exit_2(tmp_path, capsys):
     out = tmp_path / "out"
     assert convert_main([str(tmp_path / "nowhere" / "x"), str(out)]) == 2
     err = capsys.readouterr().err
-    assert err.startswith("error: no such folder") and err.count("\n") == 1
+    assert err.startswith("qwen2vl-convert: error: no such folder") and err.count("\n") == 1
     assert_nothing_left(out)
     assert export_main([str(tmp_path), str(out)]) == 2
     err = capsys.readouterr().err
@@ -548,12 +565,13 @@ def test_hub_id_offline_fails_with_one_line(tmp_path):
     assert proc.returncode == 2, proc.stderr
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1, proc.stderr
-    assert lines[0].startswith("error: Qwen/Qwen2-VL-2B-Instruct is not a local folder and could not be fetched")
+    assert lines[0].startswith("qwen2vl-convert: error: Qwen/Qwen2-VL-2B-Instruct is not a local folder and could "
+                               "not be fetched")
     assert_nothing_left(out)
 
 
 def test_params_that_no_longer_match_config_are_refused(tiny_hf, tmp_path):
-    from qwen2vl_jax.model import Qwen2VL
+    from qwen2vl_jax.api import Qwen2VL
 
     _, src = tiny_hf["untied"]
     out = tmp_path / "jax"
@@ -584,7 +602,7 @@ def test_from_pretrained_on_a_mesh_restores_into_named_shardings(tiny_hf, tmp_pa
     import jax
     from jax.sharding import Mesh, NamedSharding
 
-    from qwen2vl_jax.model import Qwen2VL
+    from qwen2vl_jax.api import Qwen2VL
 
     hf_model, src = tiny_hf["tied"]
     out = tmp_path / "jax"
@@ -606,3 +624,119 @@ def test_no_tokenizer_note_when_the_files_are_there(variants, tmp_path, capsys):
     (folder / "merges.txt").write_text("")
     assert convert_main([str(folder), str(tmp_path / "jax"), "--quiet"]) == 0
     assert capsys.readouterr().err == ""
+
+
+# ---------------------------------------------------------------- the shared command-line shell
+def _train_main(argv):
+    from qwen2vl_jax.train.cli import main
+
+    return main(argv)
+
+
+# tool -> (prog, main, arguments given the test's tmp_path, what the line says after "error: ")
+BAD_INPUT = {
+    "convert": ("qwen2vl-convert", convert_main, lambda t: [str(t / "nowhere" / "x"), str(t / "out")],
+                "no such folder"),
+    "export": ("qwen2vl-export", export_main, lambda t: [str(t), str(t / "out")], "is not a converted folder"),
+    "export-size": ("qwen2vl-export", export_main, lambda t: [str(t), str(t / "out"), "--max-shard-size", "5XB"],
+                    "--max-shard-size '5XB' is not a size (use e.g. 5GB, 500MB, 2GiB)"),
+    "train": ("qwen2vl-train", _train_main,
+              lambda t: ["--model", str(t / "nowhere"), "--data", "d.jsonl", "--stage", "3", "--steps", "1",
+                         "--out", str(t / "out"), "--no-progress"], "--model "),
+    "train-flag": ("qwen2vl-train", _train_main,
+                   lambda t: ["--model", str(t), "--data", "d.jsonl", "--stage", "3", "--steps", "1",
+                              "--out", str(t / "out"), "--lr", "-1", "--no-progress"], "--lr must be positive"),
+}
+
+
+@pytest.mark.parametrize("tool", list(BAD_INPUT))
+def test_every_cli_reports_bad_input_in_one_format(tmp_path, capsys, tool):
+    """convert, export and train say what was wrong in one line, `PROG: error: ...` like
+    argparse's own errors, and exit with status 2, leaving nothing behind."""
+    prog, main, args, says = BAD_INPUT[tool]
+    assert main(args(tmp_path)) == 2
+    captured = capsys.readouterr()
+    err = captured.err.splitlines()
+    assert len(err) == 1, captured.err
+    assert err[0].startswith(f"{prog}: error: ") and says in err[0], err
+    assert captured.out == ""
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("tool", ["convert", "export", "train"])
+def test_argparse_errors_share_the_format(tmp_path, capsys, tool):
+    prog, main, args, _ = BAD_INPUT[tool]
+    with pytest.raises(SystemExit) as exit_:
+        main([*args(tmp_path), "--no-such-flag"])
+    assert exit_.value.code == 2
+    assert capsys.readouterr().err.splitlines()[-1].startswith(f"{prog}: error: unrecognized arguments")
+
+
+def _raises(e: BaseException):
+    def main():
+        raise e
+    return main
+
+
+@pytest.mark.parametrize("error,status,line", [
+    (InputError("the first line\nand more"), 2, "tool: error: the first line"),
+    (CheckpointError(""), 2, "tool: error: CheckpointError"),
+    (OSError(28, "No space left on device", "/runs/out/params"), 1, "tool: error: No space left on device: /runs/out/params"),
+    (OSError(18, "Invalid cross-device link", "/a", None, "/b"), 1, "tool: error: Invalid cross-device link: /a -> /b"),
+    (OSError(13, "Permission denied"), 1, "tool: error: Permission denied"),
+    (PermissionError("cannot write\n  here"), 1, "tool: error: cannot write"),
+    (KeyboardInterrupt(), 130, "tool: interrupted"),
+])
+def test_shell_maps_each_failure_to_one_line_and_a_status(capsys, error, status, line):
+    from qwen2vl_jax import shell
+
+    assert shell.run("tool", _raises(error)) == status
+    assert capsys.readouterr().err == line + "\n"
+
+
+def test_shell_statuses_and_interrupt_messages(capsys):
+    import signal
+
+    from qwen2vl_jax import interrupts, shell
+
+    assert shell.run("tool", lambda: None) == 0
+    assert shell.run("tool", lambda: 3) == 3
+    assert capsys.readouterr().err == ""
+    said = []
+
+    def interrupted(e):
+        said.append(e)
+        return "stopped after step 3"
+
+    assert shell.run("tool", _raises(KeyboardInterrupt()), interrupted=interrupted) == 130
+    assert capsys.readouterr().err == "tool: stopped after step 3\n" and isinstance(said[0], KeyboardInterrupt)
+    assert shell.run("tool", _raises(KeyboardInterrupt()), interrupted=lambda e: "") == 130
+    assert capsys.readouterr().err == "tool: interrupted\n"
+    # SIGTERM unwinds like Ctrl-C, and the handlers are put back afterwards.
+    before = signal.getsignal(signal.SIGTERM)
+    assert shell.run("tool", lambda: signal.raise_signal(signal.SIGTERM)) == 130
+    assert capsys.readouterr().err == "tool: interrupted\n"
+    assert signal.getsignal(signal.SIGTERM) is before
+
+    def cut_short():  # a Ctrl-C noted while held, then the error it caused inside a library
+        with interrupts.held():
+            signal.raise_signal(signal.SIGINT)
+            raise RuntimeError("the write was cut short")
+
+    assert shell.run("tool", cut_short) == 130
+    assert capsys.readouterr().err == "tool: interrupted\n"
+    with pytest.raises(ValueError, match="a bug"):  # anything else is a bug: a traceback
+        shell.run("tool", _raises(ValueError("a bug")))
+
+
+def test_shell_stops_quietly_when_the_reader_goes():
+    code = ("import sys; from qwen2vl_jax import shell\n"
+            "def main():\n"
+            "    for _ in range(10000):\n"
+            "        print('x' * 1000)\n"
+            "sys.exit(shell.run('tool', main))\n")
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc.stdout.read(10)
+    proc.stdout.close()
+    assert proc.wait(timeout=60) == 141
+    assert proc.stderr.read() == b""

@@ -15,10 +15,11 @@ import hf_utils
 
 torch = pytest.importorskip("torch")
 
+from compile_counter import count_compiles  # noqa: E402
+from qwen2vl_jax.engine import Engine  # noqa: E402
 from qwen2vl_jax.errors import InputError  # noqa: E402
-from qwen2vl_jax.generation import (  # noqa: E402
-    GenerationConfig, Generator, Sampling, bucket, count_compiles, sample_token,
-)
+from qwen2vl_jax.inputs import bucket  # noqa: E402
+from qwen2vl_jax.sampling import GenerationConfig, Sampling, sample_token  # noqa: E402
 
 CASES = {c.name: c for c in hf_utils.standard_cases()}
 N_NEW = 28
@@ -215,28 +216,78 @@ def test_bad_input_is_one_line(tiny_ours):
 
 # ------------------------------------------------------------------ compilation
 def test_no_recompile_within_a_bucket(tiny_ours):
-    gen = Generator(tiny_ours["tied"])  # fresh jits, so the counts are this test's own
+    model = tiny_ours["tied"]
+    engine = Engine(model.module)  # fresh jits, so the counts are this test's own
+
+    def generate(case, gc):
+        return engine.generate(model.params, model.inputs(**case.inputs(), room=gc.max_new_tokens), gc)
+
     gc = GenerationConfig(max_new_tokens=6, eos_token_ids=())
     small = hf_utils.make_case("a", [[5, ("img", (1, 4, 6)), 7]], [(1, 4, 6)], seed=1)
     other = hf_utils.make_case("b", [[9, 8, ("img", (1, 2, 4)), 7, 6, 5, 4]], [(1, 2, 4)], seed=2)
     text_a = hf_utils.make_case("c", [[5, 6, 7]])
     text_b = hf_utils.make_case("d", [list(range(1, 41))])
     assert bucket(9) == bucket(13) == bucket(40) == 64
-    gen.generate(small.inputs(), gc)
-    gen.generate(text_a.inputs(), gc)
-    traced = dict(gen.traces)
+    generate(small, gc)
+    generate(text_a, gc)
     with count_compiles() as c:
-        gen.generate(other.inputs(), gc)  # another image size and prompt length, same buckets
-        gen.generate(text_b.inputs(), gc)  # another prompt length, same bucket
-    assert c["n"] == 0, c
-    assert dict(gen.traces) == traced
-    gen.generate(text_b.inputs(), gc.replace(temperature=0.9, top_k=5, seed=4))  # sampling: its own variant
+        generate(other, gc)  # another image size and prompt length, same buckets
+        generate(text_b, gc)  # another prompt length, same bucket
+        list(engine.stream(model.params, model.inputs(**text_b.inputs(), room=6), gc))  # step: one more function
+        list(engine.stream(model.params, model.inputs(**small.inputs(), room=6), gc))
+    assert c["n"] == 1, c
+    generate(text_b, gc.replace(temperature=0.9, top_k=5, seed=4))  # sampling: its own variant
     with count_compiles() as c:  # other sampling values, seed and max_new_tokens are traced values
-        gen.generate(text_a.inputs(), gc.replace(temperature=0.5, top_p=0.9, seed=7, max_new_tokens=12))
+        generate(text_a, gc.replace(temperature=0.5, top_p=0.9, seed=7, max_new_tokens=12))
     assert c["n"] == 0, c
     with count_compiles() as c:  # the counter does see a new bucket
-        gen.generate(hf_utils.make_case("e", [list(range(1, 80))]).inputs(), gc)
+        generate(hf_utils.make_case("e", [list(range(1, 80))]), gc)
     assert c["n"] >= 1
+
+
+def test_logits_compile_once_per_bucket(tiny_ours):
+    model = tiny_ours["untied"]
+    small = hf_utils.make_case("a", [[5, ("img", (1, 4, 6)), 7]], [(1, 4, 6)], seed=1)
+    other = hf_utils.make_case("b", [[9, 8, ("img", (1, 2, 4)), 7, 6, 5, 4]], [(1, 2, 4)], seed=2)
+    model.logits(**small.inputs())
+    with count_compiles() as c:
+        out = model.logits(**other.inputs())  # another prompt length and image size, same buckets
+    assert c["n"] == 0, c
+    assert out.shape == (1, other.input_ids.shape[1], model.config.text.vocab_size)
+
+
+def test_attention_kernel_is_fixed_per_model(tiny_ours, monkeypatch):
+    """The kernel is a setting of the loaded model, not read while tracing: changing the
+    environment later changes nothing for a model already built, and a bad value is one line."""
+    from qwen2vl_jax.api import Qwen2VL
+
+    model = tiny_ours["untied"]
+    case = CASES["one_image"]
+    before = model.logits(**case.inputs())
+    monkeypatch.setenv("QWEN2VL_ATTENTION", "cudnn")  # would fail on CPU if it were read now
+    np.testing.assert_array_equal(model.logits(**case.inputs()), before)
+    assert model.attention == "auto" and model.module.attention == "auto"
+    assert Qwen2VL(model.config, model.params, "float32").attention == "cudnn"
+    xla = Qwen2VL(model.config, model.params, "float32", attention="xla")
+    np.testing.assert_allclose(xla.logits(**case.inputs()), before, rtol=0, atol=1e-6)
+    monkeypatch.setenv("QWEN2VL_ATTENTION", "fast")
+    with pytest.raises(InputError, match="QWEN2VL_ATTENTION='fast'"):
+        Qwen2VL(model.config, model.params, "float32")
+
+
+def test_generation_result_and_stream_timings(tiny_ours):
+    model = tiny_ours["tied"]
+    case = CASES["one_image"]
+    gc = model.generation_settings(max_new_tokens=5, eos_token_ids=())
+    result = model.generate_result(case.inputs(), gc)
+    assert result.tokens.shape == (1, 5) and not result.finished.any()
+    assert 0 < result.vision_s <= result.first_token_s <= result.total_s
+    steps = list(model.stream(case.inputs(), gc))
+    assert [s.index for s in steps] == list(range(5))
+    np.testing.assert_array_equal(np.stack([s.ids for s in steps], axis=1), result.tokens)
+    assert steps[0].vision_s > 0
+    text_only = list(model.stream(hf_utils.make_case("t", [[5, 6, 7]]).inputs(), gc))
+    assert text_only[0].vision_s == 0.0
 
 
 # ------------------------------------------------------------------ the CLI
@@ -287,7 +338,7 @@ def run_cli(argv) -> tuple[int, str, str]:
 
 
 def test_cli_json_matches_hf(real_vocab_model):
-    from qwen2vl_jax.cli import build_inputs
+    from qwen2vl_jax.cli import build_messages
     from qwen2vl_jax.processing import Processor
 
     hf, folder, image = real_vocab_model
@@ -296,7 +347,9 @@ def test_cli_json_matches_hf(real_vocab_model):
     assert code == 0, err
     result = json.loads(out)
     assert set(result) >= {"text", "token_ids"} and isinstance(result["text"], str)
-    inputs = build_inputs(Processor.from_pretrained(folder), "Compare them.", [image, image])
+    inputs = Processor.from_pretrained(folder).apply_chat_template(
+        build_messages("Compare them.", [image, image]), add_generation_prompt=True, tokenize=True,
+        return_dict=True, return_tensors="np")
     t = {k: torch.tensor(v) for k, v in inputs.items()}
     with torch.no_grad():
         ref = hf.generate(**t, max_new_tokens=10, do_sample=False)[0, inputs["input_ids"].shape[1]:].tolist()
@@ -332,25 +385,24 @@ def test_cli_sampling_follows_the_seed(real_vocab_model):
     (["--image", "missing.png"], "missing.png: no such file"),
     (["--mesh", "data=3"], "needs 3 devices"),
     (["--mesh", "rows=2"], "unknown mesh axis"),
-    (["--top-p", "1.5"], "top_p"),
+    (["--top-p", "1.5"], "--top-p must be in (0, 1]"),
     (["--max-new-tokens", "40000"], "context"),
-    (["--temperature", "nan"], "temperature"),
-    (["--repetition-penalty", "nan"], "repetition_penalty"),
-    (["--top-k", "99999999999", "--temperature", "1"], "top_k"),
-    (["--seed", "18446744073709551615", "--temperature", "1"], "seed"),
+    (["--max-new-tokens", "0"], "--max-new-tokens must be at least 1"),
+    (["--temperature", "nan"], "--temperature must be"),
+    (["--repetition-penalty", "nan"], "--repetition-penalty must be"),
+    (["--top-k", "99999999999", "--temperature", "1"], "--top-k must be"),
+    (["--seed", "18446744073709551615", "--temperature", "1"], "--seed must be"),
     (["--image", "."], "is a folder"),
 ])
 def test_cli_bad_input(real_vocab_model, argv, message):
     _, folder, _ = real_vocab_model
     code, out, err = run_cli(["--model", folder, "--prompt", "Hi", *argv])
     assert code == 2
-    assert err.startswith("error: ") and message in err and err.count("\n") == 1, err
+    assert err.startswith("qwen2vl-generate: error: ") and message in err and err.count("\n") == 1, err
 
 
 def test_sampling_request_drops_argmax_defaults():
     """Published Instruct folders ship top_k=1/top_p=0.001; asking for a temperature samples."""
-    from qwen2vl_jax.generation import GenerationConfig
-
     base = GenerationConfig(do_sample=True, temperature=0.01, top_k=1, top_p=0.001)
     assert base.greedy
     sampled = base.replace(temperature=0.7)

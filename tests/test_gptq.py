@@ -24,7 +24,7 @@ from qwen2vl_jax.config import Qwen2VLConfig
 from qwen2vl_jax.convert import gptq
 from qwen2vl_jax.convert.cli import convert_main
 from qwen2vl_jax.convert.convert import convert_checkpoint
-from qwen2vl_jax.convert.mapping import flatten, hf_to_jax_name, normalize_hf_name, to_jax
+from qwen2vl_jax.hf_mapping import flatten, hf_to_jax_name, normalize_hf_name, to_jax
 from qwen2vl_jax.errors import CheckpointError
 
 torch = pytest.importorskip("torch")
@@ -173,7 +173,7 @@ def test_stored_zero_wraps_within_the_bit_width():
 
 @pytest.mark.parametrize("case_name", list(CASES))
 def test_gptq_converts_to_the_dequantized_weights(built, tmp_path, case_name):
-    from qwen2vl_jax.model import Qwen2VL
+    from qwen2vl_jax.api import Qwen2VL
 
     hf_model, src, kernels = built(case_name)
     out = tmp_path / "jax"
@@ -213,17 +213,21 @@ def test_bfloat16_output_is_the_dequantized_weight_rounded_once(built, tmp_path)
     ({"bits": 3}, "config.json: GPTQ with bits=3 is not supported (only 4 or 8)"),
     ({"checkpoint_format": "gptq_v2"}, "config.json: GPTQ checkpoint_format 'gptq_v2' is not supported"),
     ({"quant_method": "awq"}, "config.json: quantization method 'awq' is not supported"),
+    ([4, 128], "config.json: quantization_config is not a JSON object"),
 ])
 def test_unsupported_quantization_is_refused_in_one_line(built, tmp_path, capsys, change, message):
     _, src, _ = built("int4-g32")
     bad = Path(shutil.copytree(src, tmp_path / "bad"))
     config = json.loads((bad / "config.json").read_text())
-    config["quantization_config"].update(change)
+    if isinstance(change, dict):
+        config["quantization_config"].update(change)
+    else:
+        config["quantization_config"] = change
     (bad / "config.json").write_text(json.dumps(config))
     out = tmp_path / "out"
     assert convert_main([str(bad), str(out), "--quiet"]) == 2
     err = capsys.readouterr().err
-    assert err.startswith("error: " + message) and err.count("\n") == 1, err
+    assert err.startswith("qwen2vl-convert: error: " + message) and err.count("\n") == 1, err
     assert_nothing_left(out)
 
 

@@ -14,9 +14,11 @@ import hf_utils
 pytestmark = pytest.mark.skipif(jax.default_backend() != "gpu", reason="needs an NVIDIA GPU (cuDNN attention)")
 
 from qwen2vl_jax.config import Qwen2VLConfig, TextConfig, VisionConfig  # noqa: E402
-from qwen2vl_jax.generation import GenerationConfig, Generator  # noqa: E402
-from qwen2vl_jax.model import Qwen2VL, Qwen2VLModule, prepare_vision  # noqa: E402
+from qwen2vl_jax.api import Qwen2VL  # noqa: E402
+from qwen2vl_jax.inputs import pack_vision  # noqa: E402
+from qwen2vl_jax.modules.qwen2vl import Qwen2VLModule, init_params  # noqa: E402
 from qwen2vl_jax.positions import get_rope_index  # noqa: E402
+from qwen2vl_jax.sampling import GenerationConfig  # noqa: E402
 
 # Head widths cuDNN takes (64), token ids matching hf_utils' placeholders.
 CONFIG = Qwen2VLConfig(
@@ -39,37 +41,28 @@ def case_inputs():
     pos, _ = get_rope_index(CASE.input_ids, CASE.attention_mask, CASE.image_grid_thw, CASE.video_grid_thw,
                             image_token_id=CONFIG.image_token_id, video_token_id=CONFIG.video_token_id,
                             spatial_merge_size=2)
-    vision = prepare_vision(CONFIG, CASE.pixel_values, CASE.image_grid_thw, CASE.pixel_values_videos,
-                            CASE.video_grid_thw)
+    vision = pack_vision(CONFIG, CASE.pixel_values, CASE.image_grid_thw, CASE.pixel_values_videos,
+                         CASE.video_grid_thw, bucketed=False)
     return jnp.asarray(pos), vision
-
-
-def make_params():
-    module = Qwen2VLModule(CONFIG, jnp.float32)
-    ids = jnp.asarray(CASE.input_ids, jnp.int32)
-    pos, vision = case_inputs()
-    return module.init(jax.random.PRNGKey(0), ids, pos, jnp.asarray(CASE.attention_mask, bool),
-                       vision)["params"]
 
 
 @pytest.fixture(scope="module")
 def params():
-    return make_params()
+    return init_params(CONFIG, jax.random.PRNGKey(0))
 
 
-def run(params, dtype, kernel, monkeypatch, fn):
-    """fn(module, params) traced fresh under QWEN2VL_ATTENTION=kernel -> (f32 numpy, HLO text)."""
-    monkeypatch.setenv("QWEN2VL_ATTENTION", kernel)
-    module = Qwen2VLModule(CONFIG, dtype)
+def run(params, dtype, kernel, fn):
+    """fn(module, params) with the module's attention kernel set to `kernel` -> (f32 numpy, HLO text)."""
+    module = Qwen2VLModule(CONFIG, dtype, attention=kernel)
     p = jax.tree.map(lambda x: x.astype(dtype), params)
     compiled = jax.jit(lambda p: fn(module, p)).lower(p).compile()
     return np.asarray(compiled(p).astype(jnp.float32)), compiled.as_text()
 
 
-def errors(params, monkeypatch, fn, mask=None):
-    ref, _ = run(params, jnp.float32, "xla", monkeypatch, fn)
-    ours, hlo_xla = run(params, jnp.bfloat16, "xla", monkeypatch, fn)
-    fused, hlo_cudnn = run(params, jnp.bfloat16, "cudnn", monkeypatch, fn)
+def errors(params, fn, mask=None):
+    ref, _ = run(params, jnp.float32, "xla", fn)
+    ours, hlo_xla = run(params, jnp.bfloat16, "xla", fn)
+    fused, hlo_cudnn = run(params, jnp.bfloat16, "cudnn", fn)
     assert "cudnn$fmha" not in hlo_xla and "cudnn$fmha" in hlo_cudnn  # the kernels really differ
     keep = np.ones(ref.shape, bool) if mask is None else np.broadcast_to(mask, ref.shape)
     scale = np.abs(ref[keep]).max()
@@ -77,35 +70,34 @@ def errors(params, monkeypatch, fn, mask=None):
     return np.abs(ours - ref)[keep].max() / scale, np.abs(fused - ref)[keep].max() / scale
 
 
-def test_vision_tower_with_padding_segments(params, monkeypatch):
+def test_vision_tower_with_padding_segments(params):
     # 4 segments (2 images, 2 video frames) padded to 8 segments of 128 slots and 512 patches.
-    vision = prepare_vision(CONFIG, CASE.pixel_values, CASE.image_grid_thw, CASE.pixel_values_videos,
-                            CASE.video_grid_thw, num_patches=512, num_segments=8, segment_len=128)
+    vision = pack_vision(CONFIG, CASE.pixel_values, CASE.image_grid_thw, CASE.pixel_values_videos,
+                         CASE.video_grid_thw, sizes=(512, 8, 128))
     n_real = (96 + 24 + 128) // 4
     fn = lambda m, p: m.apply({"params": p}, method=Qwen2VLModule.encode_vision, **vision)[:n_real]  # noqa: E731
-    err_xla, err_cudnn = errors(params, monkeypatch, fn)
+    err_xla, err_cudnn = errors(params, fn)
     print(f"vision tower, max error relative to f32: xla bf16 {err_xla:.2e}, cudnn bf16 {err_cudnn:.2e}")
     assert err_cudnn <= 2 * err_xla + 1e-3
 
 
-def test_logits_left_padded_batch(params, monkeypatch):
+def test_logits_left_padded_batch(params):
     pos, vision = case_inputs()
     ids, mask = jnp.asarray(CASE.input_ids, jnp.int32), jnp.asarray(CASE.attention_mask, bool)
     fn = lambda m, p: m.apply({"params": p}, ids, pos, mask, vision)  # noqa: E731
-    err_xla, err_cudnn = errors(params, monkeypatch, fn, mask=CASE.attention_mask.astype(bool)[..., None])
+    err_xla, err_cudnn = errors(params, fn, mask=CASE.attention_mask.astype(bool)[..., None])
     print(f"logits, max error relative to f32: xla bf16 {err_xla:.2e}, cudnn bf16 {err_cudnn:.2e}")
     assert err_cudnn <= 2 * err_xla + 1e-3
 
 
-def test_generator_prefill(params, monkeypatch):
+def test_engine_prefill(params):
     """The bucketed prefill (cache longer than the prompt, left padding) through cuDNN: its
     first-token logits are as close to f32 as the XLA kernel's."""
     def first_logits(dtype, kernel):
-        monkeypatch.setenv("QWEN2VL_ATTENTION", kernel)
-        model = Qwen2VL(CONFIG, jax.tree.map(lambda x: x.astype(dtype), params), dtype)
-        gen = Generator(model)
-        prep = gen.prepare(**CASE.inputs(), max_new_tokens=4)
-        state = gen.start(prep, GenerationConfig(max_new_tokens=4, eos_token_ids=()))
+        model = Qwen2VL(CONFIG, jax.tree.map(lambda x: x.astype(dtype), params), dtype, attention=kernel)
+        gc = GenerationConfig(max_new_tokens=1, eos_token_ids=())
+        engine = model.engine
+        _, state, _ = engine.start(model.params, model.inputs(**CASE.inputs(), room=1), gc)
         return np.asarray(state.logits, np.float32)
 
     ref = first_logits(jnp.float32, "xla")

@@ -9,7 +9,7 @@ import hf_utils
 from hf_utils import IMG, VID, VSTART, VEND
 from qwen2vl_jax.config import TINY
 from qwen2vl_jax.errors import InputError
-from qwen2vl_jax.model import check_placeholders, prepare_vision
+from qwen2vl_jax.inputs import check_placeholders, pack_vision
 from qwen2vl_jax.positions import get_rope_index
 
 
@@ -63,14 +63,14 @@ def test_more_placeholder_runs_than_grids():
 
 def test_grid_not_divisible_by_merge_size():
     with pytest.raises(InputError, match="multiples of the merge size 2"):
-        prepare_vision(TINY, np.zeros((15, 1176), np.float32), np.array([[1, 3, 5]]))
+        pack_vision(TINY, np.zeros((15, 1176), np.float32), np.array([[1, 3, 5]]))
 
 
 def test_pixel_rows_disagree_with_grids():
     with pytest.raises(InputError, match=r"pixel_values has shape \(20, 1176\) but its grids"):
-        prepare_vision(TINY, np.zeros((20, 1176), np.float32), np.array([[1, 4, 6]]))
+        pack_vision(TINY, np.zeros((20, 1176), np.float32), np.array([[1, 4, 6]]))
     with pytest.raises(InputError, match="must be given together"):
-        prepare_vision(TINY, np.zeros((24, 1176), np.float32), None)
+        pack_vision(TINY, np.zeros((24, 1176), np.float32), None)
 
 
 def test_model_logits_reports_mismatch(tiny_ours):
@@ -82,3 +82,32 @@ def test_model_logits_reports_mismatch(tiny_ours):
     bad["input_ids"][0, 3] = 9  # one placeholder fewer
     with pytest.raises(InputError, match="image placeholder tokens"):
         model.logits(**bad)
+
+
+def test_logits_check_inputs_as_generation_does(tiny_ours):
+    """One input builder: .logits refuses what .generate refuses."""
+    model = tiny_ours["untied"]
+    ids = np.array([[5, 6, model.config.text.vocab_size]])
+    for call in (model.logits, lambda **kw: model.generate(**kw, max_new_tokens=2)):
+        with pytest.raises(InputError, match="outside the vocabulary"):
+            call(input_ids=ids)
+        with pytest.raises(InputError, match="row 0 of the batch has no tokens"):
+            call(input_ids=np.array([[5, 6]]), attention_mask=np.array([[0, 0]]))
+
+
+def test_build_inputs_packs_rows_and_labels():
+    from qwen2vl_jax.inputs import LABEL_PAD, build_inputs
+
+    ids = np.array([[5, 6, 7, 0], [0, 8, 9, 0]])
+    mask = np.array([[1, 1, 1, 0], [0, 1, 1, 0]])
+    labels = np.array([[LABEL_PAD, 6, 7, LABEL_PAD], [LABEL_PAD, LABEL_PAD, 9, LABEL_PAD]])
+    built = build_inputs(TINY, ids, mask, labels=labels, length=6)
+    np.testing.assert_array_equal(built.input_ids, [[0, 0, 0, 5, 6, 7], [0, 0, 0, 0, 8, 9]])
+    np.testing.assert_array_equal(built.attention_mask, built.input_ids > 0)
+    np.testing.assert_array_equal(built.labels[:, -3:], [[LABEL_PAD, 6, 7], [LABEL_PAD, LABEL_PAD, 9]])
+    assert (built.labels[:, :3] == LABEL_PAD).all()
+    np.testing.assert_array_equal(built.positions[0, 1, -2:], [0, 1])  # positions start at the first real token
+    np.testing.assert_array_equal(built.pos_offset, [-3, -4])  # slot 6 of row 0 is position 3, of row 1 position 2
+    np.testing.assert_array_equal(built.unpack(built.input_ids[..., None])[..., 0], ids * mask)
+    with pytest.raises(InputError, match="more than the batch length 2"):
+        build_inputs(TINY, ids, mask, length=2)

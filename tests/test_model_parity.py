@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 import hf_utils
+from qwen2vl_jax.positions import get_rope_index
 
 torch = pytest.importorskip("torch")
 
@@ -51,9 +52,17 @@ def test_positions_match_hf(tiny_hf, tiny_ours, case_name):
         image_grid_thw=t.get("image_grid_thw"), video_grid_thw=t.get("video_grid_thw"),
         attention_mask=t["attention_mask"],
     )
-    prep = ours.prepare(**case.inputs())
-    np.testing.assert_array_equal(prep["positions"], ref_pos.numpy())
-    np.testing.assert_array_equal(prep["rope_deltas"], ref_delta.numpy().reshape(-1, 1))
+    cfg = ours.config
+    positions, deltas = get_rope_index(
+        case.input_ids, case.attention_mask, case.image_grid_thw, case.video_grid_thw,
+        image_token_id=cfg.image_token_id, video_token_id=cfg.video_token_id,
+        spatial_merge_size=cfg.vision.spatial_merge_size)
+    np.testing.assert_array_equal(positions, ref_pos.numpy())
+    np.testing.assert_array_equal(deltas, ref_delta.numpy().reshape(-1, 1))
+    # The model's own inputs: the same positions with each row packed to the right of its bucket.
+    built = ours.inputs(**case.inputs())
+    np.testing.assert_array_equal(built.unpack(np.moveaxis(built.positions, 0, -1)),
+                                  np.moveaxis(positions, 0, -1) * case.attention_mask[..., None])
 
 
 @pytest.mark.parametrize("model_name", MODELS)

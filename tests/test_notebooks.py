@@ -120,7 +120,7 @@ def test_convert_notebook(demo, kernel_env, tmp_path):
     """A small HF checkpoint (the demo model exported) converted, compared and exported back."""
     pytest.importorskip("torch")
     pytest.importorskip("transformers")
-    from qwen2vl_jax.chat import model_folder
+    from qwen2vl_jax.convert.convert import model_folder
     from qwen2vl_jax.convert.export import export_checkpoint
 
     hf = export_checkpoint(model_folder(demo), tmp_path / "hf", dtype="float32", progress=False)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 import shutil
 import subprocess
 import sys
@@ -21,7 +22,7 @@ from flax import traverse_util
 import hf_utils
 from qwen2vl_jax.config import TINY
 from qwen2vl_jax.errors import InputError
-from qwen2vl_jax.model import Qwen2VLModule, _dummy_vision
+from qwen2vl_jax.modules.qwen2vl import init_params
 from qwen2vl_jax.train import data, loop, stages as st, synthetic
 
 TESTS = Path(__file__).resolve().parent
@@ -46,9 +47,7 @@ def case_examples(config, seed: int = 0) -> list[data.Example]:
 
 
 def random_params(config, seed: int = 0):
-    module = Qwen2VLModule(config)
-    return jax.jit(module.init)(jax.random.PRNGKey(seed), jnp.zeros((1, 4), jnp.int32), jnp.zeros((3, 1, 4), jnp.int32),
-                                jnp.ones((1, 4), bool), _dummy_vision(config))["params"]
+    return init_params(config, jax.random.PRNGKey(seed))
 
 
 # ----------------------------------------------------------------------------- HF parity
@@ -58,13 +57,13 @@ def test_loss_and_grads_match_hf(tiny_hf, tiny_ours, name, piece):
     parameter equal HF's (torch autograd, labels passed to the model) in fp32, with the
     vocabulary logits made in one piece or 7 positions at a time (the last piece padded)."""
     import torch
-    from qwen2vl_jax.convert.mapping import hf_to_jax_name, to_jax
+    from qwen2vl_jax.hf_mapping import hf_to_jax_name, to_jax
 
     hf, _ = tiny_hf[name]
     ours = tiny_ours[name]
     cfg = ours.config
     exs = case_examples(cfg)
-    batch = data.stack_micro([data.collate(exs, cfg, hf_utils.PAD)])
+    batch = data.stack_micro([data.collate(exs, cfg)])
     rows, width = batch["input_ids"].shape[-2:]
     assert rows * width <= loop.LOSS_CHUNK and (piece is None or (width > 2 * piece and width % piece)), width
     chunk = loop.LOSS_CHUNK if piece is None else piece * rows  # tokens per piece
@@ -105,7 +104,7 @@ def test_loss_and_grads_match_hf(tiny_hf, tiny_ours, name, piece):
 @pytest.fixture(scope="module")
 def tiny_batch():
     exs = case_examples(TINY)
-    return exs, data.stack_micro([data.collate(exs[:4], TINY, 0)])
+    return exs, data.stack_micro([data.collate(exs[:4], TINY)])
 
 
 def one_step(stage, batch, params, **kw):
@@ -163,9 +162,9 @@ def test_accumulation_equals_one_big_batch(tiny_batch):
     rows = exs[:4]
     sizes = data.vision_bucket(rows)
     length = data.bucket(max(len(e.input_ids) for e in rows))
-    big = data.stack_micro([data.collate(rows, TINY, 0, length, sizes)])
-    micro = data.stack_micro([data.collate(rows[:2], TINY, 0, length, sizes),
-                              data.collate(rows[2:], TINY, 0, length, sizes)])
+    big = data.stack_micro([data.collate(rows, TINY, length, sizes)])
+    micro = data.stack_micro([data.collate(rows[:2], TINY, length, sizes),
+                              data.collate(rows[2:], TINY, length, sizes)])
     params = random_params(TINY, 1)
     stage = st.get_stage(2)
     (la, ga), (lb, gb) = grads_of(stage, big, params), grads_of(stage, micro, params)
@@ -205,7 +204,7 @@ exs = tt.case_examples(TINY)
 exs = (exs + exs)[:8]
 sizes = data.vision_bucket(exs)
 length = data.bucket(max(len(e.input_ids) for e in exs))
-batch = data.stack_micro([data.collate(exs[:4], TINY, 0, length, sizes), data.collate(exs[4:], TINY, 0, length, sizes)])
+batch = data.stack_micro([data.collate(exs[:4], TINY, length, sizes), data.collate(exs[4:], TINY, length, sizes)])
 params = tt.random_params(TINY, 3)
 stage = tt.UPDATE_STAGE
 ref = loop.Trainer(TINY, stage, 10)
@@ -328,7 +327,7 @@ def test_bad_records_are_named_by_line(tiny_folder, capsys):
         data.JsonlDataset(path, proc)
     msg = str(e.value)
     assert "4 bad record(s)" in msg and "\n" not in msg
-    for line, what in ((2, "invalid JSON"), (3, "missing.png not found"), (4, "robot"), (5, "too small")):
+    for line, what in ((2, "not valid JSON"), (3, "missing.png not found"), (4, "robot"), (5, "too small")):
         assert f"line {line}: " in msg and what in msg
     ds = data.JsonlDataset(path, proc, skip_bad=True)
     assert [r.line for r in ds.records] == [1, 6] and len(ds.skipped) == 4
@@ -337,6 +336,42 @@ def test_bad_records_are_named_by_line(tiny_folder, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2 and err[-1].startswith("qwen2vl-train: error: 4 bad record(s)")
     assert not (root / "never").exists()
+
+
+def test_broken_jsonl_line_is_named_with_its_reason(tmp_path):
+    """A line that is not JSON is named by file and line, with json's reason in words: an
+    unterminated string says so (json calls its line break a control character), once."""
+    text = [{"role": "user", "content": "What is 2 + 2?"}, {"role": "assistant", "content": "4"}]
+    path = write_jsonl(tmp_path / "data.jsonl", [{"messages": text}, text,
+                                                 '{"messages": [{"role": "user", "content": "What is 2 + 2?}]}',
+                                                 '{"messages": []} {"messages": []}'])
+    records, problems = data.read_jsonl(path)
+    assert [r.line for r in records] == [1, 2]
+    assert len(problems) == 2, problems
+    unterminated, extra = problems
+    assert unterminated.startswith("data.jsonl line 3: not valid JSON (unterminated string "), unterminated
+    assert re.search(r"column \d+\)$", unterminated), unterminated
+    assert extra.startswith("data.jsonl line 4: not valid JSON (extra data "), extra
+    for p in problems:
+        assert "\n" not in p and " at at " not in p and "control character" not in p, p
+
+
+def test_malformed_tokenizer_config_is_one_line(tiny_folder, tmp_path):
+    from qwen2vl_jax.processing import Processor
+    from qwen2vl_jax.processing.tokenizer import Qwen2Tokenizer
+
+    root, _ = tiny_folder
+    bad = Path(shutil.copytree(root / "model", tmp_path / "model", ignore=shutil.ignore_patterns("params")))
+    (bad / "tokenizer_config.json").write_text('{"model_max_length": 32768,\n "pad_token": "<|endoftext|>\n}\n')
+    for load in (Qwen2Tokenizer.from_pretrained, Processor.from_pretrained):
+        with pytest.raises(InputError) as e:
+            load(bad)
+        msg = str(e.value)
+        assert msg.startswith(f"{bad / 'tokenizer_config.json'}: not valid JSON (unterminated string"), msg
+        assert "\n" not in msg
+    (bad / "tokenizer_config.json").write_text('["not", "an", "object"]')
+    with pytest.raises(InputError, match=r"tokenizer_config.json: expected a JSON object"):
+        Qwen2Tokenizer.from_pretrained(bad)
 
 
 def test_a_record_that_breaks_mid_run_is_skipped(tiny_folder):
@@ -360,7 +395,7 @@ def test_a_record_that_breaks_mid_run_is_skipped(tiny_folder):
 
 
 def test_batches_are_bucketed_and_deterministic():
-    assert [data.bucket(n) for n in (1, 16, 17, 25, 33, 49, 65, 97, 129)] == [16, 16, 24, 32, 48, 64, 96, 128, 192]
+    assert [data.bucket(n) for n in (1, 64, 65, 81, 97, 113, 129, 161)] == [64, 64, 80, 96, 112, 128, 160, 192]
     lengths = [20, 21, 40, 41, 42, 90, 17, 18, 19]
     plan = data.BatchPlan(lengths, 2, seed=5)
     e0 = plan.epoch(0)
@@ -397,6 +432,8 @@ def test_resume_continues_exactly(tiny_folder, monkeypatch):
     fit(TrainOptions(out=root / "split", stop_at=2, **common), log=logs.append)
     with pytest.raises(InputError, match="already holds a training run"):
         fit(TrainOptions(out=root / "split", **common), log=logs.append)
+    with pytest.raises(InputError, match=r"^--resume: .* other settings: --lr \(was 0\.01, now 0\.001\); resume "):
+        fit(TrainOptions(out=root / "split", resume=True, **{**common, "learning_rate": 1e-3}), log=logs.append)
     fit(TrainOptions(out=root / "split", resume=True, **common), log=logs.append)
     assert any("resuming stage 3 at step 2" in line for line in logs)
 
@@ -412,7 +449,7 @@ def test_resume_continues_exactly(tiny_folder, monkeypatch):
     assert [r["step"] for r in log_rows] == [1, 2, 3, 4] and all(r["tokens_per_s"] > 0 for r in log_rows)
 
     from qwen2vl_jax.convert.cli import export_main
-    from qwen2vl_jax.model import Qwen2VL
+    from qwen2vl_jax.api import Qwen2VL
 
     model = Qwen2VL.from_pretrained(root / "split", dtype="float32")
     assert model.logits(input_ids=np.array([[5, 6, 7]])).shape == (1, 3, config.text.vocab_size)
@@ -450,6 +487,11 @@ BAD_RUNS = {
     "out is another model": (["--out", "other_model"], "exists and is not empty (pass --force to replace it)"),
     "out cannot be made": (["--out", "a_file/out"], "cannot create the folder"),
     "resume with nothing": (["--out", "empty_run", "--resume"], "holds no checkpoint to resume from"),
+    "no model": (["--model", "nowhere"], "--model nowhere: no such folder"),
+    "no data": (["--data", "missing.jsonl"], "--data missing.jsonl: no such file"),
+    "broken jsonl": (["--data", "broken.jsonl"],
+                     "broken.jsonl line 2: not valid JSON (unterminated string"),
+    "bad tokenizer_config": (["--model", "bad_tokenizer"], "tokenizer_config.json: not valid JSON"),
 }
 
 
@@ -471,6 +513,10 @@ def test_bad_runs_stop_up_front_in_one_line(tiny_folder, monkeypatch, capsys, ca
             (work / "other_model" / name).write_text("{}")
         (work / "a_file").write_text("not a folder")
         (work / "empty_run" / "train_state").mkdir(parents=True)  # what a run killed before saving left
+        write_jsonl(work / "broken.jsonl", [qa("../img/0.png", "What shape?", "circle"),
+                                            '{"messages": [{"role": "user", "content": "What shape?}]}'])
+        shutil.copytree(root / "model", work / "bad_tokenizer")
+        (work / "bad_tokenizer" / "tokenizer_config.json").write_text('{"pad_token": "<|endoftext|>",}')
     monkeypatch.chdir(work)
     before = tree_listing(work), tree_listing(root / "model")
     extra, message = BAD_RUNS[case]
@@ -515,6 +561,25 @@ def test_interrupt_before_the_first_checkpoint_says_so(tiny_folder, monkeypatch,
     assert train_cli(*args, "--resume") == 2
     err = err_lines(capsys)
     assert len(err) == 1 and err[0].startswith("qwen2vl-train: error: --resume: ") and "no checkpoint" in err[0]
+
+
+def test_resume_mismatch_names_the_flags():
+    from qwen2vl_jax.train.run import TrainOptions, _run_key, resume_mismatch
+
+    def key(**changes):
+        opts = TrainOptions(**{"model": "m", "data": "d.jsonl", "stage": 3, "steps": 4, "out": "o", "batch_size": 2,
+                               **changes})
+        return _run_key(opts, opts.stage_spec(), records=6)
+
+    saved = key(learning_rate=1e-2)
+    assert resume_mismatch(saved, key(learning_rate=1e-2)) == []
+    assert resume_mismatch(saved, key(learning_rate=1e-3, accum=2)) == ["--lr (was 0.01, now 0.001)",
+                                                                       "--accum (was 1, now 2)"]
+    assert resume_mismatch(saved, key(stage=2, learning_rate=1e-2)) == ["--stage (was 3, now 2)"]
+    assert resume_mismatch(saved, key(learning_rate=1e-2, train=("^visual/",))) == [
+        "--train (was ^model/ ^lm_head/, now ^visual/)"]
+    fewer = {**saved, "records": 5}
+    assert resume_mismatch(fewer, key(learning_rate=1e-2)) == ["the number of records in --data (was 5, now 6)"]
 
 
 def test_os_errors_are_one_line(monkeypatch, capsys):
@@ -622,7 +687,7 @@ def test_demo_model_is_shipped_and_answers():
 
     if not (DEMO_DIR / "config.json").exists():
         pytest.skip("demo model not built (python -m qwen2vl_jax.train.demo)")
-    from qwen2vl_jax.model import Qwen2VL
+    from qwen2vl_jax.api import Qwen2VL
     from qwen2vl_jax.processing import Processor
 
     size = sum(p.stat().st_size for p in DEMO_DIR.rglob("*") if p.is_file())

@@ -28,12 +28,13 @@ from __future__ import annotations
 import argparse
 import sys
 
-from qwen2vl_jax.convert import interrupts
-from qwen2vl_jax.errors import InputError
+from qwen2vl_jax import shell
+
+PROG = "qwen2vl-train"
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="qwen2vl-train", description=__doc__,
+    p = argparse.ArgumentParser(prog=PROG, description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     q = p.add_argument_group("required")
     q.add_argument("--model", required=True, metavar="DIR", help="model folder to start from (converted or HF)")
@@ -113,32 +114,27 @@ def _fit(args) -> dict:
     ))
 
 
+def _interrupted(e: KeyboardInterrupt) -> str:
+    """What a Ctrl-C left: from fit it is run.Interrupted, which knows what was saved."""
+    if not hasattr(e, "step"):
+        return "interrupted before training started; nothing was written"
+    if e.step is None:
+        return ("interrupted before the first checkpoint; nothing was saved "
+                "(--save-every N checkpoints during a run)")
+    return f"interrupted; {e.out} holds the checkpoint of step {e.step}, which --resume continues from"
+
+
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        # SIGTERM (a job's time limit) unwinds like Ctrl-C, so a failed start cleans up after itself.
-        with interrupts.installed():
-            result = _fit(args)
-    except InputError as e:
-        print(f"qwen2vl-train: error: {e}", file=sys.stderr)
-        return 2
-    except OSError as e:  # disk full, permissions, a folder that vanished
-        what = f"{e.strerror}: {e.filename}" if e.strerror and e.filename else str(e)
-        print(f"qwen2vl-train: error: {' '.join(what.split())}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt as e:  # from fit: run.Interrupted, which knows what was saved
-        if not hasattr(e, "step"):
-            print("qwen2vl-train: interrupted before training started; nothing was written", file=sys.stderr)
-        elif e.step is None:
-            print("qwen2vl-train: interrupted before the first checkpoint; nothing was saved "
-                  "(--save-every N checkpoints during a run)", file=sys.stderr)
-        else:
-            print(f"qwen2vl-train: interrupted; {e.out} holds the checkpoint of step {e.step}, which --resume "
-                  "continues from", file=sys.stderr)
-        return 130
-    loss = "n/a" if result["loss"] is None else f"{result['loss']:.4f}"
-    print(f"stage {args.stage}: {result['steps']} steps, final loss {loss}; model in {result['out']}", file=sys.stderr)
-    return 0
+
+    def go() -> None:
+        result = _fit(args)
+        loss = "n/a" if result["loss"] is None else f"{result['loss']:.4f}"
+        print(f"stage {args.stage}: {result['steps']} steps, final loss {loss}; model in {result['out']}",
+              file=sys.stderr)
+
+    # SIGTERM (a job's time limit) unwinds like Ctrl-C, so a failed start cleans up after itself.
+    return shell.run(PROG, go, interrupted=_interrupted)
 
 
 if __name__ == "__main__":

@@ -26,7 +26,6 @@ each shape once; a position (epoch, index) is all that is needed to resume exact
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import os
 import queue
@@ -40,11 +39,10 @@ import numpy as np
 
 from qwen2vl_jax.config import Qwen2VLConfig
 from qwen2vl_jax.errors import InputError
-from qwen2vl_jax.model import prepare_vision
-from qwen2vl_jax.modules.vision import vision_layout
-from qwen2vl_jax.positions import get_rope_index
+from qwen2vl_jax.jsonio import parse_json
+from qwen2vl_jax.inputs import LABEL_PAD, bucket, build_inputs, vision_sizes
 
-IGNORE = -100
+IGNORE = LABEL_PAD
 LABEL_MODES = ("assistant", "caption")
 ROLES = ("system", "user", "assistant")
 
@@ -141,9 +139,9 @@ def read_jsonl(path: str | Path) -> tuple[list[Record], list[str]]:
             if not raw.strip():
                 continue
             try:
-                obj = json.loads(raw)
-            except json.JSONDecodeError as e:
-                problems.append(f"{path.name} line {n}: invalid JSON ({e.msg} at column {e.colno})")
+                obj = parse_json(raw, f"{path.name} line {n}", expect=None)
+            except InputError as e:
+                problems.append(str(e))
                 continue
             try:
                 records.append(Record(n, check_record(obj, base)))
@@ -276,76 +274,47 @@ def split_batch(inputs: dict, image_token_id: int, video_token_id: int, labels=N
 
 
 # ----------------------------------------------------------------------------- batches
-def bucket(n: int, minimum: int = 16, multiple: int = 1) -> int:
-    """A short ladder: powers of two and 1.5x between them (16, 24, 32, 48, 64, 96, ...)."""
-    b = minimum
-    while b < n:
-        if b < 4:
-            b *= 2
-        else:
-            b = b * 3 // 2 if (b & (b - 1)) == 0 else (b * 4) // 3
-    return int(math.ceil(b / multiple) * multiple)
-
-
-def collate(examples: Sequence[Example | None], config: Qwen2VLConfig, pad_id: int, length: int | None = None,
+def collate(examples: Sequence[Example | None], config: Qwen2VLConfig, length: int | None = None,
             vision_sizes: tuple[int, int, int] | None = None) -> dict:
-    """Examples (None = an empty filler row) -> a right-padded batch:
+    """Examples (None = an empty filler row) -> one micro-batch, built by the same
+    `inputs.build_inputs` as inference (rows packed to the right of the length bucket):
 
-      input_ids int32[B, L], attention_mask bool[B, L], labels int32[B, L],
+      input_ids int32[B, L], attention_mask bool[B, L], labels int32[B, L] (IGNORE at padding),
       positions int32[3, B, L] (M-RoPE ids),
-      vision (only when some row has images/videos): per-row layouts, each row padded to
-        the same sizes, patches f32[B, N, 1176], pos_hw int32[B, N, 2], gather int32[B, S, Lseg],
-        valid bool[B, S, Lseg], scatter int32[B, N].
-    """
+      vision (when `vision_sizes` is given or some row has images/videos): the batch's images,
+        then its videos, in one flat layout, as `inputs.pack_vision` makes it.
+
+    `length` and `vision_sizes` fix the shapes (equal across a step's micro-batches); by
+    default they come from the bucket ladder."""
     real = [e for e in examples if e is not None]
-    b = len(examples)
-    length = length or bucket(max((len(e.input_ids) for e in real), default=1))
-    ids = np.full((b, length), pad_id, np.int32)
-    mask = np.zeros((b, length), bool)
-    labels = np.full((b, length), IGNORE, np.int32)
+    width = max((len(e.input_ids) for e in real), default=1)
+    ids = np.zeros((len(examples), width), np.int32)
+    mask = np.zeros((len(examples), width), bool)
+    labels = np.full((len(examples), width), IGNORE, np.int32)
     for i, e in enumerate(examples):
-        if e is None:
-            continue
-        n = len(e.input_ids)
-        if n > length:
-            raise InputError(f"record on line {e.line} has {n} tokens, more than the batch length {length}")
-        ids[i, :n], mask[i, :n], labels[i, :n] = e.input_ids, True, e.labels
+        if e is not None:
+            n = len(e.input_ids)
+            ids[i, :n], mask[i, :n], labels[i, :n] = e.input_ids, True, e.labels
+    if length is not None and width > length:
+        line = next(e.line for e in real if len(e.input_ids) == width)
+        raise InputError(f"record on line {line} has {width} tokens, more than the batch length {length}")
     cat = lambda key: (np.concatenate([getattr(e, key) for e in real if getattr(e, key) is not None])  # noqa: E731
                        if any(getattr(e, key) is not None for e in real) else None)
-    positions, _ = get_rope_index(ids, mask, cat("image_grid_thw"), cat("video_grid_thw"),
-                                  image_token_id=config.image_token_id, video_token_id=config.video_token_id,
-                                  spatial_merge_size=config.vision.spatial_merge_size)
-    batch = {"input_ids": ids, "attention_mask": mask, "labels": labels, "positions": positions.astype(np.int32)}
-    if vision_sizes is None:
-        vision_sizes = vision_bucket(real, config.vision.merge_unit)
-    if vision_sizes is not None:
-        batch["vision"] = collate_vision(examples, config, *vision_sizes)
+    built = build_inputs(config, ids, mask, cat("pixel_values"), cat("image_grid_thw"), cat("pixel_values_videos"),
+                         cat("video_grid_thw"), labels=labels, length=length, vision_sizes=vision_sizes,
+                         empty_rows=True)
+    batch = {"input_ids": built.input_ids, "attention_mask": built.attention_mask, "labels": built.labels,
+             "positions": built.positions}
+    if built.vision is not None:
+        batch["vision"] = built.vision
     return batch
 
 
-def vision_bucket(examples: Sequence[Example], unit: int = 4) -> tuple[int, int, int] | None:
-    """Bucketed (patches, segments, segment length) that fit every example, or None."""
-    if not any(e.num_patches for e in examples):
-        return None
-    n = bucket(max(e.num_patches for e in examples), minimum=unit, multiple=unit)
-    s = bucket(max(e.num_segments for e in examples), minimum=1)
-    seg = bucket(max(e.segment_len for e in examples), minimum=unit, multiple=unit)
-    return n, s, seg
-
-
-def collate_vision(examples: Sequence[Example | None], config: Qwen2VLConfig, n: int, s: int, seg: int) -> dict:
-    rows = []
-    m = config.vision.spatial_merge_size
-    for e in examples:
-        v = None
-        if e is not None and e.num_patches:
-            v = prepare_vision(config, e.pixel_values, e.image_grid_thw, e.pixel_values_videos, e.video_grid_thw,
-                               num_patches=n, num_segments=s, segment_len=seg)
-        if v is None:
-            v = {"patches": np.zeros((n, config.vision.patch_dim), np.float32),
-                 **vision_layout(np.zeros((0, 3), np.int64), m, num_patches=n, num_segments=s, segment_len=seg)}
-        rows.append(v)
-    return {k: np.stack([r[k] for r in rows]) for k in rows[0]}
+def vision_bucket(examples: Sequence[Example | None], unit: int = 4) -> tuple[int, int, int] | None:
+    """Bucketed (patches, segments, segment length) that fit all the examples' images and
+    videos in one layout, or None without any."""
+    grids = [g for e in examples if e is not None for g in (e.image_grid_thw, e.video_grid_thw) if g is not None]
+    return vision_sizes(np.concatenate(grids) if grids else None, unit)
 
 
 def stack_micro(batches: Sequence[dict]) -> dict:
@@ -465,16 +434,16 @@ class Loader:
         self.accum = accum
         self.plan = BatchPlan(dataset.lengths, batch_size * accum, seed)
         self.prefetch = prefetch
-        self.pad_id = dataset.processor.tokenizer.pad_token_id
 
     def step_batch(self, indices: Sequence[int | None]) -> tuple[dict, int]:
         """-> (arrays with a leading micro-batch axis, number of real tokens)."""
         exs = [None if i is None else self._example(i) for i in indices]
         real = [e for e in exs if e is not None]
         length = bucket(max((len(e.input_ids) for e in real), default=1))
-        sizes = vision_bucket(real, self.config.vision.merge_unit)
-        micro = [collate(exs[k * self.batch_size:(k + 1) * self.batch_size], self.config, self.pad_id,
-                         length, sizes) for k in range(self.accum)]
+        rows = [exs[k * self.batch_size:(k + 1) * self.batch_size] for k in range(self.accum)]
+        sizes = [vision_bucket(r, self.config.vision.merge_unit) for r in rows]
+        sizes = None if all(z is None for z in sizes) else tuple(max(z[i] for z in sizes if z) for i in range(3))
+        micro = [collate(r, self.config, length, sizes) for r in rows]
         return stack_micro(micro), sum(len(e.input_ids) for e in real)
 
     def _example(self, i: int) -> Example | None:

@@ -21,16 +21,12 @@ import sys
 import time
 from pathlib import Path
 
-import qwen2vl_jax
-from qwen2vl_jax.config import Qwen2VLConfig, TextConfig, VisionConfig
+from qwen2vl_jax.config import DEMO_DIR, Qwen2VLConfig, TextConfig, VisionConfig
 from qwen2vl_jax.processing.chat_template import INSTRUCT_TEMPLATE
 from qwen2vl_jax.processing.image import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 from qwen2vl_jax.processing.tokenizer import QWEN2_SPLIT_PATTERN, SPECIAL_TOKENS
 from qwen2vl_jax.train import synthetic
 
-# The shipped model (package data); importing this module stays light, so the CLIs can ask
-# for DEMO_DIR without loading JAX.
-DEMO_DIR = Path(qwen2vl_jax.__file__).resolve().parent / "assets" / "demo"
 VOCAB = 1024  # BPE tokens, before the 14 special tokens
 PIXELS = {"min_pixels": 56 * 56, "max_pixels": synthetic.SIZE * synthetic.SIZE}
 
@@ -118,18 +114,15 @@ def init_folder(folder: Path, seed: int = 0, vocab: int = VOCAB, vision: dict | 
                 text: dict | None = None, corpus_size: int = 2000) -> Qwen2VLConfig:
     """A converted folder with a freshly trained tokenizer and random weights."""
     import jax  # noqa: PLC0415
-    import jax.numpy as jnp  # noqa: PLC0415
 
     from qwen2vl_jax import checkpoint as ck  # noqa: PLC0415
-    from qwen2vl_jax.model import Qwen2VLModule, _dummy_vision  # noqa: PLC0415
+    from qwen2vl_jax.modules.qwen2vl import init_params  # noqa: PLC0415
 
     tok = train_tokenizer(tokenizer_corpus(seed, corpus_size), vocab)
     ids = {t: tok.token_to_id(t) for t in SPECIAL_TOKENS}
     config = demo_config(tok.get_vocab_size(with_added_tokens=True), ids, vision, text)
     write_side_files(folder, tok, config)
-    module = Qwen2VLModule(config)
-    params = jax.jit(module.init)(jax.random.PRNGKey(seed), jnp.zeros((1, 4), jnp.int32),
-                                  jnp.zeros((3, 1, 4), jnp.int32), jnp.ones((1, 4), bool), _dummy_vision(config))["params"]
+    params = init_params(config, jax.random.PRNGKey(seed))
     ck.save_params(params, folder, overwrite=True)
     return config
 

@@ -18,7 +18,9 @@ from pathlib import Path
 
 import numpy as np
 
+from qwen2vl_jax import shell
 from qwen2vl_jax.errors import InputError
+from qwen2vl_jax.jsonio import parse_json
 
 
 def normalize(text: str) -> str:
@@ -29,7 +31,7 @@ def normalize(text: str) -> str:
 def evaluate(model_dir: str | Path, data: str | Path, batch_size: int = 16, limit: int | None = None,
              max_new_tokens: int = 6) -> dict:
     """-> {"accuracy": float, "tasks": {task: {"correct", "total", "accuracy"}}, "mistakes": [...]}"""
-    from qwen2vl_jax.model import Qwen2VL  # noqa: PLC0415
+    from qwen2vl_jax.api import Qwen2VL  # noqa: PLC0415
     from qwen2vl_jax.processing import Processor  # noqa: PLC0415
     from qwen2vl_jax.train.data import read_jsonl  # noqa: PLC0415
 
@@ -37,8 +39,13 @@ def evaluate(model_dir: str | Path, data: str | Path, batch_size: int = 16, limi
     records, problems = read_jsonl(data)
     if problems:
         raise InputError(f"{len(problems)} bad record(s): " + "; ".join(problems[:3]))
-    raw = [json.loads(line) for line in data.read_text().splitlines() if line.strip()]
-    rows = [(rec.messages, r["task"], str(r["answer"])) for rec, r in zip(records, raw)]
+    lines = data.read_bytes().split(b"\n")  # as read_jsonl numbers them
+    rows = []
+    for rec in records:
+        row = parse_json(lines[rec.line - 1].decode("utf-8-sig"), f"{data.name} line {rec.line}", expect=None)
+        if not isinstance(row, dict) or "task" not in row or "answer" not in row:
+            raise InputError(f"{data.name} line {rec.line}: an eval row needs 'task' and 'answer' beside 'messages'")
+        rows.append((rec.messages, row["task"], str(row["answer"])))
     if limit:
         rows = rows[:limit]
     processor = Processor.from_pretrained(model_dir)
@@ -84,21 +91,20 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     model = args.model
     if model is None:
-        from qwen2vl_jax.train.demo import DEMO_DIR  # noqa: PLC0415
+        from qwen2vl_jax.config import DEMO_DIR  # noqa: PLC0415
 
         model = str(DEMO_DIR)
-    try:
+
+    def go() -> None:
         result = evaluate(model, args.data, args.batch_size, args.limit)
-    except InputError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    if args.json:
-        print(json.dumps(result))
-    else:
-        for task, r in result["tasks"].items():
-            print(f"{task:8s} {r['correct']:4d}/{r['total']:<4d} {100 * r['accuracy']:.1f}%")
-        print(f"{'all':8s} {result['correct']:4d}/{result['total']:<4d} {100 * result['accuracy']:.1f}%")
-    return 0
+        if args.json:
+            print(json.dumps(result))
+        else:
+            for task, r in result["tasks"].items():
+                print(f"{task:8s} {r['correct']:4d}/{r['total']:<4d} {100 * r['accuracy']:.1f}%")
+            print(f"{'all':8s} {result['correct']:4d}/{result['total']:<4d} {100 * result['accuracy']:.1f}%")
+
+    return shell.run(p.prog, go)
 
 
 if __name__ == "__main__":

@@ -7,8 +7,8 @@ update as one batch of all their rows), clipping + AdamW from `stages.make_optim
 
 On a mesh the step runs sharded the same way inference does: parameters and optimizer state
 by `sharding.param_shardings` (FSDP over the model dimension, tensor parallelism where the
-rules ask for it), the batch over (data, fsdp). The vision tower runs per example (vmapped
-over the batch), so its work is data-parallel too.
+rules ask for it), the batch over (data, fsdp). The vision tower runs on the batch's flat patch
+layout, as in inference.
 
 Options: `remat` rematerialises every vision and decoder block; `compute_dtype=bfloat16`
 computes in bf16 while the params (master weights), gradients and optimizer state stay fp32;
@@ -30,7 +30,7 @@ import numpy as np
 import optax
 
 from qwen2vl_jax.config import Qwen2VLConfig
-from qwen2vl_jax.model import Qwen2VLModule, merge_vision
+from qwen2vl_jax.modules.qwen2vl import Qwen2VLModule
 from qwen2vl_jax.sharding import ShardingRules, named_sharding, param_shardings, to_global, use_mesh
 from qwen2vl_jax.train import stages as st
 from qwen2vl_jax.train.data import IGNORE, Position
@@ -86,31 +86,16 @@ def chunked_token_loss(module: Qwen2VLModule, params, hidden, labels, chunk: int
     return total, count
 
 
-def forward_hidden(module: Qwen2VLModule, params, batch: dict, spmd_axis=None):
-    """One micro-batch (see data.collate) -> the final hidden states [B, L, D]."""
-    cfg = module.config
-    feats = None
-    vision = batch.get("vision")
-    if vision is not None:
-        def encode(v):  # one example's images and videos -> [N / 4, D]
-            return module.apply({"params": params}, method=Qwen2VLModule.encode_vision, **v)
-
-        feats = jax.vmap(encode, spmd_axis_name=spmd_axis)(vision)  # [B, F, D]
-
-    def body(m, ids, positions, mask, feats):
-        x = m.embed(ids)  # [B, L, D]
-        if feats is not None:
-            one = lambda e, i, f: merge_vision(e[None], i[None], f, cfg.image_token_id, cfg.video_token_id)[0]  # noqa: E731
-            x = jax.vmap(one)(x, ids, feats)
-        return m.decode(x, positions, mask)[0]
-
+def forward_hidden(module: Qwen2VLModule, params, batch: dict):
+    """One micro-batch (see data.collate) -> the final hidden states [B, L, D], through the
+    module's own forward (the same vision layout and embedding merge as inference)."""
     return module.apply({"params": params}, batch["input_ids"], batch["positions"], batch["attention_mask"],
-                        feats, method=body)
+                        batch.get("vision"), method=Qwen2VLModule.hidden_states)
 
 
-def batch_loss(module: Qwen2VLModule, params, batch: dict, spmd_axis=None, chunk: int = LOSS_CHUNK):
+def batch_loss(module: Qwen2VLModule, params, batch: dict, chunk: int = LOSS_CHUNK):
     """-> (CE sum, label count) of one micro-batch."""
-    hidden = forward_hidden(module, params, batch, spmd_axis)
+    hidden = forward_hidden(module, params, batch)
     return chunked_token_loss(module, params, hidden, batch["labels"], chunk)
 
 
@@ -190,30 +175,27 @@ class Trainer:
         return jax.tree.map(to_global, batch, self.batch_shardings(batch))
 
     def batch_shardings(self, batch: dict):
-        """[A, B, ...] arrays: the B axis over the rules' batch axes (positions: [A, 3, B, L])."""
+        """[A, B, ...] arrays: the B axis over the rules' batch axes (positions: [A, 3, B, L]);
+        the vision arrays ([A, patches or segments, ...], no batch axis) by the `patches` rule."""
         def one(path, x):
-            name = path[-1].key if isinstance(path[-1], jax.tree_util.DictKey) else ""
-            axes = (None, None, "batch") if name == "positions" else (None, "batch")
+            names = [k.key for k in path if isinstance(k, jax.tree_util.DictKey)]
+            if names[0] == "vision":
+                axes = (None, "patches")
+            else:
+                axes = (None, None, "batch") if names[-1] == "positions" else (None, "batch")
             return named_sharding(self.mesh, self.rules, x.shape, *axes)
 
         return jax.tree_util.tree_map_with_path(one, batch)
 
     # ---------------------------------------------------------------- the step
-    def _spmd_axis(self, batch_size: int):
-        if self.mesh is None:
-            return None
-        spec = self.rules.spec_for((batch_size,), ("batch",), self.mesh)
-        return spec[0] if len(spec) else None
-
     def loss_and_grads(self, params, batch: dict):
         """Mean loss and grads w.r.t. the trainable subtree for one step's arrays ([A, B, ...])."""
         train, frozen = st.split(params, self.trainable)
-        spmd_axis = self._spmd_axis(batch["input_ids"].shape[1])
 
         def micro(carry, mb):
             grads, total, count = carry
             (s, n), g = jax.value_and_grad(
-                lambda tp: batch_loss(self.module, st.merge(tp, frozen), mb, spmd_axis, self.loss_chunk),
+                lambda tp: batch_loss(self.module, st.merge(tp, frozen), mb, self.loss_chunk),
                 has_aux=True)(train)
             return (jax.tree.map(jnp.add, grads, g), total + s, count + n), None
 
@@ -361,42 +343,3 @@ def run_steps(trainer: Trainer, state: TrainState, batches: Iterator[tuple[dict,
             bar.close()
     return state, pos, history
 
-
-# ----------------------------------------------------------------------------- plotting
-def plot_losses(points: list[tuple[int, float]], path: str | Path, title: str = "training loss") -> None:
-    """A small line plot (PNG) with PIL: loss against step, and a smoothed curve."""
-    from PIL import Image, ImageDraw  # noqa: PLC0415
-
-    w, h, ml, mr, mt, mb = 640, 360, 60, 20, 30, 40
-    img = Image.new("RGB", (w, h), "white")
-    d = ImageDraw.Draw(img)
-    d.text((ml, 8), title, fill="black")
-    if not points:
-        img.save(path)
-        return
-    xs = np.array([p[0] for p in points], float)
-    ys = np.array([p[1] for p in points], float)
-    ok = np.isfinite(ys)
-    xs, ys = xs[ok], ys[ok]
-    if len(xs) == 0:
-        img.save(path)
-        return
-    x0, x1 = xs.min(), max(xs.max(), xs.min() + 1)
-    y0, y1 = min(0.0, ys.min()), ys.max() * 1.05 + 1e-9
-    px = lambda x: ml + (x - x0) / (x1 - x0) * (w - ml - mr)  # noqa: E731
-    py = lambda y: h - mb - (y - y0) / (y1 - y0) * (h - mt - mb)  # noqa: E731
-    d.rectangle([ml, mt, w - mr, h - mb], outline="black")
-    for k in range(5):
-        yv = y0 + (y1 - y0) * k / 4
-        d.line([ml - 4, py(yv), ml, py(yv)], fill="black")
-        d.text((4, py(yv) - 6), f"{yv:.2f}", fill="black")
-        xv = x0 + (x1 - x0) * k / 4
-        d.line([px(xv), h - mb, px(xv), h - mb + 4], fill="black")
-        d.text((px(xv) - 10, h - mb + 8), f"{int(xv)}", fill="black")
-    d.line(list(zip(map(px, xs), map(py, ys))), fill=(170, 190, 230), width=1) if len(xs) > 1 else None
-    k = max(1, len(ys) // 50)
-    smooth = np.convolve(ys, np.ones(k) / k, mode="valid")
-    if len(smooth) > 1:
-        d.line(list(zip(map(px, xs[k - 1:]), map(py, smooth))), fill=(20, 60, 180), width=2)
-    d.text((w // 2 - 10, h - 16), "step", fill="black")
-    img.save(path)

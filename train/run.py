@@ -39,11 +39,14 @@ import jax.numpy as jnp
 
 from qwen2vl_jax import checkpoint as ck
 from qwen2vl_jax.config import Qwen2VLConfig
-from qwen2vl_jax.convert import interrupts
+from qwen2vl_jax import interrupts
 from qwen2vl_jax.errors import InputError
-from qwen2vl_jax.model import init_shapes, load_hf_params
+from qwen2vl_jax.jsonio import parse_json
+from qwen2vl_jax.checkpoint import load_hf_params
+from qwen2vl_jax.modules.qwen2vl import init_shapes
 from qwen2vl_jax.sharding import check_divisible, make_mesh, param_shardings
 from qwen2vl_jax.train import loop, stages as st
+from qwen2vl_jax.train.plot import plot_losses
 from qwen2vl_jax.train.data import JsonlDataset, Loader, Position
 
 STATE_DIR = "train_state"
@@ -160,6 +163,40 @@ def check_out(opts: TrainOptions, model_dir: Path, out: Path) -> int | None:
     return None
 
 
+# The --resume check names the flags behind the run key's fields (the key is stored as is).
+KEY_FLAGS = {"steps": "--steps", "batch_size": "--batch-size", "accum": "--accum", "seed": "--seed",
+             "data": "--data", "records": "the number of records in --data"}
+STAGE_FLAGS = {"train": "--train", "learning_rate": "--lr", "labels": "--labels", "warmup_steps": "--warmup",
+               "end_lr_ratio": "--end-lr-ratio", "weight_decay": "--weight-decay", "clip_norm": "--clip"}
+
+
+def resume_mismatch(saved: dict, key: dict) -> list[str]:
+    """What differs between the run key a checkpoint holds and this run's, as the flags that
+    set it: ["--lr (was 0.01, now 0.001)", ...]; [] when the run may resume."""
+
+    def show(v):
+        if isinstance(v, list):
+            return " ".join(map(show, v)) or "none"
+        return f"{v:g}" if isinstance(v, float) else str(v)
+
+    def differs(flag, was, now):
+        return [f"{flag} (was {show(was)}, now {show(now)})"] if was != now else []
+
+    out = []
+    was_stage, now_stage = saved.get("stage") or {}, key["stage"]
+    if was_stage.get("name") != now_stage["name"]:
+        number = {s.name: n for n, s in st.STAGES.items()}
+        out += differs("--stage", number.get(was_stage.get("name"), was_stage.get("name")),
+                       number.get(now_stage["name"], now_stage["name"]))
+    else:
+        for field, value in now_stage.items():
+            out += differs(STAGE_FLAGS.get(field, field), was_stage.get(field), value)
+    for field, value in key.items():
+        if field != "stage":
+            out += differs(KEY_FLAGS.get(field, field), saved.get(field), value)
+    return out
+
+
 def _run_key(opts: TrainOptions, stage: st.Stage, records: int) -> dict:
     """What must not change between a run and its resumption."""
     key = {"stage": dataclasses.asdict(stage), "steps": opts.steps, "batch_size": opts.batch_size,
@@ -230,7 +267,10 @@ def fit(opts: TrainOptions, log: Callable[[str], None] | None = None) -> dict:
     model_dir, out = Path(opts.model).resolve(), Path(opts.out).resolve()
     check_options(opts)
     if not model_dir.is_dir():
-        raise InputError(f"model folder {model_dir} does not exist")
+        raise InputError(f"--model {opts.model}: no such folder")
+    if not Path(opts.data).is_file():
+        raise InputError(f"--data {opts.data}: " + ("is a folder, not a JSONL file" if Path(opts.data).is_dir()
+                                                    else "no such file"))
     saved = {"step": check_out(opts, model_dir, out)}  # the latest checkpoint in out
     made: list[Path] = []  # what a fresh run created, removed if it fails before its first checkpoint
     try:
@@ -239,6 +279,11 @@ def fit(opts: TrainOptions, log: Callable[[str], None] | None = None) -> dict:
         if saved["step"] is None:
             for path in reversed(made):
                 shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
+        if isinstance(e, Exception):
+            try:
+                interrupts.check()  # an error an interrupt caused (inside Orbax, say) is the interrupt
+            except KeyboardInterrupt:
+                raise Interrupted(out, saved["step"]) from None
         if isinstance(e, KeyboardInterrupt) and not isinstance(e, Interrupted):
             raise Interrupted(out, saved["step"]) from None
         raise
@@ -279,11 +324,10 @@ def _fit(opts: TrainOptions, log, model_dir: Path, out: Path, saved: dict, made:
     ckpts = loop.Checkpoints(state_dir)
     try:
         if opts.resume:
-            meta = ckpts.meta()
-            changed = [k for k in key if meta.get("key", {}).get(k) != key[k]]
+            changed = resume_mismatch(ckpts.meta().get("key") or {}, key)
             if changed:
-                raise InputError(f"--resume: the run in {out} used different {', '.join(changed)}; "
-                                 "resume with the same options")
+                raise InputError(f"--resume: the run in {out} was started with other settings: "
+                                 f"{'; '.join(changed)}; resume with the same options")
             state, meta = ckpts.restore(trainer.abstract_state(init_shapes(config)))
             position = Position(**meta["position"])
             log(f"resuming stage {opts.stage} at step {int(state.step)} (epoch {position.epoch}, batch {position.index})")
@@ -328,7 +372,7 @@ def _fit(opts: TrainOptions, log, model_dir: Path, out: Path, saved: dict, made:
             trainer, state, batches, until, log_every=opts.log_every, on_log=on_log, on_save=on_save,
             save_every=opts.save_every, progress=opts.progress,
             on_losses=lambda pts: _append_losses(loss_file, pts))
-        loop.plot_losses(_read_losses(loss_file), plot_file, title=f"stage {opts.stage} ({stage.name}) loss")
+        plot_losses(_read_losses(loss_file), plot_file, title=f"stage {opts.stage} ({stage.name}) loss")
         return {"loss": last.get("loss"), "steps": int(state.step), "out": str(out), "skipped": dataset.skipped}
     finally:
         ckpts.close()
@@ -339,8 +383,8 @@ def _drop_rows_after(step: int, log_file: Path, loss_file: Path) -> None:
     if log_file.exists():
         def kept(row: str) -> bool:
             try:
-                return json.loads(row)["step"] <= step
-            except (ValueError, KeyError, TypeError):  # a row cut short when the run was killed
+                return parse_json(row, log_file.name)["step"] <= step
+            except (InputError, KeyError, TypeError):  # a row cut short when the run was killed
                 return False
 
         log_file.write_text("".join(r + "\n" for r in log_file.read_text().splitlines() if kept(r)))

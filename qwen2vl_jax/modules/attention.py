@@ -6,12 +6,12 @@ Two kernels compute the same attention:
   "cudnn"  cuDNN's fused flash attention (`jax.nn.dot_product_attention(implementation=
            "cudnn")`) for bf16/f16 prefill and vision on NVIDIA GPUs: the [.., L, S] logits are
            never written to memory.
-`attention_kernel` picks one when a function is traced; QWEN2VL_ATTENTION=xla forces the first.
+The choice is a static field of the modules (`attention`: "auto", "xla" or "cudnn"), fixed when
+a model is loaded, so a different choice is a different module and jit traces it anew;
+`attention_kernel` resolves "auto" from the dtype, the shape and the backend.
 """
 
 from __future__ import annotations
-
-import os
 
 import jax
 import jax.numpy as jnp
@@ -31,13 +31,12 @@ def masked_softmax(logits: jax.Array, mask: jax.Array, dtype) -> jax.Array:
 KERNELS = ("auto", "xla", "cudnn")
 
 
-def attention_kernel(dtype, num_queries: int, head_dim: int) -> str:
-    """"cudnn" for half-precision attention over more than one query on a GPU, with a head
-    width cuDNN takes (a multiple of 8, at most 128); else "xla". QWEN2VL_ATTENTION=xla|cudnn
-    overrides "auto"."""
-    choice = os.environ.get("QWEN2VL_ATTENTION", "auto").lower()
+def attention_kernel(choice: str, dtype, num_queries: int, head_dim: int) -> str:
+    """The kernel for one attention: `choice` itself unless it is "auto"; then "cudnn" for
+    half-precision attention over more than one query on a GPU, with a head width cuDNN takes
+    (a multiple of 8, at most 128), else "xla"."""
     if choice not in KERNELS:
-        raise ValueError(f"QWEN2VL_ATTENTION must be one of {', '.join(KERNELS)} (got {choice!r})")
+        raise ValueError(f"attention kernel must be one of {', '.join(KERNELS)} (got {choice!r})")
     if choice != "auto":
         return choice
     half = jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))

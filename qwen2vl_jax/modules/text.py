@@ -40,7 +40,7 @@ class RMSNorm(nn.Module):
         return (scale.astype(self.dtype) * xf.astype(x.dtype)).astype(self.dtype)
 
 
-def attend(q, k, v, mask, dtype, aligned: bool = False):
+def attend(q, k, v, mask, dtype, aligned: bool = False, kernel: str = "auto"):
     """q [B, L, H, hd], k/v [B, S, K, hd], mask bool[B, L, S] -> [B, L, H, hd].
 
     Grouped-query attention without repeating K/V; softmax in f32. Fully masked rows (left
@@ -48,7 +48,7 @@ def attend(q, k, v, mask, dtype, aligned: bool = False):
     slot i (a prefill from slot 0), so the fused kernel may skip the blocks above the diagonal.
     """
     b, l, h, hd = q.shape
-    if attention_kernel(dtype, l, hd) == "cudnn":
+    if attention_kernel(kernel, dtype, l, hd) == "cudnn":
         return fused_attention(q, k.astype(q.dtype), v.astype(q.dtype), mask=mask[:, None], causal=aligned)
     kh = k.shape[2]
     qg = q.reshape(b, l, kh, h // kh, hd)
@@ -61,6 +61,7 @@ def attend(q, k, v, mask, dtype, aligned: bool = False):
 class Attention(nn.Module):
     config: TextConfig
     dtype: Any = jnp.float32
+    attention: str = "auto"  # the kernel: auto, xla or cudnn (modules/attention.py)
 
     @nn.compact
     def __call__(self, x, cos, sin, mask, cache: LayerCache | None, cache_index):
@@ -85,7 +86,7 @@ class Attention(nn.Module):
         else:
             new_cache = None
         aligned = isinstance(cache_index, int) and cache_index == 0
-        out = attend(q, k, v, mask, self.dtype, aligned).reshape(b, l, h * hd)
+        out = attend(q, k, v, mask, self.dtype, aligned, self.attention).reshape(b, l, h * hd)
         return dense(cfg.hidden_size, "o_proj", bias=False)(out), new_cache
 
 
@@ -105,12 +106,13 @@ class Mlp(nn.Module):
 class DecoderLayer(nn.Module):
     config: TextConfig
     dtype: Any = jnp.float32
+    attention: str = "auto"
 
     @nn.compact
     def __call__(self, x, cos, sin, mask, cache, cache_index):
         eps = self.config.rms_norm_eps
         y = RMSNorm(eps, self.dtype, name="input_layernorm")(x)
-        y, cache = Attention(self.config, self.dtype, name="self_attn")(y, cos, sin, mask, cache, cache_index)
+        y, cache = Attention(self.config, self.dtype, self.attention, name="self_attn")(y, cos, sin, mask, cache, cache_index)
         x = x + y
         y = RMSNorm(eps, self.dtype, name="post_attention_layernorm")(x)
         x = x + Mlp(self.config, self.dtype, name="mlp")(y)
@@ -123,12 +125,13 @@ class TextModel(nn.Module):
     config: TextConfig
     dtype: Any = jnp.float32
     remat: bool = False
+    attention: str = "auto"
 
     def setup(self):
         cfg = self.config
         self.embed_tokens = nn.Embed(cfg.vocab_size, cfg.hidden_size, dtype=self.dtype)
         layer_cls = nn.remat(DecoderLayer, static_argnums=()) if self.remat else DecoderLayer
-        self.layers = [layer_cls(cfg, self.dtype) for _ in range(cfg.num_hidden_layers)]
+        self.layers = [layer_cls(cfg, self.dtype, self.attention) for _ in range(cfg.num_hidden_layers)]
         self.norm = RMSNorm(cfg.rms_norm_eps, self.dtype)
 
     def embed(self, input_ids):

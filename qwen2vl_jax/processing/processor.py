@@ -14,7 +14,6 @@ image_grid_thw int64 [n, 3], pixel_values_videos, video_grid_thw. Each <|image_p
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import Any, Iterable, Sequence
@@ -23,6 +22,7 @@ import numpy as np
 from PIL import Image
 
 from ..errors import InputError
+from ..jsonio import read_json
 from . import chat_template as ct
 from .image import ImageProcessor, fetch_image
 from .tokenizer import Qwen2Tokenizer
@@ -143,13 +143,7 @@ class Processor:
         tokenizer = Qwen2Tokenizer.from_pretrained(d)
 
         def read(name: str) -> dict:
-            f = d / name
-            if not f.exists():
-                return {}
-            try:
-                return json.loads(f.read_text())
-            except json.JSONDecodeError as e:
-                raise InputError(f"{f}: invalid JSON ({e.msg}, line {e.lineno})") from None
+            return read_json(d / name, missing_ok=True) or {}
 
         pre = read("preprocessor_config.json")
         vid = read("video_preprocessor_config.json") or pre

@@ -8,7 +8,6 @@ tokenizer_config.json. No BOS is added; the pad token is <|endoftext|>.
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import Iterable, Sequence
@@ -17,6 +16,7 @@ from tokenizers import AddedToken, Regex, Tokenizer, decoders, normalizers, pre_
 from tokenizers.models import BPE
 
 from ..errors import InputError
+from ..jsonio import read_json
 
 # Qwen2's pre-tokenizer split (the same regex its tokenizer.json carries).
 QWEN2_SPLIT_PATTERN = (
@@ -58,10 +58,13 @@ def _build_from_vocab(vocab: str, merges: str, added: Sequence[AddedToken]) -> T
     return tok
 
 
-def _added_tokens(cfg: dict) -> list[AddedToken]:
+def _added_tokens(cfg: dict, where: str | os.PathLike = "tokenizer_config.json") -> list[AddedToken]:
     decoder = cfg.get("added_tokens_decoder")
     if not decoder:
         return [AddedToken(t, special=True, normalized=False) for t in SPECIAL_TOKENS]
+    if not (isinstance(decoder, dict) and all(isinstance(d, dict) and isinstance(d.get("content"), str)
+                                              and str(k).isdigit() for k, d in decoder.items())):
+        raise InputError(f"{where}: added_tokens_decoder must map token ids to objects with a 'content' string")
     out = []
     for _, d in sorted(decoder.items(), key=lambda kv: int(kv[0])):
         out.append(
@@ -118,11 +121,18 @@ class Qwen2Tokenizer:
     def from_pretrained(cls, path: str | os.PathLike) -> "Qwen2Tokenizer":
         d = Path(path)
         cfg_file = d / "tokenizer_config.json"
-        cfg = json.loads(cfg_file.read_text()) if cfg_file.exists() else {}
+        cfg = read_json(cfg_file, missing_ok=True) or {}
         if (d / "tokenizer.json").exists():
-            tok = Tokenizer.from_file(str(d / "tokenizer.json"))
+            try:
+                tok = Tokenizer.from_file(str(d / "tokenizer.json"))
+            except Exception as e:  # the tokenizers library raises a bare Exception
+                raise InputError(f"{d / 'tokenizer.json'}: cannot read the tokenizer ({_first_line(e)})") from None
         elif cls.present(d):
-            tok = _build_from_vocab(str(d / "vocab.json"), str(d / "merges.txt"), _added_tokens(cfg))
+            added = _added_tokens(cfg, cfg_file)
+            try:
+                tok = _build_from_vocab(str(d / "vocab.json"), str(d / "merges.txt"), added)
+            except Exception as e:
+                raise InputError(f"{d}: cannot read vocab.json + merges.txt ({_first_line(e)})") from None
         else:
             raise InputError(f"{d}: no tokenizer.json, nor vocab.json + merges.txt")
         return cls(tok, cfg)
@@ -158,3 +168,8 @@ class Qwen2Tokenizer:
 
     def __len__(self) -> int:
         return self.vocab_size
+
+
+def _first_line(e: BaseException) -> str:
+    lines = str(e).strip().splitlines()
+    return lines[0] if lines else type(e).__name__

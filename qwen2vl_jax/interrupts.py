@@ -85,7 +85,7 @@ def held() -> Iterator[None]:
         try:
             yield
         except BaseException:
-            raise  # what was noted stays noted: the caller may ask (see cli._run)
+            raise  # what was noted stays noted: the caller may ask (see shell.run)
         else:
             _state["noted"] = []
         finally:

@@ -18,6 +18,7 @@ from typing import Callable, Iterable, Iterator, NamedTuple
 import numpy as np
 
 from qwen2vl_jax.errors import CheckpointError
+from qwen2vl_jax.params import flatten, unflatten  # noqa: F401 (part of this module's interface)
 
 # Transforms: how an HF tensor becomes the JAX array (and back).
 #   copy    same layout (norms, biases, embeddings)
@@ -128,29 +129,6 @@ def expected_hf_shape(transform: str, jax_shape: tuple[int, ...], conv_shape: tu
     if transform == "conv":
         return conv_shape
     return tuple(jax_shape)
-
-
-def flatten(tree: dict, prefix: str = "") -> dict[str, object]:
-    """Nested dict -> {'a/b/c': leaf}."""
-    out = {}
-    for key, value in tree.items():
-        path = f"{prefix}/{key}" if prefix else str(key)
-        if isinstance(value, dict) or (hasattr(value, "items") and not hasattr(value, "shape")):
-            out.update(flatten(dict(value), path))
-        else:
-            out[path] = value
-    return out
-
-
-def unflatten(flat: dict[str, object]) -> dict:
-    tree: dict = {}
-    for path, leaf in flat.items():
-        node = tree
-        *parents, last = path.split("/")
-        for p in parents:
-            node = node.setdefault(p, {})
-        node[last] = leaf
-    return tree
 
 
 class Planned(NamedTuple):

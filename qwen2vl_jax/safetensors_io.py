@@ -16,6 +16,7 @@ import ml_dtypes
 import numpy as np
 
 from qwen2vl_jax.errors import CheckpointError
+from qwen2vl_jax.jsonio import parse_json, read_json
 
 DTYPES = {
     "F64": np.float64,
@@ -42,9 +43,12 @@ def read_header(path: Path) -> tuple[dict, int]:
             (size,) = struct.unpack("<Q", raw)
             if size > 100_000_000:
                 raise CheckpointError(f"{path}: not a safetensors file (header size {size})")
-            header = json.loads(f.read(size))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"{path}: cannot read safetensors header ({e})") from None
+            text = f.read(size)
+    except OSError as e:
+        raise CheckpointError(f"{path}: cannot read it ({e.strerror or e})") from None
+    if len(text) != size:
+        raise CheckpointError(f"{path}: not a safetensors file (the header runs past the end of the file)")
+    header = parse_json(text, f"{path}: safetensors header", error=CheckpointError, expect=None)
     if not isinstance(header, dict):
         raise CheckpointError(f"{path}: not a safetensors file (the header is not a JSON object)")
     header.pop("__metadata__", None)
@@ -68,10 +72,9 @@ def checkpoint_files(folder: Path) -> list[Path]:
     folder = Path(folder)
     index = folder / "model.safetensors.index.json"
     if index.exists():
-        try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError) as e:
-            raise CheckpointError(f"{index}: malformed index ({type(e).__name__}: {e})") from None
+        weight_map = read_json(index, error=CheckpointError).get("weight_map")
+        if weight_map is None:
+            raise CheckpointError(f"{index}: malformed index (no weight_map)")
         if not isinstance(weight_map, dict) or not all(isinstance(f, str) for f in weight_map.values()):
             raise CheckpointError(f"{index}: malformed index (weight_map is not an object of tensor name -> file name)")
         files = sorted({folder / name for name in weight_map.values()})

@@ -1,0 +1,113 @@
+"""The one command-line shell of qwen2vl-generate, -convert, -export and -train.
+
+    def main(argv=None) -> int:
+        args = parser().parse_args(argv)          # argparse's own errors: "PROG: error: ...", 2
+        return shell.run("qwen2vl-convert", lambda: work(args))
+
+`run` calls `main()` with Ctrl-C and SIGTERM handled by `interrupts.installed()` (SIGTERM, a
+job's time limit, unwinds like Ctrl-C, so the work cleans up on the way out), and turns what
+escapes into one line on stderr and an exit status, the same for every tool:
+
+    InputError (CheckpointError too)   PROG: error: <the message's first line>      2
+    OSError (disk full, permissions)   PROG: error: <strerror>: <file>              1
+    KeyboardInterrupt                  PROG: <interrupted(e), or "interrupted">    130
+    BrokenPipeError (`... | head`)     nothing; stdout goes to /dev/null           141
+
+`main()` returning None is status 0. Anything else escapes as a traceback: it is a bug.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import Callable
+
+from qwen2vl_jax import interrupts
+from qwen2vl_jax.errors import InputError
+
+EXIT_INPUT = 2  # as argparse exits on a bad flag
+EXIT_OS = 1
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, as a shell reports a Ctrl-C'd command
+EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE
+
+
+def run(prog: str, main: Callable[[], int | None], *,
+        interrupted: Callable[[KeyboardInterrupt], str] | None = None) -> int:
+    """Runs `main()` as the body of the command-line tool `prog` -> its exit status (see the
+    module doc). `interrupted(e)` says what a Ctrl-C left behind, e.g. "interrupted; nothing
+    was written"; it is printed after "PROG: "."""
+    try:
+        with interrupts.installed():
+            try:
+                status = main()
+            except Exception:
+                interrupts.check()  # an error an interrupt caused (inside Orbax, say) is the interrupt
+                raise
+    except InputError as e:
+        _say(prog, f"error: {_first_line(e)}")
+        return EXIT_INPUT
+    except KeyboardInterrupt as e:
+        _quiet_abandoned_work()
+        what = interrupted(e) if interrupted is not None else None
+        _say(prog, what or "interrupted")
+        return EXIT_INTERRUPTED
+    except BrokenPipeError:
+        # The reader went away: stop quietly, as other command-line tools do, and keep Python's
+        # final flush of stdout from failing again at exit.
+        _stdout_to_devnull()
+        return EXIT_BROKEN_PIPE
+    except OSError as e:  # disk full, permissions, a folder that vanished
+        _say(prog, f"error: {os_error_line(e)}")
+        return EXIT_OS
+    return 0 if status is None else int(status)
+
+
+def os_error_line(e: OSError) -> str:
+    """One line for an OSError: 'No space left on device: /runs/out/params' (strerror and the
+    file when it has them), else its message's first line."""
+    if e.strerror:
+        files = [str(f) for f in (e.filename, e.filename2) if f is not None]
+        what = f"{e.strerror}: {' -> '.join(files)}" if files else e.strerror
+    else:
+        what = _first_line(e)
+    return " ".join(what.split()) or type(e).__name__
+
+
+def quiet_libraries() -> None:
+    """Keeps TensorFlow's C++ logging (via Orbax) and absl's warnings out of a tool's stderr;
+    call it before JAX or Orbax is imported."""
+    import logging
+
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    logging.getLogger("absl").setLevel(logging.ERROR)
+
+
+def _first_line(e: BaseException) -> str:
+    lines = str(e).strip().splitlines()
+    return lines[0].strip() if lines else type(e).__name__
+
+
+def _say(prog: str, text: str) -> None:
+    try:
+        print(f"{prog}: {text}", file=sys.stderr, flush=True)
+    except (OSError, ValueError):  # no stderr left to tell
+        pass
+
+
+def _quiet_abandoned_work() -> None:
+    """A second Ctrl-C can cut an Orbax read short; what it leaves pending is reported by
+    asyncio and the warnings module at exit, as noise after the one line that matters."""
+    import logging
+    import warnings
+
+    logging.getLogger("asyncio").setLevel(logging.CRITICAL)
+    warnings.filterwarnings("ignore", message="coroutine .* was never awaited", category=RuntimeWarning)
+
+
+def _stdout_to_devnull() -> None:
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError, AttributeError):  # stdout is not a real file (captured, closed)
+        pass
