@@ -296,6 +296,11 @@ class Engine:
                                      gc.greedy)
         return features, state, first
 
+    def step(self, params, state: DecodeState, greedy: bool) -> tuple[DecodeState, tuple[jax.Array, jax.Array]]:
+        """One decode step for every row -> (the next state, its (token, done) readout); the
+        state passed in is donated (read what you need from it first)."""
+        return self._step(params, state, greedy)
+
     @staticmethod
     def _vision_time(features, t0: float) -> float:
         # Read after prefill is queued behind the tower, so the wait costs the device nothing.
@@ -323,7 +328,7 @@ class Engine:
         while True:
             ahead = None
             if index + 1 < gc.max_new_tokens:
-                state, ahead = self._step(params, state, gc.greedy)
+                state, ahead = self.step(params, state, gc.greedy)
             ids, done = jax.device_get(pending)
             yield Token(np.asarray(ids), np.asarray(done), index, vision_s)
             if ahead is None or done.all():

@@ -1,15 +1,15 @@
-"""Shared fixtures: tiny random HF reference models, saved once per session."""
+"""Shared fixtures: tiny random HF reference models, saved once per session.
+
+Helpers live in importable modules beside this file (pyproject.toml puts tests/ on the path):
+hf_utils (tiny configs, HF models, multimodal cases, reference assets) and media (images,
+videos, output comparison for the preprocessing tests).
+"""
 
 from __future__ import annotations
 
-import os
-import sys
-
 import pytest
 
-sys.path.insert(0, os.path.dirname(__file__))
-
-import hf_utils  # noqa: E402
+import hf_utils
 
 
 @pytest.fixture(scope="session")
@@ -29,6 +29,13 @@ def tiny_hf(tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny_ours(tiny_hf):
     """name -> our Qwen2VL loaded (fp32) from the same saved folder."""
-    from qwen2vl_jax.model import Qwen2VL
+    from qwen2vl_jax import Qwen2VL  # the public name: stays valid while modules move
 
     return {name: Qwen2VL.from_pretrained(folder, dtype="float32") for name, (_, folder) in tiny_hf.items()}
+
+
+@pytest.fixture(scope="session")
+def reference_tokenizer():
+    """A Qwen2-VL-Instruct folder with the real tokenizer, chat template and preprocessor
+    config ($QWEN2VL_REFERENCE_ASSETS or ../shared/assets; skips when there is none)."""
+    return hf_utils.reference_folder("tokenizer")

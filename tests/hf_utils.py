@@ -8,16 +8,82 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 from pathlib import Path
 
 import numpy as np
 
-from qwen2vl_jax.convert.safetensors_io import list_tensors, save_file
+from qwen2vl_jax.config import TINY, Qwen2VLConfig, TextConfig, VisionConfig
+from qwen2vl_jax.safetensors_io import list_tensors, save_file
 
 IMG, VID, VSTART, VEND = 201, 202, 203, 204
 PAD = 0
 
-SHARED_ASSETS = Path(__file__).resolve().parents[1].parent / "shared" / "assets"
+# ------------------------------------------------------------------ reference assets
+# Tests that need the real Qwen2-VL tokenizer or configs read them from one folder:
+# $QWEN2VL_REFERENCE_ASSETS, else ../shared/assets beside the repository. The folder is either
+# a copy of shared/assets as it is laid out (qwen2-vl-7b-instruct/, qwen2-vl-2b/,
+# tokenizer-vectors/) or any downloaded Qwen2-VL checkpoint folder (tokenizer.json,
+# config.json ...): then the tests that need a tokenizer use it, and those that need the golden
+# vectors or a particular release's files skip. Use reference_folder(kind) to get a folder.
+REFERENCE_ENV = "QWEN2VL_REFERENCE_ASSETS"
+DEFAULT_REFERENCE_ASSETS = Path(__file__).resolve().parents[1].parent / "shared" / "assets"
+# kind -> (what it is, the subfolder of the shared/assets layout, files it must hold)
+REFERENCE_KINDS = {
+    "tokenizer": ("a Qwen2-VL-Instruct tokenizer (tokenizer.json, tokenizer_config.json, chat template, "
+                  "preprocessor_config.json)", "qwen2-vl-7b-instruct", ("tokenizer.json", "tokenizer_config.json")),
+    "vocab-merges": ("a Qwen2 vocab.json + merges.txt", "qwen2-vl-2b", ("vocab.json", "merges.txt")),
+    "qwen2-vl-7b-instruct": ("the Qwen2-VL-7B-Instruct files of shared/assets", "qwen2-vl-7b-instruct", ("config.json",)),
+    "qwen2-vl-2b": ("the Qwen2-VL-2B (base) files of shared/assets", "qwen2-vl-2b", ("config.json",)),
+    "tokenizer-vectors": ("the Qwen2 tokenizer golden vectors of shared/assets", "tokenizer-vectors",
+                          ("ggml-vocab-qwen2.gguf.inp", "ggml-vocab-qwen2.gguf.out")),
+}
+# The kinds a single downloaded checkpoint folder can serve (the folder itself).
+CHECKPOINT_KINDS = ("tokenizer", "vocab-merges")
+
+
+def reference_root() -> Path:
+    """$QWEN2VL_REFERENCE_ASSETS if set (and not empty), else ../shared/assets beside the repo."""
+    env = os.environ.get(REFERENCE_ENV, "").strip()
+    return Path(env).expanduser() if env else DEFAULT_REFERENCE_ASSETS
+
+
+def find_reference(kind: str) -> tuple[Path | None, str]:
+    """(folder, "") for a kind of reference asset, or (None, why it is not available)."""
+    what, sub, needs = REFERENCE_KINDS[kind]
+    root = reference_root()
+    source = f"{REFERENCE_ENV}={root}" if os.environ.get(REFERENCE_ENV, "").strip() else \
+        f"{root} (the default; set {REFERENCE_ENV} to point elsewhere)"
+    hint = f"set {REFERENCE_ENV} to a copy of shared/assets or to a downloaded Qwen2-VL checkpoint folder"
+    if not root.is_dir():
+        return None, f"reference assets not found: {source} is no folder; {hint}"
+    layout = any((root / s).is_dir() for _, s, _ in REFERENCE_KINDS.values())
+    if layout:
+        folder = root / sub
+    elif kind in CHECKPOINT_KINDS:
+        folder = root
+    else:
+        return None, (f"{what} are needed: {source} is a checkpoint folder, not a copy of shared/assets "
+                      f"(set {REFERENCE_ENV} to one to run this test)")
+    missing = [n for n in needs if not (folder / n).is_file()]
+    if missing:
+        return None, f"{what} not found: {folder} lacks {', '.join(missing)} ({source}); {hint}"
+    return folder, ""
+
+
+def reference_folder(kind: str) -> Path:
+    """The folder holding `kind` (a key of REFERENCE_KINDS), or pytest.skip naming the variable."""
+    folder, why = find_reference(kind)
+    if folder is None:
+        import pytest
+
+        pytest.skip(why)
+    return folder
+
+
+# Kept for the tests that join subfolder names to it: the reference root (a folder that may be a
+# checkpoint folder or may not exist; prefer reference_folder(kind)).
+SHARED_ASSETS = reference_root()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,6 +111,88 @@ SPECS = {
                      intermediate=67, v_embed=40, v_heads=2, v_mlp_ratio=2),
     "seed2": TinySpec(seed=2, mrope_section=(3, 4, 4), hidden=44, heads=2, kv_heads=1, intermediate=53,
                       layers=3, v_embed=24, v_heads=2, v_depth=3, v_mlp_ratio=4),
+}
+
+# ------------------------------------------------------------------ the registry of tiny configs
+# Every tiny model config the tests use, by name. SPECS (above) are the HF-side specs the
+# session fixtures build and save (test_model_parity runs each one, so add there only what
+# every parity test should run); the rest live here.
+
+# test_gptq: widths that pack 8 (or 4) values per int32: hidden 48, kv width 2 * 12 = 24,
+# intermediate 88; q/o are square but k/v/gate/up/down are not.
+GPTQ_SPECS = {
+    "untied": TinySpec(seed=3, mrope_section=(1, 2, 3), hidden=48, heads=4, kv_heads=2, intermediate=88),
+    "tied": TinySpec(seed=4, tie=True, mrope_section=(2, 2, 2), hidden=48, heads=4, kv_heads=2,
+                     intermediate=88, v_embed=40, v_heads=2, v_mlp_ratio=2),
+}
+
+
+def spec_config(spec: TinySpec) -> Qwen2VLConfig:
+    """Our config for a TinySpec: what Qwen2VLConfig.from_hf reads from hf_config(spec)."""
+    return Qwen2VLConfig(
+        vision=VisionConfig(depth=spec.v_depth, embed_dim=spec.v_embed, num_heads=spec.v_heads,
+                            mlp_ratio=float(spec.v_mlp_ratio), out_hidden_size=spec.hidden),
+        text=TextConfig(vocab_size=spec.vocab, hidden_size=spec.hidden, intermediate_size=spec.intermediate,
+                        num_hidden_layers=spec.layers, num_attention_heads=spec.heads,
+                        num_key_value_heads=spec.kv_heads, rms_norm_eps=1e-6, rope_theta=10000.0,
+                        mrope_section=spec.mrope_section, max_position_embeddings=4096),
+        tie_word_embeddings=spec.tie, image_token_id=IMG, video_token_id=VID, vision_start_token_id=VSTART,
+        vision_end_token_id=VEND, bos_token_id=205, eos_token_id=206,
+    )
+
+
+def _placeholder_ids() -> dict:
+    """The token ids of the tiny vocabularies (the same as the IMG/VID/VSTART/VEND rows use)."""
+    return dict(image_token_id=IMG, video_token_id=VID, vision_start_token_id=VSTART, vision_end_token_id=VEND,
+                bos_token_id=205, eos_token_id=206)
+
+
+TINY_CONFIGS: dict[str, Qwen2VLConfig] = {
+    # the HF-side specs, as our config reads them
+    **{name: spec_config(spec) for name, spec in SPECS.items()},
+    **{f"gptq_{name}": spec_config(spec) for name, spec in GPTQ_SPECS.items()},
+    # the package's own tiny preset (qwen2vl_jax.config.TINY)
+    "tiny": TINY,
+    # test_sharding: heads, KV heads and widths that tensor=4 divides
+    "sharded": Qwen2VLConfig(
+        vision=VisionConfig(depth=2, embed_dim=32, num_heads=4, mlp_ratio=2.0, out_hidden_size=64),
+        text=TextConfig(vocab_size=256, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                        num_attention_heads=8, num_key_value_heads=4, mrope_section=(1, 1, 2),
+                        rope_theta=10000.0, max_position_embeddings=4096),
+        **_placeholder_ids(),
+    ),
+    # test_sharding: 2 KV heads, which tensor=4 does not divide (refused)
+    "indivisible_heads": Qwen2VLConfig(
+        text=TextConfig(vocab_size=64, hidden_size=48, intermediate_size=64, num_hidden_layers=1,
+                        num_attention_heads=6, num_key_value_heads=2, mrope_section=(1, 1, 2)),
+        vision=VisionConfig(depth=1, embed_dim=32, num_heads=4, mlp_ratio=2.0, out_hidden_size=48),
+    ),
+    # test_gpu: head width 64 (what cuDNN's fused attention takes)
+    "gpu": Qwen2VLConfig(
+        vision=VisionConfig(depth=2, embed_dim=128, num_heads=2, mlp_ratio=2, out_hidden_size=256),
+        text=TextConfig(vocab_size=300, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
+                        num_attention_heads=4, num_key_value_heads=2, mrope_section=(8, 12, 12),
+                        max_position_embeddings=4096),
+        **_placeholder_ids(),
+    ),
+    # test_generation's real_vocab_model: the real Qwen2-VL vocabulary and token ids, tiny widths
+    # (the HF model: transformers.Qwen2VLConfig(**TINY_CONFIGS["real_vocab"].to_hf()))
+    "real_vocab": Qwen2VLConfig(
+        vision=VisionConfig(depth=1, embed_dim=16, num_heads=2, mlp_ratio=2, out_hidden_size=16),
+        text=TextConfig(vocab_size=151936, hidden_size=16, intermediate_size=24, num_hidden_layers=1,
+                        num_attention_heads=2, num_key_value_heads=1, mrope_section=(1, 1, 2),
+                        rms_norm_eps=1e-5, rope_theta=1e6, max_position_embeddings=32768),  # HF's default eps
+        tie_word_embeddings=True,
+    ),
+}
+
+# Widths for qwen2vl_jax.train.demo.init_folder(folder, seed, vocab=..., **DEMO_WIDTHS[name]),
+# whose vocabulary and token ids come from the tokenizer it trains (no full config here).
+DEMO_WIDTHS = {
+    # test_train's tiny_folder
+    "small": dict(vision=dict(depth=1, embed_dim=32, num_heads=2, mlp_ratio=2.0),
+                  text=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                            num_key_value_heads=1, mrope_section=(2, 3, 3))),
 }
 
 

@@ -480,7 +480,7 @@ def _set_hidden_size(cfg: dict) -> dict:
     (_int_weight, r"model.layers.0.mlp.up_proj.weight: dtype I32 .*floating-point"),
     (_write("config.json", b'{"model_type": "qwen2_vl",'), r"config.json.* valid JSON"),
     (_write("model.safetensors.index.json", b'{"weight_map": {"a": "model.safetensors"'),
-     r"model.safetensors.index.json: not valid JSON \(expecting .* at line 1 column \d+\)$"),
+     r"model.safetensors.index.json: not valid JSON \(expecting .* at column \d+\)$"),
     (_write("model.safetensors.index.json", b'{"metadata": {}}'), r"model.safetensors.index.json: .*no weight_map"),
     (_bad_json_header, r"extra.safetensors: safetensors header: not valid JSON \(.*column \d+\)$"),
 ], ids=["config_list", "config_bad_value", "header_list", "weight_map_list", "int_dtype", "config_not_json",

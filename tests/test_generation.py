@@ -191,9 +191,7 @@ def test_sample_token_respects_top_k_and_top_p():
 def test_generation_config_defaults_from_folder():
     from qwen2vl_jax.config import Qwen2VLConfig
 
-    folder = hf_utils.SHARED_ASSETS / "qwen2-vl-7b-instruct"
-    if not folder.is_dir():
-        pytest.skip("shared assets not found")
+    folder = hf_utils.reference_folder("qwen2-vl-7b-instruct")
     gc = GenerationConfig.from_pretrained(folder, Qwen2VLConfig.from_hf(folder))
     assert gc.eos_token_ids == (151645, 151643)
     assert gc.pad_token_id == 151643 and gc.top_k == 1 and gc.do_sample and gc.greedy
@@ -297,19 +295,8 @@ def real_vocab_model(tmp_path_factory):
     template and preprocessor config, saved as an HF folder."""
     from transformers import Qwen2VLConfig as HFConfig, Qwen2VLForConditionalGeneration
 
-    assets = hf_utils.SHARED_ASSETS / "qwen2-vl-7b-instruct"
-    if not (assets / "tokenizer.json").is_file():
-        pytest.skip("shared tokenizer assets not found")
-    cfg = HFConfig(
-        text_config=dict(vocab_size=151936, hidden_size=16, intermediate_size=24, num_hidden_layers=1,
-                         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=32768,
-                         bos_token_id=151643, eos_token_id=151645, tie_word_embeddings=True,
-                         rope_parameters={"rope_type": "default", "mrope_section": [1, 1, 2], "rope_theta": 1e6}),
-        vision_config=dict(depth=1, embed_dim=16, num_heads=2, mlp_ratio=2, hidden_size=16, in_channels=3,
-                           patch_size=14, spatial_merge_size=2, temporal_patch_size=2),
-        image_token_id=151655, video_token_id=151656, vision_start_token_id=151652, vision_end_token_id=151653,
-        tie_word_embeddings=True,
-    )
+    assets = hf_utils.reference_folder("tokenizer")
+    cfg = HFConfig(**hf_utils.TINY_CONFIGS["real_vocab"].to_hf())
     torch.manual_seed(0)
     hf = Qwen2VLForConditionalGeneration(cfg).eval()
     with torch.no_grad():

@@ -31,13 +31,7 @@ torch = pytest.importorskip("torch")
 
 CASE = {c.name: c for c in hf_utils.standard_cases()}["left_padded_batch"]
 
-# Widths that pack 8 (or 4) values per int32: hidden 48, kv width 2 * 12 = 24, intermediate 88;
-# q/o are square but k/v/gate/up/down are not, and every value is random.
-SPECS = {
-    "untied": hf_utils.TinySpec(seed=3, mrope_section=(1, 2, 3), hidden=48, heads=4, kv_heads=2, intermediate=88),
-    "tied": hf_utils.TinySpec(seed=4, tie=True, mrope_section=(2, 2, 2), hidden=48, heads=4, kv_heads=2,
-                              intermediate=88, v_embed=40, v_heads=2, v_mlp_ratio=2),
-}
+SPECS = hf_utils.GPTQ_SPECS  # widths that pack 8 (or 4) values per int32
 QUANTIZED = re.compile(r"^model\.layers\.\d+\.(self_attn\.[qkvo]_proj|mlp\.(gate|up|down)_proj)\.weight$")
 
 

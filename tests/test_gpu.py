@@ -13,22 +13,13 @@ import hf_utils
 
 pytestmark = pytest.mark.skipif(jax.default_backend() != "gpu", reason="needs an NVIDIA GPU (cuDNN attention)")
 
-from qwen2vl_jax.config import Qwen2VLConfig, TextConfig, VisionConfig  # noqa: E402
 from qwen2vl_jax.api import Qwen2VL  # noqa: E402
 from qwen2vl_jax.inputs import pack_vision  # noqa: E402
 from qwen2vl_jax.modules.qwen2vl import Qwen2VLModule, init_params  # noqa: E402
 from qwen2vl_jax.positions import get_rope_index  # noqa: E402
 from qwen2vl_jax.sampling import GenerationConfig  # noqa: E402
 
-# Head widths cuDNN takes (64), token ids matching hf_utils' placeholders.
-CONFIG = Qwen2VLConfig(
-    vision=VisionConfig(depth=2, embed_dim=128, num_heads=2, mlp_ratio=2, out_hidden_size=256),
-    text=TextConfig(vocab_size=300, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
-                    num_attention_heads=4, num_key_value_heads=2, mrope_section=(8, 12, 12),
-                    max_position_embeddings=4096),
-    image_token_id=hf_utils.IMG, video_token_id=hf_utils.VID, vision_start_token_id=hf_utils.VSTART,
-    vision_end_token_id=hf_utils.VEND, bos_token_id=205, eos_token_id=206,
-)
+CONFIG = hf_utils.TINY_CONFIGS["gpu"]  # head width 64, which cuDNN takes
 G1, G2, V1 = (1, 8, 12), (1, 6, 4), (2, 8, 8)
 CASE = hf_utils.make_case(
     "gpu_batch", [[5, ("img", G1), 7, 8, 9, 10, 11, 12], [3, 4, ("vid", V1), 6, ("img", G2), 2]], [G1, G2], [V1],

@@ -6,28 +6,15 @@ from __future__ import annotations
 
 import base64
 import io
-import os
-import sys
 
 import numpy as np
 import pytest
 from PIL import Image
 
-sys.path.insert(0, os.path.dirname(__file__))
-
-from conftest_processing import (  # noqa: E402
-    MODEL_2B,
-    MODEL_7B,
-    assert_close,
-    need,
-    photo,
-    quiet_transformers,
-    white_composite,
-    write_video,
-)
-
-from qwen2vl_jax.errors import InputError  # noqa: E402
-from qwen2vl_jax.processing import (  # noqa: E402
+from hf_utils import reference_folder
+from media import assert_close, photo, quiet_transformers, white_composite, write_video
+from qwen2vl_jax.errors import InputError
+from qwen2vl_jax.processing import (
     ImageProcessor,
     Processor,
     VideoProcessor,
@@ -37,7 +24,7 @@ from qwen2vl_jax.processing import (  # noqa: E402
     resize_frames,
     smart_resize,
 )
-from qwen2vl_jax.processing.video import linspace_indices  # noqa: E402
+from qwen2vl_jax.processing.video import linspace_indices
 
 torch = pytest.importorskip("torch")
 pytest.importorskip("torchvision")
@@ -84,19 +71,18 @@ def our_video():
 
 
 @pytest.fixture(scope="module")
-def hf_proc():
-    need(MODEL_7B)
+def hf_proc(reference_tokenizer):
     from transformers import AutoProcessor
 
-    p = AutoProcessor.from_pretrained(MODEL_7B)
-    p.image_processor = Qwen2VLImageProcessorPil.from_pretrained(MODEL_7B)  # the reference backend
+    p = AutoProcessor.from_pretrained(reference_tokenizer)
+    p.image_processor = Qwen2VLImageProcessorPil.from_pretrained(reference_tokenizer)  # the reference backend
     p.video_processor.cap_pixels_per_frame = False
     return p
 
 
 @pytest.fixture(scope="module")
-def proc():
-    return Processor.from_pretrained(need(MODEL_7B))
+def proc(reference_tokenizer):
+    return Processor.from_pretrained(reference_tokenizer)
 
 
 @pytest.fixture(scope="module")
@@ -385,10 +371,11 @@ def test_continue_final_message_matches_hf(proc, hf_proc):
 
 
 def test_chat_template_batch_and_base_model():
-    p = Processor.from_pretrained(need(MODEL_2B))
+    base = reference_folder("qwen2-vl-2b")  # the base model's chat template
+    p = Processor.from_pretrained(base)
     from transformers import AutoProcessor
 
-    hf = AutoProcessor.from_pretrained(MODEL_2B)
+    hf = AutoProcessor.from_pretrained(base)
     items = [{"type": "image"}, {"type": "text", "text": "A photo of"}, {"type": "video"}]
     assert p.template_name == "base"
     assert p.apply_chat_template(items) == hf.apply_chat_template(items)

@@ -31,31 +31,19 @@ def _worker() -> dict:
     jax.config.update("jax_platforms", "cpu")
     import numpy as np
 
-    sys.path.insert(0, str(Path(__file__).parent))
-    import hf_utils
-    from qwen2vl_jax.config import Qwen2VLConfig, TextConfig, VisionConfig
+    import hf_utils  # tests/ is on PYTHONPATH (set by the `report` fixture)
+    from qwen2vl_jax.api import Qwen2VL
     from qwen2vl_jax.errors import InputError
-    from qwen2vl_jax.generation import GenerationConfig, Generator
-    from qwen2vl_jax.model import Qwen2VL, init_shapes, Qwen2VLModule, _dummy_vision
+    from qwen2vl_jax.modules.qwen2vl import init_params, init_shapes
+    from qwen2vl_jax.sampling import GenerationConfig
     from qwen2vl_jax.sharding import make_mesh
 
     assert jax.device_count() == 8, jax.devices()
     # Heads, KV heads and widths that tensor=4 divides; prime-ish elsewhere.
-    config = Qwen2VLConfig(
-        vision=VisionConfig(depth=2, embed_dim=32, num_heads=4, mlp_ratio=2.0, out_hidden_size=64),
-        text=TextConfig(vocab_size=256, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-                        num_attention_heads=8, num_key_value_heads=4, mrope_section=(1, 1, 2),
-                        rope_theta=10000.0, max_position_embeddings=4096),
-        image_token_id=hf_utils.IMG, video_token_id=hf_utils.VID, vision_start_token_id=hf_utils.VSTART,
-        vision_end_token_id=hf_utils.VEND, bos_token_id=205, eos_token_id=206,
-    )
-    module = Qwen2VLModule(config)
-    ids = np.zeros((1, 4), np.int32)
-    params = module.init(jax.random.PRNGKey(0), ids, np.zeros((3, 1, 4), np.int32), np.ones((1, 4), bool),
-                         _dummy_vision(config))["params"]
+    config = hf_utils.TINY_CONFIGS["sharded"]
     # Flax's init (fan-in scaled) keeps this random network well conditioned, so fp32
     # reordering across shards stays near 1e-7; larger weights make it chaotic.
-    params = jax.tree_util.tree_map(np.asarray, params)
+    params = jax.tree_util.tree_map(np.asarray, init_params(config, jax.random.PRNGKey(0)))
     assert jax.tree_util.tree_structure(params) == jax.tree_util.tree_structure(init_shapes(config))
 
     g1, g2, v1 = (1, 4, 6), (1, 2, 2), (2, 4, 4)
@@ -65,12 +53,12 @@ def _worker() -> dict:
     gc = GenerationConfig(max_new_tokens=STEPS + 1, eos_token_ids=())
 
     def run(model):
-        gen = Generator(model, model.mesh, model.rules)
-        prepared = gen.prepare(**case.inputs(), max_new_tokens=gc.max_new_tokens)
-        state = gen.start(prepared, gc)
+        engine = model.engine
+        inputs = model.inputs(**case.inputs(), room=gc.max_new_tokens)
+        _, state, _ = engine.start(model.params, inputs, gc)
         logits, tokens = [np.asarray(state.logits)], [np.asarray(state.token)]
         for _ in range(STEPS):
-            state = gen._step(model.params, state, True)
+            state, _ = engine.step(model.params, state, True)  # the state is donated: read it first
             logits.append(np.asarray(state.logits))
             tokens.append(np.asarray(state.token))
         full = model.logits(**case.inputs())
@@ -103,7 +91,7 @@ def _worker() -> dict:
                 "down_proj": spec_of(p["mlp"]["down_proj"]["kernel"]),
                 "embed": spec_of(model.params["model"]["embed_tokens"]["embedding"]),
                 "vision_fc1": spec_of(model.params["visual"]["blocks_0"]["mlp"]["fc1"]["kernel"]),
-                "cache_k": spec_of(state.cache[0].k),
+                "cache_k": spec_of(state.cache.k[0]),
             },
             "q_shard_shape": list(q.addressable_shards[0].data.shape),
             "q_shape": list(q.shape),
@@ -126,9 +114,7 @@ def _worker() -> dict:
             jax.tree_util.tree_leaves(loaded), jax.tree_util.tree_leaves(params))),
     }
     # A tensor size that does not divide the heads is refused with one line.
-    tiny = Qwen2VLConfig(text=TextConfig(vocab_size=64, hidden_size=48, intermediate_size=64, num_hidden_layers=1,
-                                         num_attention_heads=6, num_key_value_heads=2, mrope_section=(1, 1, 2)),
-                         vision=VisionConfig(depth=1, embed_dim=32, num_heads=4, mlp_ratio=2.0, out_hidden_size=48))
+    tiny = hf_utils.TINY_CONFIGS["indivisible_heads"]
     try:
         Qwen2VL(tiny, {}, "float32", mesh=make_mesh("data=2,tensor=4"))
         report["refused"] = None
@@ -146,7 +132,8 @@ def _worker() -> dict:
 @pytest.fixture(scope="module")
 def report():
     repo = Path(__file__).resolve().parents[1]
-    env = dict(os.environ, PYTHONPATH=str(repo) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    path = [str(repo), str(repo / "tests"), os.environ.get("PYTHONPATH", "")]
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in path if p))
     env.pop("XLA_FLAGS", None)
     out = subprocess.run([sys.executable, __file__, "--worker"], capture_output=True, text=True, env=env,
                          cwd=repo, timeout=900)

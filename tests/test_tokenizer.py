@@ -3,31 +3,35 @@ vocab.json + merges.txt), special tokens, and parity with transformers' Qwen2Tok
 
 from __future__ import annotations
 
-import os
-import sys
+import shutil
 
 import pytest
 
-sys.path.insert(0, os.path.dirname(__file__))
-
-from conftest_processing import MODEL_2B, MODEL_7B, VECTORS, need, quiet_transformers  # noqa: E402
-
-from qwen2vl_jax.processing import Qwen2Tokenizer  # noqa: E402
-from qwen2vl_jax.processing.tokenizer import SPECIAL_TOKENS  # noqa: E402
+from hf_utils import reference_folder
+from media import quiet_transformers
+from qwen2vl_jax.processing import Qwen2Tokenizer
+from qwen2vl_jax.processing.tokenizer import SPECIAL_TOKENS
 
 
 def _vectors():
-    need(VECTORS)
-    texts = (VECTORS / "ggml-vocab-qwen2.gguf.inp").read_text(encoding="utf-8").split("\n__ggml_vocab_test__\n")
-    ids = (VECTORS / "ggml-vocab-qwen2.gguf.out").read_text(encoding="utf-8").split("\n")
+    vectors = reference_folder("tokenizer-vectors")
+    texts = (vectors / "ggml-vocab-qwen2.gguf.inp").read_text(encoding="utf-8").split("\n__ggml_vocab_test__\n")
+    ids = (vectors / "ggml-vocab-qwen2.gguf.out").read_text(encoding="utf-8").split("\n")
     # both files end with a separator/newline: drop the empty tail
     texts, ids = texts[:-1], ids[: len(texts) - 1]
     return texts, [[int(v) for v in line.split()] for line in ids]
 
 
 @pytest.fixture(scope="module", params=["tokenizer.json", "vocab+merges"])
-def tok(request):
-    return Qwen2Tokenizer.from_pretrained(need(MODEL_7B if request.param == "tokenizer.json" else MODEL_2B))
+def tok(request, tmp_path_factory):
+    if request.param == "tokenizer.json":
+        return Qwen2Tokenizer.from_pretrained(reference_folder("tokenizer"))
+    # vocab.json + merges.txt alone (a checkpoint folder also holds tokenizer.json, which wins)
+    source, folder = reference_folder("vocab-merges"), tmp_path_factory.mktemp("vocab_merges")
+    for name in ("vocab.json", "merges.txt", "tokenizer_config.json"):
+        if (source / name).is_file():
+            shutil.copy(source / name, folder / name)
+    return Qwen2Tokenizer.from_pretrained(folder)
 
 
 def test_golden_vectors(tok):
@@ -56,12 +60,12 @@ def test_decode(tok):
     assert tok.batch_decode([ids, ids[:3]]) == [text, tok.decode(ids[:3])]
 
 
-def test_matches_transformers(tok):
+def test_matches_transformers(tok, reference_tokenizer):
     pytest.importorskip("transformers")
     quiet_transformers()
     from transformers import AutoTokenizer
 
-    hf = AutoTokenizer.from_pretrained(MODEL_7B)
+    hf = AutoTokenizer.from_pretrained(reference_tokenizer)
     texts = [
         "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n"
         "<|vision_start|><|image_pad|><|image_pad|><|vision_end|>What's in it?<|im_end|>\n<|im_start|>assistant\n",

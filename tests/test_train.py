@@ -193,7 +193,6 @@ SHARDED_SCRIPT = r"""
 import json, sys
 import jax
 jax.config.update("jax_num_cpu_devices", 8)
-sys.path.insert(0, TESTS)
 import numpy as np
 import test_train as tt
 from qwen2vl_jax.config import TINY
@@ -233,9 +232,9 @@ print("RESULT" + json.dumps(out))
 def test_sharded_step_matches_unsharded():
     """On 8 simulated CPU devices (data=2, fsdp=2, tensor=2) two train steps give the loss and
     the parameters of the unsharded step, with params and Adam state actually sharded."""
-    script = f"TESTS = {str(TESTS)!r}\n" + SHARDED_SCRIPT
-    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
-    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=600)
+    env = {**os.environ, "JAX_PLATFORMS": "cpu",
+           "PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.run([sys.executable, "-c", SHARDED_SCRIPT], capture_output=True, text=True, env=env, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = json.loads(proc.stdout.split("RESULT", 1)[1])
     for ref, sharded in out["loss"]:
@@ -247,9 +246,7 @@ def test_sharded_step_matches_unsharded():
 
 
 # ----------------------------------------------------------------------------- data
-TINY_WIDTHS = dict(vision=dict(depth=1, embed_dim=32, num_heads=2, mlp_ratio=2.0),
-                   text=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
-                             num_key_value_heads=1, mrope_section=(2, 3, 3)))
+TINY_WIDTHS = hf_utils.DEMO_WIDTHS["small"]
 
 
 @pytest.fixture(scope="module")

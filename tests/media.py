@@ -1,5 +1,6 @@
-"""Helpers and fixtures for the preprocessing tests (imported by test_processing.py and
-test_tokenizer.py; tests/conftest.py belongs to the model tests)."""
+"""Media helpers for the preprocessing tests (test_processing.py, test_tokenizer.py): quiet
+transformers, reference compositing, sample photos, a synthetic video clip, and output
+comparison. The reference Qwen2-VL files come from hf_utils.reference_folder(kind)."""
 
 from __future__ import annotations
 
@@ -7,19 +8,7 @@ import warnings
 from pathlib import Path
 
 import numpy as np
-import pytest
 from PIL import Image
-
-ASSETS = Path(__file__).resolve().parents[1].parent / "shared" / "assets"
-MODEL_7B = ASSETS / "qwen2-vl-7b-instruct"
-MODEL_2B = ASSETS / "qwen2-vl-2b"
-VECTORS = ASSETS / "tokenizer-vectors"
-
-
-def need(folder: Path) -> Path:
-    if not folder.is_dir():
-        pytest.skip(f"reference assets not found at {folder} (expects a copy of shared/assets beside the repo)")
-    return folder
 
 
 def quiet_transformers():
