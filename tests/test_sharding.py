@@ -33,6 +33,7 @@ def _worker() -> dict:
 
     import hf_utils  # tests/ is on PYTHONPATH (set by the `report` fixture)
     from qwen2vl_jax.api import Qwen2VL
+    from qwen2vl_jax.engine import KVCache
     from qwen2vl_jax.errors import InputError
     from qwen2vl_jax.modules.qwen2vl import init_params, init_shapes
     from qwen2vl_jax.sampling import GenerationConfig
@@ -64,9 +65,10 @@ def _worker() -> dict:
         full = model.logits(**case.inputs())
         return np.stack(logits), np.stack(tokens), full, state
 
-    def spec_of(x):
+    def spec_of(x, sharding=None):
         """The mesh axes of each dim of x (None: replicated), as JSON."""
-        spec = list(x.sharding.spec) + [None] * (x.ndim - len(x.sharding.spec))
+        sharding = sharding or x.sharding
+        spec = list(sharding.spec) + [None] * (x.ndim - len(sharding.spec))
         return [list(a) if isinstance(a, tuple) else a for a in spec]
 
     ref_logits, ref_tokens, ref_full, _ = run(Qwen2VL(config, params, "float32"))
@@ -92,6 +94,9 @@ def _worker() -> dict:
                 "embed": spec_of(model.params["model"]["embed_tokens"]["embedding"]),
                 "vision_fc1": spec_of(model.params["visual"]["blocks_0"]["mlp"]["fc1"]["kernel"]),
                 "cache_k": spec_of(state.cache.k[0]),
+                # What the cache type declares for that shape (KVCache.AXES through the rules).
+                "cache_declared": spec_of(state.cache.k[0], KVCache.abstract(
+                    config.text, *state.cache.k[0].shape[:2], np.float32).shardings(mesh, model.rules).k[0]),
             },
             "q_shard_shape": list(q.addressable_shards[0].data.shape),
             "q_shape": list(q.shape),
@@ -176,6 +181,8 @@ def test_params_really_sharded(report):
     loaded = report["loaded"]
     assert loaded["q_proj"] == f2["specs"]["q_proj"] and loaded["embed"] == f2["specs"]["embed"]
     assert loaded["q_shard_shape"] == f2["q_shard_shape"] and loaded["equal"]
+    for name in MESHES:  # the decode state's cache is laid out as its type declares
+        assert report[name]["specs"]["cache_k"] == report[name]["specs"]["cache_declared"], name
 
 
 def test_bad_meshes_refused(report):
