@@ -27,7 +27,7 @@ import numpy as np
 from qwen2vl_jax import checkpoint, interrupts
 from qwen2vl_jax.config import DEMO_DIR, Qwen2VLConfig
 from qwen2vl_jax.convert import gptq
-from qwen2vl_jax.errors import CheckpointError, InputError
+from qwen2vl_jax.errors import CheckpointError, InputError, listing
 from qwen2vl_jax.hf_mapping import Planned, hf_to_jax_name, load_planned, plan_conversion
 from qwen2vl_jax.safetensors_io import DTYPES, checkpoint_files, list_tensors, read_header
 
@@ -125,8 +125,13 @@ def remove_tree(path: Path, settle: float = 0.05, tries: int = 20) -> None:
 # ---------------------------------------------------------------- checks
 def check_files(folder: Path) -> None:
     """Every safetensors header parses, every dtype is known, every byte range fits its shape
-    and its file; all problems in one error, before anything is written."""
-    problems = []
+    and its file; all problems in one error (grouped by file and kind, the first few tensors
+    of each named), before anything is written."""
+    groups: dict[tuple[str, str], list[str]] = {}  # (file, what is wrong) -> tensors
+
+    def bad(path: Path, name: str, what: str) -> None:
+        groups.setdefault((path.name, what), []).append(name)
+
     for path in checkpoint_files(folder):
         header, start = read_header(path)
         size = path.stat().st_size
@@ -138,22 +143,32 @@ def check_files(folder: Path) -> None:
                 if not all(type(x) is int and x >= 0 for x in (begin, end, *shape)):
                     raise ValueError
             except (KeyError, TypeError, ValueError):
-                problems.append(f"{path.name}:{name}: malformed header entry")
+                bad(path, name, "malformed header entry")
                 continue
             if dtype is None:
-                problems.append(f"{path.name}:{name}: unsupported dtype {info['dtype']}")
+                bad(path, name, f"unsupported dtype {info['dtype']}")
             elif info["dtype"] not in FLOAT_DTYPES and hf_to_jax_name(name) is not None:
-                problems.append(f"{path.name}:{name}: dtype {info['dtype']} where a floating-point weight belongs")
+                bad(path, name, f"dtype {info['dtype']} where a floating-point weight belongs")
             elif end - begin != int(np.prod(shape)) * np.dtype(dtype).itemsize:
-                problems.append(f"{path.name}:{name}: byte range does not match shape {shape}")
+                bad(path, f"{name} {shape}", "byte range does not match the shape")
             elif start + end > size:
-                problems.append(f"{path.name}:{name}: data runs past the end of the file (truncated?)")
-    if problems:
-        raise CheckpointError(f"{len(problems)} bad tensor(s) in {folder}: " + "; ".join(problems[:20]))
+                bad(path, name, "data runs past the end of the file (truncated?)")
+    if groups:
+        count = sum(map(len, groups.values()))
+        # the first 3, 2 or 1 tensors of each kind: the line stays near 300 characters
+        limit, width = {1: (4, 160), 2: (3, 90)}.get(len(groups), (2, 60))
+        parts = [f"{file}: {listing(names, limit, width=width)}: {what}" for (file, what), names in groups.items()]
+        raise CheckpointError(f"{count} bad tensor(s) in {folder}: {listing(parts, 3, sep='; ', width=1000)}")
 
 
 def _no_safetensors_hint(folder: Path) -> None:
     if not list(folder.glob("*.safetensors")) and not (folder / "model.safetensors.index.json").exists():
+        if checkpoint.is_converted(folder):
+            raise CheckpointError(
+                f"{folder} is already converted (it holds {checkpoint.MARKER} and {checkpoint.PARAMS}/): "
+                "qwen2vl-generate --model and Qwen2VL.from_pretrained load it as it is, and "
+                "qwen2vl-export turns it back into an HF folder"
+            )
         other = sorted(p.name for p in folder.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".ckpt"))
         if other:
             raise CheckpointError(
@@ -208,7 +223,8 @@ def convert_checkpoint(
     np_dtype = np.dtype(DTYPES["BF16"] if dtype == "bfloat16" else np.float32)
     out = Path(out_dir).expanduser()
     local = Path(source).expanduser()
-    if local.is_dir():  # refuse a bad OUT_DIR before any download
+    if local.is_dir():  # refuse a converted folder, and a bad OUT_DIR, before any download
+        _no_safetensors_hint(local)
         check_destination(out, [local], force)
     src = resolve_source(source)
     check_destination(out, [src], force)

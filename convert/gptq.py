@@ -28,7 +28,7 @@ import numpy as np
 
 from qwen2vl_jax.hf_mapping import hf_to_jax_name
 from qwen2vl_jax.jsonio import read_json
-from qwen2vl_jax.errors import CheckpointError
+from qwen2vl_jax.errors import CheckpointError, listing
 
 PARTS = ("qweight", "qzeros", "scales", "g_idx")
 BITS = (4, 8)  # whole values per int32; 2/3 bits are rare and 3 does not pack evenly
@@ -175,7 +175,7 @@ def fold(tensors: list[Tensor], expected: dict[str, tuple[int, ...]], quant: GPT
         in_features, out_features = expected[mapped[0]]
         lacking = [f"{prefix}.{p}" for p in PARTS if p not in parts]
         if lacking:
-            problems.append(f"{prefix}: quantized layer lacks {', '.join(lacking)}")
+            problems.append(f"{prefix}: quantized layer lacks {listing(lacking)}")
         if in_features % quant.per_int or out_features % quant.per_int:
             problems.append(f"{prefix}: the config's ({in_features}, {out_features}) Linear cannot hold "
                             f"{quant.per_int} {quant.bits}-bit values per int32")

@@ -16,7 +16,10 @@ shardings.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
+import re
 import shutil
 from pathlib import Path
 from typing import Any, Iterable
@@ -26,7 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from qwen2vl_jax.config import Qwen2VLConfig
-from qwen2vl_jax.errors import CheckpointError
+from qwen2vl_jax.errors import CheckpointError, listing
 from qwen2vl_jax.hf_mapping import convert_tensors
 from qwen2vl_jax.jsonio import read_json
 from qwen2vl_jax.modules.qwen2vl import init_shapes
@@ -132,7 +135,7 @@ class ParamWriter:
         """flat: {'model/layers_3/mlp/up_proj/kernel': array, ...}; paths not yet written."""
         again = self.written.intersection(flat)
         if again:
-            raise ValueError(f"parameters written twice: {sorted(again)}")
+            raise ValueError(f"{len(again)} parameter(s) written twice: {listing(sorted(again))}")
         response = _ocp().partial.save_async(self.path, unflatten(flat))
         try:
             response.result()
@@ -158,34 +161,216 @@ def expected_shapes(config: Qwen2VLConfig) -> dict[str, tuple[int, ...]]:
 
 
 def stored_params(folder: str | Path) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
-    """JAX path -> (shape, dtype) of every array in `folder/params`, read from metadata only."""
+    """JAX path -> (shape, dtype) of every array in `folder/params`, read from metadata only.
+
+    A damaged folder (a file cut short, deleted or not valid) is one CheckpointError that names
+    `folder/params` and what is wrong, never TensorStore's own report."""
     path = Path(folder).resolve() / PARAMS
     if not path.is_dir():
         raise CheckpointError(f"{folder}: no {PARAMS}/ checkpoint")
-    state = path / "state"
-    if state.is_dir() and not (state / "manifest.ocdbt").exists() and (
-        (state / "d").exists() or any(state.glob("ocdbt.process_*"))
-    ):  # Orbax would log a traceback per array before giving up
-        raise CheckpointError(f"{path}: not a readable Orbax checkpoint (state/manifest.ocdbt is missing)")
-    try:
-        tree = _ocp().metadata(path).metadata
-    except Exception as e:  # Orbax raises several types for a damaged or foreign folder
-        raise CheckpointError(f"{path}: not a readable Orbax checkpoint ({_first_line(e)})") from None
-    try:
-        return {k: (tuple(m.shape), np.dtype(m.dtype)) for k, m in flatten(tree).items()}
-    except (AttributeError, TypeError) as e:  # e.g. no tree at all when state/manifest.ocdbt is gone
-        raise CheckpointError(f"{path}: not a readable Orbax checkpoint (no parameter metadata: "
-                              f"{_first_line(e)})") from None
+    problem = _missing_files(path)  # before Orbax: it logs a traceback per array on such damage
+    if problem:
+        raise CheckpointError(f"{path}: damaged checkpoint: {problem}")
+    with _orbax_warnings() as warnings:
+        try:
+            tree = _ocp().metadata(path).metadata
+            error = None
+        except Exception as e:  # Orbax raises several types for a damaged or foreign folder
+            tree, error = None, e
+    if tree is not None:
+        try:
+            return {k: (tuple(m.shape), np.dtype(m.dtype)) for k, m in flatten(tree).items()}
+        except (AttributeError, TypeError):
+            pass
+    problem = _diagnose(path)
+    if problem:
+        raise CheckpointError(f"{path}: damaged checkpoint: {problem}")
+    # Orbax raised, or logged why it has no tree for the folder and returned None
+    why = error if error is not None else (warnings[-1] if warnings else "it holds no parameter metadata")
+    raise CheckpointError(f"{path}: not a readable Orbax checkpoint ({_reason(why, path)})")
 
 
 def _restore(path: Path, abstract):
-    """Orbax's load, with a damaged data file (truncated, missing) as one CheckpointError."""
+    """Orbax's load, with a damaged data file (truncated, missing, corrupt) as one CheckpointError."""
     try:
-        return _ocp().load(path, abstract)
+        with _orbax_warnings():
+            return _ocp().load(path, abstract)
     except CheckpointError:
         raise
     except Exception as e:  # tensorstore reports damage as ValueError, OSError, ...
-        raise CheckpointError(f"{path}: cannot read the stored params ({_first_line(e)})") from None
+        problem = _missing_files(path)
+        raise CheckpointError(f"{path}: damaged checkpoint: {problem}" if problem else
+                              f"{path}: cannot read the stored params ({_reason(e, path)})") from None
+
+
+# ---------------------------------------------------------------- damage, in plain words
+# A reference to a stretch of a file in an OCDBT tree dump: kind:base_path:file:offset:length.
+_OCDBT_REF = re.compile(r"^(value|btreenode):([^:]*):([^:]+):(\d+):(\d+)$")
+_MAX_NODES = 100_000
+
+
+def _missing_files(path: Path) -> str | None:
+    """What is missing or cut short among the files the checkpoint at `path` refers to, in
+    words; None when nothing is (or the layout is not one this walks: Orbax then reports).
+
+    Walks the OCDBT tree of `path/state` (the manifest and the B-tree nodes of the latest
+    version, not the arrays) and compares every data file it refers to with what is on disk,
+    so a truncated or deleted file is named before Orbax tries to read it."""
+    state = path / "state"
+    if not state.is_dir():
+        return None
+    if not (state / "manifest.ocdbt").exists():
+        if (state / "d").exists() or any(state.glob("ocdbt.process_*")):
+            return "state/manifest.ocdbt is missing"
+        return None
+    try:
+        import tensorstore as ts  # noqa: PLC0415 - Orbax's own dependency
+
+        store = ts.KvStore.open({"driver": "file", "path": f"{state}/"}).result()
+        manifest = ts.ocdbt.dump(store).result()
+        todo = [manifest["versions"][-1]["root"]["location"]]
+        if not _OCDBT_REF.match(todo[0]):
+            return None
+    except ValueError as e:  # TensorStore's report: only its DATA_LOSS is damage for sure
+        return _reason(e, path) if str(e).startswith("DATA_LOSS") else None
+    except Exception:  # an empty tree, another tensorstore's API: Orbax reads it, or says
+        return None
+    need: dict[Path, int] = {}  # file -> bytes the tree needs in it
+    kinds: dict[Path, str] = {}
+    sizes: dict[Path, int | None] = {}  # None: no such file
+
+    def size(file: Path) -> int | None:
+        if file not in sizes:
+            sizes[file] = file.stat().st_size if file.is_file() else None
+        return sizes[file]
+
+    dumped = set()
+    while todo and len(dumped) < _MAX_NODES:
+        for ref in todo:
+            m = _OCDBT_REF.match(ref)
+            file = state / m[2] / m[3]
+            need[file] = max(need.get(file, 0), int(m[4]) + int(m[5]))
+            kinds.setdefault(file, "data file" if m[1] == "value" else "index file")
+        nodes = [r for r in todo if r.startswith("btreenode:") and r not in dumped]
+        todo = []
+        for ref in nodes:  # the nodes whose file holds them: their entries refer on
+            m = _OCDBT_REF.match(ref)
+            file = state / m[2] / m[3]
+            dumped.add(ref)
+            if (size(file) or 0) < int(m[4]) + int(m[5]):
+                continue
+            try:
+                node = ts.ocdbt.dump(store, ref).result()
+            except Exception:
+                continue  # Orbax will say
+            todo.extend(r for r in _strings(node) if _OCDBT_REF.match(r))
+    bad = []
+    for file, needed in need.items():
+        rel = file.relative_to(path).as_posix()
+        if size(file) is None:
+            bad.append(f"{kinds[file]} {rel} is missing")
+        elif size(file) < needed:
+            bad.append(f"{kinds[file]} {rel} is cut short ({size(file):,} bytes, the checkpoint needs "
+                       f"{needed:,}: an interrupted copy?)")
+    return listing(bad, 2, sep="; ") if bad else None
+
+
+def _strings(tree):
+    if isinstance(tree, str):
+        yield tree
+    elif isinstance(tree, dict):
+        for v in tree.values():
+            yield from _strings(v)
+    elif isinstance(tree, (list, tuple)):
+        for v in tree:
+            yield from _strings(v)
+
+
+def _diagnose(path: Path) -> str | None:
+    """After Orbax failed: a file every checkpoint has that is missing or not valid JSON."""
+    for name in ("_CHECKPOINT_METADATA", "state/_METADATA"):
+        file = path / name
+        if not file.parent.is_dir():
+            return f"{file.parent.relative_to(path).as_posix()}/ is missing"
+        if not file.is_file():
+            return f"{name} is missing"
+        try:
+            read_json(file, error=CheckpointError, expect=None)
+        except CheckpointError:
+            return f"{name} is not valid JSON (cut short?)"
+    return None
+
+
+# TensorStore's words for damage, and what they mean.
+_TS_STATUS = re.compile(r"\b(CANCELLED|UNKNOWN|INVALID_ARGUMENT|DEADLINE_EXCEEDED|NOT_FOUND|ALREADY_EXISTS|"
+                        r"PERMISSION_DENIED|RESOURCE_EXHAUSTED|FAILED_PRECONDITION|ABORTED|OUT_OF_RANGE|"
+                        r"UNIMPLEMENTED|INTERNAL|UNAVAILABLE|DATA_LOSS|UNAUTHENTICATED): ")
+_TS_ARRAY = re.compile(r'in "([^"/]+)/(?:c/[^"]*|zarr\.json)"')
+_TS_FILE = re.compile(r'local file "([^"]+)"')
+_TS_MEANING = [
+    (re.compile(r"Requested byte range \[\d+, (\d+)\) is not valid for value of size (\d+)"),
+     lambda m, path: f"its data file is cut short ({int(m[2]):,} bytes, it needs {int(m[1]):,})"),
+    (re.compile(r"Existing shard has size of 0 bytes"), lambda m, path: "its data file is missing or empty"),
+    (re.compile(r'Error decoding local file "([^"]+)"'),
+     lambda m, path: f"{_relative(m[1], path)} cannot be decoded (cut short or damaged)"),
+    (re.compile(r"corrupt|decompress|checksum|crc32c", re.I), lambda m, path: "its data is corrupt"),
+]
+
+
+def _reason(error: BaseException | str, path: Path) -> str:
+    """One short clause for an Orbax/TensorStore failure reading the checkpoint at `path`: the
+    parameter and what is wrong with its data when TensorStore says, else the first line of
+    the innermost message, without TensorStore's spec dumps and with paths relative to `path`."""
+    texts = []
+    seen = set()
+    while isinstance(error, BaseException) and id(error) not in seen:
+        seen.add(id(error))
+        texts.append(str(error))
+        error = error.__cause__ or error.__context__
+    if isinstance(error, str):
+        texts.append(error)
+    detailed = [t for t in texts if _TS_STATUS.search(t)]
+    text = (detailed or texts or [""])[-1]
+    status = _TS_STATUS.search(text)
+    text = text[status.start():] if status else text
+    array = _TS_ARRAY.search(text)
+    what = f"parameter {array[1].replace('.', '/')}" if array else None
+    for pattern, meaning in _TS_MEANING:
+        m = pattern.search(text)
+        if m:
+            return f"{what}: {meaning(m, path)}" if what else meaning(m, path).replace("its ", "a ", 1)
+    files = _TS_FILE.findall(text)  # the database's folder, then the file it could not read
+    if status and status[1] == "NOT_FOUND" and files:
+        return f"{_relative(files[-1], path)} is missing"
+    text = text.split("[tensorstore_spec=")[0].replace(f"{path}/", "").replace(str(path), PARAMS)
+    return _first_line(text)
+
+
+def _relative(name: str, path: Path) -> str:
+    try:
+        return Path(name).relative_to(path).as_posix()
+    except ValueError:
+        return name
+
+
+@contextlib.contextmanager
+def _orbax_warnings():
+    """Orbax's warnings (absl's logger) while reading: kept out of the user's terminal, and
+    handed to the caller, which reports the failure they explain as one line."""
+    notes: list[str] = []
+
+    def keep(record: logging.LogRecord) -> bool:
+        if record.levelno >= logging.WARNING:
+            notes.append(record.getMessage())
+            return False
+        return True
+
+    logger = logging.getLogger("absl")
+    logger.addFilter(keep)
+    try:
+        yield notes
+    finally:
+        logger.removeFilter(keep)
 
 
 def check_params(folder: str | Path, config: Qwen2VLConfig) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
@@ -198,13 +383,13 @@ def check_params(folder: str | Path, config: Qwen2VLConfig) -> dict[str, tuple[t
         f"{k}: stored {stored[k][0]}, config expects {shape}"
         for k, shape in expected.items() if k in stored and stored[k][0] != shape
     ]
-    problems = []
-    if extra:
-        problems.append(f"{len(extra)} parameter(s) the config does not have: " + ", ".join(extra[:20]))
-    if missing:
-        problems.append(f"{len(missing)} parameter(s) missing: " + ", ".join(missing[:20]))
-    if wrong:
-        problems.append(f"{len(wrong)} shape mismatch(es): " + "; ".join(wrong[:20]))
+    kinds = [(f"{len(extra)} parameter(s) the config does not have", extra, ", "),
+             (f"{len(missing)} parameter(s) missing", missing, ", "),
+             (f"{len(wrong)} shape mismatch(es)", wrong, "; ")]
+    kinds = [k for k in kinds if k[1]]
+    # the first 3, 2 or 1 of each kind: the line stays near 300 characters
+    limit, width = {1: (4, 200), 2: (3, 110)}.get(len(kinds), (2, 100))
+    problems = [f"{what}: {listing(items, limit, sep=sep, width=width)}" for what, items, sep in kinds]
     if problems:
         raise CheckpointError(f"{folder}: params do not match config.json: " + " | ".join(problems))
     return stored
@@ -227,7 +412,7 @@ def load_params(folder: str | Path, config: Qwen2VLConfig, dtype=None, shardings
         flat_shardings = flatten(shardings)
         absent = sorted(set(stored) - set(flat_shardings))
         if absent:
-            raise CheckpointError(f"shardings lack {len(absent)} parameter(s): " + ", ".join(absent[:20]))
+            raise CheckpointError(f"shardings lack {len(absent)} parameter(s): " + listing(absent))
     abstract = {
         k: jax.ShapeDtypeStruct(shape, jnp.dtype(dtype) if dtype is not None else stored_dtype,
                                 sharding=flat_shardings[k])
@@ -250,9 +435,12 @@ def load_numpy(folder: str | Path, paths: Iterable[str], dtype=None) -> dict[str
     return {p: np.asarray(v) for p, v in flatten(tree).items()}
 
 
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip().splitlines()
-    line = text[0] if text else type(e).__name__
+def _first_line(e: BaseException | str) -> str:
+    """The first line of an error's message, at most 200 characters, without what TensorStore
+    appends (its spec, 'See full TensorStore details: <bound method ...>')."""
+    text = str(e).split("See full TensorStore details")[0].strip().rstrip(".")
+    lines = text.splitlines()
+    line = lines[0].strip() if lines else (type(e).__name__ if isinstance(e, BaseException) else "")
     return line if len(line) <= 200 else line[:197] + "..."
 
 

@@ -4,7 +4,7 @@ JAX parameter paths mirror the HF names (`visual.blocks.3.attn.qkv.weight` <->
 `visual/blocks_3/attn/qkv/kernel`), so the whole mapping is the table below: one row per
 parameter kind, read left to right for HF -> JAX and right to left for JAX -> HF. Every key that
 no row maps, every parameter left unfilled and every shape that disagrees is collected and
-reported in one error.
+reported in one error line (each kind counted, its first few named).
 
 HF names come in two schemes, both accepted: the published one (`visual.*`, `model.layers.*`,
 `lm_head.*`) and transformers 5's (`model.visual.*`, `model.language_model.*`).
@@ -17,7 +17,7 @@ from typing import Callable, Iterable, Iterator, NamedTuple
 
 import numpy as np
 
-from qwen2vl_jax.errors import CheckpointError
+from qwen2vl_jax.errors import CheckpointError, listing
 from qwen2vl_jax.params import flatten, unflatten  # noqa: F401 (part of this module's interface)
 
 # Transforms: how an HF tensor becomes the JAX array (and back).
@@ -141,11 +141,6 @@ class Planned(NamedTuple):
     shape: tuple[int, ...]  # JAX shape
 
 
-def _listing(items: list[str], sep: str, limit: int = 20) -> str:
-    shown = sep.join(items[:limit])
-    return shown + (f"{sep}... ({len(items) - limit} more)" if len(items) > limit else "")
-
-
 def plan_conversion(
     tensors: Iterable[tuple[str, Callable[[], np.ndarray], tuple[int, ...]]],
     expected: dict[str, tuple[int, ...]],
@@ -158,8 +153,9 @@ def plan_conversion(
     tensors: (hf_name, load() -> array, hf_shape) triples, e.g. from `list_tensors`.
     expected: JAX path -> shape, from `jax.eval_shape` of the model's init.
     mismatched: shape problems a caller already found (gptq.fold's), reported with the rest.
-    Returns one `Planned` per expected parameter, in `expected`'s order. Raises CheckpointError
-    listing every unmapped tensor, missing parameter and shape mismatch at once.
+    Returns one `Planned` per expected parameter, in `expected`'s order. Raises one
+    CheckpointError for all the unmapped tensors, missing parameters and shape mismatches at
+    once: each kind counted and its first few named.
     """
     unmapped, mismatched, plan = [], list(mismatched), {}
     seen: dict[str, str] = {}
@@ -192,13 +188,13 @@ def plan_conversion(
             continue
         plan[path] = Planned(path, hf_name, transform, load, want_jax)
     missing = [p for p in expected if p not in seen]
-    problems = []
-    if unmapped:
-        problems.append(f"{len(unmapped)} unmapped tensor(s): " + _listing(sorted(unmapped), ", "))
-    if missing:
-        problems.append(f"{len(missing)} parameter(s) missing from the checkpoint: " + _listing(sorted(missing), ", "))
-    if mismatched:
-        problems.append(f"{len(mismatched)} shape mismatch(es): " + _listing(mismatched, "; "))
+    kinds = [(f"{len(unmapped)} unmapped tensor(s)", sorted(unmapped), ", "),
+             (f"{len(missing)} parameter(s) missing from the checkpoint", sorted(missing), ", "),
+             (f"{len(mismatched)} shape mismatch(es)", mismatched, "; ")]
+    kinds = [k for k in kinds if k[1]]
+    # the first 3, 2 or 1 of each kind: the line stays near 300 characters
+    limit, width = {1: (4, 200), 2: (3, 110)}.get(len(kinds), (2, 100))
+    problems = [f"{what}: {listing(items, limit, sep=sep, width=width)}" for what, items, sep in kinds]
     if problems:
         raise CheckpointError("checkpoint does not match its config: " + " | ".join(problems))
     return [plan[p] for p in expected]

@@ -15,7 +15,7 @@ from typing import Callable, Iterable
 import ml_dtypes
 import numpy as np
 
-from qwen2vl_jax.errors import CheckpointError
+from qwen2vl_jax.errors import CheckpointError, listing
 from qwen2vl_jax.jsonio import parse_json, read_json
 
 DTYPES = {
@@ -80,7 +80,7 @@ def checkpoint_files(folder: Path) -> list[Path]:
         files = sorted({folder / name for name in weight_map.values()})
         absent = [f.name for f in files if not f.exists()]
         if absent:
-            raise CheckpointError(f"{folder}: the index names missing shard(s): {', '.join(absent)}")
+            raise CheckpointError(f"{folder}: the index names missing shard(s): {listing(absent)}")
         return files
     files = sorted(folder.glob("*.safetensors"))
     if not files:

@@ -24,7 +24,7 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from qwen2vl_jax.errors import InputError
+from qwen2vl_jax.errors import InputError, listing
 from qwen2vl_jax.params import path_str
 
 MESH_AXES = ("data", "fsdp", "tensor")
@@ -146,7 +146,7 @@ def param_logical_axes(params) -> Any:
 
     out = jax.tree_util.tree_map_with_path(axes_of, params)
     if missing:
-        raise ValueError("no sharding rule for parameter(s): " + ", ".join(missing))
+        raise ValueError(f"no sharding rule for {len(missing)} parameter(s): " + listing(missing))
     return out
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import struct
@@ -316,6 +317,108 @@ def test_bad_folders_are_refused_before_writing(tiny_hf, tmp_path, problem, patt
     assert_nothing_left(out)
 
 
+def test_listing_names_the_first_few_and_counts_the_rest():
+    from qwen2vl_jax.errors import listing
+
+    names = [f"model.layers.{i}.mlp.up_proj.weight" for i in range(36)]
+    assert listing(names) == f"{names[0]}, {names[1]}, {names[2]} and 33 more"
+    assert listing(names[:4]) == ", ".join(names[:4])  # as many as the limit: all of them
+    assert listing(names[:5], 3) == f"{names[0]}, {names[1]} and 3 more"  # never "and 1 more"
+    assert listing(names, 4, width=80) == f"{names[0]}, {names[1]} and 34 more"  # what fits in width
+    assert listing(["x" * 500]) == "x" * 197 + "..."
+    assert listing(["a; b", "c"], sep="; ") == "a; b; c"
+
+
+def _long_lines_case(tiny_hf, tmp_path, what: str):
+    _, src = tiny_hf["untied"]
+    config = json.loads((src / "config.json").read_text())
+    if what == "truncated file":
+        bad = write_folder(tmp_path / "cut", read_all(src), config)
+        f = bad / "model.safetensors"
+        header, start = read_header(f)
+        keep = f.stat().st_size // 2
+        cut = sorted(n for n, info in header.items() if start + info["data_offsets"][1] > keep)
+        f.write_bytes(f.read_bytes()[:keep])
+        head = re.escape(f"{len(cut)} bad tensor(s) in {bad}: model.safetensors: ")
+        return bad, len(cut), (head + rf"{re.escape(cut[0])}, [\w.]+, [\w.]+ and {len(cut) - 3} more: data runs past "
+                               r"the end of the file \(truncated\?\)")
+    if what == "more layers in the config":
+        config["text_config"]["num_hidden_layers"] += 3
+        config["vision_config"]["depth"] += 1
+        bad = _tweaked(src, tmp_path / "deeper", config=config)
+        n = 3 * 12 + 12
+        head = re.escape(f"checkpoint does not match its config: {n} parameter(s) missing from the checkpoint: ")
+        return bad, n, head + rf"model/layers_2/[\w/]+, [\w/]+, [\w/]+ and {n - 3} more"
+    t = read_all(src)  # every decoder weight transposed, every vision weight renamed
+    for name in [n for n in t if n.startswith("model.layers.") and n.endswith("proj.weight")]:
+        t[name] = np.ascontiguousarray(t[name].T)
+    for name in [n for n in t if n.startswith("visual.blocks.")]:
+        t[name.replace("visual.blocks.", "visual.block.")] = t.pop(name)
+    bad = _tweaked(src, tmp_path / "everything", t)
+    head = re.escape("checkpoint does not match its config: ")
+    return bad, None, (head + r"24 unmapped tensor\(s\): visual\.block\.0\.[\w.]+ and 23 more \| 24 parameter\(s\) "
+                       r"missing from the checkpoint: visual/blocks_0/[\w/]+ and 23 more \| 10 shape mismatch\(es\): "
+                       r"model\.layers\.0\.[\w.]+: checkpoint shape \(\d+, \d+\), config expects \(\d+, \d+\) "
+                       r"and 9 more")
+
+
+@pytest.mark.parametrize("what", ["truncated file", "more layers in the config", "three kinds at once"])
+def test_long_listings_are_one_short_line(tiny_hf, tmp_path, capsys, what):
+    """A checkpoint with dozens of bad tensors (a truncated file, a config with more layers, a
+    mix of kinds) is refused with one line of under 300 characters: each kind counted, its
+    first few named."""
+    bad, count, pattern = _long_lines_case(tiny_hf, tmp_path, what)
+    out = tmp_path / "out"
+    assert convert_main([str(bad), str(out), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    longest = 345 if count is None else 300  # three kinds of problem: one name of each
+    assert err.count("\n") == 1 and len(err) < longest, (len(err), err)
+    assert re.fullmatch("qwen2vl-convert: error: " + pattern, err.strip()), err
+    assert count is None or count > 20
+    assert_nothing_left(out)
+
+
+def test_stored_params_and_sharding_rules_list_few(tiny_hf, tmp_path):
+    """The other listings: stored params against a config with more layers, and parameters
+    no sharding rule covers."""
+    from qwen2vl_jax.sharding import param_logical_axes
+
+    _, src = tiny_hf["untied"]
+    out = tmp_path / "jax"
+    convert_checkpoint(src, out, dtype="float32", progress=False)
+    cfg = json.loads((out / "config.json").read_text())
+    cfg["text_config"]["num_hidden_layers"] += 4
+    (out / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(CheckpointError) as err:
+        checkpoint.check_params(out, checkpoint.read_config(out))
+    msg = str(err.value)
+    assert re.fullmatch(re.escape(f"{out}: params do not match config.json: 48 parameter(s) missing: ")
+                        + r"model/layers_\d+/[\w/]+, model/layers_\d+/[\w/]+, model/layers_\d+/[\w/]+ and 45 more",
+                        msg), msg
+    assert len(msg) < 300
+    with pytest.raises(ValueError) as err:
+        param_logical_axes({f"extra_{i:02d}": {"kernel": np.zeros((2, 2))} for i in range(30)})
+    assert str(err.value) == ("no sharding rule for 30 parameter(s): extra_00/kernel, extra_01/kernel, extra_02/kernel "
+                              "and 27 more")
+
+
+def test_a_converted_folder_is_not_converted_again(tmp_path, capsys):
+    """Converting a folder qwen2vl-convert wrote says so, and what reads it as it is."""
+    from qwen2vl_jax.config import DEMO_DIR
+
+    out = tmp_path / "out"
+    assert convert_main([str(DEMO_DIR), str(out), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert err == (f"qwen2vl-convert: error: {DEMO_DIR} is already converted (it holds qwen2vl_jax.json and params/): "
+                   "qwen2vl-generate --model and Qwen2VL.from_pretrained load it as it is, and qwen2vl-export turns "
+                   "it back into an HF folder\n")
+    assert_nothing_left(out)
+    (tmp_path / "taken").mkdir()
+    (tmp_path / "taken" / "keep.txt").write_text("mine")  # said before any complaint about OUT_DIR
+    with pytest.raises(CheckpointError, match="is already converted"):
+        convert_checkpoint(DEMO_DIR, tmp_path / "taken", progress=False)
+
+
 def test_existing_out_dir_needs_force_and_is_replaced_whole(tiny_hf, tmp_path):
     _, src = tiny_hf["tied"]
     out = tmp_path / "out"
@@ -509,24 +612,86 @@ def test_out_dir_that_cannot_be_created_is_one_line(tiny_hf, tmp_path, capsys):
     assert [p.name for p in tmp_path.iterdir()] == ["file"]
 
 
-def test_damaged_params_are_refused_by_export_with_one_line(tiny_hf, tmp_path, capsys):
-    _, src = tiny_hf["tied"]
-    good = tmp_path / "good"
-    convert_checkpoint(src, good, dtype="float32", progress=False)
-    state = good / checkpoint.PARAMS / "state"
-    no_manifest = Path(shutil.copytree(good, tmp_path / "no_manifest"))
-    (no_manifest / checkpoint.PARAMS / "state" / "manifest.ocdbt").unlink()
-    truncated = Path(shutil.copytree(good, tmp_path / "truncated"))
-    data = max((p for p in state.rglob("*") if p.is_file() and p.parent.name == "d"), key=lambda p: p.stat().st_size)
-    victim = truncated / data.relative_to(good)
-    victim.write_bytes(victim.read_bytes()[:100])
-    for folder, pattern in ((no_manifest, "not a readable Orbax checkpoint"), (truncated, "cannot read the stored params")):
-        back = tmp_path / f"hf_{folder.name}"
-        assert export_main([str(folder), str(back), "--quiet"]) == 2
-        err = capsys.readouterr().err
-        assert err.startswith(f"qwen2vl-export: error: {folder / checkpoint.PARAMS}") and pattern in err, err
-        assert err.count("\n") == 1, err
-        assert_nothing_left(back)
+def _state_files(params: Path, where: str) -> list[Path]:
+    """The OCDBT files of params/state: 'index' (B-tree nodes, state/d/) or 'data' (the arrays,
+    state/ocdbt.process_*/d/), largest first."""
+    state = params / "state"
+    files = (state / "d").glob("*") if where == "index" else state.glob("ocdbt.process_*/d/*")
+    return sorted(files, key=lambda f: -f.stat().st_size)
+
+
+def _cut(file: Path, keep: int) -> None:
+    file.write_bytes(file.read_bytes()[:keep])
+
+
+# damage to a converted folder's params/ -> what the one line says after "<folder>/params: "
+PARAMS_DAMAGE = {
+    "data file truncated": (lambda p: _cut(_state_files(p, "data")[0], 100),
+                            r"damaged checkpoint: data file state/ocdbt\.process_\w+/d/\w+ is cut short "
+                            r"\(100 bytes, the checkpoint needs [\d,]+: an interrupted copy\?\)"),
+    "data file deleted": (lambda p: _state_files(p, "data")[0].unlink(),
+                          r"damaged checkpoint: data file state/ocdbt\.process_\w+/d/\w+ is missing"),
+    "index file deleted": (lambda p: _state_files(p, "index")[0].unlink(),
+                           r"damaged checkpoint: index file state/d/\w+ is missing"),
+    "manifest removed": (lambda p: (p / "state" / "manifest.ocdbt").unlink(),
+                         r"damaged checkpoint: state/manifest\.ocdbt is missing"),
+    "manifest truncated": (lambda p: _cut(p / "state" / "manifest.ocdbt", 50),
+                           r"damaged checkpoint: state/manifest\.ocdbt cannot be decoded \(cut short or damaged\)"),
+    "metadata truncated": (lambda p: _cut(p / "state" / "_METADATA", 500),
+                           r"damaged checkpoint: state/_METADATA is not valid JSON \(cut short\?\)"),
+    "checkpoint metadata deleted": (lambda p: (p / "_CHECKPOINT_METADATA").unlink(),
+                                    r"damaged checkpoint: _CHECKPOINT_METADATA is missing"),
+}
+
+
+@pytest.mark.parametrize("damage", list(PARAMS_DAMAGE))
+def test_damaged_params_are_one_clean_line(tmp_path, capsys, damage):
+    """A converted folder whose params/ lost or cut short a file: loading it and exporting it
+    are one line naming the folder and what is wrong (no TensorStore spec, no Orbax warning
+    or traceback on stderr), and the export writes nothing."""
+    import re
+
+    from qwen2vl_jax.config import DEMO_DIR, Qwen2VLConfig
+
+    folder = Path(shutil.copytree(DEMO_DIR, tmp_path / "model"))
+    params = folder / checkpoint.PARAMS
+    harm, pattern = PARAMS_DAMAGE[damage]
+    harm(params)
+    expected = re.escape(f"{params}: ") + pattern + "$"
+    with pytest.raises(CheckpointError) as err:
+        checkpoint.load_params(folder, Qwen2VLConfig.from_hf(folder))
+    assert re.match(expected, str(err.value)), str(err.value)
+    back = tmp_path / "hf"
+    assert export_main([str(folder), str(back), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and re.match("qwen2vl-export: error: " + expected, err.strip()), err
+    assert len(err) < 300 and not any(w in err for w in ("TensorStore", "tensorstore", "pybind", "Traceback"))
+    assert_nothing_left(back)
+
+
+def test_tensorstore_reports_are_put_in_words():
+    """What TensorStore says about damage it meets while reading (data that no size check can
+    see: corrupt bytes) becomes the parameter and a few words, without the spec it appends."""
+    params = Path("/ckpt/model/params")
+    wrapper = Exception("Encountered error while reading array index: (slice(0, 128, 1),). See full TensorStore "
+                        "details: <bound method pybind11_detail_function_record_v1.spec of TensorStore({\n  'base': {")
+    wrapper.__cause__ = ValueError(
+        'FAILED_PRECONDITION: Error reading shard entry {0, 0}/{1, 1} in "model.layers_2.mlp.up_proj.kernel/c/0/0" '
+        f'in OCDBT database at local file "{params}/state/": ZSTD_decompressStream() failed: Data corruption detected')
+    assert checkpoint._reason(wrapper, params) == "parameter model/layers_2/mlp/up_proj/kernel: its data is corrupt"
+    assert checkpoint._first_line(wrapper) == "Encountered error while reading array index: (slice(0, 128, 1),)"
+    cut = ValueError('OUT_OF_RANGE: Error reading shard entry {0, 0}/{1, 1} in "visual.merger.mlp_0.kernel/c/0/0" '
+                     f'in OCDBT database at local file "{params}/state/": Requested byte range [0, 217245) is not '
+                     "valid for value of size 100")
+    assert checkpoint._reason(cut, params) == ("parameter visual/merger/mlp_0/kernel: its data file is cut short "
+                                               "(100 bytes, it needs 217,245)")
+    gone = ValueError('NOT_FOUND: Error opening "zarr3" driver: Error reading "model.norm.scale/zarr.json" in OCDBT '
+                      f'database at local file "{params}/state/": Error reading Byte range [0, 22190) of local file '
+                      f'"{params}/state/d/ab12" [tensorstore_spec=\'{{"driver": "zarr3"}}\']')
+    assert checkpoint._reason(gone, params) == "state/d/ab12 is missing"
+    other = ValueError(f'PERMISSION_DENIED: Error reading local file "{params}/state/d/ab12" '
+                       "[tensorstore_spec='{\"driver\": \"zarr3\"}']")
+    assert checkpoint._reason(other, params) == 'PERMISSION_DENIED: Error reading local file "state/d/ab12"'
 
 
 def test_cli_errors_are_one_line_exit_2(tmp_path, capsys):

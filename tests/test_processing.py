@@ -22,6 +22,7 @@ from qwen2vl_jax.processing import (
     fetch_video,
     process_vision_info,
     resize_frames,
+    resize_frames_float,
     smart_resize,
 )
 from qwen2vl_jax.processing.video import linspace_indices
@@ -31,6 +32,7 @@ pytest.importorskip("torchvision")
 pytest.importorskip("transformers")
 quiet_transformers()
 
+import torchvision.transforms.functional as tvF1  # noqa: E402 - v1: qwen-vl-utils' resize (float path)
 import torchvision.transforms.v2.functional as tvF  # noqa: E402
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import (  # noqa: E402
     Qwen2VLImageProcessorPil,
@@ -283,7 +285,8 @@ def test_video_file_sampled_at_2_fps(clip):
     assert fetch_video({"video": str(clip), "fps": 0.5}).shape[0] == 4  # min_frames
     assert fetch_video({"video": str(clip), "video_start": 1.0, "video_end": 2.0}).shape[0] == 4
 
-    # reference: every frame decoded, sampled with torch.linspace, resized by torchvision
+    # reference: every frame decoded, sampled with torch.linspace, resized as qwen-vl-utils
+    # resizes (torchvision.transforms.functional.resize on uint8: torch's float32 kernel)
     with av.open(str(clip)) as c:
         all_frames = np.stack([f.to_ndarray(format="rgb24") for f in c.decode(video=0)])
     assert len(all_frames) == 30
@@ -291,7 +294,7 @@ def test_video_file_sampled_at_2_fps(clip):
     max_px = max(min(VIDEO_MAX_PIXELS, VIDEO_TOTAL_PIXELS / 6 * 2), int(VIDEO_MIN_PIXELS * 1.05))
     h, w = hf_smart_resize(64, 96, 28, VIDEO_MIN_PIXELS, max_px)
     assert (h, w) == (280, 392)  # a 64x96 clip is scaled up to the 128*28*28 floor
-    ref = tvF.resize(torch.from_numpy(all_frames[idx]).permute(0, 3, 1, 2), [h, w], interpolation=tvF.InterpolationMode.BICUBIC, antialias=True)
+    ref = tvF1.resize(torch.from_numpy(all_frames[idx]).permute(0, 3, 1, 2), [h, w], interpolation=tvF1.InterpolationMode.BICUBIC, antialias=True)
     np.testing.assert_array_equal(video, ref.permute(0, 2, 3, 1).numpy())
 
 
@@ -314,7 +317,9 @@ def test_video_frame_list_pads_odd_count():
     video = fetch_video({"video": frames})
     assert video.shape[0] == 4
     np.testing.assert_array_equal(video[3], video[2])
-    np.testing.assert_array_equal(video[0], np.asarray(fetch_image({"image": frames[0]})))
+    # qwen-vl-utils fetches each frame as an image with factor 56, then resizes to the video budget
+    first = np.asarray(fetch_image({"image": frames[0]}, 56))
+    np.testing.assert_array_equal(video[0], resize_frames_float(first[None], *video.shape[1:3])[0])
 
 
 def test_fetched_video_through_both_processors(clip, hf_video, our_video):

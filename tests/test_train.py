@@ -454,6 +454,63 @@ def test_resume_continues_exactly(tiny_folder, monkeypatch):
     assert any((root / "hf").glob("*.safetensors"))
 
 
+def test_interrupted_then_resumed_run_logs_like_one_run(tiny_folder, monkeypatch):
+    """Ctrl-C at step 3 of 4 (rows every 3 steps, checkpoints every 2): loss.png is there
+    already and losses.csv covers the checkpoint's steps, though no row was logged; after
+    --resume, train_log.jsonl, losses.csv and loss.png are those of a run that never stopped:
+    the row at step 3 averages steps 1-3, though the resumed part ran only 3 and 4."""
+    from qwen2vl_jax.train.run import Interrupted, TrainOptions, fit
+
+    root, infos = tiny_folder
+    rows = [qa(f"img/{i}.png", "What shape is this?", info["shape"]) for i, info in enumerate(infos)]
+    common = dict(model=root / "model", data=write_jsonl(root / "qa_logs.jsonl", rows), stage=3, steps=4,
+                  batch_size=2, learning_rate=1e-2, warmup_steps=1, seed=1, log_every=3, save_every=2,
+                  progress=False)
+    fit(TrainOptions(out=root / "logs_whole", **common), log=lambda _: None)
+
+    real, calls = loop.Trainer.step, []
+
+    def stop_at_the_third(self, state, batch):
+        calls.append(int(state.step))
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real(self, state, batch)
+
+    monkeypatch.setattr(loop.Trainer, "step", stop_at_the_third)
+    cut = root / "logs_cut"
+    with pytest.raises(Interrupted) as e:
+        fit(TrainOptions(out=cut, **common), log=lambda _: None)
+    assert e.value.step == 2
+    assert (cut / "loss.png").is_file()  # drawn at the checkpoint, before a later run finishes
+    assert [int(x.split(",")[0]) for x in (cut / "losses.csv").read_text().splitlines()] == [1, 2]
+    assert not (cut / "train_log.jsonl").exists()  # no row yet
+    monkeypatch.setattr(loop.Trainer, "step", real)
+    (cut / "loss.png").unlink()
+    fit(TrainOptions(out=cut, resume=True, **common), log=lambda _: None)
+
+    def log_rows(out, field):
+        return [r[field] for r in map(json.loads, (out / "train_log.jsonl").read_text().splitlines())]
+
+    assert log_rows(cut, "step") == log_rows(root / "logs_whole", "step") == [3, 4]
+    for field in ("loss", "lr", "grad_norm"):
+        assert log_rows(cut, field) == pytest.approx(log_rows(root / "logs_whole", field), rel=1e-6), field
+    assert (cut / "losses.csv").read_text() == (root / "logs_whole" / "losses.csv").read_text()
+    assert (cut / "loss.png").is_file()
+    from PIL import Image, ImageChops
+
+    same = ImageChops.difference(Image.open(cut / "loss.png").convert("RGB"),
+                                 Image.open(root / "logs_whole" / "loss.png").convert("RGB"))
+    assert same.getbbox() is None  # the same curve: every step, none missing
+
+
+def test_loss_plot_ticks_name_whole_steps():
+    from qwen2vl_jax.train.plot import step_ticks
+
+    assert step_ticks(1, 4) == [1, 2, 3, 4]  # was 1 1 2 3 4, at steps 1, 1.75, 2.5, ...
+    assert step_ticks(1, 1000) == [1, 251, 500, 750, 1000]
+    assert step_ticks(7, 8) == [7, 8]
+
+
 # ----------------------------------------------------------------------------- CLI robustness
 def train_cli(*args: str) -> int:
     """Runs qwen2vl-train in-process -> its exit status (capsys holds its stderr)."""
@@ -481,6 +538,10 @@ BAD_RUNS = {
     "loss chunk 0": (["--loss-chunk", "0"], "--loss-chunk must be at least 1, got 0"),
     "latin-1 data": (["--data", "latin1.jsonl"], "latin1.jsonl line 2: not UTF-8 text"),
     "out is the model": (["--out", "../model"], "is the --model folder"),
+    "out inside the model": (["--out", "../model/run"], "is inside the --model folder"),
+    "out inside the model, resumed": (["--out", "../model/run", "--resume"], "is inside the --model folder"),
+    "model inside out's checkpoints": (["--model", "holder/train_state/model", "--out", "holder", "--force"],
+                                       "holder/train_state, which training into --out"),
     "out is another model": (["--out", "other_model"], "exists and is not empty (pass --force to replace it)"),
     "out cannot be made": (["--out", "a_file/out"], "cannot create the folder"),
     "resume with nothing": (["--out", "empty_run", "--resume"], "holds no checkpoint to resume from"),
@@ -495,8 +556,9 @@ BAD_RUNS = {
 @pytest.mark.parametrize("case", list(BAD_RUNS))
 def test_bad_runs_stop_up_front_in_one_line(tiny_folder, monkeypatch, capsys, case):
     """Bad numbers, an invalid regex, undecodable data and an --out that would clobber
-    something (the model itself, another model) or cannot be made stop before training with
-    one line and status 2, and leave every folder as it was."""
+    something (the model itself, a folder inside it, another model, a --model inside what the
+    run replaces) or cannot be made stop before training with one line and status 2, and leave
+    every folder as it was."""
     root, _ = tiny_folder
     work = root / "bad_runs"
     if not work.exists():
@@ -513,6 +575,7 @@ def test_bad_runs_stop_up_front_in_one_line(tiny_folder, monkeypatch, capsys, ca
         write_jsonl(work / "broken.jsonl", [qa("../img/0.png", "What shape?", "circle"),
                                             '{"messages": [{"role": "user", "content": "What shape?}]}'])
         shutil.copytree(root / "model", work / "bad_tokenizer")
+        shutil.copytree(root / "model", work / "holder" / "train_state" / "model")
         (work / "bad_tokenizer" / "tokenizer_config.json").write_text('{"pad_token": "<|endoftext|>",}')
     monkeypatch.chdir(work)
     before = tree_listing(work), tree_listing(root / "model")

@@ -21,7 +21,7 @@ import dataclasses
 import functools
 import time
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Sequence
 
 import flax
 import jax
@@ -298,11 +298,19 @@ def run_steps(trainer: Trainer, state: TrainState, batches: Iterator[tuple[dict,
               until: int, *, log_every: int = 10, on_log: Callable[[LogRow], None] | None = None,
               on_save: Callable[[TrainState, Position], None] | None = None, save_every: int = 0,
               on_losses: Callable[[list[tuple[int, float]]], None] | None = None,
+              pending: Sequence[tuple[int, float]] = (),
               progress: bool = False) -> tuple[TrainState, Position | None, list[tuple[int, float]]]:
     """Steps until state.step == until; returns (state, data position after it, [(step, loss)]).
 
-    Metrics stay on device between log points, so the host never waits on a step it does not
-    report."""
+    A row is logged every `log_every` steps and at `until`; its loss is the mean over the
+    steps since the previous row. `pending`: the (step, loss) of steps before state.step that
+    no row covers yet (a resumed run's, back to the last row before its checkpoint), so the
+    first row averages the same steps as in a run that never stopped. `on_losses` gets every
+    step's loss once: at its row, or before a checkpoint that comes first (so the losses
+    file covers every step up to each checkpoint).
+
+    Metrics stay on device between log points and saves, so the host never waits on a step
+    it does not report."""
     start = int(state.step)
     bar = None
     if progress:
@@ -310,7 +318,9 @@ def run_steps(trainer: Trainer, state: TrainState, batches: Iterator[tuple[dict,
 
         bar = tqdm(total=until, initial=start, unit="step", dynamic_ncols=True)
     history: list[tuple[int, float]] = []
-    window: list[tuple[int, dict]] = []
+    earlier = [(int(s), float(v)) for s, v in pending if s <= start]  # in the first row's mean
+    window: list[tuple[int, dict]] = []  # the steps since the last row, metrics on device
+    reported = 0  # how many of window's losses on_losses already has
     window_tokens, window_start = 0, time.perf_counter()
     pos = None
     try:
@@ -327,19 +337,23 @@ def run_steps(trainer: Trainer, state: TrainState, batches: Iterator[tuple[dict,
                 elapsed = time.perf_counter() - window_start
                 points = [(s, float(m["loss"])) for (s, _), m in zip(window, got)]
                 history += points
-                row = LogRow(step + 1, float(np.mean([v for _, v in points])), float(got[-1]["lr"]),
+                row = LogRow(step + 1, float(np.mean([v for _, v in earlier + points])), float(got[-1]["lr"]),
                              window_tokens / max(elapsed, 1e-9), float(got[-1]["grad_norm"]))
                 if bar is not None:
                     bar.set_postfix(loss=f"{row.loss:.4f}", lr=f"{row.lr:.2e}", tok_s=f"{row.tokens_per_s:.0f}")
-                if on_losses is not None:
-                    on_losses(points)
+                if on_losses is not None and points[reported:]:
+                    on_losses(points[reported:])
                 if on_log is not None:
                     on_log(row)
-                window, window_tokens, window_start = [], 0, time.perf_counter()
+                window, earlier, reported = [], [], 0
+                window_tokens, window_start = 0, time.perf_counter()
             if on_save is not None and ((save_every and (step + 1) % save_every == 0) or last):
+                if on_losses is not None and window[reported:]:  # the checkpoint's steps, before it
+                    got = jax.device_get([m["loss"] for _, m in window[reported:]])
+                    on_losses([(s, float(v)) for (s, _), v in zip(window[reported:], got)])
+                    reported = len(window)
                 on_save(state, pos)
     finally:
         if bar is not None:
             bar.close()
     return state, pos, history
-

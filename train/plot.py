@@ -34,9 +34,9 @@ def plot_losses(points: list[tuple[int, float]], path: str | Path, title: str = 
         yv = y0 + (y1 - y0) * k / 4
         d.line([ml - 4, py(yv), ml, py(yv)], fill="black")
         d.text((4, py(yv) - 6), f"{yv:.2f}", fill="black")
-        xv = x0 + (x1 - x0) * k / 4
+    for xv in step_ticks(x0, x1):
         d.line([px(xv), h - mb, px(xv), h - mb + 4], fill="black")
-        d.text((px(xv) - 10, h - mb + 8), f"{int(xv)}", fill="black")
+        d.text((px(xv) - 10, h - mb + 8), f"{xv}", fill="black")
     d.line(list(zip(map(px, xs), map(py, ys))), fill=(170, 190, 230), width=1) if len(xs) > 1 else None
     k = max(1, len(ys) // 50)
     smooth = np.convolve(ys, np.ones(k) / k, mode="valid")
@@ -44,3 +44,9 @@ def plot_losses(points: list[tuple[int, float]], path: str | Path, title: str = 
         d.line(list(zip(map(px, xs[k - 1:]), map(py, smooth))), fill=(20, 60, 180), width=2)
     d.text((w // 2 - 10, h - 16), "step", fill="black")
     img.save(path)
+
+
+def step_ticks(first: float, last: float, n: int = 5) -> list[int]:
+    """Up to `n` whole steps from `first` to `last`, evenly spread, each once: a tick stands at
+    the step its label names (a short run gets 1 2 3 4, not 1 1 2 3 4 at fractional steps)."""
+    return sorted({int(round(v)) for v in np.linspace(first, last, n)})

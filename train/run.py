@@ -8,12 +8,16 @@ writes OUT as a converted folder (config.json, tokenizer and processor files, pa
 
     OUT/train_state/<step>/   Orbax: {step, params, opt_state} and the data position + options
     OUT/train_log.jsonl       one row per log interval (step, loss, lr, tokens/s, grad norm)
-    OUT/losses.csv            every step's loss
-    OUT/loss.png              the loss curve
+    OUT/losses.csv            every step's loss (written at each log row and before each checkpoint)
+    OUT/loss.png              the loss curve, redrawn at each checkpoint and when the run stops
 
 `resume=True` restores the latest train_state and continues exactly where it stopped (same
-params, optimizer state, learning-rate step and data position). A fresh run needs a new or
-empty OUT (`force=True` replaces what is there); it never trains into its own --model.
+params, optimizer state, learning-rate step and data position); its logs read as one run's:
+the rows and losses after the checkpoint are dropped and redone, the first row after it
+averages the same steps as it would have without the stop, and loss.png covers every step.
+A fresh run needs a new or empty OUT (`force=True` replaces what is there); it never trains
+into its own --model, nor into a folder inside it, nor over a --model inside what OUT's run
+replaces (train_state/, params/).
 
 Nothing is left half-written: Ctrl-C (and SIGTERM) wait for a save in progress, params are
 saved to a temporary sibling and swapped in by rename, so OUT holds the old or the new params
@@ -24,6 +28,7 @@ continues from.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -144,6 +149,13 @@ def check_out(opts: TrainOptions, model_dir: Path, out: Path) -> int | None:
     if out == model_dir:
         raise InputError(f"--out {out} is the --model folder; training would overwrite the model it starts "
                          "from: choose another --out")
+    if model_dir in out.parents:
+        raise InputError(f"--out {out} is inside the --model folder {model_dir}; training never writes into "
+                         "the model it starts from: choose an --out outside it")
+    for name in (STATE_DIR, ck.PARAMS, STAGING):  # what a run replaces or removes in --out
+        if out / name == model_dir or out / name in model_dir.parents:
+            raise InputError(f"--model {model_dir} is inside {out / name}, which training into --out {out} "
+                             "writes over: choose another --out, or move the model")
     if out.exists() and not out.is_dir():
         raise InputError(f"--out {out} exists and is not a folder")
     steps = saved_steps(out / STATE_DIR)
@@ -331,13 +343,21 @@ def _fit(opts: TrainOptions, log, model_dir: Path, out: Path, saved: dict, made:
             state, meta = ckpts.restore(trainer.abstract_state(init_shapes(config)))
             position = Position(**meta["position"])
             log(f"resuming stage {opts.stage} at step {int(state.step)} (epoch {position.epoch}, batch {position.index})")
-            _drop_rows_after(int(state.step), log_file, loss_file)  # the dead continuation's
+            last_row = _drop_rows_after(int(state.step), log_file, loss_file)  # the dead continuation's
+            # the steps since the last row: the first row after the resume averages them too
+            pending = [(s, v) for s, v in _read_losses(loss_file) if s > last_row]
         else:
             shardings = param_shardings(init_shapes(config), mesh) if mesh is not None else None
             state = trainer.init_state(load_model_params(model_dir, config, shardings))
-            position = Position()
+            position, pending = Position(), []
+        title = f"stage {opts.stage} ({stage.name}) loss"
+
+        def plot() -> None:  # the whole run's losses, resumed parts included
+            plot_losses(_read_losses(loss_file), plot_file, title=title)
+
         if int(state.step) >= opts.steps:
             log(f"already at step {int(state.step)} of {opts.steps}")
+            plot()
             return {"loss": None, "steps": int(state.step), "out": str(out), "skipped": dataset.skipped}
 
         n_train = sum(int(x.size) for x in jax.tree.leaves(st.split(state.params, trainer.trainable)[0]))
@@ -365,31 +385,43 @@ def _fit(opts: TrainOptions, log, model_dir: Path, out: Path, saved: dict, made:
                 ckpts.save(s, {"key": key, "position": dataclasses.asdict(pos)})
                 saved["step"] = int(s.step)
                 export(s.params, model_dir, out)
+                plot()  # up to date with every checkpoint, whatever stops the run later
 
         until = opts.steps if opts.stop_at is None else max(int(state.step), min(opts.stop_at, opts.steps))
         batches = Loader(dataset, config, opts.batch_size, opts.accum, opts.seed)(position)
-        state, position, losses = loop.run_steps(
-            trainer, state, batches, until, log_every=opts.log_every, on_log=on_log, on_save=on_save,
-            save_every=opts.save_every, progress=opts.progress,
-            on_losses=lambda pts: _append_losses(loss_file, pts))
-        plot_losses(_read_losses(loss_file), plot_file, title=f"stage {opts.stage} ({stage.name}) loss")
+        try:
+            state, position, losses = loop.run_steps(
+                trainer, state, batches, until, log_every=opts.log_every, on_log=on_log, on_save=on_save,
+                save_every=opts.save_every, progress=opts.progress, pending=pending,
+                on_losses=lambda pts: _append_losses(loss_file, pts))
+        except KeyboardInterrupt:
+            with interrupts.deferred(), contextlib.suppress(OSError):
+                plot()  # the steps logged so far (a resume drops those after its checkpoint)
+            raise
+        plot()
         return {"loss": last.get("loss"), "steps": int(state.step), "out": str(out), "skipped": dataset.skipped}
     finally:
         ckpts.close()
 
 
-def _drop_rows_after(step: int, log_file: Path, loss_file: Path) -> None:
-    """Keeps the log rows up to `step` (a resumed run rewrites the ones after it)."""
+def _drop_rows_after(step: int, log_file: Path, loss_file: Path) -> int:
+    """Keeps the log rows up to `step` (a resumed run rewrites the ones after it); -> the step
+    of the last row kept (0: none)."""
+    last = 0
     if log_file.exists():
-        def kept(row: str) -> bool:
+        def kept(row: str) -> int | None:
             try:
-                return parse_json(row, log_file.name)["step"] <= step
+                s = parse_json(row, log_file.name)["step"]
+                return s if isinstance(s, int) and s <= step else None
             except (InputError, KeyError, TypeError):  # a row cut short when the run was killed
-                return False
+                return None
 
-        log_file.write_text("".join(r + "\n" for r in log_file.read_text().splitlines() if kept(r)))
+        rows = [(r, kept(r)) for r in log_file.read_text().splitlines()]
+        log_file.write_text("".join(r + "\n" for r, s in rows if s is not None))
+        last = max([s for _, s in rows if s is not None], default=0)
     if loss_file.exists():
         _write_losses(loss_file, [(s, v) for s, v in _read_losses(loss_file) if s <= step])
+    return last
 
 
 def _append_losses(path: Path, points: list[tuple[int, float]]) -> None:

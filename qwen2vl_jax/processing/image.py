@@ -1,13 +1,21 @@
 """Images to patches: the paper's dynamic resolution.
 
-The pipeline is the one the official Qwen2-VL stack runs (qwen-vl-utils, then HF's
-processor): load -> to_rgb -> smart_resize (sides multiples of 28, pixel count within
-[min_pixels, max_pixels], aspect ratio kept) -> PIL bicubic resize -> rescale 1/255 ->
-CLIP normalise -> 14x14 patches, 2 temporal copies, in 2x2 merge order.
+Two steps, as in the official stack:
+- `fetch_image` is qwen-vl-utils 0.0.14's step (what `process_vision_info` runs): open ->
+  its to_rgb (RGBA pasted on white, every other mode converted as PIL converts it) ->
+  smart_resize with the element's min/max_pixels or resized_height/width -> PIL bicubic.
+  Images of any size are accepted (tiny ones are scaled up), as there.
+- `ImageProcessor` is HF's Qwen2VLImageProcessor: load (any transparency composited on white,
+  sides under 28 pixels refused) -> smart_resize (sides multiples of 28, pixel count within
+  [min_pixels, max_pixels], aspect ratio kept) -> PIL bicubic resize -> rescale 1/255 -> CLIP
+  normalise -> 14x14 patches, 2 temporal copies, in 2x2 merge order.
 
 Rescale and normalise are a per-channel lookup table on the uint8 pixels (256 entries,
 computed with HF's float32 arithmetic, so the values are bit-identical), applied after the
 uint8 pixels are already in patch order: one gather per channel writes the final array.
+
+Every error names its input: the file (`image cat.jpg: ...`), else its position in the call
+or the conversation (`image 2`).
 """
 
 from __future__ import annotations
@@ -43,31 +51,54 @@ OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 # ----------------------------------------------------------------------------- sizes
 
 
-def check_size(height: int, width: int, what: str = "image") -> None:
-    """Raises InputError for a side under 28 pixels or an aspect ratio over 200."""
+def default_pixels(factor: int) -> tuple[int, int]:
+    """qwen-vl-utils' image budget for a given factor: 4 to 16384 factor x factor blocks."""
+    return 4 * factor * factor, 16384 * factor * factor
+
+
+def _where(label: str | None) -> str:
+    """' (image 2)' / ' (image /x/cat.png)' at the end of an error line; nothing when the label
+    would only repeat the kind."""
+    return f" ({label})" if label and label not in ("image", "video") else ""
+
+
+def check_size(height: int, width: int, what: str = "image", label: str | None = None) -> None:
+    """Raises InputError for a side under 28 pixels or an aspect ratio over 200 (HF's
+    processor path). `label` names the input (a file, or 'image 2') at the end of the line."""
     if height < MIN_SIDE or width < MIN_SIDE:
         raise InputError(
             f"{what} {width}x{height} is too small: each side must be at least {MIN_SIDE} pixels"
+            + _where(label)
         )
+    check_ratio(height, width, what, label)
+
+
+def check_ratio(height: float, width: float, what: str = "image", label: str | None = None) -> None:
+    """Raises InputError for an aspect ratio over 200 (or a side that is not positive)."""
+    if not (height > 0 and width > 0):
+        raise InputError(f"{what} {width}x{height}: each side must be positive" + _where(label))
     ratio = max(height, width) / min(height, width)
     if ratio > MAX_RATIO:
-        raise InputError(f"{what} {width}x{height}: aspect ratio {ratio:.1f} is over {MAX_RATIO}")
+        raise InputError(f"{what} {width}x{height}: aspect ratio {ratio:.1f} is over {MAX_RATIO}" + _where(label))
 
 
 def smart_resize(
-    height: int,
-    width: int,
+    height: float,
+    width: float,
     factor: int = IMAGE_FACTOR,
-    min_pixels: int = MIN_PIXELS,
-    max_pixels: int = MAX_PIXELS,
+    min_pixels: float = MIN_PIXELS,
+    max_pixels: float = MAX_PIXELS,
+    label: str | None = None,
 ) -> tuple[int, int]:
     """(height, width) with both sides multiples of `factor`, h*w in [min_pixels, max_pixels],
-    aspect ratio kept as closely as possible (HF's and qwen-vl-utils' rule)."""
-    ratio = max(height, width) / min(height, width)
-    if ratio > MAX_RATIO:
-        raise InputError(f"image {width}x{height}: aspect ratio {ratio:.1f} is over {MAX_RATIO}")
+    aspect ratio kept as closely as possible (HF's and qwen-vl-utils' rule).
+
+    Sizes and budgets may be floats (qwen-vl-utils passes a video's per-frame budget as one).
+    One deliberate difference from qwen-vl-utils: a side scaled down below `factor` is kept at
+    `factor` (HF's rule), where qwen-vl-utils rounds it to 0 and then fails."""
+    check_ratio(height, width, "video" if label and label.startswith("video") else "image", label)
     if min_pixels > max_pixels:
-        raise InputError(f"min_pixels {min_pixels} is larger than max_pixels {max_pixels}")
+        raise InputError(f"min_pixels {min_pixels} is larger than max_pixels {max_pixels}" + _where(label))
     h_bar = max(factor, round(height / factor) * factor)
     w_bar = max(factor, round(width / factor) * factor)
     if h_bar * w_bar > max_pixels:
@@ -78,19 +109,57 @@ def smart_resize(
         beta = math.sqrt(min_pixels / (height * width))
         h_bar = math.ceil(height * beta / factor) * factor
         w_bar = math.ceil(width * beta / factor) * factor
-    return h_bar, w_bar
+    return int(h_bar), int(w_bar)
+
+
+def option(ele: dict, key: str, default: Any, label: str | None = None, signed: bool = False) -> Any:
+    """A numeric option of a message element, as given (ints stay ints, floats floats);
+    negative only when `signed` (video_start/video_end, which are clamped to the video)."""
+    value = ele.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
+        raise InputError(f"{key} must be a number, got {value!r}" + _where(label))
+    if not math.isfinite(value) or (value < 0 and not signed):
+        raise InputError(f"{key} must be a {'finite' if signed else 'non-negative'} number, got {value!r}" + _where(label))
+    return value
+
+
+def element_size(
+    ele: dict, height: int, width: int, factor: int = IMAGE_FACTOR, label: str | None = None
+) -> tuple[int, int]:
+    """The size qwen-vl-utils' fetch_image resizes an image of `height` x `width` to:
+    resized_height/width (both given) rounded by smart_resize with the default budget, else
+    smart_resize with the element's min_pixels/max_pixels (defaults 4 and 16384 blocks of
+    factor x factor). The values are used as given (no int conversion), as there."""
+    lo, hi = default_pixels(factor)
+    if "resized_height" in ele and "resized_width" in ele:
+        rh = option(ele, "resized_height", None, label)
+        rw = option(ele, "resized_width", None, label)
+        return smart_resize(rh, rw, factor, lo, hi, label)
+    return smart_resize(
+        height, width, factor, option(ele, "min_pixels", lo, label), option(ele, "max_pixels", hi, label), label
+    )
 
 
 # ----------------------------------------------------------------------------- loading
 
 
-def _describe(source: Any) -> str:
-    if isinstance(source, str):
-        return source if len(source) <= 80 else source[:60] + "..."
-    return type(source).__name__
+def _describe(source: str) -> str:
+    """A path or URL short enough for one line; the end (the file name) is kept."""
+    return source if len(source) <= 80 else "..." + source[-70:]
 
 
-def _open_bytes(data: bytes, name: str) -> Image.Image:
+def source_label(source: Any, kind: str = "image", name: str | None = None) -> str:
+    """How errors name an input: `image PATH` for a file or URL, else `name` (the input's
+    position, 'image 2') or just the kind."""
+    if isinstance(source, (str, os.PathLike)):
+        s = os.fspath(source)
+        if not s.startswith("data:"):
+            return f"{kind} {_describe(s)}"
+        return f"{name} (data URI)" if name else f"{kind} (data URI)"
+    return name or kind
+
+
+def _open_bytes(data: bytes, label: str) -> Image.Image:
     try:
         with warnings.catch_warnings():
             # Images a little over PIL's pixel limit only warn; they are resized down anyway.
@@ -98,57 +167,58 @@ def _open_bytes(data: bytes, name: str) -> Image.Image:
             img = Image.open(io.BytesIO(data))
             img.load()
     except Image.DecompressionBombError:
-        raise InputError(f"image {name}: too many pixels to decode safely (PIL's limit is "
+        raise InputError(f"{label}: too many pixels to decode safely (PIL's limit is "
                          f"{2 * Image.MAX_IMAGE_PIXELS} pixels)") from None
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
         kind = "not an image file" if isinstance(e, UnidentifiedImageError) else "corrupt or truncated"
-        raise InputError(f"image {name}: cannot be read ({kind})") from None
+        raise InputError(f"{label}: cannot be read ({kind})") from None
     return img
 
 
-def _open_path(path: str, name: str) -> Image.Image:
+def _open_path(path: str, label: str) -> Image.Image:
     if not os.path.exists(path):
-        raise InputError(f"image {name}: file not found")
+        raise InputError(f"{label}: file not found")
     if os.path.isdir(path):
-        raise InputError(f"image {name}: is a directory, not an image file")
+        raise InputError(f"{label}: is a directory, not an image file")
     try:
         with open(path, "rb") as f:
             data = f.read()
     except OSError as e:
-        raise InputError(f"image {name}: cannot be read ({e.strerror})") from None
-    return _open_bytes(data, name)
+        raise InputError(f"{label}: cannot be read ({e.strerror})") from None
+    return _open_bytes(data, label)
 
 
-def open_image(source: Any) -> Image.Image:
+def open_image(source: Any, name: str | None = None) -> Image.Image:
     """A PIL image from what qwen-vl-utils accepts: a PIL image, a path, a `file://` or
-    `data:image/...;base64,` URI, an http(s) URL, or a uint8 array ([H, W], [H, W, C] or
-    [C, H, W] with C in 1, 3, 4). The image is not converted."""
+    `data:image/...;base64,` URI, an http(s) URL, or (ours) bytes or a uint8 array ([H, W],
+    [H, W, C] or [C, H, W] with C in 1, 3, 4). The image is not converted. `name` names an
+    in-memory input in errors ('image 2')."""
+    label = source_label(source, "image", name)
     if isinstance(source, Image.Image):
         return source
     if isinstance(source, (str, os.PathLike)):
         s = os.fspath(source)
-        name = _describe(s)
         if s.startswith("data:"):
             if not s.startswith("data:image") or "base64," not in s:
-                raise InputError(f"image {name}: only base64 data:image URIs are supported")
+                raise InputError(f"{label}: only base64 data:image URIs are supported")
             try:
                 data = base64.b64decode(s.split("base64,", 1)[1], validate=False)
             except (binascii.Error, ValueError):
-                raise InputError(f"image {name}: invalid base64 data") from None
-            return _open_bytes(data, "data URI")
+                raise InputError(f"{label}: invalid base64 data") from None
+            return _open_bytes(data, label)
         if s.startswith(("http://", "https://")):
             try:
                 with urllib.request.urlopen(s, timeout=30) as r:
                     data = r.read()
             except OSError as e:
-                raise InputError(f"image {name}: cannot be downloaded ({e})") from None
-            return _open_bytes(data, name)
+                raise InputError(f"{label}: cannot be downloaded ({e})") from None
+            return _open_bytes(data, label)
         if s.startswith("file://"):
             s = s[7:]
-        return _open_path(s, name)
+        return _open_path(s, label)
     if isinstance(source, (bytes, bytearray)):
-        return _open_bytes(bytes(source), "bytes")
-    return Image.fromarray(as_uint8_hwc(source, "image"))
+        return _open_bytes(bytes(source), label)
+    return Image.fromarray(as_uint8_hwc(source, label))
 
 
 def as_uint8_hwc(array: Any, what: str) -> np.ndarray:
@@ -176,61 +246,77 @@ def as_uint8_hwc(array: Any, what: str) -> np.ndarray:
     return np.ascontiguousarray(a)
 
 
-def to_rgb(img: Image.Image) -> Image.Image:
-    """RGB, with transparency composited on white as qwen-vl-utils' to_rgb does for RGBA
-    (paste with the alpha channel as mask). Palette images with a transparent index and
-    LA images go through RGBA first, so they are composited the same way."""
-    if img.mode == "RGB":
-        return img
-    has_alpha = "A" in img.getbands() or "transparency" in img.info
-    if not has_alpha:
-        return img.convert("RGB")
-    rgba = img if img.mode == "RGBA" else img.convert("RGBA")
+def _paste_on_white(rgba: Image.Image) -> Image.Image:
     out = Image.new("RGB", rgba.size, (255, 255, 255))
     out.paste(rgba, mask=rgba.getchannel("A"))
     return out
 
 
-def load_image(source: Any) -> Image.Image:
-    """open_image + to_rgb + the size checks: an RGB PIL image ready to resize."""
-    img = open_image(source)
+def to_rgb(img: Image.Image, every_alpha: bool = True) -> Image.Image:
+    """RGB, transparency composited on white as qwen-vl-utils' to_rgb does for RGBA (paste with
+    the alpha channel as mask).
+
+    every_alpha=True (the HF processor path): palette images with a transparent index and LA
+    images go through RGBA first, so they are composited the same way. every_alpha=False is
+    qwen-vl-utils exactly: only RGBA is composited; every other mode is converted by PIL, which
+    drops an LA image's alpha and a palette's transparent index."""
+    if img.mode == "RGB":
+        return img
+    if img.mode == "RGBA":
+        return _paste_on_white(img)
+    has_alpha = "A" in img.getbands() or "transparency" in img.info
+    if not (every_alpha and has_alpha):
+        return img.convert("RGB")
+    return _paste_on_white(img.convert("RGBA"))
+
+
+def _rgb(img: Image.Image, every_alpha: bool, label: str) -> Image.Image:
     try:
-        rgb = to_rgb(img)
-    except OSError as e:
-        raise InputError(f"image {_describe(source)}: cannot be read ({e})") from None
+        return to_rgb(img, every_alpha)
+    except (OSError, ValueError) as e:
+        raise InputError(f"{label}: cannot be read ({e})") from None
+
+
+def load_image(source: Any, name: str | None = None) -> Image.Image:
+    """open_image + to_rgb + the size checks (HF's processor path): an RGB PIL image ready
+    to resize."""
+    label = source_label(source, "image", name)
+    rgb = _rgb(open_image(source, name), True, label)
     w, h = rgb.size
-    check_size(h, w)
+    check_size(h, w, "image", label)
     return rgb
 
 
-def fetch_image(ele: dict | Any, factor: int = IMAGE_FACTOR) -> Image.Image:
-    """qwen-vl-utils' fetch_image: a message element {"image" | "image_url": source, optional
-    min_pixels, max_pixels, resized_height + resized_width} to a resized RGB PIL image."""
-    if not isinstance(ele, dict):
-        ele = {"image": ele}
-    source = ele.get("image", ele.get("image_url"))
+def image_source(ele: dict, label: str | None = None) -> Any:
+    source = ele["image"] if "image" in ele else ele.get("image_url")
     if isinstance(source, dict):  # OpenAI style {"image_url": {"url": ...}}
         source = source.get("url")
     if source is None:
-        raise InputError("image element has no 'image' or 'image_url' source")
-    img = load_image(source)
-    h, w = element_size(ele, img.size[1], img.size[0], factor)
+        raise InputError("image element has no 'image' or 'image_url' source" + _where(label))
+    return source
+
+
+def fetch_image(ele: dict | Any, factor: int = IMAGE_FACTOR, name: str | None = None, strict: bool = False) -> Image.Image:
+    """qwen-vl-utils' fetch_image: a message element {"image" | "image_url": source, optional
+    min_pixels, max_pixels, resized_height + resized_width} to a resized RGB PIL image.
+
+    As qwen-vl-utils 0.0.14: only RGBA is composited on white, images of any size are
+    accepted (tiny ones scaled up to min_pixels), and the budget is 4 to 16384 blocks of
+    `factor` x `factor` unless the element says otherwise. strict=True is the HF processor
+    path instead (every alpha mode composited, sides under 28 pixels refused). `name` names
+    an in-memory input in errors ('image 2')."""
+    if not isinstance(ele, dict):
+        ele = {"image": ele}
+    source = image_source(ele, name)
+    label = source_label(source, "image", name)
+    if strict:
+        img = load_image(source, name)
+    else:
+        img = _rgb(open_image(source, name), False, label)
+    h, w = element_size(ele, img.size[1], img.size[0], factor, label)
     if (w, h) != img.size:
         img = img.resize((w, h), Image.BICUBIC)
     return img
-
-
-def element_size(ele: dict, height: int, width: int, factor: int = IMAGE_FACTOR) -> tuple[int, int]:
-    """The size fetch_image resizes an image of `height` x `width` to."""
-    if "resized_height" in ele and "resized_width" in ele:
-        return smart_resize(int(ele["resized_height"]), int(ele["resized_width"]), factor)
-    return smart_resize(
-        height,
-        width,
-        factor,
-        min_pixels=int(ele.get("min_pixels", MIN_PIXELS)),
-        max_pixels=int(ele.get("max_pixels", MAX_PIXELS)),
-    )
 
 
 # ----------------------------------------------------------------------------- patches
@@ -366,13 +452,16 @@ class ImageProcessor(PatchProcessorSettings):
     """HF's Qwen2VLImageProcessor (PIL backend) in numpy; `from_config` reads the keys of
     preprocessor_config.json."""
 
-    def prepare(self, item: Any, min_pixels: int | None = None, max_pixels: int | None = None) -> Image.Image:
+    def prepare(
+        self, item: Any, min_pixels: int | None = None, max_pixels: int | None = None, name: str | None = None
+    ) -> Image.Image:
         """One input (PIL, array, path/URI, or a qwen-vl-utils element dict) to the resized
-        RGB image the patches are cut from."""
+        RGB image the patches are cut from. `name` ('image 2') names an in-memory input in
+        errors."""
         if isinstance(item, dict):
-            img = fetch_image(item, self.factor)  # the qwen-vl-utils step
+            img = fetch_image(item, self.factor, name, strict=True)  # element options, HF's checks
         else:
-            img = load_image(item)
+            img = load_image(item, name)
         w, h = img.size
         th, tw = smart_resize(
             h,
@@ -395,7 +484,9 @@ class ImageProcessor(PatchProcessorSettings):
         """images: one input or a list -> {"pixel_values": float32 [N, 1176],
         "image_grid_thw": int64 [n, 3]}."""
         items = images if isinstance(images, (list, tuple)) else [images]
-        prepared = parallel_map(lambda item: self.prepare(item, min_pixels, max_pixels), items)
+        prepared = parallel_map(
+            lambda i: self.prepare(items[i], min_pixels, max_pixels, f"image {i + 1}"), range(len(items))
+        )
         counts = [(img.size[0] // self.patch_size) * (img.size[1] // self.patch_size) for img in prepared]
         dim = 3 * self.temporal_patch_size * self.patch_size**2
         pixel_values = np.empty((sum(counts), dim), dtype=np.float32)  # one buffer, no concatenate

@@ -63,17 +63,42 @@ def extract_vision_info(conversations: Sequence[Any]) -> list[dict]:
     return out
 
 
-def process_vision_info(conversations: Sequence[Any]) -> tuple[list[Image.Image] | None, list[np.ndarray] | None]:
-    """qwen-vl-utils' process_vision_info: (resized PIL images, uint8 videos [T, H, W, 3]),
-    each None when there are none."""
-    images, videos = [], []
+def process_vision_info(
+    conversations: Sequence[Any],
+    return_video_kwargs: bool = False,
+    return_video_metadata: bool = False,
+    image_patch_size: int = 14,
+) -> tuple:
+    """qwen-vl-utils 0.0.14's process_vision_info, for one conversation or a batch of them:
+    (images, videos), or (images, videos, video_kwargs) with return_video_kwargs.
+
+    images: resized RGB PIL images; videos: uint8 [T, H, W, 3] arrays (qwen-vl-utils returns
+    float [T, 3, H, W] torch tensors holding the same integers), each list None when empty.
+    With return_video_metadata each video is (frames, {"fps", "frames_indices",
+    "total_num_frames", "video_backend"}). video_kwargs is {"do_sample_frames": False,
+    "fps": [sampled fps per video]}, without "fps" when metadata is returned, as there.
+    Sizes, pixels, frame counts and sampled frames are those qwen-vl-utils gives (see
+    fetch_image / fetch_video for its rules); errors name the file, else 'image N' /
+    'video N' counted over the conversations."""
+    factor = int(image_patch_size) * 2  # the 2x2 spatial merge
+    images, videos, sample_fps = [], [], []
     for ele in extract_vision_info(conversations):
         if "image" in ele or "image_url" in ele:
-            images.append(fetch_image(ele))
+            images.append(fetch_image(ele, factor, f"image {len(images) + 1}"))
         elif "video" in ele:
-            videos.append(fetch_video(ele))
+            video, fps = fetch_video(
+                ele, factor, return_video_sample_fps=True, return_video_metadata=return_video_metadata,
+                name=f"video {len(videos) + 1}",
+            )
+            videos.append(video)
+            sample_fps.append(fps)
         else:
             raise InputError(f"content item of type {ele.get('type')!r} has no 'image', 'image_url' or 'video'")
+    video_kwargs: dict[str, Any] = {"do_sample_frames": False}
+    if not return_video_metadata:
+        video_kwargs["fps"] = sample_fps
+    if return_video_kwargs:
+        return images or None, videos or None, video_kwargs
     return images or None, videos or None
 
 
