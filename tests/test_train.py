@@ -533,6 +533,7 @@ BAD_RUNS = {
     "negative lr": (["--lr", "-1"], "--lr must be positive, got -1"),
     "nan lr": (["--lr", "nan"], "--lr must be positive, got nan"),
     "bad regex": (["--train", "("], "--train '(' is not a valid regex"),
+    "regex matching nothing": (["--train", "^nothing/"], "no parameter path matches the patterns ['^nothing/'] (--train"),
     "end lr ratio": (["--end-lr-ratio", "2"], "--end-lr-ratio must be between 0 and 1"),
     "negative seed": (["--seed", "-1"], "--seed must be at least 0"),
     "loss chunk 0": (["--loss-chunk", "0"], "--loss-chunk must be at least 1, got 0"),

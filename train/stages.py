@@ -72,7 +72,9 @@ def trainable_paths(params, stage: Stage) -> frozenset[str]:
     """The parameter paths `stage` trains; an error if it trains none."""
     paths = frozenset(p for p in _flat(params) if stage.trains(p))
     if not paths:
-        raise InputError(f"stage {stage.name!r} trains no parameter: no path matches {list(stage.train)}")
+        raise InputError(f"stage {stage.name!r} trains no parameter: no parameter path matches the patterns "
+                         f"{list(stage.train)} (--train, or the stage's own); paths look like "
+                         f"{next(iter(sorted(_flat(params))), 'model/...')!r}")
     return paths
 
 
