@@ -123,6 +123,6 @@ def chat(model, processor, messages: Sequence[dict[str, Any]], *, out: TextIO | 
         stream.push(token)
     t2 = time.perf_counter()
     text = stream.close()
-    return Reply(text=text, token_ids=stream.ids, finish_reason=finish, eos_token_id=end, prompt_tokens=int(ids.shape[-1]),
-                 vision_tokens=vision, preprocess_s=t1 - t0, vision_s=vision_s, first_token_s=first - t1,
-                 decode_s=t2 - first)
+    return Reply(text=text, token_ids=stream.ids, finish_reason=finish, eos_token_id=end,
+                 prompt_tokens=int(ids.shape[-1]), vision_tokens=vision, preprocess_s=t1 - t0, vision_s=vision_s,
+                 first_token_s=first - t1, decode_s=t2 - first)

@@ -42,17 +42,16 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 
-from qwen2vl_jax import checkpoint as ck
+from qwen2vl_jax import checkpoint as ck, interrupts
+from qwen2vl_jax.checkpoint import load_hf_params
 from qwen2vl_jax.config import Qwen2VLConfig
-from qwen2vl_jax import interrupts
 from qwen2vl_jax.errors import InputError
 from qwen2vl_jax.jsonio import parse_json
-from qwen2vl_jax.checkpoint import load_hf_params
 from qwen2vl_jax.modules.qwen2vl import init_shapes
 from qwen2vl_jax.sharding import check_divisible, make_mesh, param_shardings
 from qwen2vl_jax.train import loop, stages as st
-from qwen2vl_jax.train.plot import plot_losses
 from qwen2vl_jax.train.data import JsonlDataset, Loader, Position
+from qwen2vl_jax.train.plot import plot_losses
 
 STATE_DIR = "train_state"
 
