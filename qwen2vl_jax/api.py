@@ -95,8 +95,10 @@ class Qwen2VL:
 
     @functools.cached_property
     def engine(self) -> Engine:
-        """The jitted functions of this model (built on first use, for its mesh)."""
-        return Engine(self.module, self.mesh, self.rules)
+        """The jitted functions of this model (built on first use, for its mesh and the layout
+        its params already have)."""
+        placed = None if self.mesh is None else jax.tree_util.tree_map(lambda p: p.sharding, self.params)
+        return Engine(self.module, self.mesh, self.rules, params_sharding=placed)
 
     # ---------------------------------------------------------------- inputs
     def inputs(self, input_ids, attention_mask=None, pixel_values=None, image_grid_thw=None,

@@ -180,12 +180,16 @@ class Engine:
     another kernel is another engine."""
 
     def __init__(self, module: Qwen2VLModule, mesh: Mesh | None = None, rules: ShardingRules | None = None,
-                 *, loop_options: dict | None = None):
+                 *, params_sharding=None, loop_options: dict | None = None):
+        """params_sharding: the layout of the params the calls will get (a tree of shardings);
+        on a mesh it defaults to the rules' layout of the config's parameter tree."""
         self.module = module
         self.config = module.config
         self.mesh = mesh
         self.rules = rules or ShardingRules()
-        p_sh = None if mesh is None else param_shardings(init_shapes(self.config), mesh, self.rules)
+        p_sh = params_sharding
+        if p_sh is None and mesh is not None:
+            p_sh = param_shardings(init_shapes(self.config), mesh, self.rules)
 
         # Params carry explicit shardings; the other inputs arrive laid out by their logical
         # axes (`_put`) and the state pins its own (`DecodeState.constrain`).
@@ -304,7 +308,10 @@ class Engine:
     @staticmethod
     def _vision_time(features, t0: float) -> float:
         # Read after prefill is queued behind the tower, so the wait costs the device nothing.
-        return 0.0 if features is None else (jax.block_until_ready(features), time.perf_counter() - t0)[1]
+        if features is None:
+            return 0.0
+        jax.block_until_ready(features)
+        return time.perf_counter() - t0
 
     def generate(self, params, inputs: ModelInputs, gc: GenerationConfig) -> GenerationResult:
         """The whole decode as one while_loop that stops when every row has its EOS."""

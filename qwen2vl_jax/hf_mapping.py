@@ -18,7 +18,6 @@ from typing import Callable, Iterable, Iterator, NamedTuple
 import numpy as np
 
 from qwen2vl_jax.errors import CheckpointError, listing
-from qwen2vl_jax.params import flatten, unflatten  # noqa: F401 (part of this module's interface)
 
 # Transforms: how an HF tensor becomes the JAX array (and back).
 #   copy    same layout (norms, biases, embeddings)

@@ -72,7 +72,8 @@ def test_full_size_param_counts_equal_hf(name):
 
 def test_published_index_names_every_parameter():
     """The 7B index (published naming) maps onto exactly our parameter tree."""
-    from qwen2vl_jax.hf_mapping import flatten, hf_to_jax_name
+    from qwen2vl_jax.hf_mapping import hf_to_jax_name
+    from qwen2vl_jax.params import flatten
 
     index = hf_utils.reference_folder("qwen2-vl-7b-instruct") / "model.safetensors.index.json"
     names = json.loads(index.read_text())["weight_map"]

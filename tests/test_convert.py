@@ -26,7 +26,8 @@ from qwen2vl_jax.convert import convert as convert_lib
 from qwen2vl_jax.convert.cli import convert_main, export_main
 from qwen2vl_jax.convert.convert import convert_checkpoint
 from qwen2vl_jax.convert.export import export_checkpoint
-from qwen2vl_jax.hf_mapping import flatten, hf_to_jax_name, to_jax
+from qwen2vl_jax.hf_mapping import hf_to_jax_name, to_jax
+from qwen2vl_jax.params import flatten
 from qwen2vl_jax.safetensors_io import read_header, save_file
 from qwen2vl_jax.errors import CheckpointError, InputError
 
@@ -218,7 +219,7 @@ def test_load_params_casts_and_places_on_given_shardings(tiny_hf, tmp_path):
     cols = NamedSharding(mesh, P(None, "x"))
     assert 48 % len(jax.devices()) == 0
     tree = {k: (cols if k == "model/embed_tokens/embedding" else replicated) for k in leaves}
-    from qwen2vl_jax.hf_mapping import unflatten
+    from qwen2vl_jax.params import unflatten
 
     params = checkpoint.load_params(out, config, None, shardings=unflatten(tree))
     emb = params["model"]["embed_tokens"]["embedding"]
@@ -235,7 +236,7 @@ def test_save_params_round_trip(tmp_path):
     shapes = checkpoint.expected_shapes(TINY)
     rng = np.random.default_rng(0)
     flat = {k: jnp.asarray(rng.standard_normal(s, np.float32)) for k, s in shapes.items()}
-    from qwen2vl_jax.hf_mapping import unflatten
+    from qwen2vl_jax.params import unflatten
 
     folder = tmp_path / "trained"
     checkpoint.save_params(unflatten(flat), folder)

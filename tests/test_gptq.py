@@ -24,7 +24,8 @@ from qwen2vl_jax.config import Qwen2VLConfig
 from qwen2vl_jax.convert import gptq
 from qwen2vl_jax.convert.cli import convert_main
 from qwen2vl_jax.convert.convert import convert_checkpoint
-from qwen2vl_jax.hf_mapping import flatten, hf_to_jax_name, normalize_hf_name, to_jax
+from qwen2vl_jax.hf_mapping import hf_to_jax_name, normalize_hf_name, to_jax
+from qwen2vl_jax.params import flatten
 from qwen2vl_jax.errors import CheckpointError
 
 torch = pytest.importorskip("torch")
