@@ -1,7 +1,11 @@
 """Generation speed: ours (JAX) against HF transformers on the same shapes, one table.
 
     python benchmarks/generate.py [--device cpu|gpu] [--size 2b|small] [--new-tokens 32]
-        [--image 448] [--variants ours-fp32,hf-fp32,hf-bf16] [--xla-flags "..."]
+        [--image 448] [--variants ours-fp32,ours-int8,ours-int4,hf-fp32,hf-bf16] [--xla-flags "..."]
+
+ours-int8 and ours-int4 hold the decoder's linear layers (and the output head, int8) packed as
+`qwen2vl-convert --quantize` stores them (qwen2vl_jax.quant), random integers and scales,
+computing in float32 on CPU (bfloat16 on a GPU) like ours-fp32 (ours-bf16).
 
 The model has Qwen2-VL-2B's shapes with random weights (the compute does not depend on the
 values), one image of IMAGE x IMAGE pixels (448 -> 1024 patches -> 256 image tokens) and a
@@ -94,10 +98,11 @@ def best_of(fn, repeat: int) -> float:
 
 
 # ------------------------------------------------------------------ ours
-def run_ours(args, dtype_name: str) -> dict:
+def run_ours(args, dtype_name: str, quantize: str | None = None) -> dict:
     import jax
     import jax.numpy as jnp
 
+    from qwen2vl_jax import quant
     from qwen2vl_jax.api import Qwen2VL
     from qwen2vl_jax.engine import Engine
     from qwen2vl_jax.modules.qwen2vl import init_shapes
@@ -106,22 +111,33 @@ def run_ours(args, dtype_name: str) -> dict:
     config = model_config(args.size)
     dtype = jnp.dtype(dtype_name)
     shapes = init_shapes(config, dtype)
+    if quantize:  # the packed tree's shapes: integers, scales (and int4's zero points)
+        shapes = quant.abstract(shapes, quant.Scheme.of(quantize))
 
-    @functools.partial(jax.jit, static_argnums=(1, 2))
-    def normal(key, shape, kind):  # one leaf at a time, made on the device in its final dtype
+    @functools.partial(jax.jit, static_argnums=(1, 2, 3))
+    def normal(key, shape, kind, leaf_dtype):  # one leaf at a time, made on the device in its final dtype
         if kind == "ones":
             return jnp.ones(shape, dtype)
         if kind == "zeros":
             return jnp.zeros(shape, dtype)
+        if kind == "ints":  # packed weights: any byte; zero points mid-range
+            low, high = (-127, 128) if leaf_dtype == jnp.int8 else (0, 256)
+            return jax.random.randint(key, shape, low, high).astype(leaf_dtype)
+        if kind == "zero_points":
+            return jnp.full(shape, 8, leaf_dtype)
+        if kind == "quant_scales":  # random ints times these: weights of std near 0.02
+            return jnp.full(shape, 0.02 / 64, leaf_dtype)
         return (jax.random.normal(key, shape, jnp.float32) * 0.02).astype(dtype)
 
     def fill(key):
         leaves, treedef = jax.tree_util.tree_flatten_with_path(shapes)
         out = []
         for i, (path, leaf) in enumerate(leaves):
-            name = str(path[-1])
-            kind = "ones" if "scale" in name else "zeros" if "bias" in name else "normal"
-            out.append(jax.block_until_ready(normal(jax.random.fold_in(key, i), tuple(leaf.shape), kind)))
+            name = str(path[-1].key)
+            kind = {"qweight": "ints", "zeros": "zero_points", "scales": "quant_scales"}.get(name)
+            kind = kind or ("ones" if "scale" in name else "zeros" if "bias" in name else "normal")
+            out.append(jax.block_until_ready(normal(jax.random.fold_in(key, i), tuple(leaf.shape), kind,
+                                                    jnp.dtype(leaf.dtype))))
         return jax.tree_util.tree_unflatten(treedef, out)
 
     params = fill(jax.random.PRNGKey(0))
@@ -269,8 +285,10 @@ SUFFIXES = set(FLAG_SETS) | set(ENV_SETS)
 
 
 def run_variant(args, variant: str) -> dict:
-    impl, dtype = variant.split("+")[0].split("-")
-    dtype = {"fp32": "float32", "bf16": "bfloat16"}[dtype]
+    impl, kind = variant.split("+")[0].split("-")
+    if kind in ("int8", "int4"):  # weight-only: the compute dtype of ours-fp32 (CPU) or ours-bf16
+        return run_ours(args, "float32" if args.device == "cpu" else "bfloat16", quantize=kind)
+    dtype = {"fp32": "float32", "bf16": "bfloat16"}[kind]
     return run_ours(args, dtype) if impl == "ours" else run_hf(args, dtype)
 
 
@@ -291,7 +309,7 @@ def main(argv: list[str] | None = None) -> int:
                     help="run every variant's process this many times, round-robin, keeping each "
                          "variant's best (evens out a shared machine's load; default cpu 2, gpu 1)")
     ap.add_argument("--variants", default=None,
-                    help="comma list of ours-fp32, ours-bf16, hf-fp32, hf-bf16; ours may take "
+                    help="comma list of ours-fp32, ours-bf16, ours-int8, ours-int4, hf-fp32, hf-bf16; ours may take "
                          "+onednn or +xnn (XLA CPU flags), or +xlaattn (no cuDNN attention) (default: cpu: ours-fp32,hf-fp32,hf-bf16; "
                          "gpu: ours-bf16,hf-bf16)")
     ap.add_argument("--xla-flags", default=None, help="XLA_FLAGS for our variants (e.g. --xla_cpu_use_onednn=true)")
@@ -378,6 +396,12 @@ def print_table(args, results: dict) -> None:
         comp = f"{r['compile_prefill_s']:.0f}+{r['compile_loop_s']:.0f}" if "compile_loop_s" in r else "-"
         print(line + f" {comp:>10s}")
     ours = [v for v in results if v.startswith("ours")]
+    base = next((v for v in ("ours-fp32", "ours-bf16") if v in results), None)
+    for q in [v for v in ours if v.split("+")[0] in ("ours-int8", "ours-int4")] if base else []:
+        a, b = results[q], results[base]
+        print(f"{q} vs {base}: decode {a['decode_tok_s'] / b['decode_tok_s']:.2f}x the tokens/s, ViT+prefill "
+              f"{100 * (a['prefill_s'] / b['prefill_s'] - 1):+.0f}% time, peak RSS {a['peak_rss_gb']:.2f} vs "
+              f"{b['peak_rss_gb']:.2f} GB")
     for o in ours:
         for h in [v for v in results if v.startswith("hf")]:
             a, b = results[o], results[h]

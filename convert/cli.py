@@ -24,7 +24,10 @@ OUT_DIR is written to a hidden temporary sibling and renamed at the end: a faile
 interrupted conversion leaves no OUT_DIR (Ctrl-C or SIGTERM stops once the layer being
 written is done; a second Ctrl-C stops at once). The checkpoint is checked against config.json
 (names, shapes, missing and unmapped tensors; all problems in one error) before anything
-is written."""
+is written.
+
+GPTQ (AutoGPTQ v1, 4 or 8 bit) and AWQ (GEMM) checkpoints are kept packed as they are, with
+their zero points and act-order; --quantize int8|int4 packs a float checkpoint."""
 
 EXPORT_HELP = """\
 Export a qwen2vl-jax folder (from qwen2vl-convert or training) back to a Hugging Face
@@ -43,9 +46,15 @@ def _convert_parser() -> argparse.ArgumentParser:
                         "model.safetensors.index.json, tokenizer files); if no such local folder exists, "
                         "a hub repo id such as Qwen/Qwen2-VL-2B-Instruct, downloaded with huggingface_hub")
     p.add_argument("out_dir", metavar="OUT_DIR", help="folder to create; must not exist or be empty (see --force)")
-    p.add_argument("--dtype", choices=("bfloat16", "float32"), default="bfloat16",
-                   help="dtype the params are stored in (default: bfloat16, the published weights' dtype; "
-                        "float32 doubles the size and is what parity tests use)")
+    p.add_argument("--dtype", choices=("bfloat16", "float32"), default=None,
+                   help="dtype the float params are stored in (default: bfloat16, the published weights' dtype; "
+                        "float32 doubles the size and is what parity tests use). Given for a GPTQ or AWQ "
+                        "checkpoint, it dequantizes the packed layers to float; without it they stay packed")
+    p.add_argument("--quantize", choices=("int8", "int4"), default=None,
+                   help="store the decoder's linear layers quantized, weight-only: int8 with a scale per output "
+                        "channel, or int4 with a scale and zero point per group of 128 input rows; the output "
+                        "head (or the tied embedding) is int8 in both, the vision tower stays float. "
+                        "Loaders read the folder as it is")
     p.add_argument("--force", action="store_true",
                    help="replace an existing non-empty OUT_DIR (the old one is removed only after the new "
                         "one is complete)")
@@ -86,8 +95,8 @@ def convert_main(argv: list[str] | None = None) -> int:
 
         from qwen2vl_jax.processing.tokenizer import Qwen2Tokenizer
 
-        out = convert_checkpoint(args.hf_dir, args.out_dir, dtype=args.dtype, force=args.force,
-                                 progress=not args.quiet)
+        out = convert_checkpoint(args.hf_dir, args.out_dir, dtype=args.dtype, quantize=args.quantize,
+                                 force=args.force, progress=not args.quiet)
         if not args.quiet:
             print(f"wrote {out}", file=sys.stderr)
         if not Qwen2Tokenizer.present(out):

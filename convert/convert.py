@@ -24,7 +24,7 @@ from typing import Iterator
 
 import numpy as np
 
-from qwen2vl_jax import checkpoint, interrupts
+from qwen2vl_jax import checkpoint, interrupts, quant
 from qwen2vl_jax.config import DEMO_DIR, Qwen2VLConfig
 from qwen2vl_jax.convert import gptq
 from qwen2vl_jax.errors import CheckpointError, InputError, listing
@@ -177,16 +177,17 @@ def _no_safetensors_hint(folder: Path) -> None:
             )
 
 
-def plan(folder: Path, config: Qwen2VLConfig, dtype=np.float32) -> list[Planned]:
+def plan(folder: Path, config: Qwen2VLConfig, dtype=np.float32, keep: dict | None = None) -> list[Planned]:
     """Every tensor of the checkpoint, checked against the config; loads no tensor data.
-    GPTQ layers become float kernels in `dtype`, dequantized when loaded (see gptq.py)."""
-    quant = gptq.read_quantization(folder)
+    GPTQ/AWQ layers become float kernels in `dtype`, dequantized when loaded, or with `keep`
+    (a dict) stay packed: keep[hf_name] loads their packed leaves (see gptq.py)."""
+    packing = gptq.read_quantization(folder)
     _no_safetensors_hint(folder)
     check_files(folder)
     expected = checkpoint.expected_shapes(config)
     tensors, problems = list_tensors(folder), []
-    if quant is not None:
-        tensors, problems = gptq.fold(tensors, expected, quant, dtype)
+    if packing is not None:
+        tensors, problems = gptq.fold(tensors, expected, packing, dtype, keep)
     return plan_conversion(tensors, expected, tie_word_embeddings=config.tie_word_embeddings,
                            mismatched=problems)
 
@@ -208,21 +209,29 @@ def convert_checkpoint(
     source: str | os.PathLike,
     out_dir: str | os.PathLike,
     *,
-    dtype: str = "bfloat16",
+    dtype: str | None = None,
+    quantize: str | None = None,
     force: bool = False,
     progress: bool = True,
 ) -> Path:
     """Converts an HF Qwen2-VL checkpoint to a converted folder at `out_dir`; returns it.
 
-    dtype: 'bfloat16' or 'float32', the stored dtype of every parameter.
+    dtype: 'bfloat16' (None: the default) or 'float32', the stored dtype of the float
+      parameters. A GPTQ/AWQ checkpoint stays packed unless a dtype is given: then it is
+      dequantized to float.
+    quantize: 'int8' or 'int4' packs the decoder's linear layers and the output head of a
+      float checkpoint (qwen2vl_jax.quant; the scheme is recorded in qwen2vl_jax.json).
     force: replace an existing non-empty `out_dir` (only once the new one is complete).
     Raises InputError/CheckpointError (one line) with nothing written.
     """
-    if dtype not in OUTPUT_DTYPES:
+    if dtype is not None and dtype not in OUTPUT_DTYPES:
         raise InputError(f"dtype must be one of {', '.join(OUTPUT_DTYPES)}, not {dtype!r}")
-    np_dtype = np.dtype(DTYPES["BF16"] if dtype == "bfloat16" else np.float32)
+    scheme = None if quantize is None else quant.Scheme.of(quantize)
+    np_dtype = np.dtype(np.float32 if dtype == "float32" else DTYPES["BF16"])
     out = Path(out_dir).expanduser()
     local = Path(source).expanduser()
+    if local.is_dir() and scheme is not None and checkpoint.is_converted(local):
+        return quantize_converted(local, out, scheme, force=force, progress=progress)
     if local.is_dir():  # refuse a converted folder, and a bad OUT_DIR, before any download
         _no_safetensors_hint(local)
         check_destination(out, [local], force)
@@ -230,30 +239,91 @@ def convert_checkpoint(
     check_destination(out, [src], force)
 
     config = checkpoint.read_config(src)
-    items = plan(src, config, np_dtype)
+    packing = gptq.read_quantization(src)
+    if packing is not None and scheme is not None:
+        raise InputError(f"{source} is already {packing.method.upper()}-quantized; --quantize takes a float "
+                         "checkpoint (convert it as it is, or with --dtype to dequantize it)")
+    keep: dict | None = {} if packing is not None and dtype is None else None
+    if keep is not None:
+        scheme = quant.Scheme(packing.method, packing.bits, packing.group_size, head=False)
+    items = plan(src, config, np_dtype, keep)
 
     from tqdm import tqdm
 
     with staging(out) as tmp:
         checkpoint.copy_side_files(src, tmp)
-        gptq.strip_quantization(tmp / "config.json")  # the params written are float
+        gptq.strip_quantization(tmp / "config.json")  # the scheme, if any, is in qwen2vl_jax.json
         writer = checkpoint.ParamWriter(tmp)
         with tqdm(total=len(items), desc="converting", unit="tensor", disable=not progress) as bar:
             for group in groups(items):
                 interrupts.check()
                 flat = {}
                 for item in group:
-                    flat[item.path] = load_planned(item).astype(np_dtype, copy=False)
+                    flat.update(_converted(item, np_dtype, scheme, keep))
                     bar.update(1)
                 writer.write(flat)
                 del flat
         writer.finalize()
-        checkpoint.write_marker(tmp, np_dtype, source=str(source))
+        extra = {} if scheme is None else {"quantization": scheme.to_json()}
+        if keep is not None:  # the float tensors' own dtype
+            np_dtype = next((i.load().dtype for i in items if i.hf_name not in keep), np_dtype)
+        checkpoint.write_marker(tmp, np_dtype, source=str(source), **extra)
     return out
 
 
+def quantize_converted(src: Path, out: Path, scheme: quant.Scheme, *, force: bool = False,
+                       progress: bool = True) -> Path:
+    """A converted float folder (from qwen2vl-convert or training) -> the same model with the
+    scheme's weights packed, streamed one layer at a time like a conversion."""
+    check_destination(out, [src], force)
+    if checkpoint.read_scheme(src) is not None:
+        raise InputError(f"{src} is already quantized ({checkpoint.read_scheme(src).method}); "
+                         "--quantize takes a float model")
+    config = checkpoint.read_config(src)
+    stored = checkpoint.check_params(src, config)
+    dtypes = {dt for _, dt in stored.values()}
+    from tqdm import tqdm
+
+    with staging(out) as tmp:
+        checkpoint.copy_side_files(src, tmp)
+        writer = checkpoint.ParamWriter(tmp)
+        by_group: dict[str, list[str]] = {}
+        for path in stored:
+            by_group.setdefault(group_of(path), []).append(path)
+        with tqdm(total=len(stored), desc="quantizing", unit="tensor", disable=not progress) as bar:
+            for paths in by_group.values():
+                interrupts.check()
+                flat = {}
+                for path, array in checkpoint.load_numpy(src, paths).items():
+                    packed = quant.quantize_leaf(path, array, scheme)
+                    head = path.rpartition("/")[0]
+                    flat.update({path: array} if packed is None else {f"{head}/{k}": v for k, v in packed.items()})
+                    bar.update(1)
+                writer.write(flat)
+        writer.finalize()
+        dtype = dtypes.pop() if len(dtypes) == 1 else np.float32
+        checkpoint.write_marker(tmp, dtype, source=str(src), quantization=scheme.to_json())
+    return out
+
+
+def _converted(item: Planned, dtype, scheme: quant.Scheme | None, keep: dict | None) -> dict[str, np.ndarray]:
+    """One planned tensor -> {path: array}: a float parameter in `dtype`, or a packed layer's
+    leaves (kept from a GPTQ/AWQ checkpoint, or quantized from the float weight)."""
+    head = item.path.rpartition("/")[0]
+    if keep is not None and item.hf_name in keep:
+        return {f"{head}/{k}": v for k, v in keep[item.hf_name]().items()}
+    array = load_planned(item)
+    if scheme is not None and keep is None:
+        packed = quant.quantize_leaf(item.path, array, scheme)
+        if packed is not None:
+            return {f"{head}/{k}": v for k, v in packed.items()}
+    if keep is not None:  # a packed checkpoint's float tensors (fp16 in GPTQ/AWQ releases) stay as they are
+        return {item.path: array}
+    return {item.path: array.astype(dtype, copy=False)}
+
+
 def model_folder(name: str | os.PathLike, work_dir: str | os.PathLike = "~/.cache/qwen2vl-jax",
-                 dtype: str = "bfloat16") -> Path:
+                 dtype: str | None = None) -> Path:
     """What a user names -> a folder to load: "demo" -> the shipped demo model; a local folder
     (converted or HF) -> itself; anything else is a hub id (Qwen/Qwen2-VL-2B-Instruct),
     downloaded and converted once into work_dir/<name>-jax (later calls reuse it)."""

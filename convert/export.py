@@ -81,6 +81,10 @@ def export_checkpoint(
     check_destination(out, [src], force)
     checkpoint.read_marker(src)
     config = checkpoint.read_config(src)
+    scheme = checkpoint.read_scheme(src)
+    if scheme is not None:
+        raise InputError(f"{src} holds {scheme.method}-quantized params; qwen2vl-export writes float weights "
+                         "(export the float model it was converted from)")
     stored = checkpoint.check_params(src, config)
 
     v = config.vision

@@ -20,7 +20,9 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 
-from qwen2vl_jax.checkpoint import is_converted, load_hf_params, load_params, read_config
+from qwen2vl_jax import quant
+from qwen2vl_jax.checkpoint import (is_converted, load_hf_params, load_params, read_config, read_scheme,
+                                    stored_tree)
 from qwen2vl_jax.config import Qwen2VLConfig
 from qwen2vl_jax.engine import Engine, GenerationResult, Token
 from qwen2vl_jax.errors import CheckpointError, InputError
@@ -60,14 +62,17 @@ class Qwen2VL:
 
     def __init__(self, config: Qwen2VLConfig, params: dict, dtype=None, mesh: Mesh | None = None,
                  rules: ShardingRules | None = None, *, attention: str | None = None,
-                 generation_config: GenerationConfig | None = None):
+                 generation_config: GenerationConfig | None = None, quantization: quant.Scheme | None = None):
         check_divisible(config, mesh)
         self.config = config
+        self.quantization = quantization  # how the params are packed (quant.py), None for float
         self.dtype = jnp.dtype(dtype or default_dtype())
         self.attention = default_attention() if attention is None else attention
         if self.attention not in KERNELS:
             raise InputError(f"attention must be one of {', '.join(KERNELS)} (got {self.attention!r})")
         self.mesh, self.rules = mesh, rules or ShardingRules()
+        if mesh is not None:
+            quant.check_mesh(params, param_shardings(params, mesh, self.rules))
         self.params = place_params(params, mesh, self.rules)  # a no-op without a mesh
         self.module = Qwen2VLModule(config, self.dtype, attention=self.attention)
         self.generation_config = generation_config or GenerationConfig.from_model_config(config)
@@ -85,13 +90,31 @@ class Qwen2VL:
         config = read_config(path)
         check_divisible(config, mesh)
         dtype = jnp.dtype(dtype or default_dtype())
+        scheme = None
         if is_converted(path):  # Orbax params, restored straight into their shardings
-            shardings = None if mesh is None else param_shardings(init_shapes(config), mesh, rules)
+            scheme = read_scheme(path)
+            shardings = None
+            if mesh is not None:  # a quantized folder's tree is not the config's: shard what is stored
+                tree = init_shapes(config) if scheme is None else stored_tree(path)
+                if scheme is not None:
+                    quant.check_mesh(tree, param_shardings(tree, mesh, rules))
+                shardings = param_shardings(tree, mesh, rules)
             params = load_params(path, config, dtype, shardings)
         else:
             params = load_hf_params(path, config, dtype, host=mesh is not None)
         return cls(config, params, dtype, mesh=mesh, rules=rules, attention=attention,
-                   generation_config=GenerationConfig.from_pretrained(path, config))
+                   generation_config=GenerationConfig.from_pretrained(path, config), quantization=scheme)
+
+    @property
+    def param_bytes(self) -> int:
+        """Bytes the params take on device, summed over devices (a replicated array counts once
+        per device that holds it); with no device arrays, their logical size."""
+        per_device = quant.device_bytes(self.params)
+        return sum(per_device.values()) if per_device else quant.param_bytes(self.params)
+
+    def param_bytes_per_device(self) -> dict:
+        """{device: bytes of parameter data it holds}."""
+        return quant.device_bytes(self.params)
 
     @functools.cached_property
     def engine(self) -> Engine:

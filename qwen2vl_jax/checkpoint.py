@@ -28,8 +28,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from qwen2vl_jax import quant
 from qwen2vl_jax.config import Qwen2VLConfig
-from qwen2vl_jax.errors import CheckpointError, listing
+from qwen2vl_jax.errors import CheckpointError, InputError, listing
 from qwen2vl_jax.hf_mapping import convert_tensors
 from qwen2vl_jax.jsonio import read_json
 from qwen2vl_jax.modules.qwen2vl import init_shapes
@@ -76,6 +77,15 @@ def read_marker(folder: str | Path) -> dict:
             f"qwen2vl-jax reads ({FORMAT!r} <= {VERSION})"
         )
     return marker
+
+
+def read_scheme(folder: str | Path) -> quant.Scheme | None:
+    """The quantization a converted folder's params hold (qwen2vl_jax.json), None for float."""
+    raw = read_marker(folder).get("quantization")
+    try:
+        return None if raw is None else quant.Scheme.from_json(raw, str(Path(folder) / MARKER))
+    except InputError as e:
+        raise CheckpointError(str(e)) from None
 
 
 def read_config(folder: str | Path) -> Qwen2VLConfig:
@@ -377,11 +387,13 @@ def check_params(folder: str | Path, config: Qwen2VLConfig) -> dict[str, tuple[t
     """Stored names and shapes vs the config; every difference in one CheckpointError."""
     stored = stored_params(folder)
     expected = expected_shapes(config)
-    extra = sorted(set(stored) - set(expected))
-    missing = sorted(set(expected) - set(stored))
-    wrong = [
-        f"{k}: stored {stored[k][0]}, config expects {shape}"
-        for k, shape in expected.items() if k in stored and stored[k][0] != shape
+    # packed quantized layers (quant.py) count as the float parameter they stand for
+    view, wrong = quant.float_view({k: shape for k, (shape, _) in stored.items()}, expected)
+    extra = sorted(set(view) - set(expected))
+    missing = sorted(set(expected) - set(view))
+    wrong += [
+        f"{k}: stored {view[k]}, config expects {shape}"
+        for k, shape in expected.items() if k in view and view[k] != shape
     ]
     kinds = [(f"{len(extra)} parameter(s) the config does not have", extra, ", "),
              (f"{len(missing)} parameter(s) missing", missing, ", "),
@@ -393,6 +405,12 @@ def check_params(folder: str | Path, config: Qwen2VLConfig) -> dict[str, tuple[t
     if problems:
         raise CheckpointError(f"{folder}: params do not match config.json: " + " | ".join(problems))
     return stored
+
+
+def stored_tree(folder: str | Path) -> dict:
+    """The stored params as a tree of ShapeDtypeStructs (metadata only): the layout a quantized
+    folder's params have, for sharding them before they load."""
+    return unflatten({k: jax.ShapeDtypeStruct(shape, dt) for k, (shape, dt) in stored_params(folder).items()})
 
 
 def load_params(folder: str | Path, config: Qwen2VLConfig, dtype=None, shardings=None) -> dict:
@@ -413,9 +431,12 @@ def load_params(folder: str | Path, config: Qwen2VLConfig, dtype=None, shardings
         absent = sorted(set(stored) - set(flat_shardings))
         if absent:
             raise CheckpointError(f"shardings lack {len(absent)} parameter(s): " + listing(absent))
+    def cast(path, stored_dtype):  # packed leaves (integers and their scales) stay as stored
+        packed = path.rpartition("/")[2] in quant.PARTS
+        return stored_dtype if dtype is None or packed else jnp.dtype(dtype)
+
     abstract = {
-        k: jax.ShapeDtypeStruct(shape, jnp.dtype(dtype) if dtype is not None else stored_dtype,
-                                sharding=flat_shardings[k])
+        k: jax.ShapeDtypeStruct(shape, cast(k, stored_dtype), sharding=flat_shardings[k])
         for k, (shape, stored_dtype) in stored.items()
     }
     return _restore(folder / PARAMS, unflatten(abstract))

@@ -26,6 +26,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from qwen2vl_jax.errors import InputError, listing
 from qwen2vl_jax.params import path_str
+from qwen2vl_jax.quant import float_leaf
 
 MESH_AXES = ("data", "fsdp", "tensor")
 
@@ -124,6 +125,7 @@ PARAM_AXES: tuple[tuple[str, tuple[str | None, ...]], ...] = (
     (r"(mlp/fc1|merger/mlp_0)/bias$", ("mlp",)),
     (r"(mlp/fc2|merger/mlp_2)/kernel$", ("mlp", "param_embed")),
     (r"(scale|bias)$", (None,)),  # norms and the remaining biases: small, replicated
+    (r"/perm$", (None,)),  # a quantized layer's input permutation (quant.py)
 )
 _PARAM_RULES = [(re.compile(pattern), axes) for pattern, axes in PARAM_AXES]
 
@@ -135,7 +137,7 @@ def param_logical_axes(params) -> Any:
     missing = []
 
     def axes_of(path, leaf):
-        name = path_str(path)
+        name = float_leaf(path_str(path))  # packed quantized leaves carry their float weight's axes
         for pattern, axes in _PARAM_RULES:
             if pattern.search(name):
                 if len(axes) != len(leaf.shape) and axes != (None,):

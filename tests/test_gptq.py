@@ -1,9 +1,10 @@
-"""GPTQ (AutoGPTQ "gptq" v1) checkpoints: tiny random HF models whose decoder linears are
-quantized here (chosen integers, zeros and fp16 scales), packed into the published layout by a
-packer written from the format's description, and converted. The converted kernels equal the
-weights dequantized from the chosen integers bit for bit, and fp32 logits equal HF's on a model
-holding those same float weights. Unsupported quantizations and bad tensors are refused with
-one line and nothing written."""
+"""GPTQ (AutoGPTQ "gptq" v1) and AWQ (GEMM) checkpoints: tiny random HF models whose decoder
+linears are quantized here (chosen integers, zeros and fp16 scales), packed into the published
+layout by a packer written from the format's description, and converted, both kept packed (the
+default) and dequantized to float (--dtype). Either way the weights equal the ones dequantized
+from the chosen integers bit for bit, and fp32 logits equal HF's on a model holding those same
+float weights. Unsupported quantizations and bad tensors are refused with one line and nothing
+written."""
 
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ import pytest
 
 import hf_utils
 from hf_utils import read_all, to_tf5_name, write_folder
-from qwen2vl_jax import checkpoint
+from qwen2vl_jax import checkpoint, quant
 from qwen2vl_jax.config import Qwen2VLConfig
 from qwen2vl_jax.convert import gptq
 from qwen2vl_jax.convert.cli import convert_main
@@ -45,13 +46,18 @@ class Quant:
     sym: bool
     where: str  # quantization_config at the "top" of the nested config, under "text_config", or a "flat" config
     tf5_names: bool = False
+    method: str = "gptq"  # or "awq" (4 bit, zero points, GEMM packing; no g_idx)
 
 
 CASES = {
     "int4-g32": Quant("untied", 4, 32, desc_act=False, sym=True, where="top"),  # 48 = 32 + 16: a short last group
     "int4-desc_act-tied": Quant("tied", 4, 32, desc_act=True, sym=True, where="text_config"),
     "int8-asym-one_group-tf5": Quant("untied", 8, -1, desc_act=False, sym=False, where="flat", tf5_names=True),
+    "int4-asym-desc_act-g16": Quant("untied", 4, 16, desc_act=True, sym=False, where="top"),
+    "awq-g16": Quant("untied", 4, 16, desc_act=False, sym=False, where="top", method="awq"),
 }
+PACKED_CASES = [name for name in CASES if name != "int4-g32"]  # int4-g32's short group: the float path's
+GENERATE_CASE = "int4-asym-desc_act-g16"  # greedy decoding through the packed layers, once
 
 
 # ---------------------------------------------------------------- quantizing and packing
@@ -89,6 +95,17 @@ def pack_cols(ints: np.ndarray, bits: int) -> np.ndarray:
     return np.ascontiguousarray(pack_rows(ints.T, bits).T)
 
 
+def pack_awq(ints: np.ndarray) -> np.ndarray:
+    """[R, C] 4 bit -> int32 [R, C/8] as AutoAWQ's GEMM layer packs: nibble i of word k holds
+    column 8k + (0, 2, 4, 6, 1, 3, 5, 7)[i]."""
+    order = [0, 2, 4, 6, 1, 3, 5, 7]
+    words = np.zeros((ints.shape[0], ints.shape[1] // 8), np.uint32)
+    for k in range(words.shape[1]):
+        for i in range(8):
+            words[:, k] |= ints[:, 8 * k + order[i]].astype(np.uint32) << np.uint32(4 * i)
+    return words.view(np.int32)
+
+
 def build(root: Path, q: Quant):
     """-> (HF model holding the dequantized float weights, GPTQ folder, {JAX kernel path: W})."""
     spec = SPECS[q.model]
@@ -107,12 +124,16 @@ def build(root: Path, q: Quant):
                 p.copy_(torch.from_numpy(w.T))  # the reference model holds exactly these weights
                 kernels[hf_to_jax_name(name)[0]] = w
                 prefix = name[: -len(".weight")]
-                tensors.update({
-                    f"{prefix}.qweight": pack_rows(ints, q.bits),
-                    f"{prefix}.qzeros": pack_cols(zeros - 1, q.bits),  # v1 stores zero - 1
-                    f"{prefix}.scales": scales,
-                    f"{prefix}.g_idx": g_idx,
-                })
+                if q.method == "awq":
+                    tensors.update({f"{prefix}.qweight": pack_awq(ints), f"{prefix}.qzeros": pack_awq(zeros),
+                                    f"{prefix}.scales": scales})
+                else:
+                    tensors.update({
+                        f"{prefix}.qweight": pack_rows(ints, q.bits),
+                        f"{prefix}.qzeros": pack_cols(zeros - 1, q.bits),  # v1 stores zero - 1
+                        f"{prefix}.scales": scales,
+                        f"{prefix}.g_idx": g_idx,
+                    })
             else:  # vision, embeddings, norms, biases, lm_head stay fp16 in GPTQ releases
                 half = p.half()
                 p.copy_(half.float())
@@ -126,6 +147,8 @@ def build(root: Path, q: Quant):
         config = Qwen2VLConfig.from_hf(config).to_hf()
     quant = {"bits": q.bits, "group_size": q.group_size, "desc_act": q.desc_act, "sym": q.sym,
              "damp_percent": 0.01, "true_sequential": True, "quant_method": "gptq"}
+    if q.method == "awq":
+        quant = {"bits": 4, "group_size": q.group_size, "zero_point": True, "version": "gemm", "quant_method": "awq"}
     (config["text_config"] if q.where == "text_config" else config)["quantization_config"] = quant
     (root / "config.json").unlink()
     return model.eval(), write_folder(root / "gptq", tensors, config), kernels
@@ -166,7 +189,7 @@ def test_stored_zero_wraps_within_the_bit_width():
     np.testing.assert_array_equal(w, np.full((8, 8), 1.5, np.float32))  # (3 - 0) * 0.5
 
 
-@pytest.mark.parametrize("case_name", list(CASES))
+@pytest.mark.parametrize("case_name", ["int4-g32", "int4-desc_act-tied", "int8-asym-one_group-tf5", "awq-g16"])
 def test_gptq_converts_to_the_dequantized_weights(built, tmp_path, case_name):
     from qwen2vl_jax.api import Qwen2VL
 
@@ -197,17 +220,79 @@ def test_gptq_converts_to_the_dequantized_weights(built, tmp_path, case_name):
 def test_bfloat16_output_is_the_dequantized_weight_rounded_once(built, tmp_path):
     _, src, kernels = built("int4-desc_act-tied")
     out = tmp_path / "jax"
-    convert_checkpoint(src, out, progress=False)
+    convert_checkpoint(src, out, dtype="bfloat16", progress=False)
     stored = checkpoint.load_numpy(out, list(kernels))
     for path, want in kernels.items():
         assert stored[path].dtype == ml_dtypes.bfloat16
         np.testing.assert_array_equal(stored[path].view(np.int16), want.astype(ml_dtypes.bfloat16).view(np.int16))
 
 
+@pytest.mark.parametrize("case_name", PACKED_CASES)
+def test_packed_checkpoints_stay_packed_and_match_hf(built, tmp_path, case_name):
+    """Converted as they are: the folder records the scheme, every quantized layer is stored
+    packed (no float kernel), its integers, zero points and fp16 scales dequantize to exactly
+    the chosen weights (through the act-order permutation), and fp32 logits and greedy tokens
+    equal HF's on the dequantized model (for one case, greedy tokens too: the decode steps take
+    the blocked CPU matmul)."""
+    from qwen2vl_jax.api import Qwen2VL
+
+    q = CASES[case_name]
+    hf_model, src, kernels = built(case_name)
+    out = tmp_path / "jax"
+    assert convert_main([str(src), str(out), "--quiet"]) == 0
+    assert checkpoint.read_scheme(out) == quant.Scheme(q.method, q.bits, q.group_size, head=False)
+    stored = checkpoint.stored_params(out)
+    for path, want in kernels.items():
+        head = path.rpartition("/")[0]
+        assert path not in stored
+        q_dtype = stored[f"{head}/qweight"][1]
+        assert q_dtype == np.uint8, (path, q_dtype)
+        assert stored[f"{head}/scales"][1] == np.float16  # as stored in the checkpoint
+    flat = flatten(checkpoint.load_numpy(out, list(stored)))
+    permuted = 0
+    for path, want in kernels.items():
+        head = path.rpartition("/")[0]
+        leaves = {k: flat[f"{head}/{k}"] for k in quant.PARTS if f"{head}/{k}" in flat}
+        w = quant.dequantize(leaves, want.shape[0])
+        if "perm" in leaves:
+            permuted += 1
+            w_full = np.empty_like(w)
+            w_full[leaves["perm"]] = w  # row i of the stored weight is input feature perm[i]
+            w = w_full
+        np.testing.assert_array_equal(w, want, err_msg=path)
+    assert permuted == (len(kernels) if q.desc_act else 0)
+
+    ours = Qwen2VL.from_pretrained(out, dtype="float32")
+    with torch.no_grad():
+        ref = hf_model(**CASE.torch_inputs()).logits.numpy()
+    mine = ours.logits(**CASE.inputs())
+    real = CASE.attention_mask.astype(bool)
+    assert np.abs(mine[real] - ref[real]).max() <= 1e-4
+    if case_name != GENERATE_CASE:
+        return
+    with torch.no_grad():
+        hf_tokens = hf_model.generate(**CASE.torch_inputs(), max_new_tokens=6, do_sample=False).numpy()
+    tokens = np.asarray(ours.generate(**CASE.inputs(), max_new_tokens=6, do_sample=False))
+    eos = set(ours.generation_config.eos_token_ids)
+    for mine, ref in zip(tokens.tolist(), hf_tokens[:, CASE.input_ids.shape[1]:].tolist()):
+        cut = next((i + 1 for i, t in enumerate(ref) if t in eos), len(ref))
+        assert mine[:cut] == ref[:cut]
+
+
+def test_quantize_is_refused_for_a_packed_checkpoint(built, tmp_path, capsys):
+    _, src, _ = built("int4-g32")
+    out = tmp_path / "out"
+    assert convert_main([str(src), str(out), "--quantize", "int8", "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "is already GPTQ-quantized; --quantize takes a float checkpoint" in err and err.count("\n") == 1, err
+    assert_nothing_left(out)
+
+
 @pytest.mark.parametrize("change,message", [
     ({"bits": 3}, "config.json: GPTQ with bits=3 is not supported (only 4 or 8)"),
     ({"checkpoint_format": "gptq_v2"}, "config.json: GPTQ checkpoint_format 'gptq_v2' is not supported"),
-    ({"quant_method": "awq"}, "config.json: quantization method 'awq' is not supported"),
+    ({"quant_method": "bitsandbytes"}, "config.json: quantization method 'bitsandbytes' is not supported"),
+    ({"quant_method": "awq", "version": "gemv"}, "config.json: AWQ version 'gemv' is not supported (only GEMM"),
     ([4, 128], "config.json: quantization_config is not a JSON object"),
 ])
 def test_unsupported_quantization_is_refused_in_one_line(built, tmp_path, capsys, change, message):

@@ -17,7 +17,7 @@ import jax.numpy as jnp
 
 from qwen2vl_jax.config import Qwen2VLConfig
 from qwen2vl_jax.modules.attention import KERNELS
-from qwen2vl_jax.modules.text import TextModel
+from qwen2vl_jax.modules.text import Linear, TextModel
 from qwen2vl_jax.modules.vision import VisionTransformer
 
 
@@ -51,7 +51,7 @@ class Qwen2VLModule(nn.Module):
         self.visual = VisionTransformer(cfg.vision, self.dtype, self.remat, self.attention)
         self.model = TextModel(cfg.text, self.dtype, self.remat, self.attention)
         if not cfg.tie_word_embeddings:
-            self.lm_head = nn.Dense(cfg.text.vocab_size, use_bias=False, dtype=self.dtype)
+            self.lm_head = Linear(cfg.text.vocab_size, use_bias=False, dtype=self.dtype)
 
     def encode_vision(self, patches, pos_hw, gather, valid, scatter):
         """patches f32[N, C*T*P*P] and their layout (`inputs.vision_layout`) -> merged features

@@ -16,6 +16,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from qwen2vl_jax import quant
 from qwen2vl_jax.config import TextConfig
 from qwen2vl_jax.modules.attention import attention_kernel, fused_attention, masked_softmax
 from qwen2vl_jax.modules.rope import apply_rotary, mrope_cos_sin
@@ -25,6 +26,52 @@ from qwen2vl_jax.sharding import shard
 class LayerCache(NamedTuple):
     k: jax.Array  # [B, S, K, hd]
     v: jax.Array  # [B, S, K, hd]
+
+
+def write_cache(cache, new, index):
+    """cache [B, S, K, hd] with new [B, L, K, hd] written from slot `index`: a scalar (every row
+    at the same slot) or int32[B] (each row at its own slot, as continuous batching needs)."""
+    new = new.astype(cache.dtype)
+    if jnp.ndim(index) == 0:
+        return jax.lax.dynamic_update_slice_in_dim(cache, new, index, axis=1)
+    row = lambda c, n, i: jax.lax.dynamic_update_slice_in_dim(c, n, i, axis=0)  # noqa: E731
+    return jax.vmap(row)(cache, new, index)
+
+
+class Linear(nn.Dense):
+    """nn.Dense that also takes a packed quantized weight (quant.py) in place of `kernel`:
+    the params decide, so one module serves float and quantized checkpoints."""
+
+    @nn.compact
+    def __call__(self, inputs):
+        if not self.has_variable("params", "qweight"):
+            return super().__call__(inputs)
+        leaves = {k: self.get_variable("params", k) for k in quant.PARTS if self.has_variable("params", k)}
+        y = quant.matmul(inputs, leaves, self.dtype)
+        if self.use_bias:
+            y = y + self.param("bias", self.bias_init, (self.features,), self.param_dtype).astype(self.dtype)
+        return y
+
+
+class Embed(nn.Embed):
+    """nn.Embed that also takes a packed int8 table (quant.py: qweight [V, D], scales [V, 1]);
+    `attend` is the tied output head."""
+
+    def setup(self):
+        if self.has_variable("params", "qweight"):
+            self.packed = {k: self.get_variable("params", k) for k in ("qweight", "scales")}
+        else:
+            super().setup()
+
+    def __call__(self, inputs):
+        if self.has_variable("params", "qweight"):
+            return quant.embed_lookup(inputs, self.packed, self.dtype)
+        return super().__call__(inputs)
+
+    def attend(self, query):
+        if self.has_variable("params", "qweight"):
+            return quant.embed_attend(query, self.packed, self.dtype)
+        return super().attend(query)
 
 
 class RMSNorm(nn.Module):
@@ -68,7 +115,7 @@ class Attention(nn.Module):
         cfg = self.config
         b, l, _ = x.shape
         h, kh, hd = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
-        dense = lambda n, name, bias=True: nn.Dense(n, use_bias=bias, dtype=self.dtype, name=name)  # noqa: E731
+        dense = lambda n, name, bias=True: Linear(n, use_bias=bias, dtype=self.dtype, name=name)  # noqa: E731
         q = dense(h * hd, "q_proj")(x).reshape(b, l, h, hd)
         k = dense(kh * hd, "k_proj")(x).reshape(b, l, kh, hd)
         v = dense(kh * hd, "v_proj")(x).reshape(b, l, kh, hd)
@@ -79,8 +126,8 @@ class Attention(nn.Module):
         cos_, sin_ = cos[:, :, None].astype(self.dtype), sin[:, :, None].astype(self.dtype)
         q, k = apply_rotary(q, cos_, sin_), apply_rotary(k, cos_, sin_)
         if cache is not None:
-            k_all = jax.lax.dynamic_update_slice_in_dim(cache.k, k.astype(cache.k.dtype), cache_index, axis=1)
-            v_all = jax.lax.dynamic_update_slice_in_dim(cache.v, v.astype(cache.v.dtype), cache_index, axis=1)
+            k_all = write_cache(cache.k, k, cache_index)
+            v_all = write_cache(cache.v, v, cache_index)
             new_cache = LayerCache(k_all, v_all)
             k, v = k_all.astype(self.dtype), v_all.astype(self.dtype)
         else:
@@ -97,7 +144,7 @@ class Mlp(nn.Module):
     @nn.compact
     def __call__(self, x):
         cfg = self.config
-        dense = lambda n, name: nn.Dense(n, use_bias=False, dtype=self.dtype, name=name)  # noqa: E731
+        dense = lambda n, name: Linear(n, use_bias=False, dtype=self.dtype, name=name)  # noqa: E731
         gate = shard(dense(cfg.intermediate_size, "gate_proj")(x), "batch", "seq", "mlp")
         up = shard(dense(cfg.intermediate_size, "up_proj")(x), "batch", "seq", "mlp")
         return dense(cfg.hidden_size, "down_proj")(jax.nn.silu(gate) * up)
@@ -129,7 +176,7 @@ class TextModel(nn.Module):
 
     def setup(self):
         cfg = self.config
-        self.embed_tokens = nn.Embed(cfg.vocab_size, cfg.hidden_size, dtype=self.dtype)
+        self.embed_tokens = Embed(cfg.vocab_size, cfg.hidden_size, dtype=self.dtype)
         layer_cls = nn.remat(DecoderLayer, static_argnums=()) if self.remat else DecoderLayer
         self.layers = [layer_cls(cfg, self.dtype, self.attention) for _ in range(cfg.num_hidden_layers)]
         self.norm = RMSNorm(cfg.rms_norm_eps, self.dtype)
@@ -143,9 +190,10 @@ class TextModel(nn.Module):
         cfg = self.config
         b, l, _ = embeds.shape
         cos, sin = mrope_cos_sin(positions, cfg.head_dim, cfg.rope_theta, cfg.mrope_section)
-        q_slot = cache_index + jnp.arange(l)
+        index = jnp.asarray(cache_index)
+        q_slot = (index[:, None] if index.ndim else index) + jnp.arange(l)  # [L], or [B, L] per row
         k_slot = jnp.arange(kv_valid.shape[1])
-        mask = (k_slot[None, None, :] <= q_slot[None, :, None]) & kv_valid[:, None, :]  # [B, L, S]
+        mask = (k_slot <= q_slot[..., None]) & kv_valid[:, None, :]  # [B, L, S]
         x = shard(embeds.astype(self.dtype), "batch", "seq", "embed")
         new_cache = []
         for i, layer in enumerate(self.layers):

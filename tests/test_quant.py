@@ -1,0 +1,248 @@
+"""Weight-only quantization (qwen2vl_jax.quant): the packed form, the matmul, quantized folders.
+
+- Packing and the matmul on small random weights: int4 nibbles, error bounds of int8/int4,
+  the blocked CPU matmul (decoding) and the dequantize-then-dot one (prefill) equal to a dot
+  with the dequantized weight, through act-order permutations and groups smaller or larger
+  than a block; the compiled decode matmul holds no full-size float weight.
+- The demo model quantized to int8 and int4 (qwen2vl-convert --quantize of its folder): the
+  eval accuracy per task (train/eval.py's evaluate) against float, greedy tokens of int8 equal
+  to float's on the eval answers.
+- Quantized folders: load as they are, report their bytes, refuse a packed shape that does
+  not fit the config; on 8 simulated devices the packed leaves shard like the float weights,
+  sharded logits equal unsharded ones (through the blocked matmul), and a mesh that would cut a group is refused.
+(GPTQ and AWQ checkpoints kept packed: tests/test_gptq.py.)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from qwen2vl_jax import checkpoint, quant
+from qwen2vl_jax.config import DEMO_DIR
+from qwen2vl_jax.convert.cli import convert_main
+from qwen2vl_jax.errors import CheckpointError
+
+
+# ---------------------------------------------------------------- packing and the matmul
+def test_int4_packs_two_rows_per_byte():
+    q = np.arange(32, dtype=np.uint8).reshape(8, 4) % 16
+    packed = quant.pack_int4(q)
+    assert packed.shape == (4, 4) and packed.dtype == np.uint8
+    assert packed[0, 0] == q[0, 0] | (q[1, 0] << 4)
+    np.testing.assert_array_equal(quant.unpack_int4(packed), q)
+    np.testing.assert_array_equal(np.asarray(quant.unpack_int4(jnp.asarray(packed))), q)
+
+
+def test_quantization_error_is_within_half_a_step():
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((96, 40)).astype(np.float32)
+    p8 = quant.quantize_int8(w)
+    assert p8["qweight"].dtype == np.int8 and p8["scales"].shape == (1, 40) and "zeros" not in p8
+    assert (np.abs(quant.dequantize(p8, 96) - w) <= p8["scales"] / 2 + 1e-7).all()
+    p4 = quant.quantize_int4(w, 24)
+    assert p4["qweight"].shape == (48, 40) and p4["scales"].shape == (4, 40) and p4["zeros"].shape == (4, 40)
+    err = np.abs(quant.dequantize(p4, 96) - w).reshape(4, 24, 40)
+    # a group's range may be clipped (CLIP), so the bound holds for all but its extremes
+    assert (np.median(err, axis=1) <= p4["scales"] / 2 + 1e-7).all()
+    assert np.sqrt((err ** 2).mean()) < 0.1 * w.std()
+
+
+@pytest.mark.parametrize("in_f,group", [(128, 128), (128, 16), (96, 32)])
+def test_group_sizes(in_f, group):
+    g = quant.group_for(in_f, group)
+    assert in_f % g == 0 and g <= group and in_f // g >= min(quant.MIN_GROUPS, in_f)
+    assert quant.group_for(4096, 128) == 128 and quant.group_for(8960, 128) == 128
+    assert quant.group_for(in_f, -1) == in_f
+
+
+def _leaves(rng, in_f, out_f, bits, group, perm):
+    w = rng.standard_normal((in_f, out_f)).astype(np.float32)
+    leaves = quant.quantize_int8(w) if bits == 8 else quant.quantize_int4(w, group)
+    if perm:
+        leaves["perm"] = rng.permutation(in_f).astype(np.int32)
+    return leaves
+
+
+@pytest.mark.parametrize("bits,group,perm", [(8, -1, False), (4, 16, True), (4, 64, False)])
+@pytest.mark.parametrize("block_rows", [8, 24, 64])
+def test_matmul_equals_the_dequantized_dot(bits, group, perm, block_rows, monkeypatch):
+    """Both paths (few rows: blocked; many: dequantize then dot), blocks smaller and larger
+    than a group, with and without an input permutation."""
+    rng = np.random.default_rng(bits + group + block_rows)
+    in_f, out_f = 64, 24
+    leaves = _leaves(rng, in_f, out_f, bits, group, perm)
+    w = quant.dequantize({k: v for k, v in leaves.items() if k != "perm"}, in_f)
+    monkeypatch.setattr(quant, "BLOCK_BYTES", block_rows * 4 * out_f)  # 24: a shorter last block
+    for shape in [(1, 1, in_f), (2, 3, in_f), (4, 9, in_f)]:  # 1 and 6 rows blocked, 36 not
+        x = rng.standard_normal(shape).astype(np.float32)
+        xp = x[..., leaves["perm"]] if perm else x
+        got = np.asarray(jax.jit(quant.matmul, static_argnums=2)(x, {k: jnp.asarray(v) for k, v in leaves.items()},
+                                                                 jnp.float32))
+        np.testing.assert_allclose(got, xp @ w, rtol=1e-5, atol=1e-5)
+
+
+def test_embedding_lookup_and_tied_head():
+    rng = np.random.default_rng(1)
+    table = rng.standard_normal((37, 16)).astype(np.float32)
+    packed = {k: jnp.asarray(v) for k, v in quant.quantize_embedding(table).items()}
+    assert packed["qweight"].shape == (37, 16) and packed["scales"].shape == (37, 1)
+    rows = np.asarray(quant.embed_lookup(jnp.arange(37), packed, jnp.float32))
+    assert np.abs(rows - table).max() <= np.abs(table).max(axis=1).max() / 254 + 1e-6
+    for n in (1, 20):  # blocked and plain
+        h = rng.standard_normal((n, 16)).astype(np.float32)
+        np.testing.assert_allclose(np.asarray(quant.embed_attend(h, packed, jnp.float32)), h @ rows.T,
+                                   rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.skipif(jax.default_backend() != "cpu", reason="the CPU decode path")
+def test_decode_matmul_never_builds_the_float_weight():
+    """XLA's CPU compiler does not fuse a dequantize into the dot: `x @ dequantize(W)` writes
+    the whole f32 weight every call. The decode path's compiled program holds only blocks."""
+    in_f, out_f = 1024, 512
+    leaves = {k: jnp.asarray(v) for k, v in quant.quantize_int8(np.ones((in_f, out_f), np.float32)).items()}
+    x = jnp.ones((1, in_f), jnp.float32)
+    full = f"f32[{in_f},{out_f}]"
+    naive = jax.jit(lambda x, p: x @ quant.dequantize(p, in_f)).lower(x, leaves).compile().as_text()
+    ours = jax.jit(lambda x, p: quant.matmul(x, p, jnp.float32)).lower(x, leaves).compile().as_text()
+    assert full in naive
+    assert full not in ours and "while" in ours
+
+
+# ---------------------------------------------------------------- the demo model
+@pytest.fixture(scope="module")
+def demo_quantized(tmp_path_factory):
+    root = tmp_path_factory.mktemp("demo_q")
+    for method in ("int8", "int4"):
+        assert convert_main([str(DEMO_DIR), str(root / method), "--quantize", method, "--quiet"]) == 0
+    return root
+
+
+def test_demo_accuracy_quantized(demo_quantized, tmp_path, monkeypatch, capsys):
+    """evaluate() on the same held-out questions: float, int8 and int4 per task; int8's greedy
+    tokens equal float's on at least 95% of the answers. (The numbers are printed.)"""
+    from qwen2vl_jax.api import Qwen2VL
+    from qwen2vl_jax.train import synthetic
+    from qwen2vl_jax.train.eval import evaluate
+
+    paths = synthetic.write_dataset(tmp_path / "data", seed=11, counts=synthetic.Counts(
+        images=1, videos=1, other=1, eval_per_task=3))
+    answers: dict[str, list] = {}
+    generate = Qwen2VL.generate
+
+    def recording(self, *args, **kwargs):
+        out = generate(self, *args, **kwargs)
+        key = self.quantization.method if self.quantization else "float"
+        answers.setdefault(key, []).extend(np.asarray(out).tolist())
+        return out
+
+    monkeypatch.setattr(Qwen2VL, "generate", recording)
+    results = {name: evaluate(folder, paths["eval"], batch_size=32) for name, folder in
+               (("float", DEMO_DIR), ("int8", demo_quantized / "int8"), ("int4", demo_quantized / "int4"))}
+    with capsys.disabled():
+        for name, r in results.items():
+            print(f"\n{name}: {r['accuracy']:.3f} " + " ".join(f"{t}={v['accuracy']:.2f}" for t, v in r["tasks"].items()))
+    total = results["float"]["total"]
+    assert total == 3 * len(synthetic.EVAL_TASKS) and len(answers["float"]) == len(answers["int8"]) == total
+    for task, ref in results["float"]["tasks"].items():
+        assert abs(results["int8"]["tasks"][task]["accuracy"] - ref["accuracy"]) <= 0.01, task
+        # int4 on this 128-wide model: at most one answer of the task differs
+        assert abs(results["int4"]["tasks"][task]["accuracy"] - ref["accuracy"]) <= 1 / ref["total"] + 1e-9, task
+    eos = set(Qwen2VL.from_pretrained(DEMO_DIR).generation_config.eos_token_ids)
+
+    def until_eos(tokens):
+        return next((tokens[:i + 1] for i, t in enumerate(tokens) if t in eos), tokens)
+
+    same = sum(until_eos(a) == until_eos(b) for a, b in zip(answers["float"], answers["int8"]))
+    assert same >= 0.95 * total, f"{same} of {total}"
+
+
+def test_quantized_folder_loads_as_it_is_and_reports_its_bytes(demo_quantized, tmp_path):
+    from qwen2vl_jax.api import Qwen2VL
+
+    float_model = Qwen2VL.from_pretrained(DEMO_DIR)
+    sizes, decoder = {}, {}
+    for method in ("int8", "int4"):
+        model = Qwen2VL.from_pretrained(demo_quantized / method)
+        assert model.quantization == quant.Scheme.of(method)
+        layer = model.params["model"]["layers_0"]["mlp"]["down_proj"]
+        assert "kernel" not in layer and layer["qweight"].dtype == (jnp.int8 if method == "int8" else jnp.uint8)
+        assert "qweight" in model.params["model"]["embed_tokens"]  # the tied head
+        assert "kernel" in model.params["visual"]["blocks_0"]["mlp"]["fc1"]  # the vision tower stays float
+        sizes[method] = model.param_bytes
+        assert sizes[method] == sum(model.param_bytes_per_device().values())
+        decoder[method] = quant.param_bytes(model.params["model"])
+    # the decoder: int8 weights, f32 norms, biases and scales; int4 smaller again
+    assert decoder["int4"] < decoder["int8"] < 0.3 * quant.param_bytes(float_model.params["model"])
+    assert sizes["int4"] < sizes["int8"] < float_model.param_bytes
+
+    # a packed shape that does not fit the config is one CheckpointError naming the layer
+    bad = Path(shutil.copytree(demo_quantized / "int8", tmp_path / "bad"))
+    tree = checkpoint.load_numpy(bad, list(checkpoint.stored_params(bad)))
+    tree["model/layers_1/self_attn/q_proj/scales"] = tree["model/layers_1/self_attn/q_proj/scales"][:, :-1]
+    shutil.rmtree(bad / "params")
+    from qwen2vl_jax.params import unflatten
+
+    checkpoint._ocp().save((bad / "params").resolve(), unflatten(tree))
+    with pytest.raises(CheckpointError, match=r"model/layers_1/self_attn/q_proj: scales \(1, 127\) are not"):
+        Qwen2VL.from_pretrained(bad)
+
+
+# ---------------------------------------------------------------- sharding (8 simulated devices)
+def _sharding_worker() -> dict:
+    import hf_utils
+    from qwen2vl_jax.api import Qwen2VL
+    from qwen2vl_jax.errors import InputError
+    from qwen2vl_jax.modules.qwen2vl import init_params
+    from qwen2vl_jax.sharding import make_mesh
+
+    config = hf_utils.TINY_CONFIGS["sharded"]
+    params = quant.quantize_params(jax.tree_util.tree_map(np.asarray, init_params(config, jax.random.PRNGKey(0))),
+                                   quant.Scheme.of("int4", group_size=16))
+    case = hf_utils.make_case("q", [[5, 6, 7, 8, 9], [3, 4, 9, 2, 2]], [], [], seed=3)
+    ref = Qwen2VL(config, params, "float32")
+    ref_logits = ref.logits(**case.inputs())  # 10 rows: the blocked decode matmul
+    model = Qwen2VL(config, params, "float32", mesh=make_mesh("data=2,fsdp=2,tensor=2"))
+    layer = model.params["model"]["layers_0"]
+    specs = {name: [list(a) if isinstance(a, tuple) else a for a in leaf.sharding.spec]
+             for name, leaf in (("q_qweight", layer["self_attn"]["q_proj"]["qweight"]),
+                                ("q_scales", layer["self_attn"]["q_proj"]["scales"]),
+                                ("down_qweight", layer["mlp"]["down_proj"]["qweight"]),
+                                ("down_scales", layer["mlp"]["down_proj"]["scales"]))}
+    out = {"specs": specs,
+           "logits_err": float(np.abs(model.logits(**case.inputs()) - ref_logits).max() / np.abs(ref_logits).max())}
+    try:
+        Qwen2VL(config, params, "float32", mesh=make_mesh("data=2,tensor=4"))
+        out["refused"] = None
+    except InputError as e:
+        out["refused"] = str(e)
+    return out
+
+
+def test_packed_params_shard_like_float_weights():
+    repo = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(repo), str(repo / "tests"),
+                                                        os.environ.get("PYTHONPATH", "")])}
+    code = ("import jax; jax.config.update('jax_num_cpu_devices', 8); import json, test_quant; "
+            "print(json.dumps(test_quant._sharding_worker()))")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads(proc.stdout.strip().splitlines()[-1])
+    # q_proj [64, 64] is (param_embed, heads): rows over fsdp, columns over tensor; its 4 groups
+    # of 16 split with the rows. down_proj [96, 64] is (mlp, param_embed): rows (6 groups) over
+    # tensor=2; tensor=4 would cut them.
+    assert report["specs"] == {"q_qweight": ["fsdp", "tensor"], "q_scales": ["fsdp", "tensor"],
+                               "down_qweight": ["tensor", "fsdp"], "down_scales": ["tensor", "fsdp"]}
+    assert report["logits_err"] < 1e-5
+    assert report["refused"].startswith("the mesh would cut the quantization groups of ")
+    assert "model/layers_0/mlp/down_proj (6 groups over tensor=4)" in report["refused"]
+    assert "\n" not in report["refused"]
