@@ -3,11 +3,15 @@
     qwen2vl-generate [--model DIR] [--image PATH]... [--video PATH]... --prompt TEXT
         [--max-new-tokens N] [--temperature T] [--top-p P] [--top-k K] [--seed S]
         [--mesh data=D,fsdp=F,tensor=T] [--json]
+        [--coordinator ADDR:PORT --num-processes N --process-id I] [--compile-cache DIR | --no-compile-cache]
 
 Streams the answer as it is generated (through `chat.chat`, as Python callers do); with --json
 prints one JSON object instead (`text`, `token_ids`, ...). Bad input prints
 `qwen2vl-generate: error: <one line>` and exits with status 2 (`shell.run`). The sampling
-defaults come from the model's generation_config.json; the flags override them.
+defaults come from the model's generation_config.json; the flags override them. Run once per
+process for a multi-process mesh (`distributed`: the flags or JAX_COORDINATOR_ADDRESS,
+JAX_NUM_PROCESSES, JAX_PROCESS_ID); only process 0 prints. Compiled programs are kept in the
+compile cache (`distributed.enable_compile_cache`), so the next run on the same shapes starts sooner.
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ import json
 import sys
 from pathlib import Path
 
-from qwen2vl_jax import shell
+from qwen2vl_jax import distributed, shell
 from qwen2vl_jax.config import DEMO_DIR as DEFAULT_MODEL  # served when --model is left out
 from qwen2vl_jax.errors import InputError
 
@@ -57,6 +61,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default=None,
                    help="compute dtype (default: float32 on CPU, bfloat16 on GPU/TPU)")
     p.add_argument("--json", action="store_true", help="print one JSON object with text and token_ids")
+    distributed.add_arguments(p)
     return p
 
 
@@ -85,15 +90,13 @@ def build_messages(prompt: str, images=(), videos=(), system: str | None = None)
 
 
 def _run(args) -> int:
-    from qwen2vl_jax.sharding import make_mesh, maybe_initialize_distributed
-
-    maybe_initialize_distributed()
+    distributed.enable_compile_cache(args)
+    distributed.initialize(args)
     _check_files(args)
-    import jax
-
     from qwen2vl_jax.api import Qwen2VL
     from qwen2vl_jax.chat import chat, turn_end_ids
     from qwen2vl_jax.processing import Processor
+    from qwen2vl_jax.sharding import make_mesh
 
     mesh = make_mesh(args.mesh) if args.mesh else None
     processor = Processor.from_pretrained(args.model)
@@ -101,11 +104,11 @@ def _run(args) -> int:
     settings = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
                     top_k=args.top_k, repetition_penalty=args.repetition_penalty, seed=args.seed)
     gc = model.generation_settings(names=FLAGS, eos_token_ids=turn_end_ids(model, processor), **settings)
+    leader = distributed.is_leader()
     ignored = [FLAGS[k] for k in ("top_k", "top_p", "seed") if getattr(args, k) is not None]
-    if gc.greedy and ignored:
+    if gc.greedy and ignored and leader:
         print(f"note: {', '.join(ignored)} only act when sampling, and these settings decode greedily "
               "(sampling needs --temperature > 0 and a --top-k other than 1)", file=sys.stderr)
-    leader = jax.process_index() == 0
     messages = build_messages(args.prompt, args.image, args.video, args.system)
     reply = chat(model, processor, messages, out=sys.stdout if leader and not args.json else None, config=gc)
     if args.json and leader:

@@ -7,7 +7,13 @@ videos, output comparison for the preprocessing tests).
 
 from __future__ import annotations
 
+import os
+
 import pytest
+
+# The CLIs keep compiled programs in the user's compile cache; under test they compile afresh
+# (counted compilations stay exact) and write nothing into the user's cache folder.
+os.environ["QWEN2VL_COMPILE_CACHE"] = "0"
 
 import hf_utils
 

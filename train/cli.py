@@ -21,6 +21,12 @@ output: --out becomes a converted model folder that `qwen2vl-generate --model OU
   loss.png. A fresh run needs a new or empty --out (--force replaces what is there); a
   checkpoint is saved every --save-every steps and at the end, and --resume continues the
   run in --out from its latest checkpoint exactly.
+
+multi-process: run the same command once per process (per host) with --coordinator,
+  --num-processes and --process-id (or JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES,
+  JAX_PROCESS_ID; a cluster manager JAX knows fills them in). Each process reads and
+  preprocesses its share of every batch; process 0 prints and writes the logs and plot, and
+  every process takes part in the checkpoints (--out must be a folder they all see).
 """
 
 from __future__ import annotations
@@ -28,7 +34,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from qwen2vl_jax import shell
+from qwen2vl_jax import distributed, shell
 
 PROG = "qwen2vl-train"
 
@@ -91,14 +97,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="replace an existing non-empty --out (its old checkpoints and logs are removed when "
                         "training starts, its params at the first checkpoint)")
     r.add_argument("--no-progress", action="store_true", help="no progress bar; log lines only")
+    distributed.add_arguments(p)
     return p
 
 
 def _fit(args) -> dict:
-    from qwen2vl_jax.sharding import maybe_initialize_distributed  # noqa: PLC0415
+    distributed.enable_compile_cache(args)
+    distributed.initialize(args)
     from qwen2vl_jax.train.run import TrainOptions, fit  # noqa: PLC0415
 
-    maybe_initialize_distributed()
     warmup = args.warmup
     if warmup is not None and warmup >= 1:
         warmup = int(warmup)
@@ -129,6 +136,8 @@ def main(argv=None) -> int:
 
     def go() -> None:
         result = _fit(args)
+        if not distributed.is_leader():
+            return
         loss = "n/a" if result["loss"] is None else f"{result['loss']:.4f}"
         print(f"stage {args.stage}: {result['steps']} steps, final loss {loss}; model in {result['out']}",
               file=sys.stderr)

@@ -21,6 +21,13 @@ Every record is parsed, its files checked and processed once before training sta
 crashes an epoch halfway. Batches come from a deterministic plan (seed, epoch): records are
 grouped by bucketed length, so a step's shapes come from a short ladder and jit compiles
 each shape once; a position (epoch, index) is all that is needed to resume exactly.
+
+In a multi-process run every process follows the same plan, reads and preprocesses only its
+share of each step's records (a contiguous part of every micro-batch's rows: the rows its
+devices hold when the mesh lists devices process by process), and the processed rows are
+exchanged once per step (`distributed.allgather_bytes`): the vision tower runs on one flat
+patch layout for the whole batch, so every process builds the same step arrays, equal to a
+single process's, and places only the parts its devices hold.
 """
 
 from __future__ import annotations
@@ -32,11 +39,12 @@ import queue
 import threading
 import warnings
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import jax
 import numpy as np
 
+from qwen2vl_jax import distributed
 from qwen2vl_jax.config import Qwen2VLConfig
 from qwen2vl_jax.errors import InputError
 from qwen2vl_jax.jsonio import parse_json
@@ -423,21 +431,40 @@ class BatchPlan:
 
 class Loader:
     """Steps of batches from a dataset: arrays [A, B, ...] (A micro-batches of B rows, equal
-    shapes within a step) with the position after them. A background thread prepares the next
-    steps while the current one runs."""
+    shapes within a step) with the position after them. A background thread reads and
+    preprocesses the next steps' records while the current step runs.
+
+    processes: (this process's index, the process count), default JAX's; each process reads
+    its share of every step (`share`) and `exchange` (default `distributed.allgather_bytes`,
+    called from the consuming thread, once per step in every process) brings the others'."""
 
     def __init__(self, dataset: JsonlDataset, config: Qwen2VLConfig, batch_size: int, accum: int = 1,
-                 seed: int = 0, prefetch: int = 2):
+                 seed: int = 0, prefetch: int = 2, *, processes: tuple[int, int] | None = None,
+                 exchange: Callable[[bytes], list[bytes]] | None = None):
         self.dataset = dataset
         self.config = config
         self.batch_size = batch_size
         self.accum = accum
         self.plan = BatchPlan(dataset.lengths, batch_size * accum, seed)
         self.prefetch = prefetch
+        self.processes = processes or (jax.process_index(), jax.process_count())
+        self.exchange = exchange or distributed.allgather_bytes
+
+    def share(self, n: int) -> list[int]:
+        """The places in a step's n = A * B record slots this process reads: in each
+        micro-batch, a contiguous part of its B rows (the parts differ by at most one row)."""
+        me, count = self.processes
+        b = self.batch_size
+        rows = np.array_split(np.arange(b), count)[me]
+        return [k * b + int(r) for k in range(n // b) for r in rows]
 
     def step_batch(self, indices: Sequence[int | None]) -> tuple[dict, int]:
-        """-> (arrays with a leading micro-batch axis, number of real tokens)."""
-        exs = [None if i is None else self._example(i) for i in indices]
+        """-> (arrays with a leading micro-batch axis, number of real tokens), every record
+        read here."""
+        return self.assemble([None if i is None else self._example(i) for i in indices])
+
+    def assemble(self, exs: Sequence[Example | None]) -> tuple[dict, int]:
+        """A step's examples (None: a filler row) -> (arrays [A, B, ...], real tokens)."""
         real = [e for e in exs if e is not None]
         length = bucket(max((len(e.input_ids) for e in real), default=1))
         rows = [exs[k * self.batch_size:(k + 1) * self.batch_size] for k in range(self.accum)]
@@ -445,6 +472,27 @@ class Loader:
         sizes = None if all(z is None for z in sizes) else tuple(max(z[i] for z in sizes if z) for i in range(3))
         micro = [collate(r, self.config, length, sizes) for r in rows]
         return stack_micro(micro), sum(len(e.input_ids) for e in real)
+
+    def read_share(self, indices: Sequence[int | None]) -> dict[int, Example]:
+        """This process's records of a step: slot -> example (filler slots and records that
+        fail now are left out)."""
+        mine = {}
+        for j in self.share(len(indices)):
+            if indices[j] is not None:
+                ex = self._example(indices[j])
+                if ex is not None:
+                    mine[j] = ex
+        return mine
+
+    def gather(self, n: int, mine: dict[int, Example]) -> list[Example | None]:
+        """Every process's share of a step -> its n examples in slot order."""
+        if self.processes[1] == 1:
+            return [mine.get(j) for j in range(n)]
+        out: list[Example | None] = [None] * n
+        for blob in self.exchange(_pack_examples(mine)):
+            for j, ex in _unpack_examples(blob).items():
+                out[j] = ex
+        return out
 
     def _example(self, i: int) -> Example | None:
         """A record that passed the scan but fails now (a file changed on disk) becomes an
@@ -465,11 +513,12 @@ class Loader:
             pos = start
             try:
                 while not stop.is_set():
-                    arrays, tokens = self.step_batch(self.plan.epoch(pos.epoch)[pos.index])
+                    indices = self.plan.epoch(pos.epoch)[pos.index]
+                    mine = self.read_share(indices)
                     pos = self.plan.advance(pos)
                     while not stop.is_set():
                         try:
-                            q.put((arrays, tokens, pos), timeout=0.1)
+                            q.put((len(indices), mine, pos), timeout=0.1)
                             break
                         except queue.Full:
                             continue
@@ -483,6 +532,33 @@ class Loader:
                 item = q.get()
                 if isinstance(item, BaseException):
                     raise item
-                yield item
+                n, mine, pos = item
+                # Here, not in the reading thread: the exchange is a collective that every
+                # process must reach in the same order relative to the train steps.
+                arrays, tokens = self.assemble(self.gather(n, mine))
+                yield arrays, tokens, pos
         finally:
             stop.set()
+
+
+_EXAMPLE_ARRAYS = ("input_ids", "labels", "pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw")
+
+
+def _pack_examples(examples: dict[int, Example]) -> bytes:
+    """slot -> Example as bytes (npz: "<slot>.<field>" arrays, no pickles)."""
+    arrays = {}
+    for j, ex in examples.items():
+        arrays[f"{j}.line"] = np.array(ex.line)
+        for name in _EXAMPLE_ARRAYS:
+            value = getattr(ex, name)
+            if value is not None:
+                arrays[f"{j}.{name}"] = np.asarray(value)
+    return distributed.pack_arrays(arrays)
+
+
+def _unpack_examples(blob: bytes) -> dict[int, Example]:
+    fields: dict[int, dict] = {}
+    for key, value in distributed.unpack_arrays(blob).items():
+        j, name = key.split(".", 1)
+        fields.setdefault(int(j), {})[name] = value
+    return {j: Example(**{k: v for k, v in f.items() if k != "line"}, line=int(f["line"])) for j, f in fields.items()}

@@ -228,6 +228,12 @@ class Trainer:
 
     def step(self, state: TrainState, batch: dict) -> tuple[TrainState, dict]:
         """One optimizer update from one step's arrays ([A, B, ...], host numpy)."""
+        return self.step_function(state)(state, self.place_batch(batch))
+
+    def step_function(self, state: TrainState):
+        """The jitted update `(state, placed batch) -> (state, metrics)` that `step` runs, built
+        once; `state` may be abstract (`abstract_state`), so `.lower(state, batch).compile()`
+        compiles it ahead of time from shapes alone."""
         if self.trainable is None:
             raise RuntimeError("call init_state (or restore) before step")
         if self._step is None:
@@ -242,7 +248,7 @@ class Trainer:
                         return self._train_step(s, b)
 
                 self._step = sharded
-        return self._step(state, self.place_batch(batch))
+        return self._step
 
 
 # ----------------------------------------------------------------------------- checkpoints

@@ -11,6 +11,11 @@ writes OUT as a converted folder (config.json, tokenizer and processor files, pa
     OUT/losses.csv            every step's loss (written at each log row and before each checkpoint)
     OUT/loss.png              the loss curve, redrawn at each checkpoint and when the run stops
 
+Multi-process (`qwen2vl_jax.distributed`): every process runs `fit` with the same options; each
+reads and preprocesses its share of every step's records (`data.Loader`), all take part in the
+Orbax saves (OUT must be a folder every process sees), and only process 0 prints, removes
+and creates files, and writes the logs, losses and plot.
+
 `resume=True` restores the latest train_state and continues exactly where it stopped (same
 params, optimizer state, learning-rate step and data position); its logs read as one run's:
 the rows and losses after the checkpoint are dropped and redone, the first row after it
@@ -42,7 +47,7 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 
-from qwen2vl_jax import checkpoint as ck, interrupts
+from qwen2vl_jax import checkpoint as ck, distributed, interrupts
 from qwen2vl_jax.checkpoint import load_hf_params
 from qwen2vl_jax.config import Qwen2VLConfig
 from qwen2vl_jax.errors import InputError
@@ -246,6 +251,7 @@ def export(params, model_dir: Path, out: Path) -> None:
         shutil.rmtree(staging, ignore_errors=True)  # what a killed save left
     try:
         ck.save_params(params, staging, overwrite=True)
+        distributed.barrier("qwen2vl_train_staged")  # every process is done writing the staging folder
         if main:
             if (out / ck.PARAMS).exists():
                 os.replace(out / ck.PARAMS, staging / "old")
@@ -254,10 +260,7 @@ def export(params, model_dir: Path, out: Path) -> None:
     finally:
         if main:
             shutil.rmtree(staging, ignore_errors=True)
-        if jax.process_count() > 1:
-            from jax.experimental import multihost_utils  # noqa: PLC0415
-
-            multihost_utils.sync_global_devices("qwen2vl_train_export")
+        distributed.barrier("qwen2vl_train_export")
 
 
 def _replace_file(src: Path, dst: Path) -> None:
@@ -274,6 +277,9 @@ def fit(opts: TrainOptions, log: Callable[[str], None] | None = None) -> dict:
 
     Raises InputError on bad options, data or --out before training starts, and `Interrupted`
     on Ctrl-C."""
+    leader = distributed.is_leader()
+    if not leader:
+        log = lambda s: None  # noqa: E731 - process 0 speaks for the run
     log = log or (lambda s: print(s, file=sys.stderr))
     model_dir, out = Path(opts.model).resolve(), Path(opts.out).resolve()
     check_options(opts)
@@ -283,11 +289,12 @@ def fit(opts: TrainOptions, log: Callable[[str], None] | None = None) -> dict:
         raise InputError(f"--data {opts.data}: " + ("is a folder, not a JSONL file" if Path(opts.data).is_dir()
                                                     else "no such file"))
     saved = {"step": check_out(opts, model_dir, out)}  # the latest checkpoint in out
+    distributed.barrier("qwen2vl_train_checked")  # every process checked --out before process 0 writes
     made: list[Path] = []  # what a fresh run created, removed if it fails before its first checkpoint
     try:
         return _fit(opts, log, model_dir, out, saved, made)
     except BaseException as e:
-        if saved["step"] is None:
+        if saved["step"] is None and leader:
             for path in reversed(made):
                 shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
         if isinstance(e, Exception):
@@ -301,9 +308,11 @@ def fit(opts: TrainOptions, log: Callable[[str], None] | None = None) -> dict:
 
 
 def _fit(opts: TrainOptions, log, model_dir: Path, out: Path, saved: dict, made: list[Path]) -> dict:
+    leader = distributed.is_leader()
     new = [p for p in (out, *out.parents) if not p.exists()]  # the last is the top-most
     try:
-        out.mkdir(parents=True, exist_ok=True)
+        if leader:
+            out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise InputError(f"--out {out}: cannot create the folder ({e.strerror or e})") from None
     finally:
@@ -322,16 +331,17 @@ def _fit(opts: TrainOptions, log, model_dir: Path, out: Path, saved: dict, made:
     dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[opts.compute_dtype]
 
     dataset = JsonlDataset(opts.data, processor, labels=stage.labels, max_length=opts.max_length,
-                           skip_bad=opts.skip_bad, progress=opts.progress)
+                           skip_bad=opts.skip_bad, progress=opts.progress and leader)
     for p in dataset.skipped:
         log(f"skipped: {p}")
     key = _run_key(opts, stage, len(dataset))
     trainer = loop.Trainer(config, stage, opts.steps, mesh=mesh, remat=opts.remat, compute_dtype=dtype,
                           loss_chunk=opts.loss_chunk)
-    if not opts.resume:  # a new run: the old one's checkpoints and log rows must not leak into it
+    if not opts.resume and leader:  # a new run: the old one's checkpoints and log rows must not leak into it
         for path in (state_dir, log_file, loss_file, plot_file):
             shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
         made += [state_dir, log_file, loss_file, plot_file]
+    distributed.barrier("qwen2vl_train_prepared")  # --out is ready before any process opens it
     ckpts = loop.Checkpoints(state_dir)
     try:
         if opts.resume:
@@ -342,9 +352,11 @@ def _fit(opts: TrainOptions, log, model_dir: Path, out: Path, saved: dict, made:
             state, meta = ckpts.restore(trainer.abstract_state(init_shapes(config)))
             position = Position(**meta["position"])
             log(f"resuming stage {opts.stage} at step {int(state.step)} (epoch {position.epoch}, batch {position.index})")
-            last_row = _drop_rows_after(int(state.step), log_file, loss_file)  # the dead continuation's
-            # the steps since the last row: the first row after the resume averages them too
-            pending = [(s, v) for s, v in _read_losses(loss_file) if s > last_row]
+            pending = []
+            if leader:  # the logs are process 0's
+                last_row = _drop_rows_after(int(state.step), log_file, loss_file)  # the dead continuation's
+                # the steps since the last row: the first row after the resume averages them too
+                pending = [(s, v) for s, v in _read_losses(loss_file) if s > last_row]
         else:
             shardings = param_shardings(init_shapes(config), mesh) if mesh is not None else None
             state = trainer.init_state(load_model_params(model_dir, config, shardings))
@@ -352,7 +364,8 @@ def _fit(opts: TrainOptions, log, model_dir: Path, out: Path, saved: dict, made:
         title = f"stage {opts.stage} ({stage.name}) loss"
 
         def plot() -> None:  # the whole run's losses, resumed parts included
-            plot_losses(_read_losses(loss_file), plot_file, title=title)
+            if leader:
+                plot_losses(_read_losses(loss_file), plot_file, title=title)
 
         if int(state.step) >= opts.steps:
             log(f"already at step {int(state.step)} of {opts.steps}")
@@ -367,6 +380,8 @@ def _fit(opts: TrainOptions, log, model_dir: Path, out: Path, saved: dict, made:
 
         def on_log(row: loop.LogRow):
             last["loss"] = row.loss
+            if not leader:
+                return
             line = (f"step {row.step}/{opts.steps}  loss {row.loss:.4f}  lr {row.lr:.3e}  "
                     f"tok/s {row.tokens_per_s:,.0f}  grad_norm {row.grad_norm:.3f}")
             if opts.progress:
@@ -391,8 +406,8 @@ def _fit(opts: TrainOptions, log, model_dir: Path, out: Path, saved: dict, made:
         try:
             state, position, losses = loop.run_steps(
                 trainer, state, batches, until, log_every=opts.log_every, on_log=on_log, on_save=on_save,
-                save_every=opts.save_every, progress=opts.progress, pending=pending,
-                on_losses=lambda pts: _append_losses(loss_file, pts))
+                save_every=opts.save_every, progress=opts.progress and leader, pending=pending,
+                on_losses=lambda pts: _append_losses(loss_file, pts) if leader else None)
         except KeyboardInterrupt:
             with interrupts.deferred(), contextlib.suppress(OSError):
                 plot()  # the steps logged so far (a resume drops those after its checkpoint)

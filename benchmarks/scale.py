@@ -1,0 +1,181 @@
+"""Qwen2-VL 2B / 7B / 72B on an 8-chip slice, on paper but compiled.
+
+    python benchmarks/scale.py [--models 2b,7b,72b] [--parts prefill,decode,train]
+                               [--batch 1] [--prompt 2048] [--new 512]
+                               [--train-batch 8] [--train-length 2048]
+
+Nothing is allocated: the parameters, cache, decode state, train state and batches are
+abstract shapes with their shardings, and each program is lowered and compiled by XLA for 8
+simulated CPU devices with the same functions that run for real (`engine.Engine`'s prefill and
+decode step, `train.loop.Trainer.step_function`). Per device it prints the parameter bytes,
+the KV cache of `--batch` rows of `--prompt` + `--new` slots, XLA's memory analysis
+(arguments, temporaries, outputs; donated buffers counted once), whether it fits a v5e
+(16 GiB), v4 (32 GiB) or v5p (95 GiB) chip, and the seconds lowering + compiling took (wall,
+and the CPU time of the process, which a busy machine does not inflate).
+
+The meshes are what a v5e-8 / v4-8 user picks: inference tensor-parallel as far as the KV heads
+allow (2B: 2 KV heads, 7B: 4, 72B: 8), with fsdp over the rest; training FSDP over all 8 chips
+(params, gradients and AdamW state in float32, the forward in bfloat16, every block
+rematerialised, the vocabulary logits made 2048 tokens at a time). Bytes are XLA's CPU
+figures: a TPU compile lays out (and fuses) differently, so read them as the size of the
+problem per chip, not as a TPU's exact peak. In particular XLA:CPU has no bfloat16 matrix
+multiply: it converts bf16 weights to float32 copies, which its temporaries include (a TPU
+multiplies bf16 directly). So each chip column says two things, "floor/peak": whether the
+resident floor (parameters + optimizer state + KV cache) fits, and whether XLA:CPU's whole
+peak fits. A TPU's peak lies between the two.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+import jax
+
+jax.config.update("jax_platforms", "cpu")
+jax.config.update("jax_num_cpu_devices", 8)
+
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+from qwen2vl_jax.config import PRESETS  # noqa: E402
+from qwen2vl_jax.engine import Engine, KVCache  # noqa: E402
+from qwen2vl_jax.modules.qwen2vl import Qwen2VLModule, init_shapes  # noqa: E402
+from qwen2vl_jax.sampling import GenerationConfig, Sampling  # noqa: E402
+from qwen2vl_jax.sharding import ShardingRules, make_mesh, named_sharding, param_shardings  # noqa: E402
+from qwen2vl_jax.train import loop, stages  # noqa: E402
+
+GiB = 1024 ** 3
+CHIPS = {"v5e": 16 * GiB, "v4": 32 * GiB, "v5p": 95 * GiB}
+INFER_MESH = {"2b": "fsdp=4,tensor=2", "7b": "fsdp=2,tensor=4", "72b": "tensor=8"}
+TRAIN_MESH = {"2b": "fsdp=8", "7b": "fsdp=8", "72b": "fsdp=8"}
+
+
+def per_device_bytes(tree) -> int:
+    """Bytes one device holds of a tree of ShapeDtypeStructs with shardings (the largest)."""
+    total = {}
+    for x in jax.tree_util.tree_leaves(tree):
+        shard = x.sharding.shard_shape(x.shape)
+        for d in x.sharding.device_set:
+            total[d] = total.get(d, 0) + int(np.prod(shard)) * jnp.dtype(x.dtype).itemsize
+    return max(total.values())
+
+
+def abstract(tree, shardings):
+    return jax.tree_util.tree_map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
+
+
+def memory(compiled) -> dict:
+    m = compiled.memory_analysis()
+    args, temp, out, alias = (int(m.argument_size_in_bytes), int(m.temp_size_in_bytes),
+                              int(m.output_size_in_bytes), int(m.alias_size_in_bytes))
+    return {"arguments": args, "temporaries": temp, "outputs": out, "peak": args + temp + out - alias}
+
+
+def compile_timed(fn, *args, **kw):
+    """-> (compiled, (wall seconds, CPU seconds of this process)) of lowering + compiling."""
+    t0, c0 = time.perf_counter(), time.process_time()
+    compiled = fn.lower(*args, **kw).compile()
+    return compiled, (time.perf_counter() - t0, time.process_time() - c0)
+
+
+# ---------------------------------------------------------------------------- inference
+def inference(name: str, batch: int, prompt: int, new: int, parts: set[str]) -> list[dict]:
+    config = PRESETS[name]
+    mesh, rules = make_mesh(INFER_MESH[name]), ShardingRules()
+    dtype = jnp.bfloat16
+    # stored in the compute dtype, as from_pretrained(dtype=bfloat16) loads them
+    params = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, dtype), init_shapes(config))
+    params = abstract(params, param_shardings(params, mesh, rules))
+    engine = Engine(Qwen2VLModule(config, dtype), mesh, rules)
+    slots = prompt + new
+    cache = KVCache.abstract(config.text, batch, slots, dtype)
+    cache = abstract(cache, cache.shardings(mesh, rules))
+    base = {"model": name, "mesh": INFER_MESH[name], "layers": config.text.num_hidden_layers,
+            "params": per_device_bytes(params), "kv_cache": per_device_bytes(cache)}
+
+    def put(shape, dt, *axes):
+        return jax.ShapeDtypeStruct(shape, dt, sharding=named_sharding(mesh, rules, shape, *axes))
+
+    inputs = {"input_ids": put((batch, prompt), jnp.int32, "batch"),
+              "positions": put((3, batch, prompt), jnp.int32, None, "batch"),
+              "kv_valid": put((batch, slots), jnp.bool_, "batch"),
+              "pos_offset": put((batch,), jnp.int32, "batch"),
+              "max_new": put((), jnp.int32)}
+    sampling = jax.tree_util.tree_map(lambda x: put(np.shape(x), np.asarray(x).dtype),
+                                      Sampling.of(GenerationConfig(max_new_tokens=new)))
+    rng = put((2,), jnp.uint32)
+    rows = []
+    compiled, seconds = compile_timed(engine._prefill, params, inputs, None, sampling, rng, True)
+    if "prefill" in parts:
+        rows.append({**base, "part": f"prefill {batch}x{prompt}", **memory(compiled), "compile_s": seconds})
+    if "decode" in parts:
+        state = jax.tree_util.tree_map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                                       jax.eval_shape(engine._prefill, params, inputs, None, sampling, rng, True)[0],
+                                       compiled.output_shardings[0])
+        step, seconds = compile_timed(engine._step, params, state, True)
+        rows.append({**base, "part": f"decode step {batch}x{slots}", **memory(step), "compile_s": seconds})
+    return rows
+
+
+# ---------------------------------------------------------------------------- training
+def training(name: str, batch: int, length: int) -> dict:
+    config = PRESETS[name]
+    mesh = make_mesh(TRAIN_MESH[name])
+    trainer = loop.Trainer(config, stages.get_stage(2), 1000, mesh=mesh, remat=True, compute_dtype=jnp.bfloat16)
+    state = trainer.abstract_state(init_shapes(config))
+    arrays = {"input_ids": np.zeros((1, batch, length), np.int32), "attention_mask": np.zeros((1, batch, length), bool),
+              "labels": np.zeros((1, batch, length), np.int32), "positions": np.zeros((1, 3, batch, length), np.int32)}
+    placed = abstract(jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), arrays),
+                      trainer.batch_shardings(arrays))
+    compiled, seconds = compile_timed(trainer.step_function(state), state, placed)
+    return {"model": name, "mesh": TRAIN_MESH[name], "layers": config.text.num_hidden_layers,
+            "part": f"train step {batch}x{length}", "params": per_device_bytes(state.params),
+            "opt_state": per_device_bytes(state.opt_state), "kv_cache": 0, **memory(compiled), "compile_s": seconds}
+
+
+# ---------------------------------------------------------------------------- the table
+def gib(n: int) -> str:
+    return f"{n / GiB:7.2f}"
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--models", default="2b,7b,72b")
+    p.add_argument("--parts", default="prefill,decode,train")
+    p.add_argument("--batch", type=int, default=1, help="rows decoded together")
+    p.add_argument("--prompt", type=int, default=2048, help="prompt bucket (tokens)")
+    p.add_argument("--new", type=int, default=512, help="cache slots after the prompt")
+    p.add_argument("--train-batch", type=int, default=8)
+    p.add_argument("--train-length", type=int, default=2048)
+    args = p.parse_args(argv)
+    parts = set(args.parts.split(","))
+    rows = []
+    for name in args.models.split(","):
+        if parts & {"prefill", "decode"}:
+            rows += inference(name, args.batch, args.prompt, args.new, parts)
+            print(f"# {name} inference compiled", file=sys.stderr, flush=True)
+        if "train" in parts:
+            rows.append(training(name, args.train_batch, args.train_length))
+            print(f"# {name} training compiled", file=sys.stderr, flush=True)
+    print(f"per device, GiB, on 8 simulated devices (jax {jax.__version__}, XLA CPU); floor = params + opt + kv; "
+          f"peak = arguments + temporaries + outputs - donated; fits: floor/peak")
+    head = (f"{'model':5} {'layers':>6} {'mesh':16} {'program':24} {'params':>7} {'opt':>7} {'kv':>7} {'floor':>7} "
+            f"{'args':>7} {'temp':>7} {'out':>7} {'peak':>7}  {'v5e':7} {'v4':7} {'v5p':7} {'compile_s':>9} {'cpu_s':>7}")
+    print(head)
+    print("-" * len(head))
+    yes = lambda ok: "yes" if ok else "no"  # noqa: E731
+    for r in rows:
+        floor = r["params"] + r.get("opt_state", 0) + r["kv_cache"]
+        fits = " ".join(f"{yes(floor <= cap) + '/' + yes(r['peak'] <= cap):7}" for cap in CHIPS.values())
+        print(f"{r['model']:5} {r['layers']:6d} {r['mesh']:16} {r['part']:24} {gib(r['params'])} "
+              f"{gib(r.get('opt_state', 0))} {gib(r['kv_cache'])} {gib(floor)} {gib(r['arguments'])} "
+              f"{gib(r['temporaries'])} {gib(r['outputs'])} {gib(r['peak'])}  {fits} "
+              f"{r['compile_s'][0]:9.1f} {r['compile_s'][1]:7.1f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
