@@ -44,10 +44,10 @@ PACKAGE = "qwen2vl_jax"  # the core package; its __init__.py is the facade (the 
 LAYERS: list[tuple[str, ...]] = [
     ("errors", "jsonio", "interrupts"),  # L0
     ("config",),  # L1
-    ("params", "sharding", "hf_mapping", "safetensors_io"),  # L2
+    ("params", "sharding", "distributed", "hf_mapping", "safetensors_io", "quant"),  # L2: distributed: jax + errors; quant: packed weights
     ("modules", "processing"),  # L3: modules is Flax only; processing is numpy/PIL/tokenizers
     ("positions", "inputs"),  # L4: host side, numpy only
-    ("sampling", "engine", "checkpoint"),  # L5
+    ("sampling", "engine", "batching", "checkpoint"),  # L5: batching: continuous batching over engine
     ("api",),  # L6
     ("chat", "shell"),  # L7
     ("cli", "server"),  # L8

@@ -1,0 +1,252 @@
+"""qwen2vl-serve under load: 1, 4 and 16 concurrent clients streaming chat completions, one table.
+
+    python benchmarks/serve.py [--size demo|small|2b] [--clients 1,4,16] [--requests N]
+        [--new-tokens 32] [--image 448] [--max-batch 16] [--max-context 512] [--dtype float32|bfloat16]
+
+The server runs in its own process (`python -m qwen2vl_jax.server`), started here; the clients
+are asyncio tasks in this process, each sending its next request as soon as the last one ends.
+Every request carries a different random IMAGE x IMAGE PNG (so the vision cache never helps)
+and a short question, asks for NEW tokens with EOS ignored, and streams them.
+  demo   the small model shipped with the package
+  small  Qwen2-VL-2B's widths and vocabulary (the 7B-Instruct tokenizer and template from the
+         reference assets), 4 decoder layers and 4 vision blocks, random weights
+  2b     Qwen2-VL-2B's shapes, random bfloat16 weights
+Columns: requests/s and output tokens/s over the level's wall time; time to first token and
+time per output token after the first (per request), p50/p99; failed requests; the server's
+resident memory after warm-up and at the end. The peer is the first row (x first row: output
+tokens/s against the first level's, one client by default); with --size 2b, vLLM's CPU build on the same workload is
+printed beside (figures measured on a 2-core machine, quoted in the issue).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import io
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))  # runnable from a checkout without installing
+ASSETS = Path(os.environ.get("QWEN2VL_REFERENCE_ASSETS", REPO.parent / "shared" / "assets"))
+# vLLM's CPU build, Qwen2-VL-2B shapes, 448x448 image per request, 32 tokens (the issue's figures).
+VLLM_2B = {1: {"tok_s": 1.55, "ttft_p50": 13.4}, 4: {"tok_s": 2.10}, 16: {"tok_s": 2.24, "ttft_p50": 167.0},
+           "rss_gb": 15.0, "startup_s": 195.0}
+
+
+# ------------------------------------------------------------------ the model folder
+def model_folder(size: str, work: Path) -> Path:
+    """The demo folder, or a folder with random weights of the asked shapes."""
+    from qwen2vl_jax.config import DEMO_DIR, QWEN2_VL_2B, Qwen2VLConfig, TextConfig, VisionConfig
+
+    if size == "demo":
+        return DEMO_DIR
+    import jax
+    import jax.numpy as jnp
+
+    from qwen2vl_jax import checkpoint as ck
+    from qwen2vl_jax.modules.qwen2vl import init_shapes
+
+    side = ASSETS / "qwen2-vl-7b-instruct"
+    if not (side / "vocab.json").is_file():
+        sys.exit(f"serve.py: --size {size} needs the Qwen2-VL tokenizer files in {side} "
+                 "(set QWEN2VL_REFERENCE_ASSETS)")
+    if size == "2b":
+        config = QWEN2_VL_2B
+    else:
+        config = Qwen2VLConfig(vision=VisionConfig(depth=4, out_hidden_size=1536),
+                               text=TextConfig(vocab_size=151936, hidden_size=1536, intermediate_size=8960,
+                                               num_hidden_layers=4, num_attention_heads=12, num_key_value_heads=2),
+                               tie_word_embeddings=True)
+    folder = work / f"model-{size}"
+    folder.mkdir(parents=True)
+    for name in ("vocab.json", "merges.txt", "tokenizer.json", "tokenizer_config.json", "chat_template.json",
+                 "preprocessor_config.json", "generation_config.json"):
+        if (side / name).is_file():
+            shutil.copyfile(side / name, folder / name)
+    (folder / "config.json").write_text(json.dumps(config.to_hf(), indent=2) + "\n")
+    dtype = jnp.bfloat16 if size == "2b" else jnp.float32
+    shapes = init_shapes(config)
+    leaves, treedef = jax.tree_util.tree_flatten(shapes)
+    keys = jax.random.split(jax.random.PRNGKey(0), len(leaves))
+    params = [np.asarray(0.02 * jax.random.normal(k, s.shape, jnp.float32)).astype(dtype)
+              for k, s in zip(keys, leaves)]
+    ck.save_params(jax.tree_util.tree_unflatten(treedef, params), folder)
+    return folder
+
+
+# ------------------------------------------------------------------ the server process
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def rss_gb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024**2
+    return float("nan")
+
+
+def start_server(args, folder: Path, port: int) -> tuple[subprocess.Popen, float]:
+    argv = [sys.executable, "-m", "qwen2vl_jax.server", "--model", str(folder), "--port", str(port),
+            "--max-batch", str(args.max_batch), "--max-context", str(args.max_context),
+            "--max-queue", "1024", "--request-timeout", "3600", "--vision-cache", "0"]
+    if args.dtype:
+        argv += ["--dtype", args.dtype]
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(argv, cwd=REPO)
+    import httpx
+
+    while True:
+        if proc.poll() is not None:
+            sys.exit(f"serve.py: the server exited with status {proc.returncode}")
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
+                return proc, time.perf_counter() - t0
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+
+
+# ------------------------------------------------------------------ the clients
+def image_uri(size: int, seed: int) -> str:
+    from PIL import Image
+
+    pixels = np.random.default_rng(seed).integers(0, 256, (size, size, 3), dtype=np.uint8)
+    out = io.BytesIO()
+    Image.fromarray(pixels).save(out, "PNG")
+    return "data:image/png;base64," + base64.b64encode(out.getvalue()).decode()
+
+
+async def one_request(client, url: str, args, seed: int) -> dict:
+    body = {"model": "bench", "max_tokens": args.new_tokens, "ignore_eos": True, "stream": True,
+            "return_token_ids": True, "messages": [{"role": "user", "content": [
+                {"type": "image_url", "image_url": {"url": image_uri(args.image, seed)}},
+                {"type": "text", "text": "Describe this picture in detail."}]}]}
+    t0 = time.perf_counter()
+    times, n = [], 0
+    try:
+        async with client.stream("POST", f"{url}/v1/chat/completions", json=body) as r:
+            if r.status_code != 200:
+                return {"ok": False}
+            async for line in r.aiter_lines():
+                if not line.startswith("data: {"):
+                    continue
+                chunk = json.loads(line[6:])
+                if "error" in chunk:
+                    return {"ok": False}
+                got = sum(len(c.get("token_ids") or []) for c in chunk["choices"])
+                if got:
+                    times.append(time.perf_counter())
+                    n += got
+    except Exception:  # noqa: BLE001 - a lost request is counted, not fatal
+        return {"ok": False}
+    if n != args.new_tokens:
+        return {"ok": False}
+    ttft = times[0] - t0
+    tpot = (times[-1] - times[0]) / (n - 1) if n > 1 else float("nan")
+    return {"ok": True, "ttft": ttft, "tpot": tpot, "tokens": n}
+
+
+async def level(url: str, args, clients: int, requests: int, first_seed: int) -> dict:
+    import httpx
+
+    queue = list(range(first_seed, first_seed + requests))
+    results = []
+
+    async def worker(client):
+        while queue:
+            results.append(await one_request(client, url, args, queue.pop()))
+
+    limits = httpx.Limits(max_connections=clients + 4)
+    async with httpx.AsyncClient(timeout=None, limits=limits) as client:
+        t0 = time.perf_counter()
+        await asyncio.gather(*(worker(client) for _ in range(clients)))
+        wall = time.perf_counter() - t0
+    ok = [r for r in results if r["ok"]]
+    pct = lambda key, q: float(np.percentile([r[key] for r in ok], q)) if ok else float("nan")  # noqa: E731
+    return {"clients": clients, "requests": len(results), "failed": len(results) - len(ok),
+            "req_s": len(ok) / wall, "tok_s": sum(r["tokens"] for r in ok) / wall,
+            "ttft_p50": pct("ttft", 50), "ttft_p99": pct("ttft", 99),
+            "tpot_p50": pct("tpot", 50), "tpot_p99": pct("tpot", 99)}
+
+
+# ------------------------------------------------------------------ main
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--size", choices=["demo", "small", "2b"], default="demo")
+    ap.add_argument("--clients", default="1,4,16", help="comma-separated concurrency levels")
+    ap.add_argument("--requests", type=int, default=None,
+                    help="requests per level (default: 4 per client, at least 8)")
+    ap.add_argument("--new-tokens", type=int, default=32)
+    ap.add_argument("--image", type=int, default=448, help="side of each request's image in pixels")
+    ap.add_argument("--max-batch", type=int, default=16)
+    ap.add_argument("--max-context", type=int, default=512)
+    ap.add_argument("--dtype", choices=["float32", "bfloat16"], default=None)
+    args = ap.parse_args(argv)
+    levels = [int(c) for c in args.clients.split(",")]
+
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = model_folder(args.size, Path(tmp))
+        port = free_port()
+        proc, startup = start_server(args, folder, port)
+        url = f"http://127.0.0.1:{port}"
+        try:
+            # Warm-up: every prompt/feature bucket the workload touches, at the widest level.
+            asyncio.run(level(url, args, max(levels), max(levels), 10**6))
+            rss_warm = rss_gb(proc.pid)
+            print_head(args, startup, rss_warm)
+            base, seed = None, 0
+            for clients in levels:  # each row as soon as it is measured
+                n = args.requests or max(8, 4 * clients)
+                row = asyncio.run(level(url, args, clients, n, seed))
+                base = base or row
+                print_row(args, row, base)
+                seed += n
+            rss_end = rss_gb(proc.pid)
+        finally:
+            proc.terminate()
+            proc.wait(60)
+    print(f"server RSS {rss_warm:.2f} GB after warm-up, {rss_end:.2f} GB at the end "
+          f"({100 * (rss_end / rss_warm - 1):+.1f}%)", flush=True)
+    if args.size == "2b":
+        print(f"vLLM CPU: about {VLLM_2B['rss_gb']:.0f} GB server memory, {VLLM_2B['startup_s']:.0f} s launch to healthy")
+    return 0
+
+
+def print_head(args, startup: float, rss_warm: float) -> None:
+    print(f"\nqwen2vl-serve, --size {args.size}, {args.image}x{args.image} image per request, {args.new_tokens} tokens "
+          f"(EOS ignored), --max-batch {args.max_batch}; launch to healthy {startup:.0f} s; "
+          f"server RSS {rss_warm:.2f} GB after warm-up")
+    head = ("clients", "requests", "failed", "req/s", "out tok/s", "x first row",
+            "TTFT p50 s", "TTFT p99 s", "TPOT p50 ms", "TPOT p99 ms")
+    if args.size == "2b":
+        head += ("vLLM tok/s", "vLLM TTFT p50 s")
+    print("| " + " | ".join(head) + " |")
+    print("|" + "---|" * len(head), flush=True)
+
+
+def print_row(args, r: dict, base: dict) -> None:
+    cells = [r["clients"], r["requests"], r["failed"], f"{r['req_s']:.2f}", f"{r['tok_s']:.1f}",
+             f"{r['tok_s'] / base['tok_s']:.1f}", f"{r['ttft_p50']:.2f}", f"{r['ttft_p99']:.2f}",
+             f"{1e3 * r['tpot_p50']:.0f}", f"{1e3 * r['tpot_p99']:.0f}"]
+    if args.size == "2b":
+        ref = VLLM_2B.get(r["clients"], {})
+        cells += [ref.get("tok_s", "-"), ref.get("ttft_p50", "-")]
+    print("| " + " | ".join(str(c) for c in cells) + " |", flush=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

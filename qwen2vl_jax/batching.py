@@ -1,0 +1,522 @@
+"""Continuous batching: many requests decoded together in a fixed number of slots of one KV cache.
+
+The shape is JetStream's: the device sees slots, never requests, so nothing recompiles when
+requests come and go.
+  `SlotEngine.prefill`  one request's prompt (bucketed as `inputs.build_inputs` buckets it, the
+                        vision features merged in) into a cache of its own bucket's length, and
+                        its first token drawn (jitted per (prompt bucket, feature bucket));
+  `SlotEngine.insert`   that prefix moved into a free row of the shared cache, with its
+                        positions, its first token and its sampling settings (jitted per prompt
+                        bucket); the row's real tokens land in slots [0, n);
+  `SlotEngine.step`     one token for every row at once (jitted once, for [max_batch,
+                        max_context]); each row writes at its own slot (`pos`), with its own
+                        temperature, top-k, top-p, repetition penalty and random key, all data.
+`Batcher` runs them in one thread: it admits queued requests into free slots between steps,
+hands each row's tokens to its request, and frees a slot as soon as its request ends (an EOS,
+max_tokens, a cancel). Host-side stop conditions (stop strings) end a request by cancelling it.
+
+`VisionCache` keeps the vision tower's output per image (keyed by the caller's hash of the image
+bytes and its resize settings), so a repeated image skips the tower.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import dataclasses
+import logging
+import threading
+from typing import Callable, Sequence
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from qwen2vl_jax.engine import Engine, KVCache
+from qwen2vl_jax.errors import InputError
+from qwen2vl_jax.inputs import ModelInputs, bucket, build_inputs, pack_vision
+from qwen2vl_jax.modules.qwen2vl import Qwen2VLModule
+from qwen2vl_jax.sampling import GenerationConfig, Sampling, sample_token
+from qwen2vl_jax.sharding import shard, use_mesh
+
+log = logging.getLogger(__name__)
+
+FEATURE_BUCKET_MIN = 16  # the smallest bucket of merged vision features a prompt carries
+
+
+# ---------------------------------------------------------------------------- device state
+@flax.struct.dataclass
+class SlotState:
+    """The decode batch: B slots (rows), S cache slots per row."""
+
+    cache: KVCache  # [B, S, K, hd] per layer
+    kv_valid: jax.Array  # bool[B, S]: which cache slots of a row hold a real token
+    pos: jax.Array  # int32[B]: the cache slot the row's next fed token is written to
+    pos_offset: jax.Array  # int32[B]: the M-RoPE position of cache slot j is j + pos_offset
+    token: jax.Array  # int32[B]: the last token drawn, fed to the next step
+    seen: jax.Array  # bool[B, V]: tokens of the prompt or drawn so far (repetition penalty)
+    greedy: jax.Array  # bool[B]: argmax for this row (else sample with its settings)
+    rng: jax.Array  # uint32[B, 2]: each row's key, split every step
+    sampling: Sampling  # every field with a leading [B]
+
+    def constrain(self) -> "SlotState":
+        return self.replace(cache=self.cache.constrain(), kv_valid=shard(self.kv_valid, "batch", None),
+                            seen=shard(self.seen, "batch", None), token=shard(self.token, None))
+
+
+@flax.struct.dataclass
+class Prefix:
+    """One prefilled request, ready for `SlotEngine.insert`."""
+
+    cache: KVCache  # [1, Lb, K, hd] per layer: the prompt right-aligned in its bucket
+    length: jax.Array  # int32[]: real prompt tokens n
+    pos_offset: jax.Array  # int32[]: the position of the slot after the prompt, minus n
+    token: jax.Array  # int32[]: the first token
+    seen: jax.Array  # bool[V]
+    rng: jax.Array  # uint32[2]: the key after the first draw
+
+
+def sample_rows(logits, seen, sampling: Sampling, keys, greedy):
+    """logits f32[B, V], seen bool[B, V], sampling with [B] fields, keys [B, 2], greedy bool[B]
+    -> int32[B]. Each row draws as `sample_token` draws for a batch of one; when every row is
+    greedy the sort that sampling needs is skipped."""
+
+    def rows(greedy_static: bool):
+        def one(lg, sn, sm, key):
+            return sample_token(lg[None], sn[None], sm, key, greedy_static)[0]
+        return jax.vmap(one)(logits, seen, sampling, keys)
+
+    def mixed():
+        return jnp.where(greedy, rows(True), rows(False))
+
+    return jax.lax.cond(jnp.all(greedy), lambda: rows(True), mixed)
+
+
+def _split_rows(rng):
+    both = jax.vmap(jax.random.split)(rng)  # [B, 2, 2]
+    return both[:, 0], both[:, 1]
+
+
+# ---------------------------------------------------------------------------- the engine
+class SlotEngine:
+    """prefill / insert / step over `max_batch` slots of `max_context` cache slots each.
+
+    Built on an `Engine` (its module, mesh and jitted vision tower). Compiles `step` once;
+    `prefill` per (prompt bucket, feature bucket), `insert` per prompt bucket."""
+
+    def __init__(self, engine: Engine, *, max_batch: int = 16, max_context: int | None = None):
+        self.engine = engine
+        self.module: Qwen2VLModule = engine.module
+        self.config = engine.config
+        context = self.config.text.max_position_embeddings
+        self.max_batch = int(max_batch)
+        self.max_context = int(max_context or min(context, 4096))
+        if self.max_batch < 1:
+            raise InputError(f"max_batch must be at least 1 (got {max_batch})")
+        if not 2 <= self.max_context <= context:
+            raise InputError(f"max_context must be between 2 and the model's context of {context} "
+                             f"(got {max_context})")
+        self._prefill = jax.jit(self._prefill_impl)
+        self._insert = jax.jit(self._insert_impl, donate_argnums=0)
+        self._step = jax.jit(self._step_impl, donate_argnums=1)
+        self._init = jax.jit(self._init_impl)
+
+    # ------------------------------------------------------------ traced bodies
+    def _apply(self, params, *args, method):
+        return self.module.apply({"params": params}, *args, method=method)
+
+    @contextlib.contextmanager
+    def _scope(self, name: str):
+        with use_mesh(self.engine.mesh, self.engine.rules), jax.named_scope(name):
+            yield
+
+    def _init_impl(self):
+        b, s, v = self.max_batch, self.max_context, self.config.text.vocab_size
+        one = Sampling.of(GenerationConfig())
+        sampling = jax.tree.map(lambda x: jnp.broadcast_to(jnp.asarray(x), (b, *np.shape(x))), one)
+        with self._scope("slots_init"):
+            return SlotState(
+                cache=KVCache.zeros(self.config.text, b, s, self.module.dtype),
+                kv_valid=jnp.zeros((b, s), bool), pos=jnp.zeros((b,), jnp.int32),
+                pos_offset=jnp.zeros((b,), jnp.int32), token=jnp.zeros((b,), jnp.int32),
+                seen=jnp.zeros((b, v), bool), greedy=jnp.ones((b,), bool),
+                rng=jnp.zeros((b, 2), jnp.uint32), sampling=sampling,
+            ).constrain()
+
+    def _prefill_impl(self, params, batch, features, sampling: Sampling, greedy, rng):
+        """batch: input_ids int32[1, Lb], positions int32[3, 1, Lb], mask bool[1, Lb],
+        pos_offset int32[1], length int32[]; features [F, D] or None."""
+        cfg = self.config.text
+        ids, mask = batch["input_ids"], batch["mask"]
+        lb = ids.shape[1]
+        with self._scope("slot_prefill"):
+            x = self._apply(params, ids, features, method=Qwen2VLModule.embed)
+            cache = KVCache.zeros(cfg, 1, lb, self.module.dtype)
+            hidden, layers = self._apply(params, x, batch["positions"], mask, cache.layers, 0,
+                                         method=Qwen2VLModule.decode)
+            logits = self._apply(params, hidden[:, -1], method=Qwen2VLModule.lm_logits).astype(jnp.float32)
+            seen = jnp.zeros((cfg.vocab_size,), bool).at[ids[0]].max(mask[0])
+            rng, key = jax.random.split(rng)
+            tok = sample_rows(logits, seen[None], jax.tree.map(lambda a: a[None], sampling), key[None],
+                              greedy[None])[0]
+            n = batch["length"]
+            # The slot after the prompt is Lb in the bucket, n once the prompt is moved to [0, n).
+            return Prefix(KVCache.of_layers(layers), n, batch["pos_offset"][0] + lb - n, tok,
+                          seen.at[tok].set(True), rng)
+
+    def _insert_impl(self, state: SlotState, prefix: Prefix, slot, sampling: Sampling, greedy):
+        """Row `slot` of the state <- the prefix: its real tokens moved from the end of the
+        bucket to cache slots [0, n), the rest of the row masked off."""
+        lb = prefix.cache.k[0].shape[1]
+        s = state.kv_valid.shape[1]
+        shift = lb - prefix.length
+
+        def put(big, small):  # big [B, S, K, hd], small [1, Lb, K, hd]
+            small = jnp.roll(small, -shift, axis=1).astype(big.dtype)
+            if lb > s:  # only possible when the whole prompt still fits: keep its first S slots
+                small = small[:, :s]
+            return jax.lax.dynamic_update_slice(big, small, (slot, 0, 0, 0))
+
+        with self._scope("slot_insert"):
+            cache = KVCache(tuple(map(put, state.cache.k, prefix.cache.k)),
+                            tuple(map(put, state.cache.v, prefix.cache.v)))
+            row = lambda a, value: a.at[slot].set(value)  # noqa: E731
+            return state.replace(
+                cache=cache, kv_valid=row(state.kv_valid, jnp.arange(s) < prefix.length),
+                pos=row(state.pos, prefix.length), pos_offset=row(state.pos_offset, prefix.pos_offset),
+                token=row(state.token, prefix.token), seen=row(state.seen, prefix.seen),
+                greedy=row(state.greedy, greedy), rng=row(state.rng, prefix.rng),
+                sampling=jax.tree.map(row, state.sampling, sampling),
+            ).constrain()
+
+    def _step_impl(self, params, state: SlotState):
+        b, s = state.kv_valid.shape
+        with self._scope("slot_step"):
+            pos = jnp.minimum(state.pos, s - 1)  # a free row may run past its end: it is discarded
+            rows = jnp.arange(b)
+            kv_valid = state.kv_valid.at[rows, pos].set(True)
+            x = self._apply(params, state.token[:, None], None, method=Qwen2VLModule.embed)
+            positions = jnp.broadcast_to((pos + state.pos_offset)[None, :, None], (3, b, 1))
+            hidden, layers = self._apply(params, x, positions, kv_valid, state.cache.layers, pos,
+                                         method=Qwen2VLModule.decode)
+            logits = self._apply(params, hidden[:, -1], method=Qwen2VLModule.lm_logits).astype(jnp.float32)
+            rng, keys = _split_rows(state.rng)
+            tok = sample_rows(logits, state.seen, state.sampling, keys, state.greedy)
+            state = state.replace(cache=KVCache.of_layers(layers), kv_valid=kv_valid, pos=pos + 1, token=tok,
+                                  seen=state.seen.at[rows, tok].set(True), rng=rng).constrain()
+            return state, jnp.copy(tok)
+
+    # ------------------------------------------------------------ host side
+    def init_state(self) -> SlotState:
+        return self._init()
+
+    def check_room(self, prompt_tokens: int, max_new_tokens: int) -> None:
+        """InputError unless the prompt and max_new_tokens fit in one row of the cache."""
+        if max_new_tokens < 1:
+            raise InputError(f"max_tokens must be at least 1 (got {max_new_tokens})")
+        if prompt_tokens + max_new_tokens > self.max_context:
+            raise InputError(f"the prompt ({prompt_tokens} tokens) plus max_tokens ({max_new_tokens}) is over the "
+                             f"context of {self.max_context} tokens")
+
+    def prompt_inputs(self, input_ids, image_grid_thw=None, video_grid_thw=None, *, room: int = 0) -> ModelInputs:
+        """One prompt (int[L], placeholders expanded) -> its bucketed `ModelInputs` (checked as
+        every entry point checks them; the vision layout is left out: features come separately)."""
+        cfg = self.config
+        dim = cfg.vision.patch_dim
+
+        def zeros(grid):  # placeholder pixels: only their count is checked here
+            if grid is None:
+                return None
+            n = int(np.prod(np.asarray(grid).reshape(-1, 3), axis=1).sum())
+            return np.broadcast_to(np.zeros((1, dim), np.float32), (n, dim))
+
+        ids = np.asarray(input_ids).reshape(1, -1)
+        self.check_room(ids.shape[1], room)
+        inputs = build_inputs(cfg, ids, None, zeros(image_grid_thw), image_grid_thw, zeros(video_grid_thw),
+                              video_grid_thw, room=room)
+        return dataclasses.replace(inputs, vision=None)
+
+    def encode(self, params, pixel_values, grid_thw) -> np.ndarray:
+        """The vision tower over one image (or video): merged features [n, D] on the host."""
+        vision = pack_vision(self.config, pixel_values, grid_thw)
+        n = int(np.prod(np.asarray(grid_thw).reshape(-1, 3), axis=1).sum()) // self.config.vision.merge_unit
+        return np.asarray(jax.device_get(self.engine.encode(params, vision)))[:n]
+
+    def prefill(self, params, inputs: ModelInputs, features: np.ndarray | None, gc: GenerationConfig) -> Prefix:
+        """inputs: one row (`prompt_inputs`); features [F, D]: every image's, then every video's,
+        in placeholder order (padded here to a bucket)."""
+        if features is not None:
+            f = bucket(features.shape[0], FEATURE_BUCKET_MIN)
+            features = np.concatenate([features, np.zeros((f - features.shape[0], features.shape[1]),
+                                                          features.dtype)])
+        batch = {"input_ids": inputs.input_ids, "positions": inputs.positions, "mask": inputs.attention_mask,
+                 "pos_offset": inputs.pos_offset, "length": np.int32(inputs.lengths[0])}
+        return self._prefill(params, batch, features, Sampling.of(gc), np.bool_(gc.greedy),
+                             jax.random.PRNGKey(gc.seed))
+
+    def insert(self, state: SlotState, prefix: Prefix, slot: int, gc: GenerationConfig) -> SlotState:
+        """The state (donated) with row `slot` holding the prefilled request."""
+        return self._insert(state, prefix, np.int32(slot), Sampling.of(gc), np.bool_(gc.greedy))
+
+    def step(self, params, state: SlotState) -> tuple[SlotState, jax.Array]:
+        """One token for every row -> (the next state, the tokens int32[B]); the state passed in
+        is donated."""
+        return self._step(params, state)
+
+
+# ---------------------------------------------------------------------------- vision cache
+class VisionCache:
+    """A bounded LRU map: key (the caller's hash of the image bytes and resize settings) ->
+    (grid_thw int[1, 3], merged features [n, D] on the host). Thread-safe; `get` counts hits
+    and misses. Bounded by entries and by the features' bytes."""
+
+    def __init__(self, max_entries: int = 256, max_bytes: int = 1 << 30):
+        self.max_entries, self.max_bytes = max_entries, max_bytes
+        self._items: collections.OrderedDict[str, tuple[np.ndarray, np.ndarray]] = collections.OrderedDict()
+        self._bytes = 0
+        self._lock = threading.Lock()
+        self.hits = 0
+        self.misses = 0
+
+    def get(self, key: str) -> tuple[np.ndarray, np.ndarray] | None:
+        with self._lock:
+            value = self._items.get(key)
+            if value is None:
+                self.misses += 1
+                return None
+            self._items.move_to_end(key)
+            self.hits += 1
+            return value
+
+    def put(self, key: str, grid_thw: np.ndarray, features: np.ndarray) -> None:
+        if features.nbytes > self.max_bytes or self.max_entries < 1:
+            return
+        with self._lock:
+            old = self._items.pop(key, None)
+            if old is not None:
+                self._bytes -= old[1].nbytes
+            self._items[key] = (np.asarray(grid_thw).reshape(1, 3), features)
+            self._bytes += features.nbytes
+            while len(self._items) > self.max_entries or self._bytes > self.max_bytes:
+                _, (_, dropped) = self._items.popitem(last=False)
+                self._bytes -= dropped.nbytes
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+
+# ---------------------------------------------------------------------------- requests
+@dataclasses.dataclass
+class VisionInput:
+    """One image or video of a request: its patches and grid (`pixel_values` may be None when
+    `features` came from the cache), and the cache key (None: do not cache)."""
+
+    pixel_values: np.ndarray | None
+    grid_thw: np.ndarray  # int[1, 3]
+    key: str | None = None
+    features: np.ndarray | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class Event:
+    """What a request's `emit` receives: a token, or the end ("stop": an EOS, "length":
+    max_tokens, "cancelled", "error" with a message)."""
+
+    token: int | None = None
+    finish: str | None = None
+    message: str | None = None
+
+
+@dataclasses.dataclass(eq=False)
+class Request:
+    """One generation: the expanded prompt, its images (in placeholder order) then videos, and
+    the settings. `emit` is called from the batcher's thread; `cancel` may be called from any."""
+
+    input_ids: np.ndarray  # int[L]
+    images: Sequence[VisionInput]
+    videos: Sequence[VisionInput]
+    config: GenerationConfig  # max_new_tokens, sampling, seed, eos_token_ids
+    emit: Callable[[Event], None]
+    ignore_eos: bool = False
+    cancelled: threading.Event = dataclasses.field(default_factory=threading.Event)
+    generated: int = 0
+
+    def cancel(self) -> None:
+        self.cancelled.set()
+
+
+class QueueFull(Exception):
+    """The batcher's queue holds its maximum of waiting requests."""
+
+
+# ---------------------------------------------------------------------------- the batcher
+class Batcher:
+    """Runs a `SlotEngine` in one thread over a bounded queue of `Request`s.
+
+    `submit` queues a request (QueueFull when the queue is full); the thread admits waiting
+    requests into free slots between steps (vision tower with the cache, prefill, insert), steps
+    every active slot, and frees a slot the moment its request ends."""
+
+    def __init__(self, slots: SlotEngine, params, *, max_queue: int = 64, vision_cache: VisionCache | None = None):
+        self.slots, self.params = slots, params
+        self.max_queue = max_queue
+        self.vision_cache = vision_cache if vision_cache is not None else VisionCache()
+        self._queue: collections.deque[Request] = collections.deque()
+        self._active: list[Request | None] = [None] * slots.max_batch
+        self._cond = threading.Condition()
+        self._closing = False
+        self._state = None
+        self._thread: threading.Thread | None = None
+        self.steps = 0
+
+    # ------------------------------------------------------------ public
+    @property
+    def queue_depth(self) -> int:
+        return len(self._queue)
+
+    @property
+    def active_slots(self) -> int:
+        return sum(r is not None for r in self._active)
+
+    def start(self) -> "Batcher":
+        """Starts the thread (once; later calls do nothing)."""
+        if self._thread is not None:
+            return self
+        self._state = self.slots.init_state()
+        self._thread = threading.Thread(target=self._run, name="qwen2vl-batcher", daemon=True)
+        self._thread.start()
+        return self
+
+    def close(self) -> None:
+        with self._cond:
+            self._closing = True
+            self._cond.notify_all()
+        if self._thread is not None:
+            self._thread.join()
+        for req in list(self._queue) + [r for r in self._active if r is not None]:
+            req.emit(Event(finish="error", message="the server is shutting down"))
+        self._queue.clear()
+        self._active = [None] * len(self._active)
+
+    def submit(self, request: Request) -> None:
+        with self._cond:
+            if self._closing:
+                raise QueueFull("the server is shutting down")
+            if len(self._queue) >= self.max_queue:
+                raise QueueFull(f"{len(self._queue)} requests are waiting already (the queue holds {self.max_queue})")
+            self._queue.append(request)
+            self._cond.notify_all()
+
+    def warm_up(self, prompt_lengths: Sequence[int] = (1,)) -> None:
+        """Compiles the step and the prefill/insert of the given prompt lengths' buckets before
+        the thread starts (call before `start`)."""
+        state = self.slots.init_state()
+        gc = GenerationConfig(max_new_tokens=2)
+        # insert and step, each on a fresh state and on one a step returned: on a mesh the two
+        # can differ in layout, and each compiles its own variant here rather than later.
+        for _ in range(2):
+            for n in prompt_lengths:
+                inputs = self.slots.prompt_inputs(np.zeros((n,), np.int32), room=1)
+                state = self.slots.insert(state, self.slots.prefill(self.params, inputs, None, gc), 0, gc)
+            state, tok = self.slots.step(self.params, state)
+        state, tok = self.slots.step(self.params, state)
+        jax.block_until_ready(tok)
+
+    # ------------------------------------------------------------ the thread
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while not self._closing and not self._queue and self.active_slots == 0:
+                    self._cond.wait()
+                if self._closing:
+                    return
+            self._release_cancelled()
+            self._admit()
+            if self.active_slots:
+                self._step()
+
+    def _release_cancelled(self) -> None:
+        for slot, req in enumerate(self._active):
+            if req is not None and req.cancelled.is_set():
+                self._finish(slot, Event(finish="cancelled"))
+
+    def _admit(self) -> None:
+        while None in self._active:
+            with self._cond:
+                if not self._queue:
+                    return
+                req = self._queue.popleft()
+            if req.cancelled.is_set():
+                req.emit(Event(finish="cancelled"))
+                continue
+            slot = self._active.index(None)
+            try:
+                prefix = self._prefill(req)
+                self._state = self.slots.insert(self._state, prefix, slot, req.config)
+                first = int(jax.device_get(prefix.token))
+            except InputError as e:
+                req.emit(Event(finish="error", message=str(e)))
+                continue
+            except Exception as e:  # noqa: BLE001 - one bad request must not stop the others
+                log.exception("prefill failed")
+                req.emit(Event(finish="error", message=f"prefill failed: {type(e).__name__}: {e}"))
+                continue
+            self._active[slot] = req
+            self._deliver(slot, req, first)
+
+    def _prefill(self, req: Request) -> Prefix:
+        image_grid = _grids(req.images)
+        video_grid = _grids(req.videos)
+        inputs = self.slots.prompt_inputs(req.input_ids, image_grid, video_grid, room=req.config.max_new_tokens)
+        parts = [self._features(v) for v in (*req.images, *req.videos)]
+        features = np.concatenate(parts) if parts else None
+        return self.slots.prefill(self.params, inputs, features, req.config)
+
+    def _features(self, item: VisionInput) -> np.ndarray:
+        if item.features is not None:
+            return item.features
+        features = self.slots.encode(self.params, item.pixel_values, item.grid_thw)
+        if item.key is not None:
+            self.vision_cache.put(item.key, item.grid_thw, features)
+        return features
+
+    def _step(self) -> None:
+        try:
+            self._state, tokens = self.slots.step(self.params, self._state)
+            tokens = np.asarray(jax.device_get(tokens))
+        except Exception as e:  # noqa: BLE001 - fail the rows in flight, keep serving
+            log.exception("decode step failed")
+            for slot, req in enumerate(self._active):
+                if req is not None:
+                    self._finish(slot, Event(finish="error", message=f"decode failed: {type(e).__name__}: {e}"))
+            self._state = self.slots.init_state()
+            return
+        self.steps += 1
+        for slot, req in enumerate(self._active):
+            if req is not None:
+                self._deliver(slot, req, int(tokens[slot]))
+
+    def _deliver(self, slot: int, req: Request, token: int) -> None:
+        if req.cancelled.is_set():
+            self._finish(slot, Event(finish="cancelled"))
+            return
+        req.generated += 1
+        if not req.ignore_eos and token in req.config.eos_token_ids:
+            self._finish(slot, Event(token=token, finish="stop"))
+        elif req.generated >= req.config.max_new_tokens:
+            self._finish(slot, Event(token=token, finish="length"))
+        else:
+            req.emit(Event(token=token))
+
+    def _finish(self, slot: int, event: Event) -> None:
+        req = self._active[slot]
+        self._active[slot] = None
+        req.emit(event)
+
+
+def _grids(items: Sequence[VisionInput]) -> np.ndarray | None:
+    if not items:
+        return None
+    return np.concatenate([np.asarray(v.grid_thw).reshape(-1, 3) for v in items])
+
