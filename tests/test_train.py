@@ -732,14 +732,77 @@ def test_force_starts_a_fresh_log(tiny_folder, monkeypatch, capsys):
 
 
 def test_synthetic_dataset_is_valid(tmp_path):
-    paths = synthetic.write_dataset(tmp_path, seed=1, counts=synthetic.Counts(images=12, videos=1, eval_per_task=2))
+    paths = synthetic.write_dataset(tmp_path, seed=1, counts=synthetic.Counts(images=12, videos=8, other=6,
+                                                                              eval_per_task=4))
     for name in ("stage1", "stage2", "stage3", "eval"):
         records, problems = data.read_jsonl(paths[name])
         assert records and not problems, problems
     evals = [json.loads(x) for x in paths["eval"].read_text().splitlines()]
-    assert {r["task"] for r in evals} == set(synthetic.EVAL_TASKS)
+    assert [r["task"] for r in evals] == [t for t in synthetic.EVAL_TASKS for _ in range(4)]
+    by_task = {t: [r for r in evals if r["task"] == t] for t in synthetic.EVAL_TASKS}
+    # each count and each direction equally often; the motion rows hold a video
+    assert sorted(r["answer"] for r in by_task["count"]) == ["1", "2", "3", "4"]
+    assert sorted(r["answer"] for r in by_task["motion"]) == sorted(synthetic.DIRECTIONS)
+    assert all(r["messages"][0]["content"][0]["type"] == "video" for r in by_task["motion"])
+    assert {r["answer"] for r in by_task["word"]} <= set(synthetic.WORDS)
+    assert {r["answer"] for r in by_task["offcentre"]} <= set(synthetic.SHAPES)
+    # unrelated questions: the fixed answer, to questions training never asks
+    train_text = paths["stage3"].read_text()
+    assert {r["answer"] for r in by_task["other"]} == {synthetic.OTHER_ANSWER}
+    for r in by_task["other"]:
+        question = r["messages"][0]["content"][-1]["text"]
+        assert json.dumps(question) not in train_text
+    assert train_text.count(json.dumps(synthetic.OTHER_ANSWER)) == 6
     captions = paths["stage1"].read_text()
-    assert "moving" in captions  # the video's caption
+    for d in synthetic.DIRECTIONS:  # the videos go every way, two each
+        assert captions.count(f" moving {d}") == 2
+
+
+def test_synthetic_shapes_anywhere_and_counts():
+    rng = random.Random(5)
+    canvases = set()
+    for _ in range(60):
+        img, info = synthetic.placed_shape(rng, off_centre=True)
+        (w, h), (cx, cy) = info["canvas"], info["centre"]
+        canvases.add((w, h))
+        assert img.size == (w, h)
+        assert np.hypot(cx - w / 2, cy - h / 2) >= min(w, h) / 4
+        assert img.getpixel((int(cx), int(cy))) == synthetic.COLOURS[info["colour"]]  # drawn where it says
+    assert {(640, 480), (320, 240)} <= canvases
+    for count in (1, 2, 3, 4):
+        for canvas in ((synthetic.SIZE, synthetic.SIZE), (640, 480)):
+            img, info = synthetic.many_shapes(rng, count=count, canvas=canvas)
+            assert img.size == canvas and info["count"] == count == len(info["items"])
+    drawn = [synthetic.many_shapes(rng)[1]["count"] for _ in range(400)]
+    assert min(drawn.count(2), drawn.count(3)) > drawn.count(1)  # two and three well represented
+    # the README's example image is still the same drawing (a square)
+    assert synthetic.single_shape(random.Random(3))[1]["shape"] == "square"
+
+
+def test_eval_scores_every_question_type(tiny_folder, tmp_path, capsys):
+    """The eval script scores images, videos and text-only rows, one line per type; an answer
+    counts when the whole of it matches."""
+    from qwen2vl_jax.train import eval as ev
+
+    root, _ = tiny_folder
+    paths = synthetic.write_dataset(tmp_path, seed=2, counts=synthetic.Counts(images=4, videos=1, other=1,
+                                                                              eval_per_task=1))
+    assert ev.main(["--model", str(root / "model"), "--data", str(paths["eval"]), "--max-new-tokens", "3"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert [x.split()[0] for x in lines] == sorted(synthetic.EVAL_TASKS) + ["all"]
+    assert lines[-1].split()[1].endswith("/7")
+    result = ev.evaluate(root / "model", paths["eval"], max_new_tokens=3)
+    # the random model's own answers, given as the expected ones, all count (and nothing else)
+    rows = [json.loads(x) for x in paths["eval"].read_text().splitlines()]
+    got = {(m["task"], m["question"]): m["got"] for m in result["mistakes"]}
+    assert len(got) == len(rows) - result["correct"]
+    for r in rows:
+        r["answer"] = got.get((r["task"], r["messages"][0]["content"][-1]["text"]), r["answer"]) + "."
+    write_jsonl(paths["eval"], rows)
+    again = ev.evaluate(root / "model", paths["eval"], max_new_tokens=3)
+    assert again["correct"] == 7, again["mistakes"]
+    assert ev.normalize(" Square. ") == "square" and ev.normalize("square square") != ev.normalize("square")
+    assert ev.normalize("I can only answer, questions!") == "i can only answer questions"
 
 
 # ----------------------------------------------------------------------------- the demo
@@ -752,13 +815,20 @@ def test_demo_model_is_shipped_and_answers():
     from qwen2vl_jax.processing import Processor
 
     size = sum(p.stat().st_size for p in DEMO_DIR.rglob("*") if p.is_file())
-    assert size < 20 * 2**20
-    info = synthetic.single_shape(random.Random(3))[1]  # what make_example_image drew
+    assert size < 10 * 2**20  # the README's budget
     proc = Processor.from_pretrained(DEMO_DIR)
     model = Qwen2VL.from_pretrained(DEMO_DIR, dtype="float32")
-    image = str(DEMO_DIR / "example.png")
-    for question, want in (("What shape is this?", info["shape"]), ("What colour is the shape?", info["colour"])):
-        msgs = [{"role": "user", "content": [{"type": "image", "image": image}, {"type": "text", "text": question}]}]
-        inputs = proc(text=[proc.apply_chat_template(msgs, add_generation_prompt=True)], images=[image])
-        got = proc.batch_decode(np.asarray(model.generate(**inputs, max_new_tokens=5)), skip_special_tokens=True)[0]
-        assert got.strip() == want
+
+    def answer(*content, max_new_tokens: int = 5) -> str:
+        msgs = [{"role": "user", "content": [{"type": "text", "text": c} if isinstance(c, str) else c for c in content]}]
+        media = {kind: [{k: v for k, v in c.items() if k != "type"} for c in content
+                        if isinstance(c, dict) and c["type"] == kind] or None for kind in ("image", "video")}
+        inputs = proc(text=[proc.apply_chat_template(msgs, add_generation_prompt=True)], images=media["image"],
+                      videos=media["video"])
+        out = model.generate(**inputs, max_new_tokens=max_new_tokens)
+        return proc.batch_decode(np.asarray(out), skip_special_tokens=True)[0].strip()
+
+    info = synthetic.single_shape(random.Random(3))[1]  # what make_example_image drew
+    example = {"type": "image", "image": str(DEMO_DIR / "example.png")}
+    assert answer(example, "What shape is this?") == info["shape"] == "square"  # the README's set-up command
+    assert answer(example, "What colour is the shape?") == info["colour"]

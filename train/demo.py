@@ -2,7 +2,8 @@
 three stages on the synthetic shapes dataset, then evaluated on held-out images.
 
     python -m qwen2vl_jax.train.demo                    # writes qwen2vl_jax/assets/demo/
-    python -m qwen2vl_jax.train.demo --work /tmp/demo --out DIR --steps 300,1800,600
+    python -m qwen2vl_jax.train.demo --work /tmp/demo --out DIR --steps 400,2400,600
+    python -m qwen2vl_jax.train.demo --work /tmp/demo --out DIR --from-stage 3   # redo stage 3 only
 
 Steps: write the dataset (train/synthetic.py); train a small byte-level BPE tokenizer on its
 text (Qwen2's pre-tokenizer and special tokens, so the library's tokenizer and chat template
@@ -151,7 +152,11 @@ def main(argv=None) -> int:
     p.add_argument("--steps", default="300,1800,600", help="steps of stage 1,2,3")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--images", type=int, default=synthetic.Counts.images)
+    p.add_argument("--videos", type=int, default=synthetic.Counts.videos)
+    p.add_argument("--other", type=int, default=None, help="unrelated questions (default: 3/16 of --images)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--from-stage", type=int, default=1, choices=(1, 2, 3),
+                   help="start at this stage from the previous one's output in --work (default: 1, from random init)")
     args = p.parse_args(argv)
     from qwen2vl_jax.train.run import TrainOptions, fit  # noqa: PLC0415
 
@@ -160,18 +165,30 @@ def main(argv=None) -> int:
     t0 = time.time()
     say = lambda s: print(f"[demo {time.time() - t0:6.0f}s] {s}", file=sys.stderr, flush=True)  # noqa: E731
 
+    losses = {}
+    for stage in range(1, args.from_stage):  # the earlier stages' outputs must be there
+        log = work / f"stage{stage}" / "train_log.jsonl"
+        if not log.is_file():
+            p.error(f"--from-stage {args.from_stage} needs a finished stage {stage} in --work (no {log})")
+        losses[stage] = json.loads(log.read_text().splitlines()[-1])["loss"]
     data = work / "data"
     if not (data / "stage3.jsonl").exists():
-        synthetic.write_dataset(data, args.seed, synthetic.Counts(images=args.images))
+        synthetic.write_dataset(data, args.seed, synthetic.Counts(images=args.images, videos=args.videos,
+                                                                   other=args.other))
     say(f"dataset in {data}")
-    init = work / "init"
-    if init.exists():
-        shutil.rmtree(init)
-    init_folder(init, args.seed)
-    say(f"random-init model in {init}")
+    if args.from_stage == 1:
+        model = work / "init"
+        if model.exists():
+            shutil.rmtree(model)
+        init_folder(model, args.seed)
+        say(f"random-init model in {model}")
+    else:
+        model = work / f"stage{args.from_stage - 1}"
+        say(f"starting from {model}")
 
-    model, losses = init, {}
     for stage, n in zip((1, 2, 3), steps):
+        if stage < args.from_stage:
+            continue
         out = work / f"stage{stage}"
         if out.exists():
             shutil.rmtree(out)

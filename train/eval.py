@@ -1,11 +1,12 @@
-"""Accuracy of a model on held-out synthetic questions (shape, colour, count).
+"""Accuracy of a model on held-out synthetic questions, per question type (shape, colour,
+count, word, motion, off-centre shape, unrelated question: synthetic.EVAL_TASKS).
 
     python -m qwen2vl_jax.train.eval --model qwen2vl_jax/assets/demo --data DIR/eval.jsonl
 
-Each row of the eval JSONL holds `messages` (one user turn: an image and a question), the
-`task` and the one-word `answer`. The model answers greedily; an answer counts when its first
-word, lower-cased and stripped of punctuation, equals the expected one. Prints one line per
-task and the total (and, with --json, one JSON object).
+Each row of the eval JSONL holds `messages` (one user turn: an image, a video or neither, and a
+question), the `task` and the expected `answer`. The model answers greedily; an answer counts
+when the whole of it, lower-cased, with punctuation stripped from its words, equals the
+expected one. Prints one line per task and the total (and, with --json, one JSON object).
 """
 
 from __future__ import annotations
@@ -24,12 +25,13 @@ from qwen2vl_jax.jsonio import parse_json
 
 
 def normalize(text: str) -> str:
-    words = text.strip().lower().split()
-    return words[0].strip(".,!?;:'\"") if words else ""
+    """Lower case, words stripped of surrounding punctuation, single spaces."""
+    return " ".join(w for w in (w.strip(".,!?;:'\"") for w in text.lower().split()) if w)
 
 
 def evaluate(model_dir: str | Path, data: str | Path, batch_size: int = 16, limit: int | None = None,
-             max_new_tokens: int = 6) -> dict:
+             max_new_tokens: int | None = None) -> dict:
+    """max_new_tokens: by default, enough for the longest expected answer and a few more."""
     """-> {"accuracy": float, "tasks": {task: {"correct", "total", "accuracy"}}, "mistakes": [...]}"""
     from qwen2vl_jax.api import Qwen2VL  # noqa: PLC0415
     from qwen2vl_jax.processing import Processor  # noqa: PLC0415
@@ -50,17 +52,20 @@ def evaluate(model_dir: str | Path, data: str | Path, batch_size: int = 16, limi
         rows = rows[:limit]
     processor = Processor.from_pretrained(model_dir)
     model = Qwen2VL.from_pretrained(model_dir)
+    if max_new_tokens is None:
+        max_new_tokens = 4 + max((len(processor.tokenizer.encode(a)) for _, _, a in rows), default=1)
     tally = defaultdict(lambda: [0, 0])
     mistakes = []
     for k in range(0, len(rows), batch_size):
         chunk = rows[k:k + batch_size]
-        texts, images = [], []
+        texts, media = [], {"image": [], "video": []}
         for messages, _, _ in chunk:
             texts.append(processor.apply_chat_template(messages, add_generation_prompt=True))
-            images += [{kk: v for kk, v in item.items() if kk != "type"}
-                       for m in messages if not isinstance(m["content"], str)
-                       for item in m["content"] if item["type"] == "image"]
-        inputs = processor(text=texts, images=images or None, padding=True)
+            for m in messages:
+                for item in [] if isinstance(m["content"], str) else m["content"]:
+                    if item["type"] in media:
+                        media[item["type"]].append({kk: v for kk, v in item.items() if kk != "type"})
+        inputs = processor(text=texts, images=media["image"] or None, videos=media["video"] or None, padding=True)
         out = model.generate(**inputs, max_new_tokens=max_new_tokens)
         answers = processor.batch_decode(np.asarray(out), skip_special_tokens=True)
         for (messages, task, want), got in zip(chunk, answers):
@@ -87,6 +92,8 @@ def main(argv=None) -> int:
     p.add_argument("--data", required=True, help="eval JSONL (rows with messages, task, answer)")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--limit", type=int, default=None)
+    p.add_argument("--max-new-tokens", type=int, default=None,
+                   help="default: the longest expected answer's tokens and 4 more")
     p.add_argument("--json", action="store_true")
     args = p.parse_args(argv)
     model = args.model
@@ -96,13 +103,15 @@ def main(argv=None) -> int:
         model = str(DEMO_DIR)
 
     def go() -> None:
-        result = evaluate(model, args.data, args.batch_size, args.limit)
+        if args.max_new_tokens is not None and args.max_new_tokens < 1:
+            raise InputError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
+        result = evaluate(model, args.data, args.batch_size, args.limit, args.max_new_tokens)
         if args.json:
             print(json.dumps(result))
         else:
             for task, r in result["tasks"].items():
-                print(f"{task:8s} {r['correct']:4d}/{r['total']:<4d} {100 * r['accuracy']:.1f}%")
-            print(f"{'all':8s} {result['correct']:4d}/{result['total']:<4d} {100 * result['accuracy']:.1f}%")
+                print(f"{task:10s} {r['correct']:4d}/{r['total']:<4d} {100 * r['accuracy']:5.1f}%")
+            print(f"{'all':10s} {result['correct']:4d}/{result['total']:<4d} {100 * result['accuracy']:5.1f}%")
 
     return shell.run(p.prog, go)
 

@@ -1,4 +1,5 @@
-"""A synthetic multimodal dataset: shapes, colours, counts, printed words, moving shapes.
+"""A synthetic multimodal dataset: shapes, colours, counts, printed words, moving shapes, and
+questions about none of these (answered with one fixed sentence).
 
 Everything is drawn with PIL from a seed, so a dataset is reproducible and a held-out split is
 just another seed. `write_dataset` writes the images (PNG), videos (MP4 when PyAV is installed,
@@ -7,7 +8,12 @@ otherwise a list of PNG frames) and three JSONL files in the chat-message format
     stage1.jsonl  image/video-text pairs: one user turn [image, caption]       (stage 1)
     stage2.jsonl  captions + conversations asking all of an image's questions + videos (stage 2)
     stage3.jsonl  question/answer conversations (single and two-question)     (stage 3)
-    eval.jsonl    held-out single questions with one-word answers, plus `task`/`answer`
+    eval.jsonl    held-out single questions, one per row, plus `task`/`answer`
+
+Shapes come centred on a 112 px square (`single_shape`, the example image), anywhere on
+canvases of several sizes and aspect ratios (`placed_shape`; the processor resizes them within
+the demo's pixel budget), 1-4 to a grid (`many_shapes`, 2 and 3 as often as 4), as printed
+words, and sliding in one of four directions in short videos (equally many each way).
 
 Paths in the JSONL are relative to the file, as the training loader expects.
 """
@@ -44,8 +50,35 @@ COUNT_QUESTIONS = ("How many shapes are there?", "How many shapes?", "Count the 
 WORD_QUESTIONS = ("What word is written?", "What does the text say?")
 MOTION_QUESTIONS = ("Which way is the shape moving?", "In which direction does the shape move?")
 
-# Tasks with one-word answers the eval script scores.
-EVAL_TASKS = ("shape", "colour", "count")
+OTHER_ANSWER = "I can only answer questions about shapes, colours, counts, words and motion."
+# Questions about none of the above, made from templates and fillers; the held-out ones are
+# combinations training never asks.
+OTHER_TEMPLATES = (
+    "What is the capital of {place}?", "How far away is {place}?", "What language do people speak in {place}?",
+    "Tell me a {kind} about {topic}.", "Write a {kind} about {topic}.", "Can you explain {topic}?",
+    "What do you think about {topic}?", "How do I get better at {topic}?", "Why do people like {topic}?",
+    "What is the best book about {topic}?", "Who invented {thing}?", "How does a {thing} work?",
+    "Where can I buy a {thing}?", "How much does a {thing} cost?", "Is the person in the picture happy?",
+    "What time is it?", "Hello!", "Who are you?", "What is the weather like today?", "Translate {topic} into French.",
+    "What is {a} plus {b}?", "Summarize this article for me.", "Describe the people in the photo.",
+)
+OTHER_FILLERS = {
+    "place": ("France", "Japan", "Brazil", "Canada", "Egypt", "India", "Spain", "Kenya", "Peru", "Norway",
+              "Mexico", "Italy", "Chile", "Germany", "Vietnam", "Ghana"),
+    "kind": ("story", "joke", "poem", "song", "riddle"),
+    "topic": ("history", "music", "football", "cooking", "the ocean", "computers", "physics", "money",
+              "chess", "gardening", "the moon", "dinosaurs", "painting", "the weather", "trains", "birthdays"),
+    "thing": ("telephone", "bicycle", "camera", "piano", "radio", "clock", "rocket", "printer", "lamp", "engine"),
+    "a": tuple(str(i) for i in range(2, 30)),
+    "b": tuple(str(i) for i in range(2, 30)),
+}
+
+# Question types the eval script scores, each with its own held-out rows.
+EVAL_TASKS = ("shape", "colour", "count", "word", "motion", "offcentre", "other")
+
+# Canvases (width, height) a shape can be anywhere on; the processor resizes each within the
+# demo's 112 x 112 pixel budget (640 x 480 and 320 x 240 become 112 x 84).
+CANVASES = ((112, 112), (224, 224), (640, 480), (480, 640), (320, 240), (240, 320), (480, 320), (400, 300))
 
 
 # ----------------------------------------------------------------------------- drawing
@@ -96,18 +129,44 @@ def single_shape(rng: random.Random) -> tuple[Image.Image, dict]:
     return img, {"kind": "single", "shape": shape, "colour": colour, "count": 1}
 
 
-def many_shapes(rng: random.Random, count: int | None = None) -> tuple[Image.Image, dict]:
-    """1-4 small shapes (random kinds and colours) on a 3x3 grid of cells, so none overlap."""
-    count = count or rng.randint(1, 4)
-    img = _background(rng, (SIZE, SIZE))
+def placed_shape(rng: random.Random, off_centre: bool = False) -> tuple[Image.Image, dict]:
+    """One shape anywhere on a canvas of random size and aspect ratio (CANVASES), its radius a
+    share of the shorter side. `off_centre`: its centre at least a quarter of the shorter side
+    away from the canvas centre."""
+    w, h = rng.choice(CANVASES)
+    side = min(w, h)
+    shape, colour = rng.choice(SHAPES), rng.choice(list(COLOURS))
+    img = _background(rng, (w, h))
+    while True:  # (a large shape on a square canvas may have no off-centre place: draw again)
+        r = side * rng.uniform(0.12, 0.24)
+        margin = r * 1.3 + 2
+        cx, cy = rng.uniform(margin, w - margin), rng.uniform(margin, h - margin)
+        if not off_centre or math.hypot(cx - w / 2, cy - h / 2) >= side / 4:
+            break
+    draw_shape(ImageDraw.Draw(img), shape, colour, cx, cy, r, rng.uniform(-0.3, 0.3) if shape != "circle" else 0.0)
+    return img, {"kind": "placed", "shape": shape, "colour": colour, "count": 1, "canvas": [w, h], "centre": [cx, cy]}
+
+
+# How often each count is drawn by many_shapes: two and three as often as four (one is asked
+# about every single-shape image too).
+COUNT_WEIGHTS = {1: 0.3, 2: 1.2, 3: 1.2, 4: 1.0}
+
+
+def many_shapes(rng: random.Random, count: int | None = None,
+                canvas: tuple[int, int] = (SIZE, SIZE)) -> tuple[Image.Image, dict]:
+    """1-4 small shapes (random kinds and colours) on a 3x3 grid of cells of the canvas, so
+    none overlap; sizes scale with the canvas's shorter side."""
+    count = count or rng.choices(list(COUNT_WEIGHTS), weights=list(COUNT_WEIGHTS.values()))[0]
+    w, h = canvas
+    scale = min(w, h) / SIZE
+    img = _background(rng, (w, h))
     draw = ImageDraw.Draw(img)
-    cell = SIZE / 3
     items = []
     for c in sorted(rng.sample(range(9), count)):  # reading order, so captions list them predictably
         shape, colour = rng.choice(SHAPES), rng.choice(list(COLOURS))
-        r = rng.uniform(9, 13)
-        cx = (c % 3 + 0.5) * cell + rng.uniform(-4, 4)
-        cy = (c // 3 + 0.5) * cell + rng.uniform(-4, 4)
+        r = rng.uniform(9, 13) * scale
+        cx = (c % 3 + 0.5) * w / 3 + rng.uniform(-4, 4) * scale
+        cy = (c // 3 + 0.5) * h / 3 + rng.uniform(-4, 4) * scale
         draw_shape(draw, shape, colour, cx, cy, r)
         items.append((shape, colour))
     return img, {"kind": "many", "count": count, "items": items}
@@ -133,9 +192,10 @@ def printed_word(rng: random.Random) -> tuple[Image.Image, dict]:
     return img, {"kind": "word", "word": word}
 
 
-def moving_shape(rng: random.Random, frames: int = 8) -> tuple[list[Image.Image], dict]:
+def moving_shape(rng: random.Random, frames: int = 8, direction: str | None = None) -> tuple[list[Image.Image], dict]:
     """A shape sliding across the frame (8 frames; at 4 fps that is 2 s, sampled to 4)."""
-    shape, colour, direction = rng.choice(SHAPES), rng.choice(list(COLOURS)), rng.choice(DIRECTIONS)
+    shape, colour = rng.choice(SHAPES), rng.choice(list(COLOURS))
+    direction = direction or rng.choice(DIRECTIONS)
     r = rng.uniform(12, 18)
     bg = _background(rng, (SIZE, SIZE))
     fixed = rng.uniform(r + 4, SIZE - r - 4)
@@ -151,9 +211,15 @@ def moving_shape(rng: random.Random, frames: int = 8) -> tuple[list[Image.Image]
 
 
 # ----------------------------------------------------------------------------- text
+def other_question(rng: random.Random) -> str:
+    """A question about none of the things the dataset shows."""
+    template = rng.choice(OTHER_TEMPLATES)
+    return template.format(**{k: rng.choice(v) for k, v in OTHER_FILLERS.items()})
+
+
 def caption(info: dict) -> str:
     kind = info["kind"]
-    if kind == "single":
+    if kind in ("single", "placed"):
         return f"a {info['colour']} {info['shape']}"
     if kind == "many":
         n = info["count"]
@@ -170,7 +236,7 @@ def caption(info: dict) -> str:
 def questions(info: dict, rng: random.Random) -> list[tuple[str, str, str]]:
     """(task, question, one-word answer) pairs the image answers."""
     kind = info["kind"]
-    if kind == "single":
+    if kind in ("single", "placed"):
         return [("shape", rng.choice(SHAPE_QUESTIONS), info["shape"]),
                 ("colour", rng.choice(COLOUR_QUESTIONS), info["colour"]),
                 ("count", rng.choice(COUNT_QUESTIONS), "1")]
@@ -229,78 +295,121 @@ VIDEO_PIXELS = {"min_pixels": 56 * 56, "max_pixels": SIZE * SIZE}
 
 @dataclasses.dataclass
 class Counts:
-    images: int = 6000
-    videos: int = 60
+    images: int = 8000
+    videos: int = 1200  # equally many in each direction
+    # questions about none of the dataset's things, half with an image (None: 3/16 of `images`)
+    other: int | None = None
     eval_per_task: int = 100
+
+    def __post_init__(self):
+        if self.other is None:
+            self.other = self.images * 3 // 16
 
 
 def _images(rng: random.Random, n: int) -> Iterator[tuple[Image.Image, dict]]:
     for i in range(n):
         u = rng.random()
-        if u < 0.55:
+        if u < 0.28:
             yield single_shape(rng)
-        elif u < 0.88:
-            yield many_shapes(rng)
+        elif u < 0.53:
+            yield placed_shape(rng)
+        elif u < 0.85:
+            yield many_shapes(rng, canvas=rng.choice(CANVASES) if rng.random() < 0.3 else (SIZE, SIZE))
         else:
             yield printed_word(rng)
+
+
+def _conversation(media: dict | None, qa: list[tuple[str, str, str]]) -> list[dict]:
+    """One conversation asking the questions in order; the media goes with the first."""
+    conv = []
+    for k, (_, q, a) in enumerate(qa):
+        conv += [_user(([media] if media and k == 0 else []) + [{"type": "text", "text": q}]), _assistant(a)]
+    return conv
+
+
+def _media(out: Path, rel: str, item: Image.Image | list[Image.Image]) -> dict:
+    """Saves an image or a video under `out` and returns its message item."""
+    if isinstance(item, list):
+        src = _write_video(item, out / rel)
+        src = f"{Path(rel).parent}/{src}" if isinstance(src, str) else [f"{Path(rel).parent}/{x}" for x in src]
+        return {"type": "video", "video": src, **VIDEO_PIXELS}
+    item.save(out / rel)
+    return {"type": "image", "image": rel}
+
+
+def eval_example(task: str, i: int, rng: random.Random) -> tuple[Image.Image | list[Image.Image] | None, dict]:
+    """The i-th held-out example of a task: (an image, video frames or None; info). Counts and
+    directions take turns so each is equally represented."""
+    if task in ("shape", "colour"):
+        return single_shape(rng)
+    if task == "offcentre":
+        return placed_shape(rng, off_centre=True)
+    if task == "count":
+        return many_shapes(rng, count=1 + i % 4, canvas=rng.choice(CANVASES) if i % 3 == 0 else (SIZE, SIZE))
+    if task == "word":
+        return printed_word(rng)
+    if task == "motion":
+        return moving_shape(rng, direction=DIRECTIONS[i % len(DIRECTIONS)])
+    if task == "other":
+        return (single_shape(rng)[0] if i % 2 == 0 else None), {"kind": "other"}
+    raise ValueError(task)
 
 
 def write_dataset(out: str | Path, seed: int = 0, counts: Counts | None = None) -> dict[str, Path]:
     """Writes images, videos and the stage/eval JSONL files under `out`; returns their paths."""
     counts = counts or Counts()
     out = Path(out)
-    (out / "images").mkdir(parents=True, exist_ok=True)
-    (out / "videos").mkdir(parents=True, exist_ok=True)
+    for sub in ("images", "videos", "eval"):
+        (out / sub).mkdir(parents=True, exist_ok=True)
     rng = random.Random(seed)
     stage1, stage2, stage3 = [], [], []
+    images = []
+
+    def add(media: dict, info: dict) -> None:
+        """Stage 1: the caption. Stage 3: each question alone, and two of them in one
+        conversation (the second without the media). Stage 2: a caption (30%) or every
+        question in one conversation, so each forward pass carries all of a picture's labels."""
+        stage1.append([_user([media, {"type": "text", "text": caption(info)}])])
+        qa = questions(info, rng)
+        if info["kind"] in ("single", "placed") and rng.random() < 0.88:
+            qa = [x for x in qa if x[0] != "count"]  # else "1" would be most count answers
+        stage3.extend(_conversation(media, [x]) for x in qa)
+        if len(qa) > 1:
+            stage3.append(_conversation(media, rng.sample(qa, 2)))
+        stage2.append(stage1[-1] if rng.random() < 0.3 else _conversation(media, rng.sample(qa, len(qa))))
 
     for i, (img, info) in enumerate(_images(rng, counts.images)):
-        rel = f"images/{i:05d}.png"
-        img.save(out / rel)
-        image = {"type": "image", "image": rel}
-        stage1.append([_user([image, {"type": "text", "text": caption(info)}])])
-        qa = questions(info, rng)
-        convs = [[_user([image, {"type": "text", "text": q}]), _assistant(a)] for _, q, a in qa]
-        if len(qa) > 1:  # a two-question conversation: the second question has no image
-            (_, q1, a1), (_, q2, a2) = rng.sample(qa, 2)
-            convs.append([_user([image, {"type": "text", "text": q1}]), _assistant(a1),
-                          _user([{"type": "text", "text": q2}]), _assistant(a2)])
-        stage3.extend(convs)
-        # Stage 2 asks everything an image answers in one conversation, so each image's
-        # forward pass carries every label it has (or it is a caption pair).
-        if rng.random() < 0.3:
-            stage2.append(stage1[-1])
-        else:
-            qs = rng.sample(qa, len(qa))
-            conv = [_user([image, {"type": "text", "text": qs[0][1]}]), _assistant(qs[0][2])]
-            for _, q, a in qs[1:]:
-                conv += [_user([{"type": "text", "text": q}]), _assistant(a)]
-            stage2.append(conv)
-
+        media = _media(out, f"images/{i:05d}.png", img)
+        images.append(media)
+        add(media, info)
     for i in range(counts.videos):
-        frames, info = moving_shape(rng)
-        src = _write_video(frames, out / "videos" / f"{i:04d}")
-        src = f"videos/{src}" if isinstance(src, str) else [f"videos/{s}" for s in src]
-        video = {"type": "video", "video": src, **VIDEO_PIXELS}
-        stage1.append([_user([video, {"type": "text", "text": caption(info)}])])
-        for _, q, a in questions(info, rng):
-            conv = [_user([video, {"type": "text", "text": q}]), _assistant(a)]
-            stage3.append(conv)
-            stage2.append(conv)
-        stage2.append(stage1[-1])
+        frames, info = moving_shape(rng, direction=DIRECTIONS[i % len(DIRECTIONS)])
+        media = _media(out, f"videos/{i:04d}", frames)
+        add(media, info)
+        stage3.append(_conversation(media, [questions(info, rng)[0]]))  # motion, the hardest, twice
+    asked = set()
+    for i in range(counts.other):
+        q = other_question(rng)
+        asked.add(q)
+        conv = _conversation(rng.choice(images) if i % 2 == 0 else None, [("other", q, OTHER_ANSWER)])
+        stage2.append(conv)
+        stage3.append(conv)
 
     eval_rows = []
     erng = random.Random(seed + 7919)  # held out: images never seen in training
-    (out / "eval").mkdir(exist_ok=True)
-    makers = {"shape": single_shape, "colour": single_shape, "count": many_shapes}
     for task in EVAL_TASKS:
         for i in range(counts.eval_per_task):
-            img, info = makers[task](erng)
-            rel = f"eval/{task}_{i:04d}.png"
-            img.save(out / rel)
-            (_, q, a), = [x for x in questions(info, erng) if x[0] == task]
-            eval_rows.append({"task": task, "answer": a,
-                              "messages": [_user([{"type": "image", "image": rel}, {"type": "text", "text": q}])]})
+            item, info = eval_example(task, i, erng)
+            rel = f"eval/{task}_{i:04d}" + ("" if isinstance(item, list) else ".png")
+            media = None if item is None else _media(out, rel, item)
+            if task == "other":
+                q = other_question(erng)
+                while q in asked:  # a question training never asked
+                    q = other_question(erng)
+                a = OTHER_ANSWER
+            else:
+                (_, q, a), = [x for x in questions(info, erng) if x[0] == ("shape" if task == "offcentre" else task)]
+            eval_rows.append({"task": task, "answer": a, "messages": _conversation(media, [(task, q, a)])[:1]})
 
     paths = {}
     for name, rows in (("stage1", stage1), ("stage2", stage2), ("stage3", stage3)):
@@ -321,6 +430,8 @@ def corpus(seed: int = 0, n: int = 2000) -> Iterator[str]:
         yield caption(info)
         for _, q, a in questions(info, rng):
             yield f"{q} {a}"
+        if u < 0.25:
+            yield f"{other_question(rng)} {OTHER_ANSWER}"
     for d in DIRECTIONS:
         for s in SHAPES:
             yield f"a {s} moving {d}"
