@@ -1,12 +1,12 @@
 """qwen2vl-serve under load: 1, 4 and 16 concurrent clients streaming chat completions, one table.
 
     python benchmarks/serve.py [--size demo|small|2b] [--clients 1,4,16] [--requests N]
-        [--new-tokens 32] [--image 448] [--max-batch 16] [--max-context 512] [--dtype float32|bfloat16]
+        [--new-tokens 32] [--image 448 | --image 0] [--max-batch 16] [--max-context 512] [--dtype float32|bfloat16]
 
 The server runs in its own process (`python -m qwen2vl_jax.server`), started here; the clients
 are asyncio tasks in this process, each sending its next request as soon as the last one ends.
 Every request carries a different random IMAGE x IMAGE PNG (so the vision cache never helps)
-and a short question, asks for NEW tokens with EOS ignored, and streams them.
+and a short question (with --image 0, a short text question alone), asks for NEW tokens with EOS ignored, and streams them.
   demo   the small model shipped with the package
   small  Qwen2-VL-2B's widths and vocabulary (the 7B-Instruct tokenizer and template from the
          reference assets), 4 decoder layers and 4 vision blocks, random weights
@@ -15,7 +15,7 @@ Columns: requests/s and output tokens/s over the level's wall time; time to firs
 time per output token after the first (per request), p50/p99; failed requests; the server's
 resident memory after warm-up and at the end. The peer is the first row (x first row: output
 tokens/s against the first level's, one client by default); with --size 2b, vLLM's CPU build on the same workload is
-printed beside (figures measured on a 2-core machine, quoted in the issue).
+printed beside (figures measured with its CPU build on a 2-core machine).
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # runnable from a checkout without installing
 ASSETS = Path(os.environ.get("QWEN2VL_REFERENCE_ASSETS", REPO.parent / "shared" / "assets"))
-# vLLM's CPU build, Qwen2-VL-2B shapes, 448x448 image per request, 32 tokens (the issue's figures).
+# vLLM's CPU build, Qwen2-VL-2B shapes, 448x448 image per request, 32 tokens, on a 2-core CPU machine.
 VLLM_2B = {1: {"tok_s": 1.55, "ttft_p50": 13.4}, 4: {"tok_s": 2.10}, 16: {"tok_s": 2.24, "ttft_p50": 167.0},
            "rss_gb": 15.0, "startup_s": 195.0}
 
@@ -131,10 +131,13 @@ def image_uri(size: int, seed: int) -> str:
 
 
 async def one_request(client, url: str, args, seed: int) -> dict:
+    if args.image:
+        content = [{"type": "image_url", "image_url": {"url": image_uri(args.image, seed)}},
+                   {"type": "text", "text": "Describe this picture in detail."}]
+    else:  # text only: a short question, different per request
+        content = f"Write story number {seed} about a red square and a blue circle."
     body = {"model": "bench", "max_tokens": args.new_tokens, "ignore_eos": True, "stream": True,
-            "return_token_ids": True, "messages": [{"role": "user", "content": [
-                {"type": "image_url", "image_url": {"url": image_uri(args.image, seed)}},
-                {"type": "text", "text": "Describe this picture in detail."}]}]}
+            "return_token_ids": True, "messages": [{"role": "user", "content": content}]}
     t0 = time.perf_counter()
     times, n = [], 0
     try:
@@ -191,7 +194,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--requests", type=int, default=None,
                     help="requests per level (default: 4 per client, at least 8)")
     ap.add_argument("--new-tokens", type=int, default=32)
-    ap.add_argument("--image", type=int, default=448, help="side of each request's image in pixels")
+    ap.add_argument("--image", type=int, default=448, help="side of each request's image in pixels (0: text only)")
     ap.add_argument("--max-batch", type=int, default=16)
     ap.add_argument("--max-context", type=int, default=512)
     ap.add_argument("--dtype", choices=["float32", "bfloat16"], default=None)
@@ -216,6 +219,12 @@ def main(argv: list[str] | None = None) -> int:
                 print_row(args, row, base)
                 seed += n
             rss_end = rss_gb(proc.pid)
+            if base["clients"] == 1:
+                # A request's vision tower and prefill run one request at a time (compute bound on
+                # CPU): however many clients, the output cannot pass NEW tokens per TTFT of one.
+                print(f"ceiling set by vision + prefill (one request at a time): {args.new_tokens} tokens / "
+                      f"{base['ttft_p50']:.2f} s (1-client TTFT p50) = {args.new_tokens / base['ttft_p50']:.1f} tok/s, "
+                      f"{args.new_tokens / base['ttft_p50'] / base['tok_s']:.1f}x the first row", flush=True)
         finally:
             proc.terminate()
             proc.wait(60)
@@ -227,7 +236,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def print_head(args, startup: float, rss_warm: float) -> None:
-    print(f"\nqwen2vl-serve, --size {args.size}, {args.image}x{args.image} image per request, {args.new_tokens} tokens "
+    what = f"{args.image}x{args.image} image" if args.image else "a text question"
+    print(f"\nqwen2vl-serve, --size {args.size}, {what} per request, {args.new_tokens} tokens "
           f"(EOS ignored), --max-batch {args.max_batch}; launch to healthy {startup:.0f} s; "
           f"server RSS {rss_warm:.2f} GB after warm-up")
     head = ("clients", "requests", "failed", "req/s", "out tok/s", "x first row",

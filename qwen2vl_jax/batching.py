@@ -8,12 +8,19 @@ requests come and go.
   `SlotEngine.insert`   that prefix moved into a free row of the shared cache, with its
                         positions, its first token and its sampling settings (jitted per prompt
                         bucket); the row's real tokens land in slots [0, n);
-  `SlotEngine.step`     one token for every row at once (jitted once, for [max_batch,
-                        max_context]); each row writes at its own slot (`pos`), with its own
-                        temperature, top-k, top-p, repetition penalty and random key, all data.
+  `SlotEngine.step`     one token for every row at once; each row writes at its own slot
+                        (`pos`), with its own temperature, top-k, top-p, repetition penalty and
+                        random key, all data. It runs on the first k rows only, k the smallest
+                        row bucket (1, 2, 4, ..., max_batch) holding every live row, so a lone
+                        request is not decoded at the cost of a full batch (jitted once per
+                        bucket, all of them at warm-up); requests take the lowest free slot.
 `Batcher` runs them in one thread: it admits queued requests into free slots between steps,
 hands each row's tokens to its request, and frees a slot as soon as its request ends (an EOS,
 max_tokens, a cancel). Host-side stop conditions (stop strings) end a request by cancelling it.
+
+In a multi-process run (one process per host), process 0 runs the Batcher and every other
+process replays its device calls in the same order (`Lockstep`, `SlotEngine.follow`), so each
+jitted call runs over the whole mesh as one program.
 
 `VisionCache` keeps the vision tower's output per image (keyed by the caller's hash of the image
 bytes and its resize settings), so a repeated image skips the tower.
@@ -24,6 +31,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import dataclasses
+import json
 import logging
 import threading
 from typing import Callable, Sequence
@@ -33,6 +41,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from qwen2vl_jax import distributed
 from qwen2vl_jax.engine import Engine, KVCache
 from qwen2vl_jax.errors import InputError
 from qwen2vl_jax.inputs import ModelInputs, bucket, build_inputs, pack_vision
@@ -42,6 +51,7 @@ from qwen2vl_jax.sharding import shard, use_mesh
 
 log = logging.getLogger(__name__)
 
+HEARTBEAT_S = 10.0  # an idle process 0 tells the followers it is alive this often
 FEATURE_BUCKET_MIN = 16  # the smallest bucket of merged vision features a prompt carries
 
 
@@ -98,6 +108,35 @@ def _split_rows(rng):
     return both[:, 0], both[:, 1]
 
 
+# ---------------------------------------------------------------------------- multi-process
+class Lockstep:
+    """Process 0's SlotEngine calls, sent to the other processes of a multi-process run.
+
+    Every device call of the batcher is first sent (a name, a few numbers as JSON, the numpy
+    arguments as .npz) through an all-gather of bytes; the followers (`SlotEngine.follow`)
+    receive it and make the same jitted call with the same arguments."""
+
+    def send(self, op: str, arrays: dict | None = None, **meta) -> None:
+        header = json.dumps({"op": op, **meta}).encode()
+        blob = len(header).to_bytes(4, "little") + header + distributed.pack_arrays(arrays or {})
+        distributed.allgather_bytes(blob)
+
+    def receive(self) -> tuple[str, dict, dict]:
+        blob = distributed.allgather_bytes(b"")[0]
+        n = int.from_bytes(blob[:4], "little")
+        meta = json.loads(blob[4:4 + n])
+        return meta.pop("op"), meta, distributed.unpack_arrays(blob[4 + n:])
+
+
+def _flat(prefix: str, tree) -> dict:
+    return {f"{prefix}{i}": np.asarray(x) for i, x in enumerate(jax.tree_util.tree_leaves(tree))}
+
+
+def _unflat(prefix: str, arrays: dict, like):
+    leaves, treedef = jax.tree_util.tree_flatten(like)
+    return jax.tree_util.tree_unflatten(treedef, [arrays[f"{prefix}{i}"] for i in range(len(leaves))])
+
+
 # ---------------------------------------------------------------------------- the engine
 class SlotEngine:
     """prefill / insert / step over `max_batch` slots of `max_context` cache slots each.
@@ -119,8 +158,11 @@ class SlotEngine:
                              f"(got {max_context})")
         self._prefill = jax.jit(self._prefill_impl)
         self._insert = jax.jit(self._insert_impl, donate_argnums=0)
-        self._step = jax.jit(self._step_impl, donate_argnums=1)
+        self._step = jax.jit(self._step_impl, donate_argnums=1, static_argnums=2)
+        # decode runs on the first k rows: k one of these (powers of two, and max_batch)
+        self.row_buckets = tuple(sorted({min(1 << i, self.max_batch) for i in range(self.max_batch.bit_length() + 1)}))
         self._init = jax.jit(self._init_impl)
+        self.lockstep: Lockstep | None = None  # set on process 0 of a multi-process run
 
     # ------------------------------------------------------------ traced bodies
     def _apply(self, params, *args, method):
@@ -190,7 +232,14 @@ class SlotEngine:
                 sampling=jax.tree.map(row, state.sampling, sampling),
             ).constrain()
 
-    def _step_impl(self, params, state: SlotState):
+    def _step_impl(self, params, state: SlotState, rows: int):
+        if rows == state.kv_valid.shape[0]:
+            return self._step_rows(params, state)
+        # rows past `rows` are free: step the first ones and write them back in place (donated)
+        head, tok = self._step_rows(params, jax.tree.map(lambda a: a[:rows], state))
+        return jax.tree.map(lambda a, h: a.at[:rows].set(h), state, head).constrain(), tok
+
+    def _step_rows(self, params, state: SlotState):
         b, s = state.kv_valid.shape
         with self._scope("slot_step"):
             pos = jnp.minimum(state.pos, s - 1)  # a free row may run past its end: it is discarded
@@ -209,6 +258,8 @@ class SlotEngine:
 
     # ------------------------------------------------------------ host side
     def init_state(self) -> SlotState:
+        if self.lockstep is not None:
+            self.lockstep.send("init")
         return self._init()
 
     def check_room(self, prompt_tokens: int, max_new_tokens: int) -> None:
@@ -239,9 +290,16 @@ class SlotEngine:
 
     def encode(self, params, pixel_values, grid_thw) -> np.ndarray:
         """The vision tower over one image (or video): merged features [n, D] on the host."""
+        if self.lockstep is not None:
+            self.lockstep.send("encode", {"pixel_values": np.asarray(pixel_values), "grid_thw": np.asarray(grid_thw)})
         vision = pack_vision(self.config, pixel_values, grid_thw)
         n = int(np.prod(np.asarray(grid_thw).reshape(-1, 3), axis=1).sum()) // self.config.vision.merge_unit
-        return np.asarray(jax.device_get(self.engine.encode(params, vision)))[:n]
+        features = self.engine.encode(params, vision)
+        if not features.is_fully_addressable:  # split over processes: every process gathers it
+            from jax.experimental import multihost_utils
+
+            return np.asarray(multihost_utils.process_allgather(features, tiled=True))[:n]
+        return np.asarray(jax.device_get(features))[:n]
 
     def prefill(self, params, inputs: ModelInputs, features: np.ndarray | None, gc: GenerationConfig) -> Prefix:
         """inputs: one row (`prompt_inputs`); features [F, D]: every image's, then every video's,
@@ -252,17 +310,55 @@ class SlotEngine:
                                                           features.dtype)])
         batch = {"input_ids": inputs.input_ids, "positions": inputs.positions, "mask": inputs.attention_mask,
                  "pos_offset": inputs.pos_offset, "length": np.int32(inputs.lengths[0])}
-        return self._prefill(params, batch, features, Sampling.of(gc), np.bool_(gc.greedy),
-                             jax.random.PRNGKey(gc.seed))
+        sampling, greedy, rng = Sampling.of(gc), np.bool_(gc.greedy), np.asarray(jax.random.PRNGKey(gc.seed))
+        if self.lockstep is not None:
+            extra = {} if features is None else {"features": features}
+            self.lockstep.send("prefill", {**batch, **extra, **_flat("sampling", sampling), "greedy": greedy, "rng": rng})
+        return self._prefill(params, batch, features, sampling, greedy, rng)
 
     def insert(self, state: SlotState, prefix: Prefix, slot: int, gc: GenerationConfig) -> SlotState:
         """The state (donated) with row `slot` holding the prefilled request."""
-        return self._insert(state, prefix, np.int32(slot), Sampling.of(gc), np.bool_(gc.greedy))
+        sampling, greedy = Sampling.of(gc), np.bool_(gc.greedy)
+        if self.lockstep is not None:
+            self.lockstep.send("insert", {**_flat("sampling", sampling), "greedy": greedy}, slot=int(slot))
+        return self._insert(state, prefix, np.int32(slot), sampling, greedy)
 
-    def step(self, params, state: SlotState) -> tuple[SlotState, jax.Array]:
-        """One token for every row -> (the next state, the tokens int32[B]); the state passed in
-        is donated."""
-        return self._step(params, state)
+    def rows_for(self, live: int) -> int:
+        """The row bucket that covers slots [0, live)."""
+        return next(b for b in self.row_buckets if b >= live)
+
+    def step(self, params, state: SlotState, rows: int | None = None) -> tuple[SlotState, jax.Array]:
+        """One token for each of the first `rows` rows (a row bucket; default every row) ->
+        (the next state, their tokens int32[rows]); the state passed in is donated."""
+        rows = self.max_batch if rows is None else self.rows_for(rows)
+        if self.lockstep is not None:
+            self.lockstep.send("step", rows=rows)
+        return self._step(params, state, rows)
+
+    def follow(self, params, lockstep: Lockstep | None = None) -> None:
+        """In a process other than 0: make process 0's calls as they come (`Lockstep`) until
+        it stops. Warm up first exactly as process 0 did (`Batcher.warm_up`)."""
+        lockstep = lockstep or Lockstep()
+        like = Sampling.of(GenerationConfig())
+        state = prefix = None
+        while True:
+            op, meta, a = lockstep.receive()
+            if op == "stop":
+                return
+            if op == "init":
+                state = self._init()
+            elif op == "encode":  # as process 0 does, gathering the features too
+                self.encode(params, a["pixel_values"], a["grid_thw"])
+            elif op == "prefill":
+                batch = {k: a[k] for k in ("input_ids", "positions", "mask", "pos_offset", "length")}
+                prefix = self._prefill(params, batch, a.get("features"), _unflat("sampling", a, like),
+                                       a["greedy"], a["rng"])
+            elif op == "insert":
+                state = self._insert(state, prefix, np.int32(meta["slot"]), _unflat("sampling", a, like), a["greedy"])
+            elif op == "step":
+                state, _ = self._step(params, state, meta["rows"])
+            elif op != "ping":
+                raise RuntimeError(f"process 0 sent an unknown call {op!r}")
 
 
 # ---------------------------------------------------------------------------- vision cache
@@ -394,6 +490,9 @@ class Batcher:
             self._cond.notify_all()
         if self._thread is not None:
             self._thread.join()
+        if self.slots.lockstep is not None:
+            self.slots.lockstep.send("stop")
+            self.slots.lockstep = None
         for req in list(self._queue) + [r for r in self._active if r is not None]:
             req.emit(Event(finish="error", message="the server is shutting down"))
         self._queue.clear()
@@ -419,8 +518,8 @@ class Batcher:
             for n in prompt_lengths:
                 inputs = self.slots.prompt_inputs(np.zeros((n,), np.int32), room=1)
                 state = self.slots.insert(state, self.slots.prefill(self.params, inputs, None, gc), 0, gc)
-            state, tok = self.slots.step(self.params, state)
-        state, tok = self.slots.step(self.params, state)
+            for rows in self.slots.row_buckets:  # every bucket, on a state each kind of step returned
+                state, tok = self.slots.step(self.params, state, rows)
         jax.block_until_ready(tok)
 
     # ------------------------------------------------------------ the thread
@@ -428,7 +527,8 @@ class Batcher:
         while True:
             with self._cond:
                 while not self._closing and not self._queue and self.active_slots == 0:
-                    self._cond.wait()
+                    if not self._cond.wait(HEARTBEAT_S) and self.slots.lockstep is not None:
+                        self.slots.lockstep.send("ping")  # followers wait in a collective: keep it short
                 if self._closing:
                     return
             self._release_cancelled()
@@ -483,7 +583,8 @@ class Batcher:
 
     def _step(self) -> None:
         try:
-            self._state, tokens = self.slots.step(self.params, self._state)
+            live = max(i for i, r in enumerate(self._active) if r is not None) + 1
+            self._state, tokens = self.slots.step(self.params, self._state, live)
             tokens = np.asarray(jax.device_get(tokens))
         except Exception as e:  # noqa: BLE001 - fail the rows in flight, keep serving
             log.exception("decode step failed")

@@ -3,6 +3,7 @@
     qwen2vl-serve [--model DIR] [--host 127.0.0.1] [--port 8000] [--mesh ...] [--max-batch 16]
         [--max-context N] [--min-pixels N] [--max-pixels N] [--max-video-frames N]
         [--max-images N] [--api-key KEY] [--media-dir DIR] [--allow-remote-media]
+        [--coordinator ADDR:PORT --num-processes N --process-id I] [--compile-cache DIR | --no-compile-cache]
 
 Endpoints: POST /v1/chat/completions (OpenAI's schema; images as image_url parts, videos as
 video/video_url parts naming local files; `stream: true` gives server-sent events ending in
@@ -13,6 +14,9 @@ renders the prompt with the package's chat template and processor (in a worker t
 each image up in the vision cache, and queues a `batching.Request`; one thread runs the
 `batching.Batcher` (vision tower, prefill, one decode step for all slots) and hands tokens back
 to the event loop, where they are detokenized, checked against stop strings and sent.
+
+Past one host, run it once per process with the multi-process flags (`distributed`): process
+0 serves HTTP and runs the batcher, the others replay its device calls (`batching.Lockstep`).
 
 Every bad request gets an OpenAI error object `{"error": {"message", "type", "param", "code"}}`
 with a 4xx status and touches no other request.
@@ -42,7 +46,7 @@ from typing import Any
 
 import numpy as np
 
-from qwen2vl_jax import shell
+from qwen2vl_jax import distributed, shell
 from qwen2vl_jax.config import DEMO_DIR as DEFAULT_MODEL
 from qwen2vl_jax.errors import InputError
 
@@ -756,6 +760,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1 endpoints")
     p.add_argument("--media-dir", default=None, help="folder that file:// images and videos may come from")
     p.add_argument("--allow-remote-media", action="store_true", help="let image_url parts fetch http(s) URLs")
+    distributed.add_arguments(p)
     return p
 
 
@@ -779,10 +784,11 @@ def _check_args(args) -> None:
 
 def _run(args) -> int:
     shell.quiet_libraries()
-    from qwen2vl_jax.sharding import make_mesh, maybe_initialize_distributed
-
-    maybe_initialize_distributed()
     _check_args(args)
+    distributed.enable_compile_cache(args)
+    multi = distributed.initialize(args)
+    from qwen2vl_jax.sharding import make_mesh
+
     try:
         import starlette  # noqa: F401
         import uvicorn
@@ -805,6 +811,16 @@ def _run(args) -> int:
                         max_queue=args.max_queue, default_max_tokens=args.max_tokens)
     service = build_service(model, processor, max_batch=args.max_batch, max_context=args.max_context,
                             settings=settings, vision_cache_entries=args.vision_cache)
+    if multi:
+        from qwen2vl_jax.batching import Lockstep
+
+        if not distributed.is_leader():  # replay process 0's device calls until it stops
+            import jax
+
+            print(f"{PROG}: process {jax.process_index()} ready, following process 0", file=sys.stderr, flush=True)
+            service.batcher.slots.follow(model.params)
+            return 0
+        service.batcher.slots.lockstep = Lockstep()
     print(f"{PROG}: {name} ready in {time.perf_counter() - t0:.1f} s: {args.max_batch} slots of "
           f"{service.batcher.slots.max_context} tokens, http://{args.host}:{args.port}/v1", file=sys.stderr, flush=True)
     server = _server_class()(uvicorn.Config(create_app(service), host=args.host, port=args.port, log_level="warning"))

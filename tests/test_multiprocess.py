@@ -200,7 +200,61 @@ def _worker(role: str, out: Path, coordinator: str | None, process_id: int) -> N
         report["restored"] = {"step": int(theirs["step"]), "position": their_meta["position"],
                               "param_err": err, "opt_err": max(opt), "export_err": export_err, "moved": moved}
     lap("restore")
+
+    if multi:  # 5. qwen2vl-serve over both processes: process 0 serves, process 1 follows
+        report["served"] = _serve(model_dir, flags, process_id)
+        lap("serve")
     (out / f"{role}{process_id}.json").write_text(json.dumps(report))
+
+
+def _serve(model_dir: Path, flags: list[str], process_id: int) -> dict:
+    """Runs `qwen2vl-serve` (its main function) in this process; process 0 also sends the CLI's
+    question and a text one at once through the openai client, then stops its server (SIGINT,
+    as Ctrl-C would), which stops the follower too."""
+    import base64
+    import concurrent.futures
+    import signal
+    import threading
+
+    from qwen2vl_jax.config import DEMO_DIR
+    from qwen2vl_jax.server import main as serve_main
+
+    port = _free_port()
+    got: dict = {}
+
+    def client():
+        import httpx
+        import openai
+
+        try:
+            for _ in range(600):
+                try:
+                    if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
+                        break
+                except httpx.TransportError:
+                    time.sleep(0.2)
+            api = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0, timeout=120)
+            image = base64.b64encode((DEMO_DIR / "example.png").read_bytes()).decode()
+            asks = [[{"type": "image_url", "image_url": {"url": f"data:image/png;base64,{image}"}},
+                     {"type": "text", "text": "What shape is this?"}], "What colour is the shape?"]
+
+            def ask(content):
+                r = api.chat.completions.create(model="m", max_tokens=NEW_TOKENS, extra_body={"return_token_ids": True},
+                                                messages=[{"role": "user", "content": content}])
+                return r.choices[0].model_extra["token_ids"]
+
+            with concurrent.futures.ThreadPoolExecutor(2) as pool:
+                got["token_ids"] = list(pool.map(ask, asks))
+        except Exception as e:  # noqa: BLE001 - reported to the test
+            got["error"] = repr(e)
+        finally:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    if process_id == 0:
+        threading.Thread(target=client, daemon=True).start()
+    got["exit"] = serve_main(["--model", str(model_dir), "--mesh", GENERATE_MESH, "--port", str(port), "--max-batch", "2",
+                              "--max-context", "256", *flags])
+    return got
 
 
 # ---------------------------------------------------------------- running it
@@ -300,6 +354,31 @@ def test_cli_prints_once_with_the_single_process_answer(runs):
     assert len(ours["token_ids"]) == NEW_TOKENS or ours["finish_reason"] == "eos"
     assert out1 == ""
     assert runs["multi0"]["cli_exit"] == runs["multi1"]["cli_exit"] == 0
+
+
+def test_server_over_two_processes_answers_as_one_process(runs):
+    served = runs["multi0"]["served"]
+    assert "error" not in served, served
+    assert served["exit"] == 0 and runs["multi1"]["served"]["exit"] == 0
+    cli = json.loads(runs["single"][1].strip())  # the same question, one process with four devices
+    assert served["token_ids"][0] == cli["token_ids"]
+    # both answers, decoded together over two processes, equal greedy generate here on one device
+    from qwen2vl_jax.api import Qwen2VL
+    from qwen2vl_jax.chat import turn_end_ids
+    from qwen2vl_jax.config import DEMO_DIR
+    from qwen2vl_jax.processing import Processor
+
+    folder = runs["out"] / "model"
+    model, processor = Qwen2VL.from_pretrained(folder, dtype="float32"), Processor.from_pretrained(folder)
+    questions = [[{"type": "image", "image": str(DEMO_DIR / "example.png")}, {"type": "text", "text": "What shape is this?"}],
+                 [{"type": "text", "text": "What colour is the shape?"}]]
+    for content, answer in zip(questions, served["token_ids"]):
+        inputs = processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True,
+                                               tokenize=True, return_dict=True)
+        eos = turn_end_ids(model, processor)
+        want = [int(t) for t in model.generate(**inputs, max_new_tokens=NEW_TOKENS, eos_token_ids=eos)[0]]
+        end = next((i + 1 for i, t in enumerate(want) if t in eos), len(want))  # through the first EOS
+        assert answer == want[:end]
 
 
 def test_training_equals_one_process_and_each_process_reads_its_share(runs):

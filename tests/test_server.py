@@ -317,6 +317,20 @@ def test_bad_requests_get_error_objects(tiny):
     assert metric(tiny.url, 'qwen2vl_requests_total{status="401"}') >= 2
 
 
+def test_full_queue_is_429(tiny):
+    batcher = tiny.service.batcher
+    batcher.max_queue = 0  # no room: every request finds the queue full
+    try:
+        r = tiny.post({"model": "tiny", "messages": user(text="hi"), "max_tokens": 4})
+        with pytest.raises(openai.RateLimitError, match="busy"):
+            ask(tiny, user(text="hi"), 4)
+    finally:
+        batcher.max_queue = 64
+    assert r.status_code == 429 and r.json()["error"]["code"] == "queue_full", r.text
+    assert metric(tiny.url, 'qwen2vl_requests_total{status="429"}') >= 2
+    check_reply(tiny, user(text="hi"), 4, stream=False)  # served again once there is room
+
+
 def test_timeout_is_a_clear_error(tiny):
     service = tiny.service
     settings = service.settings

@@ -234,9 +234,9 @@ VIDEO_OPTIONS = {
     "start_end": {"video_start": 0.3, "video_end": 1.77},
     "end": {"video_end": 0.9},
     "start_before_end_after": {"video_start": -1.0, "video_end": 99},  # clamped to the video
-    "max_pixels_over_budget": {"max_pixels": 28 * 28 * 2000},  # capped by the budget (issue 2)
+    "max_pixels_over_budget": {"max_pixels": 28 * 28 * 2000},  # capped by the budget
     "max_pixels_under_budget": {"min_pixels": 3136, "max_pixels": 28 * 28 * 6},
-    "fractional_budget": {"min_pixels": 3136, "total_pixels": 12544, "nframes": 6},  # issue 3
+    "fractional_budget": {"min_pixels": 3136, "total_pixels": 12544, "nframes": 6},
     "total_pixels": {"min_pixels": 3136, "total_pixels": 28 * 28 * 64, "max_pixels": 1e6},
     "resized": {"resized_height": 100, "resized_width": 150},
 }
@@ -251,7 +251,7 @@ def test_video_files_match(clip, clips, qvu_video):
         theirs = qvu_video.fetch_video(dict(ele), return_video_sample_fps=True, return_video_metadata=True)
         ours = fetch_video(dict(ele), return_video_sample_fps=True, return_video_metadata=True)
         assert_same(ours, theirs, f"{clip} {name}")
-    # the issue's examples: a given max_pixels never raises the budget; fractional budgets stay floats
+    # a given max_pixels never raises the budget; fractional budgets stay floats
     over = process_vision_info(_user({"video": str(clips["10fps_30"]), "max_pixels": 28 * 28 * 2000}))[1][0]
     assert over.shape[1:3] == (280, 392)
     frac = process_vision_info(_user({"video": str(clips["7fps_17"]), **VIDEO_OPTIONS["fractional_budget"]}))[1][0]
@@ -284,7 +284,7 @@ FRAME_LIST_OPTIONS = {
 
 def test_frame_list_videos_match(tmp_path, qvu):
     """A video given as frames: each fetched as an image with factor 56, then the video
-    budget and resize (issue 4: 280x392 for 70x100 frames, not 112x168)."""
+    budget and resize (280x392 for 70x100 frames, not 112x168)."""
     frames = _frames(3, 70, 100)
     paths = []
     for i, f in enumerate(_frames(4, 45, 61)):
