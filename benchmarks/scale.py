@@ -1,14 +1,15 @@
 """Qwen2-VL 2B / 7B / 72B on an 8-chip slice, on paper but compiled.
 
     python benchmarks/scale.py [--models 2b,7b,72b] [--parts prefill,decode,train]
-                               [--batch 1] [--prompt 2048] [--new 512]
+                               [--batch 1] [--prompt 2048] [--new 512] [--weights bf16,int8,int4]
                                [--train-batch 8] [--train-length 2048]
 
 Nothing is allocated: the parameters, cache, decode state, train state and batches are
 abstract shapes with their shardings, and each program is lowered and compiled by XLA for 8
 simulated CPU devices with the same functions that run for real (`engine.Engine`'s prefill and
 decode step, `train.loop.Trainer.step_function`). Per device it prints the parameter bytes,
-the KV cache of `--batch` rows of `--prompt` + `--new` slots, XLA's memory analysis
+the KV cache of `--batch` rows of `--prompt` + `--new` slots (the weights bf16, or with
+`--weights int8,int4` also packed as `qwen2vl-convert --quantize` writes them), XLA's memory analysis
 (arguments, temporaries, outputs; donated buffers counted once), whether it fits a v5e
 (16 GiB), v4 (32 GiB) or v5p (95 GiB) chip, and the seconds lowering + compiling took (wall,
 and the CPU time of the process, which a busy machine does not inflate).
@@ -40,7 +41,9 @@ jax.config.update("jax_num_cpu_devices", 8)
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
+from qwen2vl_jax import quant  # noqa: E402
 from qwen2vl_jax.config import PRESETS  # noqa: E402
+from qwen2vl_jax.errors import InputError  # noqa: E402
 from qwen2vl_jax.engine import Engine, KVCache  # noqa: E402
 from qwen2vl_jax.modules.qwen2vl import Qwen2VLModule, init_shapes  # noqa: E402
 from qwen2vl_jax.sampling import GenerationConfig, Sampling  # noqa: E402
@@ -82,19 +85,28 @@ def compile_timed(fn, *args, **kw):
 
 
 # ---------------------------------------------------------------------------- inference
-def inference(name: str, batch: int, prompt: int, new: int, parts: set[str]) -> list[dict]:
+def inference(name: str, batch: int, prompt: int, new: int, parts: set[str], weights: str = "bf16") -> list[dict]:
     config = PRESETS[name]
-    mesh, rules = make_mesh(INFER_MESH[name]), ShardingRules()
+    mesh_spec, rules = INFER_MESH[name], ShardingRules()
     dtype = jnp.bfloat16
     # stored in the compute dtype, as from_pretrained(dtype=bfloat16) loads them
     params = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, dtype), init_shapes(config))
-    params = abstract(params, param_shardings(params, mesh, rules))
-    engine = Engine(Qwen2VLModule(config, dtype), mesh, rules)
+    if weights != "bf16":  # the packed tree `qwen2vl-convert --quantize` writes (scales float32)
+        params = quant.abstract(params, quant.Scheme.of(weights))
+        try:
+            quant.check_mesh(params, param_shardings(params, make_mesh(mesh_spec), rules))
+        except InputError:  # a tensor split would cut 4-bit groups: split the rows' other dimension
+            mesh_spec = "fsdp=8"
+    mesh = make_mesh(mesh_spec)
+    layout = param_shardings(params, mesh, rules)
+    params = abstract(params, layout)
+    engine = Engine(Qwen2VLModule(config, dtype), mesh, rules, params_sharding=layout)
     slots = prompt + new
     cache = KVCache.abstract(config.text, batch, slots, dtype)
     cache = abstract(cache, cache.shardings(mesh, rules))
-    base = {"model": name, "mesh": INFER_MESH[name], "layers": config.text.num_hidden_layers,
-            "params": per_device_bytes(params), "kv_cache": per_device_bytes(cache)}
+    base = {"model": name if weights == "bf16" else f"{name} {weights}", "mesh": mesh_spec,
+            "layers": config.text.num_hidden_layers, "params": per_device_bytes(params),
+            "kv_cache": per_device_bytes(cache)}
 
     def put(shape, dt, *axes):
         return jax.ShapeDtypeStruct(shape, dt, sharding=named_sharding(mesh, rules, shape, *axes))
@@ -148,21 +160,24 @@ def main(argv=None) -> int:
     p.add_argument("--batch", type=int, default=1, help="rows decoded together")
     p.add_argument("--prompt", type=int, default=2048, help="prompt bucket (tokens)")
     p.add_argument("--new", type=int, default=512, help="cache slots after the prompt")
+    p.add_argument("--weights", default="bf16",
+                   help="comma list of bf16, int8, int4: the inference rows' weights (int8/int4: packed as "
+                        "qwen2vl-convert --quantize writes them)")
     p.add_argument("--train-batch", type=int, default=8)
     p.add_argument("--train-length", type=int, default=2048)
     args = p.parse_args(argv)
     parts = set(args.parts.split(","))
     rows = []
     for name in args.models.split(","):
-        if parts & {"prefill", "decode"}:
-            rows += inference(name, args.batch, args.prompt, args.new, parts)
-            print(f"# {name} inference compiled", file=sys.stderr, flush=True)
+        for weights in args.weights.split(",") if parts & {"prefill", "decode"} else ():
+            rows += inference(name, args.batch, args.prompt, args.new, parts, weights)
+            print(f"# {name} {weights} inference compiled", file=sys.stderr, flush=True)
         if "train" in parts:
             rows.append(training(name, args.train_batch, args.train_length))
             print(f"# {name} training compiled", file=sys.stderr, flush=True)
     print(f"per device, GiB, on 8 simulated devices (jax {jax.__version__}, XLA CPU); floor = params + opt + kv; "
           f"peak = arguments + temporaries + outputs - donated; fits: floor/peak")
-    head = (f"{'model':5} {'layers':>6} {'mesh':16} {'program':24} {'params':>7} {'opt':>7} {'kv':>7} {'floor':>7} "
+    head = (f"{'model':8} {'layers':>6} {'mesh':16} {'program':24} {'params':>7} {'opt':>7} {'kv':>7} {'floor':>7} "
             f"{'args':>7} {'temp':>7} {'out':>7} {'peak':>7}  {'v5e':7} {'v4':7} {'v5p':7} {'compile_s':>9} {'cpu_s':>7}")
     print(head)
     print("-" * len(head))
@@ -170,7 +185,7 @@ def main(argv=None) -> int:
     for r in rows:
         floor = r["params"] + r.get("opt_state", 0) + r["kv_cache"]
         fits = " ".join(f"{yes(floor <= cap) + '/' + yes(r['peak'] <= cap):7}" for cap in CHIPS.values())
-        print(f"{r['model']:5} {r['layers']:6d} {r['mesh']:16} {r['part']:24} {gib(r['params'])} "
+        print(f"{r['model']:8} {r['layers']:6d} {r['mesh']:16} {r['part']:24} {gib(r['params'])} "
               f"{gib(r.get('opt_state', 0))} {gib(r['kv_cache'])} {gib(floor)} {gib(r['arguments'])} "
               f"{gib(r['temporaries'])} {gib(r['outputs'])} {gib(r['peak'])}  {fits} "
               f"{r['compile_s'][0]:9.1f} {r['compile_s'][1]:7.1f}")
