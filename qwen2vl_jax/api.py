@@ -74,6 +74,9 @@ class Qwen2VL:
         if mesh is not None:
             quant.check_mesh(params, param_shardings(params, mesh, self.rules))
         self.params = place_params(params, mesh, self.rules)  # a no-op without a mesh
+        if mesh is None and jax.default_backend() == "cpu" and quant.is_quantized(self.params):
+            # packed kernels re-laid once for the CPU's matmuls (quant.cpu_layout)
+            self.params = quant.cpu_layout(self.params, init_shapes(config))
         self.module = Qwen2VLModule(config, self.dtype, attention=self.attention)
         self.generation_config = generation_config or GenerationConfig.from_model_config(config)
 

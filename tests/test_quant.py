@@ -3,7 +3,8 @@
 - Packing and the matmul on small random weights: int4 nibbles, error bounds of int8/int4,
   the blocked CPU matmul (decoding) and the dequantize-then-dot one (prefill) equal to a dot
   with the dequantized weight, through act-order permutations and groups smaller or larger
-  than a block; the compiled decode matmul holds no full-size float weight.
+  than a block; the same for the CPU form (output-major blocks, padded when the inputs do not
+  divide); the compiled decode matmul holds no full-size float weight.
 - The demo model quantized to int8 and int4 (qwen2vl-convert --quantize of its folder): the
   eval accuracy per task (train/eval.py's evaluate) against float, greedy tokens of int8 equal
   to float's on the eval answers.
@@ -89,6 +90,30 @@ def test_matmul_equals_the_dequantized_dot(bits, group, perm, block_rows, monkey
         got = np.asarray(jax.jit(quant.matmul, static_argnums=2)(x, {k: jnp.asarray(v) for k, v in leaves.items()},
                                                                  jnp.float32))
         np.testing.assert_allclose(got, xp @ w, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("bits,group,perm,in_f,block", [(8, -1, False, 100, 32), (8, -1, True, 100, 2048),
+                                                        (4, 16, True, 96, 32), (4, -1, False, 70, 32),
+                                                        (4, 48, False, 192, 32)])
+def test_cpu_form_equals_the_dequantized_dot(bits, group, perm, in_f, block, monkeypatch):
+    """cpu_layout's output-major blocks (one row: fused loops; a few rows: row by row; many:
+    dequantized blocks) compute the stored weight's product: with blocks of 32 inputs, 100 and
+    70 leave a padded last block and groups of 48 straddle blocks; 2048: one block."""
+    rng = np.random.default_rng(bits + in_f + group)
+    out_f = 24
+    leaves = _leaves(rng, in_f, out_f, bits, group, perm)
+    w = quant.dequantize({k: v for k, v in leaves.items() if k != "perm"}, in_f)
+    shapes = {"lm_head": {"kernel": jax.ShapeDtypeStruct((in_f, out_f), jnp.float32)}}
+    monkeypatch.setattr(quant, "BLOCK_INPUTS", block)
+    form = quant.cpu_layout({"lm_head": leaves}, shapes)["lm_head"]
+    assert form["qweight"].ndim == 3 and form["qweight"].dtype == leaves["qweight"].dtype
+    assert (form["qweight"].shape[0] > 1) == (block == 32)
+    for rows in (1, 3, 20):
+        x = rng.standard_normal((rows, in_f)).astype(np.float32)
+        xp = x[..., leaves["perm"]] if perm else x
+        got = np.asarray(jax.jit(quant.matmul, static_argnums=2)(x, {k: jnp.asarray(v) for k, v in form.items()},
+                                                                 jnp.float32))
+        np.testing.assert_allclose(got, xp @ w, rtol=1e-5, atol=1e-5 * np.abs(xp @ w).max())
 
 
 def test_embedding_lookup_and_tied_head():

@@ -39,14 +39,15 @@ def write_cache(cache, new, index):
 
 
 class Linear(nn.Dense):
-    """nn.Dense that also takes a packed quantized weight (quant.py) in place of `kernel`:
-    the params decide, so one module serves float and quantized checkpoints."""
+    """nn.Dense that also takes a packed quantized weight (quant.py) in place of `kernel`, as
+    stored or in its CPU form (`quant.cpu_layout`): the params decide, so one module serves
+    float and quantized checkpoints."""
 
     @nn.compact
     def __call__(self, inputs):
         if not self.has_variable("params", "qweight"):
             return super().__call__(inputs)
-        leaves = {k: self.get_variable("params", k) for k in quant.PARTS if self.has_variable("params", k)}
+        leaves = {k: self.get_variable("params", k) for k in quant.RUNTIME_PARTS if self.has_variable("params", k)}
         y = quant.matmul(inputs, leaves, self.dtype)
         if self.use_bias:
             y = y + self.param("bias", self.bias_init, (self.features,), self.param_dtype).astype(self.dtype)
