@@ -16,7 +16,6 @@ import contextlib
 import contextvars
 import dataclasses
 import math
-import os
 import re
 from typing import Any, Mapping
 
@@ -261,13 +260,3 @@ def check_divisible(config, mesh: Mesh | None) -> None:
         raise InputError(f"mesh tensor={t} does not divide the model's " + ", ".join(bad)
                          + f"; choose a tensor size that divides them all")
 
-
-def maybe_initialize_distributed() -> bool:
-    """Calls jax.distributed.initialize() when the environment asks for a multi-host run:
-    QWEN2VL_DISTRIBUTED=1, or a coordinator address (JAX_COORDINATOR_ADDRESS) is set. On Cloud
-    TPU pods and SLURM, initialize() finds the coordinator and process ids by itself."""
-    flag = os.environ.get("QWEN2VL_DISTRIBUTED", "").lower() in ("1", "true", "yes")
-    if not (flag or os.environ.get("JAX_COORDINATOR_ADDRESS")):
-        return False
-    jax.distributed.initialize()
-    return True
