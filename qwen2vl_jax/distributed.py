@@ -184,7 +184,25 @@ def initialize(args: argparse.Namespace, environ: Mapping[str, str] | None = Non
         raise InputError(f"could not join the multi-process run at {where} as process {cluster.process_id} of "
                          f"{cluster.num_processes}: {_first_line(e)}") from None
     _initialized = cluster
+    _native_stdout_to_stderr()
     return True
+
+
+def _native_stdout_to_stderr() -> None:
+    """Points file descriptor 1 at stderr and gives Python's sys.stdout a descriptor of its own
+    on the real stdout. The collectives' native code (Gloo prints "... connected to N peer ranks")
+    writes to descriptor 1; without this, that chatter lands inside a tool's JSON output."""
+    try:
+        if sys.stdout is None or sys.stdout.fileno() != 1:
+            return  # stdout already replaced (a test's capture, an embedding application)
+    except (AttributeError, OSError, ValueError):
+        return
+    sys.stdout.flush()
+    kept = os.dup(1)
+    os.dup2(2, 1)
+    line_buffered = getattr(sys.stdout, "line_buffering", False)
+    sys.stdout = open(kept, "w", buffering=1 if line_buffered else -1, encoding=sys.stdout.encoding,  # noqa: SIM115
+                      errors=sys.stdout.errors, closefd=True)
 
 
 def is_leader() -> bool:

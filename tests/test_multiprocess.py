@@ -539,3 +539,19 @@ def test_shares_cover_each_micro_batch_once():
 if __name__ == "__main__":
     if sys.argv[1:2] == ["--worker"]:
         _worker(sys.argv[2], Path(sys.argv[3]), sys.argv[4] or None, int(sys.argv[5]))
+
+
+def test_native_writes_to_stdout_go_to_stderr_once_joined():
+    # The collectives' native code writes to descriptor 1 (Gloo's "connected to N peer ranks");
+    # after joining a run, that lands on stderr while Python's prints stay on stdout.
+    code = ("import os, sys\n"
+            "from qwen2vl_jax import distributed\n"
+            "print('before', flush=True)\n"
+            "distributed._native_stdout_to_stderr()\n"
+            "os.write(1, b'native chatter\\n')\n"
+            "print('{\"answer\": 1}')\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
+                          cwd=Path(__file__).resolve().parents[1])
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines() == ["before", '{"answer": 1}']
+    assert "native chatter" in done.stderr
