@@ -271,3 +271,56 @@ def test_packed_params_shard_like_float_weights():
     assert report["refused"].startswith("the mesh would cut the quantization groups of ")
     assert "model/layers_0/mlp/down_proj (6 groups over tensor=4)" in report["refused"]
     assert "\n" not in report["refused"]
+
+
+_PREFILL_TEMP = """
+import json, sys
+import qwen2vl_jax  # before JAX makes its backends: sets the CPU scheduler flag
+import jax, numpy as np
+from qwen2vl_jax import quant
+from qwen2vl_jax.api import Qwen2VL
+from qwen2vl_jax.config import Qwen2VLConfig, TextConfig, VisionConfig
+from qwen2vl_jax.modules.qwen2vl import init_params
+from qwen2vl_jax.sampling import GenerationConfig, Sampling
+
+cfg = Qwen2VLConfig(vision=VisionConfig(depth=1, embed_dim=32, num_heads=2, out_hidden_size=512),
+                    text=TextConfig(vocab_size=512, hidden_size=512, intermediate_size=2048, num_hidden_layers=6,
+                                    num_attention_heads=8, num_key_value_heads=2, mrope_section=(8, 12, 12)),
+                    tie_word_embeddings=True)
+scheme = quant.Scheme.of("int8")
+params = quant.quantize_params(jax.tree_util.tree_map(np.asarray, init_params(cfg, jax.random.PRNGKey(0))), scheme)
+model = Qwen2VL(cfg, params, "float32", quantization=scheme)
+built = model.inputs(input_ids=np.ones((1, 200), np.int64), attention_mask=np.ones((1, 200), np.int64), room=1)
+slots = model.engine.cache_slots(built, 1)
+batch = {"input_ids": built.input_ids, "positions": built.positions, "pos_offset": built.pos_offset,
+         "kv_valid": np.concatenate([built.attention_mask, np.ones((1, slots - 200), bool)], axis=1),
+         "max_new": np.int32(1)}
+gc = GenerationConfig(max_new_tokens=1, eos_token_ids=())
+compiled = model.engine._prefill.lower(model.params, batch, None, Sampling.of(gc), jax.random.PRNGKey(0), True).compile()
+print(json.dumps({"temp": compiled.memory_analysis().temp_size_in_bytes}))
+"""
+
+
+def test_quantized_prefill_holds_one_layer_of_dequantized_weights():
+    # On CPU each layer's int8 weights become f32 for the prefill's products; XLA's
+    # concurrency-optimised scheduler keeps all layers' copies live at once (a multi-GB
+    # temporary at 2B, page-faulted on every call). Importing qwen2vl_jax turns it off.
+    from importlib import metadata
+
+    version = tuple(int(x) for x in metadata.version("jaxlib").split(".")[:2])
+    if version not in qwen2vl_jax_flag_versions():
+        pytest.skip(f"the scheduler flag is set only for jaxlib {qwen2vl_jax_flag_versions()} (this is {version})")
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    env["JAX_PLATFORMS"] = "cpu"
+    done = subprocess.run([sys.executable, "-c", _PREFILL_TEMP], capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    temp = json.loads(done.stdout.strip().splitlines()[-1])["temp"]
+    d, f, kv = 512, 2048, 2 * 64
+    one_layer = 4 * (3 * d * f + 2 * d * d + 2 * d * kv)  # f32 bytes of one layer's dequantized kernels
+    assert temp < 2 * one_layer, (temp, one_layer)  # all six layers live at once would be >= 6x
+
+
+def qwen2vl_jax_flag_versions():
+    import qwen2vl_jax
+
+    return qwen2vl_jax._XLA_CPU_FLAG_VERSIONS
