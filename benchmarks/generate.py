@@ -108,6 +108,8 @@ def run_ours(args, dtype_name: str, quantize: str | None = None) -> dict:
     from qwen2vl_jax.modules.qwen2vl import init_shapes
     from qwen2vl_jax.sampling import GenerationConfig
 
+    if quantize:  # before the first array, as from_pretrained does for a quantized folder
+        quant.sequential_cpu_schedule()
     config = model_config(args.size)
     dtype = jnp.dtype(dtype_name)
     shapes = init_shapes(config, dtype)
@@ -277,9 +279,13 @@ def run_hf(args, dtype_name: str) -> dict:
 
 
 # ------------------------------------------------------------------ driver
-# Variant suffixes for ours: XLA CPU flags worth measuring, and xlaattn: our einsum attention
+# Variant suffixes for ours: XLA CPU flags worth measuring (sched / nosched: XLA's
+# concurrency-optimised CPU scheduler on / off; by default it is on for float models and off
+# for quantized ones, as Qwen2VL.from_pretrained sets it), and xlaattn: our einsum attention
 # instead of cuDNN's fused kernel on a GPU.
-FLAG_SETS = {"onednn": "--xla_cpu_use_onednn=true", "xnn": "--xla_cpu_use_xnnpack=true"}
+FLAG_SETS = {"onednn": "--xla_cpu_use_onednn=true", "xnn": "--xla_cpu_use_xnnpack=true",
+             "sched": "--xla_cpu_enable_concurrency_optimized_scheduler=true",
+             "nosched": "--xla_cpu_enable_concurrency_optimized_scheduler=false"}
 ENV_SETS = {"xlaattn": {"QWEN2VL_ATTENTION": "xla"}}
 SUFFIXES = set(FLAG_SETS) | set(ENV_SETS)
 
@@ -310,7 +316,7 @@ def main(argv: list[str] | None = None) -> int:
                          "variant's best (evens out a shared machine's load; default cpu 2, gpu 1)")
     ap.add_argument("--variants", default=None,
                     help="comma list of ours-fp32, ours-bf16, ours-int8, ours-int4, hf-fp32, hf-bf16; ours may take "
-                         "+onednn or +xnn (XLA CPU flags), or +xlaattn (no cuDNN attention) (default: cpu: ours-fp32,hf-fp32,hf-bf16; "
+                         "+onednn, +xnn, +sched or +nosched (XLA CPU flags), or +xlaattn (no cuDNN attention) (default: cpu: ours-fp32,hf-fp32,hf-bf16; "
                          "gpu: ours-bf16,hf-bf16)")
     ap.add_argument("--xla-flags", default=None, help="XLA_FLAGS for our variants (e.g. --xla_cpu_use_onednn=true)")
     ap.add_argument("--big-prefill", default=None, metavar="ROWSxTOKENS",

@@ -91,11 +91,12 @@ class Qwen2VL:
         if not path.is_dir():
             raise CheckpointError(f"model folder {path} does not exist")
         config = read_config(path)
+        scheme = read_scheme(path) if is_converted(path) else None
+        if scheme is not None:  # before JAX makes its backends: XLA reads its flags once
+            quant.sequential_cpu_schedule()
         check_divisible(config, mesh)
         dtype = jnp.dtype(dtype or default_dtype())
-        scheme = None
         if is_converted(path):  # Orbax params, restored straight into their shardings
-            scheme = read_scheme(path)
             shardings = None
             if mesh is not None:  # a quantized folder's tree is not the config's: shard what is stored
                 tree = init_shapes(config) if scheme is None else stored_tree(path)

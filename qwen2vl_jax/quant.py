@@ -39,7 +39,9 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import re
+from importlib import metadata
 from typing import Any
 
 import jax
@@ -62,6 +64,39 @@ HEAD = re.compile(r"^(lm_head/kernel|model/embed_tokens/embedding)$")
 # BLOCK_BYTES (in cache, and big enough that the loop's per-step cost is small).
 FEW_ROWS = 16
 BLOCK_BYTES = 1 << 20
+
+
+# XLA's concurrency-optimised CPU scheduler keeps every decoder layer's temporaries live at once:
+# a quantized prefill then holds each layer's dequantized weights in one temporary, page-faulted
+# afresh on every call (2B int8, 290-token prompt: peak RSS 10.8 GB and a prefill 1.3x to 2.3x
+# fp32's; without it 6.2 GB and about fp32's time). Float models decode about 10% faster with it
+# on, so it is turned off only for a process that loads a quantized folder, and only on the jaxlib
+# versions it was measured on (an unknown flag in XLA_FLAGS stops JAX).
+SCHEDULER_FLAG = "xla_cpu_enable_concurrency_optimized_scheduler"
+SCHEDULER_FLAG_VERSIONS = ((0, 10),)
+
+
+def sequential_cpu_schedule() -> bool:
+    """Turn XLA's concurrency-optimised CPU scheduler off for this process, if JAX has not made
+    its backends yet (XLA reads XLA_FLAGS then) and XLA_FLAGS does not name it already. Returns
+    whether it was turned off here; `Qwen2VL.from_pretrained` calls it for a quantized folder."""
+    flags = os.environ.get("XLA_FLAGS", "")
+    if SCHEDULER_FLAG in flags or _jaxlib_version() not in SCHEDULER_FLAG_VERSIONS:
+        return False
+    from jax._src import xla_bridge  # noqa: PLC0415  (no public way to ask this)
+
+    ready = getattr(xla_bridge, "backends_are_initialized", None)
+    if ready is None or ready():
+        return False
+    os.environ["XLA_FLAGS"] = f"{flags} --{SCHEDULER_FLAG}=false".strip()
+    return True
+
+
+def _jaxlib_version() -> tuple[int, ...]:
+    try:
+        return tuple(int(x) for x in metadata.version("jaxlib").split(".")[:2])
+    except (metadata.PackageNotFoundError, ValueError):
+        return ()
 
 
 # ---------------------------------------------------------------- the scheme
@@ -470,6 +505,18 @@ def _cpu_form(leaves: dict, in_f: int) -> dict | None:
     return form
 
 
+def _materialized(x2):
+    """x2 [N, I] computed into a buffer of its own before a fused integer loop reads it.
+
+    XLA's CPU compiler fuses a cheap producer (an RMSNorm, silu(gate) * up, the embedding
+    lookup, a permutation) into the loop, which then recomputes it for every weight element
+    it reads: at 2B, int8 decoding spent 3.2 of 5.7 ms a layer on that. A conditional is a
+    fusion boundary. Its other branch gives a row whose first input is NaN all NaNs, which is
+    what the product gives such a row anyway, so the result is the same either way."""
+    has_nan = jnp.isnan(x2[:, :1])
+    return jax.lax.cond(jnp.any(has_nan), lambda v: jnp.where(has_nan, jnp.nan, v), lambda v: v, x2)
+
+
 def _cpu_matmul(x2, leaves: dict, in_features: int):
     """x2 f32[N, I] @ W in the CPU form -> f32[N, O]. One row: a loop per block that reads the
     integers directly (`cpu_layout`); up to FEW_ROWS rows: that, row by row; more: each block
@@ -478,6 +525,8 @@ def _cpu_matmul(x2, leaves: dict, in_features: int):
     # while_loop as loop-invariant (which would hold every layer's weight in f32), nor a
     # prefill's dequantize scheduled before the layer runs.
     x2, q = jax.lax.optimization_barrier((x2, leaves["qweight"]))
+    if x2.shape[0] <= FEW_ROWS:
+        x2 = _materialized(x2)
     scales = leaves["scales"]
     nb, out_f, width = q.shape
     bits = 4 if nb * width < in_features else 8
@@ -555,6 +604,8 @@ def embed_attend(h, leaves: dict, dtype):
     # tied to the input, as in _cpu_matmul: else a decode while_loop hoists the convert and
     # carries the whole table in f32
     h2, q = jax.lax.optimization_barrier((h2, leaves["qweight"]))
+    if jax.default_backend() == "cpu" and n <= FEW_ROWS:
+        h2 = _materialized(h2)  # else the final norm is recomputed for each of V x D weights
     s = leaves["scales"][:, 0].astype(jnp.float32)
     # The table is [V, D], output-major: XLA's CPU compiler turns this matrix-vector product
     # into one loop that reads the int8 rows directly (for D up to about 2048: 2B's 1536).

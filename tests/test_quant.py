@@ -143,6 +143,44 @@ def test_decode_matmul_never_builds_the_float_weight():
     assert full not in ours and "while" in ours
 
 
+def _computations(hlo: str) -> list[str]:
+    return [c for c in hlo.split("\n\n") if "{" in c]
+
+
+@pytest.mark.skipif(jax.default_backend() != "cpu", reason="the CPU decode path")
+@pytest.mark.parametrize("head", [False, True])
+def test_integer_loops_read_their_input_from_a_buffer(head):
+    """A fused integer loop must not recompute its input's producer (here abs; in the model an
+    RMSNorm or silu(gate) * up) for every weight element it reads; a row whose first input is
+    NaN still gives NaNs, and the other rows are unchanged."""
+    rng = np.random.default_rng(3)
+    in_f, out_f = 64, 48
+    w = rng.standard_normal((in_f, out_f)).astype(np.float32)
+    if head:  # the tied output head: an int8 table [V, D]
+        packed = {k: jnp.asarray(v) for k, v in quant.quantize_embedding(w.T).items()}
+        fn = lambda x, p: quant.embed_attend(jnp.abs(x), p, jnp.float32)  # noqa: E731
+        ref = packed["qweight"].astype(np.float32).T * np.asarray(packed["scales"])[:, 0]
+    else:
+        shapes = {"lm_head": {"kernel": jax.ShapeDtypeStruct((in_f, out_f), jnp.float32)}}
+        packed = quant.cpu_layout({"lm_head": quant.quantize_int8(w)}, shapes)["lm_head"]
+        packed = {k: jnp.asarray(v) for k, v in packed.items()}
+        fn = lambda x, p: quant.matmul(jnp.abs(x), p, jnp.float32)  # noqa: E731
+        ref = quant.dequantize(quant.quantize_int8(w), in_f)
+    # the head fuses its table into the loop for one row (more rows convert the table once)
+    x = (0.1 * rng.standard_normal((1 if head else 3, in_f))).astype(np.float32)
+    compiled = jax.jit(fn).lower(x, packed).compile().as_text()
+    loops = [c for c in _computations(compiled) if "s8[" in c and "convert(" in c]
+    assert loops and not any("abs(" in c for c in loops)
+    got = np.asarray(jax.jit(fn)(x, packed))
+    np.testing.assert_allclose(got, np.abs(x) @ ref, rtol=1e-5, atol=1e-5)
+    nan_row = len(x) // 2
+    x[nan_row, 0] = np.nan
+    got = np.asarray(jax.jit(fn)(x, packed))
+    others = [r for r in range(len(x)) if r != nan_row]
+    assert np.isnan(got[nan_row]).all() and not np.isnan(got[others]).any()
+    np.testing.assert_allclose(got[others], np.abs(x[others]) @ ref, rtol=1e-5, atol=1e-5)
+
+
 # ---------------------------------------------------------------- the demo model
 @pytest.fixture(scope="module")
 def demo_quantized(tmp_path_factory):
@@ -275,9 +313,9 @@ def test_packed_params_shard_like_float_weights():
 
 _PREFILL_TEMP = """
 import json, sys
-import qwen2vl_jax  # before JAX makes its backends: sets the CPU scheduler flag
 import jax, numpy as np
 from qwen2vl_jax import quant
+assert quant.sequential_cpu_schedule() is (sys.argv[1] == "off")  # as from_pretrained does for a quantized folder
 from qwen2vl_jax.api import Qwen2VL
 from qwen2vl_jax.config import Qwen2VLConfig, TextConfig, VisionConfig
 from qwen2vl_jax.modules.qwen2vl import init_params
@@ -301,26 +339,47 @@ print(json.dumps({"temp": compiled.memory_analysis().temp_size_in_bytes}))
 """
 
 
+def _prefill_temp(schedule: str) -> int:
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    env["JAX_PLATFORMS"] = "cpu"
+    if schedule == "on":  # the user's own setting stays
+        env["XLA_FLAGS"] = f"--{quant.SCHEDULER_FLAG}=true"
+    done = subprocess.run([sys.executable, "-c", _PREFILL_TEMP, schedule], capture_output=True, text=True, env=env,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])["temp"]
+
+
 def test_quantized_prefill_holds_one_layer_of_dequantized_weights():
     # On CPU each layer's int8 weights become f32 for the prefill's products; XLA's
     # concurrency-optimised scheduler keeps all layers' copies live at once (a multi-GB
-    # temporary at 2B, page-faulted on every call). Importing qwen2vl_jax turns it off.
-    from importlib import metadata
-
-    version = tuple(int(x) for x in metadata.version("jaxlib").split(".")[:2])
-    if version not in qwen2vl_jax_flag_versions():
-        pytest.skip(f"the scheduler flag is set only for jaxlib {qwen2vl_jax_flag_versions()} (this is {version})")
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-    env["JAX_PLATFORMS"] = "cpu"
-    done = subprocess.run([sys.executable, "-c", _PREFILL_TEMP], capture_output=True, text=True, env=env, timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
-    temp = json.loads(done.stdout.strip().splitlines()[-1])["temp"]
+    # temporary at 2B, page-faulted on every call); sequential_cpu_schedule turns it off.
+    version = quant._jaxlib_version()
+    if version not in quant.SCHEDULER_FLAG_VERSIONS:
+        pytest.skip(f"the scheduler flag is set only for jaxlib {quant.SCHEDULER_FLAG_VERSIONS} (this is {version})")
     d, f, kv = 512, 2048, 2 * 64
     one_layer = 4 * (3 * d * f + 2 * d * d + 2 * d * kv)  # f32 bytes of one layer's dequantized kernels
-    assert temp < 2 * one_layer, (temp, one_layer)  # all six layers live at once would be >= 6x
+    assert _prefill_temp("off") < 2 * one_layer  # all six layers live at once would be >= 6x
+    assert _prefill_temp("on") > 4 * one_layer  # what the flag is for: the scheduler left on
 
 
-def qwen2vl_jax_flag_versions():
-    import qwen2vl_jax
+_LOAD_FLAGS = """
+import os, sys
+from qwen2vl_jax.api import Qwen2VL
+Qwen2VL.from_pretrained(sys.argv[1])
+print(os.environ.get("XLA_FLAGS", ""))
+"""
 
-    return qwen2vl_jax._XLA_CPU_FLAG_VERSIONS
+
+def test_only_a_quantized_folder_turns_the_scheduler_off(demo_quantized):
+    if quant._jaxlib_version() not in quant.SCHEDULER_FLAG_VERSIONS:
+        pytest.skip(f"the scheduler flag is set only for jaxlib {quant.SCHEDULER_FLAG_VERSIONS}")
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    env["JAX_PLATFORMS"] = "cpu"
+    for folder, expected in ((demo_quantized / "int8", f"--{quant.SCHEDULER_FLAG}=false"), (DEMO_DIR, "")):
+        done = subprocess.run([sys.executable, "-c", _LOAD_FLAGS, str(folder)], capture_output=True, text=True,
+                              env=env, timeout=300)
+        assert done.returncode == 0, done.stderr[-3000:]
+        assert done.stdout.strip().splitlines()[-1:] == ([expected] if expected else []), folder
+
+
