@@ -432,3 +432,21 @@ def test_cli_stops_quietly_when_the_reader_goes(real_vocab_model, tmp_path):
         with redirect_stdout(ClosedPipe(sink.fileno())), redirect_stderr(err):
             code = generate_main(["--model", str(folder), "--prompt", "Hi", "--max-new-tokens", "4"])
     assert code == 141 and err.getvalue() == ""
+
+
+@pytest.mark.parametrize("lead", [(1,), (3,), (2, 8), (17,)])
+def test_tied_head_equals_the_table_product_for_any_row_count(lead):
+    """Few rows on CPU take another form of the product (modules/text.Embed.attend); every
+    row count gives x @ E.T."""
+    import jax
+    import jax.numpy as jnp
+
+    from qwen2vl_jax.modules.text import Embed
+
+    rng = np.random.default_rng(len(lead))
+    table = rng.standard_normal((300, 24)).astype(np.float32)
+    x = rng.standard_normal((*lead, 24)).astype(np.float32)
+    embed = Embed(300, 24, dtype=jnp.float32)
+    got = jax.jit(lambda p, x: embed.apply(p, x, method="attend"))({"params": {"embedding": table}}, x)
+    assert got.shape == (*lead, 300)
+    np.testing.assert_allclose(np.asarray(got), x @ table.T, rtol=1e-5, atol=1e-5)
