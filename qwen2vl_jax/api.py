@@ -91,12 +91,13 @@ class Qwen2VL:
         if not path.is_dir():
             raise CheckpointError(f"model folder {path} does not exist")
         config = read_config(path)
-        scheme = read_scheme(path) if is_converted(path) else None
+        converted = is_converted(path)
+        scheme = read_scheme(path) if converted else None
         if scheme is not None:  # before JAX makes its backends: XLA reads its flags once
             quant.sequential_cpu_schedule()
         check_divisible(config, mesh)
         dtype = jnp.dtype(dtype or default_dtype())
-        if is_converted(path):  # Orbax params, restored straight into their shardings
+        if converted:  # Orbax params, restored straight into their shardings
             shardings = None
             if mesh is not None:  # a quantized folder's tree is not the config's: shard what is stored
                 tree = init_shapes(config) if scheme is None else stored_tree(path)
