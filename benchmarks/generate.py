@@ -282,11 +282,12 @@ def run_hf(args, dtype_name: str) -> dict:
 # Variant suffixes for ours: XLA CPU flags worth measuring (sched / nosched: XLA's
 # concurrency-optimised CPU scheduler on / off; by default it is on for float models and off
 # for quantized ones, as Qwen2VL.from_pretrained sets it), and xlaattn: our einsum attention
-# instead of cuDNN's fused kernel on a GPU.
+# instead of cuDNN's fused kernel on a GPU; bf16mm: products of 64 rows or more with bf16
+# inputs (the vision tower, prefill).
 FLAG_SETS = {"onednn": "--xla_cpu_use_onednn=true", "xnn": "--xla_cpu_use_xnnpack=true",
              "sched": "--xla_cpu_enable_concurrency_optimized_scheduler=true",
              "nosched": "--xla_cpu_enable_concurrency_optimized_scheduler=false"}
-ENV_SETS = {"xlaattn": {"QWEN2VL_ATTENTION": "xla"}}
+ENV_SETS = {"xlaattn": {"QWEN2VL_ATTENTION": "xla"}, "bf16mm": {"QWEN2VL_MATMUL": "bf16"}}
 SUFFIXES = set(FLAG_SETS) | set(ENV_SETS)
 
 
@@ -316,7 +317,7 @@ def main(argv: list[str] | None = None) -> int:
                          "variant's best (evens out a shared machine's load; default cpu 2, gpu 1)")
     ap.add_argument("--variants", default=None,
                     help="comma list of ours-fp32, ours-bf16, ours-int8, ours-int4, hf-fp32, hf-bf16; ours may take "
-                         "+onednn, +xnn, +sched or +nosched (XLA CPU flags), or +xlaattn (no cuDNN attention) (default: cpu: ours-fp32,hf-fp32,hf-bf16; "
+                         "+onednn, +xnn, +sched or +nosched (XLA CPU flags), +xlaattn (no cuDNN attention) or +bf16mm (bf16 large products) (default: cpu: ours-fp32,hf-fp32,hf-bf16; "
                          "gpu: ours-bf16,hf-bf16)")
     ap.add_argument("--xla-flags", default=None, help="XLA_FLAGS for our variants (e.g. --xla_cpu_use_onednn=true)")
     ap.add_argument("--big-prefill", default=None, metavar="ROWSxTOKENS",

@@ -105,6 +105,8 @@ def start_server(args, folder: Path, port: int) -> tuple[subprocess.Popen, float
             "--max-queue", "1024", "--request-timeout", "3600", "--vision-cache", "0"]
     if args.dtype:
         argv += ["--dtype", args.dtype]
+    if args.matmul:
+        argv += ["--matmul", args.matmul]
     t0 = time.perf_counter()
     proc = subprocess.Popen(argv, cwd=REPO)
     import httpx
@@ -198,6 +200,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-batch", type=int, default=16)
     ap.add_argument("--max-context", type=int, default=512)
     ap.add_argument("--dtype", choices=["float32", "bfloat16"], default=None)
+    ap.add_argument("--matmul", choices=["f32", "bf16"], default=None,
+                    help="the server's --matmul: bf16 runs the vision tower and prefill with bf16 inputs")
     args = ap.parse_args(argv)
     levels = [int(c) for c in args.clients.split(",")]
 

@@ -27,12 +27,13 @@ from qwen2vl_jax.config import Qwen2VLConfig
 from qwen2vl_jax.engine import Engine, GenerationResult, Token
 from qwen2vl_jax.errors import CheckpointError, InputError
 from qwen2vl_jax.inputs import ModelInputs, build_inputs, pack_vision
-from qwen2vl_jax.modules.attention import KERNELS
+from qwen2vl_jax.modules.attention import KERNELS, MATMULS
 from qwen2vl_jax.modules.qwen2vl import Qwen2VLModule, init_shapes
 from qwen2vl_jax.sampling import GenerationConfig
 from qwen2vl_jax.sharding import ShardingRules, check_divisible, param_shardings, place_params
 
 ATTENTION_ENV = "QWEN2VL_ATTENTION"  # the default attention kernel when none is passed
+MATMUL_ENV = "QWEN2VL_MATMUL"  # the default precision of the large products when none is passed
 
 
 def default_dtype():
@@ -48,6 +49,14 @@ def default_attention() -> str:
     return choice
 
 
+def default_matmul() -> str:
+    """$QWEN2VL_MATMUL (f32 or bf16), read when a model is built; "f32" when unset."""
+    choice = os.environ.get(MATMUL_ENV, "f32").strip().lower() or "f32"
+    if choice not in MATMULS:
+        raise InputError(f"{MATMUL_ENV}={choice!r}: the matmul precision must be one of {', '.join(MATMULS)}")
+    return choice
+
+
 _INPUT_KEYS = ("input_ids", "attention_mask", "pixel_values", "image_grid_thw", "pixel_values_videos",
                "video_grid_thw")
 
@@ -57,11 +66,13 @@ class Qwen2VL:
     HF-processor-shaped entry points.
 
     dtype: the compute dtype (default: float32 on CPU, bfloat16 elsewhere); attention: the
-    attention kernel, "auto", "xla" or "cudnn" (default: $QWEN2VL_ATTENTION, else "auto"),
-    fixed for the model's life: a model with another kernel compiles its own functions."""
+    attention kernel, "auto", "xla" or "cudnn" (default: $QWEN2VL_ATTENTION, else "auto");
+    matmul: "f32" or "bf16" (default: $QWEN2VL_MATMUL, else "f32"), the precision of products of 64 rows or more (the vision
+    tower, prefill: inputs rounded to bf16, f32 accumulation; modules/attention.py). Both are
+    fixed for the model's life: a model with another choice compiles its own functions."""
 
     def __init__(self, config: Qwen2VLConfig, params: dict, dtype=None, mesh: Mesh | None = None,
-                 rules: ShardingRules | None = None, *, attention: str | None = None,
+                 rules: ShardingRules | None = None, *, attention: str | None = None, matmul: str | None = None,
                  generation_config: GenerationConfig | None = None, quantization: quant.Scheme | None = None):
         check_divisible(config, mesh)
         self.config = config
@@ -70,6 +81,9 @@ class Qwen2VL:
         self.attention = default_attention() if attention is None else attention
         if self.attention not in KERNELS:
             raise InputError(f"attention must be one of {', '.join(KERNELS)} (got {self.attention!r})")
+        self.matmul = default_matmul() if matmul is None else matmul
+        if self.matmul not in MATMULS:
+            raise InputError(f"matmul must be one of {', '.join(MATMULS)} (got {self.matmul!r})")
         self.mesh, self.rules = mesh, rules or ShardingRules()
         if mesh is not None:
             quant.check_mesh(params, param_shardings(params, mesh, self.rules))
@@ -77,13 +91,14 @@ class Qwen2VL:
         if mesh is None and jax.default_backend() == "cpu" and quant.is_quantized(self.params):
             # packed kernels re-laid once for the CPU's matmuls (quant.cpu_layout)
             self.params = quant.cpu_layout(self.params, init_shapes(config))
-        self.module = Qwen2VLModule(config, self.dtype, attention=self.attention)
+        self.module = Qwen2VLModule(config, self.dtype, attention=self.attention, matmul=self.matmul)
         self.generation_config = generation_config or GenerationConfig.from_model_config(config)
 
     # ---------------------------------------------------------------- loading
     @classmethod
     def from_pretrained(cls, path: str | Path, dtype=None, mesh: Mesh | None = None,
-                        rules: ShardingRules | None = None, *, attention: str | None = None) -> "Qwen2VL":
+                        rules: ShardingRules | None = None, *, attention: str | None = None,
+                        matmul: str | None = None) -> "Qwen2VL":
         """Loads a converted folder (from qwen2vl-convert or training) or an HF-layout folder
         (config.json + safetensors); with a `mesh` the params are placed by the sharding rules
         as they load. generation_config.json gives the generation defaults."""
@@ -107,7 +122,7 @@ class Qwen2VL:
             params = load_params(path, config, dtype, shardings)
         else:
             params = load_hf_params(path, config, dtype, host=mesh is not None)
-        return cls(config, params, dtype, mesh=mesh, rules=rules, attention=attention,
+        return cls(config, params, dtype, mesh=mesh, rules=rules, attention=attention, matmul=matmul,
                    generation_config=GenerationConfig.from_pretrained(path, config), quantization=scheme)
 
     @property

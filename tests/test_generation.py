@@ -273,6 +273,49 @@ def test_attention_kernel_is_fixed_per_model(tiny_ours, monkeypatch):
         Qwen2VL(model.config, model.params, "float32")
 
 
+def test_bf16_matmul_rounds_only_the_large_products(tiny_ours, monkeypatch):
+    """matmul="bf16": a product of 64 rows or more takes bf16-rounded inputs and accumulates in
+    f32 (equal to that product computed in float64); fewer rows are the f32 product bit for bit."""
+    import jax
+    import jax.numpy as jnp
+
+    from qwen2vl_jax.api import Qwen2VL
+    from qwen2vl_jax.modules.attention import BF16_MIN_ROWS, dense_dot
+
+    dot, dims = dense_dot("bf16"), (((1,), (0,)), ((), ()))
+    assert dense_dot("f32") is None
+    rng = np.random.default_rng(0)
+    w = rng.normal(size=(33, 17)).astype(np.float32)
+    as_bf16 = lambda a: np.asarray(jnp.asarray(a).astype(jnp.bfloat16).astype(jnp.float32), np.float64)  # noqa: E731
+    for rows in (BF16_MIN_ROWS - 1, BF16_MIN_ROWS, 200):
+        x = rng.normal(size=(rows, 33)).astype(np.float32)
+        got = np.asarray(dot(jnp.asarray(x), jnp.asarray(w), dims))
+        assert got.dtype == np.float32
+        exact_f32 = np.asarray(jax.lax.dot_general(jnp.asarray(x), jnp.asarray(w), dims))
+        if rows < BF16_MIN_ROWS:
+            np.testing.assert_array_equal(got, exact_f32)
+        else:
+            np.testing.assert_allclose(got, as_bf16(x) @ as_bf16(w), rtol=1e-6, atol=1e-5)
+            assert np.abs(got - exact_f32).max() > 1e-3  # the inputs were rounded
+
+    # A prompt is bucketed to 64 tokens or more, so every prefill takes the bf16 products; with
+    # the threshold out of reach, a fresh bf16 model is the f32 model bit for bit.
+    model = tiny_ours["untied"]
+    mixed = Qwen2VL(model.config, model.params, "float32", matmul="bf16")
+    assert mixed.module.matmul == "bf16" and model.module.matmul == "f32"
+    case = CASES["one_image"].inputs()
+    f32_logits, bf16_logits = model.logits(**case), mixed.logits(**case)
+    assert np.isfinite(bf16_logits).all() and np.abs(bf16_logits - f32_logits).max() > 1e-4
+    monkeypatch.setattr("qwen2vl_jax.modules.attention.BF16_MIN_ROWS", 10**9)
+    unreachable = Qwen2VL(model.config, model.params, "float32", matmul="bf16")
+    np.testing.assert_array_equal(unreachable.logits(**case), f32_logits)
+    monkeypatch.setenv("QWEN2VL_MATMUL", "bf16")
+    assert Qwen2VL(model.config, model.params, "float32").matmul == "bf16"
+    monkeypatch.setenv("QWEN2VL_MATMUL", "int8")
+    with pytest.raises(InputError, match="QWEN2VL_MATMUL='int8'"):
+        Qwen2VL(model.config, model.params, "float32")
+
+
 def test_generation_result_and_stream_timings(tiny_ours):
     model = tiny_ours["tied"]
     case = CASES["one_image"]

@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 
 from qwen2vl_jax.config import Qwen2VLConfig
-from qwen2vl_jax.modules.attention import KERNELS
+from qwen2vl_jax.modules.attention import KERNELS, check_matmul
 from qwen2vl_jax.modules.text import Linear, TextModel
 from qwen2vl_jax.modules.vision import VisionTransformer
 
@@ -43,13 +43,15 @@ class Qwen2VLModule(nn.Module):
     dtype: Any = jnp.float32
     remat: bool = False
     attention: str = "auto"  # the attention kernel (modules/attention.py); static, part of the module
+    matmul: str = "f32"  # the large products' precision, f32 or bf16 (modules/attention.py); static too
 
     def setup(self):
         cfg = self.config
         if self.attention not in KERNELS:
             raise ValueError(f"attention kernel must be one of {', '.join(KERNELS)} (got {self.attention!r})")
-        self.visual = VisionTransformer(cfg.vision, self.dtype, self.remat, self.attention)
-        self.model = TextModel(cfg.text, self.dtype, self.remat, self.attention)
+        check_matmul(self.matmul)
+        self.visual = VisionTransformer(cfg.vision, self.dtype, self.remat, self.attention, self.matmul)
+        self.model = TextModel(cfg.text, self.dtype, self.remat, self.attention, self.matmul)
         if not cfg.tie_word_embeddings:
             self.lm_head = Linear(cfg.text.vocab_size, use_bias=False, dtype=self.dtype)
 

@@ -19,7 +19,7 @@ import jax.numpy as jnp
 
 from qwen2vl_jax import quant
 from qwen2vl_jax.config import TextConfig
-from qwen2vl_jax.modules.attention import attention_kernel, fused_attention, masked_softmax
+from qwen2vl_jax.modules.attention import attention_kernel, dense_dot, fused_attention, masked_softmax
 from qwen2vl_jax.modules.rope import apply_rotary, mrope_cos_sin
 from qwen2vl_jax.sharding import shard
 
@@ -120,13 +120,15 @@ class Attention(nn.Module):
     config: TextConfig
     dtype: Any = jnp.float32
     attention: str = "auto"  # the kernel: auto, xla or cudnn (modules/attention.py)
+    matmul: str = "f32"  # the large products' precision: f32 or bf16 (modules/attention.py)
 
     @nn.compact
     def __call__(self, x, cos, sin, mask, cache: LayerCache | None, cache_index):
         cfg = self.config
         b, l, _ = x.shape
         h, kh, hd = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
-        dense = lambda n, name, bias=True: Linear(n, use_bias=bias, dtype=self.dtype, name=name)  # noqa: E731
+        dense = lambda n, name, bias=True: Linear(n, use_bias=bias, dtype=self.dtype,  # noqa: E731
+                                                  dot_general=dense_dot(self.matmul), name=name)
         q = dense(h * hd, "q_proj")(x).reshape(b, l, h, hd)
         k = dense(kh * hd, "k_proj")(x).reshape(b, l, kh, hd)
         v = dense(kh * hd, "v_proj")(x).reshape(b, l, kh, hd)
@@ -151,11 +153,13 @@ class Attention(nn.Module):
 class Mlp(nn.Module):
     config: TextConfig
     dtype: Any = jnp.float32
+    matmul: str = "f32"
 
     @nn.compact
     def __call__(self, x):
         cfg = self.config
-        dense = lambda n, name: Linear(n, use_bias=False, dtype=self.dtype, name=name)  # noqa: E731
+        dense = lambda n, name: Linear(n, use_bias=False, dtype=self.dtype, dot_general=dense_dot(self.matmul),  # noqa: E731
+                                       name=name)
         gate = shard(dense(cfg.intermediate_size, "gate_proj")(x), "batch", "seq", "mlp")
         up = shard(dense(cfg.intermediate_size, "up_proj")(x), "batch", "seq", "mlp")
         return dense(cfg.hidden_size, "down_proj")(jax.nn.silu(gate) * up)
@@ -165,15 +169,16 @@ class DecoderLayer(nn.Module):
     config: TextConfig
     dtype: Any = jnp.float32
     attention: str = "auto"
+    matmul: str = "f32"
 
     @nn.compact
     def __call__(self, x, cos, sin, mask, cache, cache_index):
         eps = self.config.rms_norm_eps
         y = RMSNorm(eps, self.dtype, name="input_layernorm")(x)
-        y, cache = Attention(self.config, self.dtype, self.attention, name="self_attn")(y, cos, sin, mask, cache, cache_index)
+        y, cache = Attention(self.config, self.dtype, self.attention, self.matmul, name="self_attn")(y, cos, sin, mask, cache, cache_index)
         x = x + y
         y = RMSNorm(eps, self.dtype, name="post_attention_layernorm")(x)
-        x = x + Mlp(self.config, self.dtype, name="mlp")(y)
+        x = x + Mlp(self.config, self.dtype, self.matmul, name="mlp")(y)
         return shard(x, "batch", "seq", "embed"), cache
 
 
@@ -184,12 +189,13 @@ class TextModel(nn.Module):
     dtype: Any = jnp.float32
     remat: bool = False
     attention: str = "auto"
+    matmul: str = "f32"
 
     def setup(self):
         cfg = self.config
         self.embed_tokens = Embed(cfg.vocab_size, cfg.hidden_size, dtype=self.dtype)
         layer_cls = nn.remat(DecoderLayer, static_argnums=()) if self.remat else DecoderLayer
-        self.layers = [layer_cls(cfg, self.dtype, self.attention) for _ in range(cfg.num_hidden_layers)]
+        self.layers = [layer_cls(cfg, self.dtype, self.attention, self.matmul) for _ in range(cfg.num_hidden_layers)]
         self.norm = RMSNorm(cfg.rms_norm_eps, self.dtype)
 
     def embed(self, input_ids):

@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 
 from qwen2vl_jax.config import VisionConfig
-from qwen2vl_jax.modules.attention import attention_kernel, fused_attention, masked_softmax
+from qwen2vl_jax.modules.attention import attention_kernel, dense_dot, fused_attention, masked_softmax
 from qwen2vl_jax.modules.rope import apply_rotary, vision_cos_sin
 from qwen2vl_jax.sharding import shard
 
@@ -28,6 +28,7 @@ class VisionAttention(nn.Module):
     config: VisionConfig
     dtype: Any = jnp.float32
     attention: str = "auto"  # the kernel: auto, xla or cudnn (modules/attention.py)
+    matmul: str = "f32"  # the large products' precision: f32 or bf16 (modules/attention.py)
 
     @nn.compact
     def __call__(self, x, cos, sin, gather, valid, scatter):
@@ -35,7 +36,7 @@ class VisionAttention(nn.Module):
         cfg = self.config
         n, d = x.shape
         h, hd = cfg.num_heads, cfg.head_dim
-        qkv = nn.Dense(3 * d, dtype=self.dtype, name="qkv")(x).reshape(n, 3, h, hd)
+        qkv = nn.Dense(3 * d, dtype=self.dtype, dot_general=dense_dot(self.matmul), name="qkv")(x).reshape(n, 3, h, hd)
         q, k, v = qkv[:, 0], qkv[:, 1], qkv[:, 2]  # [N, H, hd]
         q = apply_rotary(q, cos[:, None], sin[:, None]).astype(self.dtype)
         k = apply_rotary(k, cos[:, None], sin[:, None]).astype(self.dtype)
@@ -49,32 +50,34 @@ class VisionAttention(nn.Module):
             probs = masked_softmax(logits, valid[:, None, None, :], self.dtype)
             out = jnp.einsum("shlm,smhd->slhd", probs, vs)
         out = out.reshape(-1, h * hd)[scatter]  # back to patch order: [N, D]
-        return nn.Dense(d, dtype=self.dtype, name="proj")(out)
+        return nn.Dense(d, dtype=self.dtype, dot_general=dense_dot(self.matmul), name="proj")(out)
 
 
 class VisionMlp(nn.Module):
     config: VisionConfig
     dtype: Any = jnp.float32
+    matmul: str = "f32"
 
     @nn.compact
     def __call__(self, x):
-        x = nn.Dense(self.config.mlp_dim, dtype=self.dtype, name="fc1")(x)
+        x = nn.Dense(self.config.mlp_dim, dtype=self.dtype, dot_general=dense_dot(self.matmul), name="fc1")(x)
         x = shard(x, "patches", "mlp")
-        return nn.Dense(self.config.embed_dim, dtype=self.dtype, name="fc2")(quick_gelu(x))
+        return nn.Dense(self.config.embed_dim, dtype=self.dtype, dot_general=dense_dot(self.matmul), name="fc2")(quick_gelu(x))
 
 
 class VisionBlock(nn.Module):
     config: VisionConfig
     dtype: Any = jnp.float32
     attention: str = "auto"
+    matmul: str = "f32"
 
     @nn.compact
     def __call__(self, x, cos, sin, gather, valid, scatter):
         eps = self.config.layer_norm_eps
         y = nn.LayerNorm(epsilon=eps, dtype=self.dtype, name="norm1")(x)
-        x = x + VisionAttention(self.config, self.dtype, self.attention, name="attn")(y, cos, sin, gather, valid, scatter)
+        x = x + VisionAttention(self.config, self.dtype, self.attention, self.matmul, name="attn")(y, cos, sin, gather, valid, scatter)
         y = nn.LayerNorm(epsilon=eps, dtype=self.dtype, name="norm2")(x)
-        return x + VisionMlp(self.config, self.dtype, name="mlp")(y)
+        return x + VisionMlp(self.config, self.dtype, self.matmul, name="mlp")(y)
 
 
 class PatchEmbed(nn.Module):
@@ -82,10 +85,12 @@ class PatchEmbed(nn.Module):
 
     config: VisionConfig
     dtype: Any = jnp.float32
+    matmul: str = "f32"
 
     @nn.compact
     def __call__(self, patches):
-        return nn.Dense(self.config.embed_dim, use_bias=False, dtype=self.dtype, name="proj")(
+        return nn.Dense(self.config.embed_dim, use_bias=False, dtype=self.dtype, dot_general=dense_dot(self.matmul),
+                        name="proj")(
             patches.astype(self.dtype)
         )
 
@@ -95,6 +100,7 @@ class PatchMerger(nn.Module):
 
     config: VisionConfig
     dtype: Any = jnp.float32
+    matmul: str = "f32"
 
     @nn.compact
     def __call__(self, x):
@@ -102,9 +108,9 @@ class PatchMerger(nn.Module):
         x = nn.LayerNorm(epsilon=cfg.layer_norm_eps, dtype=self.dtype, name="ln_q")(x)
         width = cfg.embed_dim * cfg.merge_unit
         x = x.reshape(-1, width)
-        x = nn.Dense(width, dtype=self.dtype, name="mlp_0")(x)
+        x = nn.Dense(width, dtype=self.dtype, dot_general=dense_dot(self.matmul), name="mlp_0")(x)
         x = jax.nn.gelu(x, approximate=False)
-        return nn.Dense(cfg.out_hidden_size, dtype=self.dtype, name="mlp_2")(x)
+        return nn.Dense(cfg.out_hidden_size, dtype=self.dtype, dot_general=dense_dot(self.matmul), name="mlp_2")(x)
 
 
 class VisionTransformer(nn.Module):
@@ -114,15 +120,16 @@ class VisionTransformer(nn.Module):
     dtype: Any = jnp.float32
     remat: bool = False
     attention: str = "auto"
+    matmul: str = "f32"
 
     @nn.compact
     def __call__(self, patches, pos_hw, gather, valid, scatter):
         cfg = self.config
-        x = PatchEmbed(cfg, self.dtype, name="patch_embed")(patches)
+        x = PatchEmbed(cfg, self.dtype, self.matmul, name="patch_embed")(patches)
         x = shard(x, "patches", "embed")
         cos, sin = vision_cos_sin(pos_hw, cfg.head_dim, cfg.rope_theta)
         block_cls = nn.remat(VisionBlock) if self.remat else VisionBlock
         for i in range(cfg.depth):
             with jax.named_scope(f"vision_block_{i}"):
-                x = block_cls(cfg, self.dtype, self.attention, name=f"blocks_{i}")(x, cos, sin, gather, valid, scatter)
-        return PatchMerger(cfg, self.dtype, name="merger")(x)
+                x = block_cls(cfg, self.dtype, self.attention, self.matmul, name=f"blocks_{i}")(x, cos, sin, gather, valid, scatter)
+        return PatchMerger(cfg, self.dtype, self.matmul, name="merger")(x)
