@@ -832,3 +832,9 @@ def test_demo_model_is_shipped_and_answers():
     example = {"type": "image", "image": str(DEMO_DIR / "example.png")}
     assert answer(example, "What shape is this?") == info["shape"] == "square"  # the README's set-up command
     assert answer(example, "What colour is the shape?") == info["colour"]
+    # matmul="bf16": the demo's 64-patch vision tower takes bf16 inputs; the answers stay
+    bf16 = Qwen2VL.from_pretrained(DEMO_DIR, dtype="float32", matmul="bf16")
+    assert bf16.module.matmul == "bf16"
+    model = bf16
+    assert answer(example, "What shape is this?") == "square"
+    assert answer(example, "What colour is the shape?") == info["colour"]

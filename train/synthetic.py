@@ -138,7 +138,7 @@ def placed_shape(rng: random.Random, off_centre: bool = False) -> tuple[Image.Im
     shape, colour = rng.choice(SHAPES), rng.choice(list(COLOURS))
     img = _background(rng, (w, h))
     while True:  # (a large shape on a square canvas may have no off-centre place: draw again)
-        r = side * rng.uniform(0.12, 0.24)
+        r = side * rng.uniform(0.17, 0.24)  # at least 14 px in the demo's 112 x 84
         margin = r * 1.3 + 2
         cx, cy = rng.uniform(margin, w - margin), rng.uniform(margin, h - margin)
         if not off_centre or math.hypot(cx - w / 2, cy - h / 2) >= side / 4:
@@ -183,7 +183,7 @@ def printed_word(rng: random.Random) -> tuple[Image.Image, dict]:
     word = rng.choice(WORDS)
     img = _background(rng, (SIZE, SIZE))
     draw = ImageDraw.Draw(img)
-    font = _font(rng.randint(26, 34))
+    font = _font(rng.randint(30, 40))
     box = draw.textbbox((0, 0), word, font=font)
     w, h = box[2] - box[0], box[3] - box[1]
     x = rng.uniform(2, max(3, SIZE - w - 2)) - box[0]
@@ -309,11 +309,11 @@ class Counts:
 def _images(rng: random.Random, n: int) -> Iterator[tuple[Image.Image, dict]]:
     for i in range(n):
         u = rng.random()
-        if u < 0.28:
+        if u < 0.25:
             yield single_shape(rng)
-        elif u < 0.53:
+        elif u < 0.55:
             yield placed_shape(rng)
-        elif u < 0.85:
+        elif u < 0.80:
             yield many_shapes(rng, canvas=rng.choice(CANVASES) if rng.random() < 0.3 else (SIZE, SIZE))
         else:
             yield printed_word(rng)
