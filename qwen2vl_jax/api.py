@@ -41,20 +41,22 @@ def default_dtype():
     return jnp.float32 if jax.default_backend() == "cpu" else jnp.bfloat16
 
 
+def _env_choice(env: str, default: str, choices: tuple[str, ...], what: str) -> str:
+    """$env lower-cased (`default` when unset or empty), one of `choices`, else one InputError line."""
+    choice = os.environ.get(env, default).strip().lower() or default
+    if choice not in choices:
+        raise InputError(f"{env}={choice!r}: {what} must be one of {', '.join(choices)}")
+    return choice
+
+
 def default_attention() -> str:
     """$QWEN2VL_ATTENTION (auto, xla or cudnn), read when a model is built; "auto" when unset."""
-    choice = os.environ.get(ATTENTION_ENV, "auto").strip().lower() or "auto"
-    if choice not in KERNELS:
-        raise InputError(f"{ATTENTION_ENV}={choice!r}: the attention kernel must be one of {', '.join(KERNELS)}")
-    return choice
+    return _env_choice(ATTENTION_ENV, "auto", KERNELS, "the attention kernel")
 
 
 def default_matmul() -> str:
     """$QWEN2VL_MATMUL (f32 or bf16), read when a model is built; "f32" when unset."""
-    choice = os.environ.get(MATMUL_ENV, "f32").strip().lower() or "f32"
-    if choice not in MATMULS:
-        raise InputError(f"{MATMUL_ENV}={choice!r}: the matmul precision must be one of {', '.join(MATMULS)}")
-    return choice
+    return _env_choice(MATMUL_ENV, "f32", MATMULS, "the matmul precision")
 
 
 _INPUT_KEYS = ("input_ids", "attention_mask", "pixel_values", "image_grid_thw", "pixel_values_videos",
