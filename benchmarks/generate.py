@@ -98,7 +98,7 @@ def best_of(fn, repeat: int) -> float:
 
 
 # ------------------------------------------------------------------ ours
-def run_ours(args, dtype_name: str, quantize: str | None = None) -> dict:
+def run_ours(args, dtype_name: str, quantize: str | None = None, scan: bool = False) -> dict:
     import jax
     import jax.numpy as jnp
 
@@ -144,7 +144,8 @@ def run_ours(args, dtype_name: str, quantize: str | None = None) -> dict:
 
     params = fill(jax.random.PRNGKey(0))
     jax.block_until_ready(params)
-    model = Qwen2VL(config, params, dtype)
+    model = Qwen2VL(config, params, dtype, scan_layers=scan)
+    del params  # the model holds its own (stacked) copy with scan
     engine = Engine(model.module, loop_options=json.loads(args.loop_options) if args.loop_options else None)
     inputs = make_inputs(args.image)
     gc = GenerationConfig(max_new_tokens=args.new_tokens, eos_token_ids=())
@@ -288,15 +289,16 @@ FLAG_SETS = {"onednn": "--xla_cpu_use_onednn=true", "xnn": "--xla_cpu_use_xnnpac
              "sched": "--xla_cpu_enable_concurrency_optimized_scheduler=true",
              "nosched": "--xla_cpu_enable_concurrency_optimized_scheduler=false"}
 ENV_SETS = {"xlaattn": {"QWEN2VL_ATTENTION": "xla"}, "bf16mm": {"QWEN2VL_MATMUL": "bf16"}}
-SUFFIXES = set(FLAG_SETS) | set(ENV_SETS)
+SUFFIXES = set(FLAG_SETS) | set(ENV_SETS) | {"scan"}  # scan: the decoder's layers scanned (scan_layers)
 
 
 def run_variant(args, variant: str) -> dict:
     impl, kind = variant.split("+")[0].split("-")
+    scan = "scan" in variant.split("+")[1:]
     if kind in ("int8", "int4"):  # weight-only: the compute dtype of ours-fp32 (CPU) or ours-bf16
-        return run_ours(args, "float32" if args.device == "cpu" else "bfloat16", quantize=kind)
+        return run_ours(args, "float32" if args.device == "cpu" else "bfloat16", quantize=kind, scan=scan)
     dtype = {"fp32": "float32", "bf16": "bfloat16"}[kind]
-    return run_ours(args, dtype) if impl == "ours" else run_hf(args, dtype)
+    return run_ours(args, dtype, scan=scan) if impl == "ours" else run_hf(args, dtype)
 
 
 def child_argv(args, variant: str) -> list[str]:
@@ -317,7 +319,7 @@ def main(argv: list[str] | None = None) -> int:
                          "variant's best (evens out a shared machine's load; default cpu 2, gpu 1)")
     ap.add_argument("--variants", default=None,
                     help="comma list of ours-fp32, ours-bf16, ours-int8, ours-int4, hf-fp32, hf-bf16; ours may take "
-                         "+onednn, +xnn, +sched or +nosched (XLA CPU flags), +xlaattn (no cuDNN attention) or +bf16mm (bf16 large products) (default: cpu: ours-fp32,hf-fp32,hf-bf16; "
+                         "+onednn, +xnn, +sched or +nosched (XLA CPU flags), +xlaattn (no cuDNN attention), +bf16mm (bf16 large products) or +scan (the decoder scanned) (default: cpu: ours-fp32,hf-fp32,hf-bf16; "
                          "gpu: ours-bf16,hf-bf16)")
     ap.add_argument("--xla-flags", default=None, help="XLA_FLAGS for our variants (e.g. --xla_cpu_use_onednn=true)")
     ap.add_argument("--big-prefill", default=None, metavar="ROWSxTOKENS",

@@ -2,7 +2,7 @@
 
     python benchmarks/scale.py [--models 2b,7b,72b] [--parts prefill,decode,train]
                                [--batch 1] [--prompt 2048] [--new 512] [--weights bf16,int8,int4]
-                               [--train-batch 8] [--train-length 2048]
+                               [--decoder scan,loop] [--train-batch 8] [--train-length 2048]
 
 Nothing is allocated: the parameters, cache, decode state, train state and batches are
 abstract shapes with their shardings, and each program is lowered and compiled by XLA for 8
@@ -46,6 +46,7 @@ from qwen2vl_jax.config import PRESETS  # noqa: E402
 from qwen2vl_jax.errors import InputError  # noqa: E402
 from qwen2vl_jax.engine import Engine, KVCache  # noqa: E402
 from qwen2vl_jax.modules.qwen2vl import Qwen2VLModule, init_shapes  # noqa: E402
+from qwen2vl_jax.params import stack_layers  # noqa: E402
 from qwen2vl_jax.sampling import GenerationConfig, Sampling  # noqa: E402
 from qwen2vl_jax.sharding import ShardingRules, make_mesh, named_sharding, param_shardings  # noqa: E402
 from qwen2vl_jax.train import loop, stages  # noqa: E402
@@ -85,7 +86,8 @@ def compile_timed(fn, *args, **kw):
 
 
 # ---------------------------------------------------------------------------- inference
-def inference(name: str, batch: int, prompt: int, new: int, parts: set[str], weights: str = "bf16") -> list[dict]:
+def inference(name: str, batch: int, prompt: int, new: int, parts: set[str], weights: str = "bf16",
+              scan: bool = True) -> list[dict]:
     config = PRESETS[name]
     mesh_spec, rules = INFER_MESH[name], ShardingRules()
     dtype = jnp.bfloat16
@@ -97,14 +99,17 @@ def inference(name: str, batch: int, prompt: int, new: int, parts: set[str], wei
             quant.check_mesh(params, param_shardings(params, make_mesh(mesh_spec), rules))
         except InputError:  # a tensor split would cut 4-bit groups: split the rows' other dimension
             mesh_spec = "fsdp=8"
+    if scan:  # the scanned decoder takes its layers stacked
+        params = stack_layers(params)
     mesh = make_mesh(mesh_spec)
     layout = param_shardings(params, mesh, rules)
     params = abstract(params, layout)
-    engine = Engine(Qwen2VLModule(config, dtype), mesh, rules, params_sharding=layout)
+    engine = Engine(Qwen2VLModule(config, dtype, scan_layers=scan), mesh, rules, params_sharding=layout)
     slots = prompt + new
-    cache = KVCache.abstract(config.text, batch, slots, dtype)
+    cache = KVCache.abstract(config.text, batch, slots, dtype, stacked=scan)
     cache = abstract(cache, cache.shardings(mesh, rules))
     base = {"model": name if weights == "bf16" else f"{name} {weights}", "mesh": mesh_spec,
+            "decoder": "scan" if scan else "loop",
             "layers": config.text.num_hidden_layers, "params": per_device_bytes(params),
             "kv_cache": per_device_bytes(cache)}
 
@@ -133,17 +138,19 @@ def inference(name: str, batch: int, prompt: int, new: int, parts: set[str], wei
 
 
 # ---------------------------------------------------------------------------- training
-def training(name: str, batch: int, length: int) -> dict:
+def training(name: str, batch: int, length: int, scan: bool = True) -> dict:
     config = PRESETS[name]
     mesh = make_mesh(TRAIN_MESH[name])
-    trainer = loop.Trainer(config, stages.get_stage(2), 1000, mesh=mesh, remat=True, compute_dtype=jnp.bfloat16)
-    state = trainer.abstract_state(init_shapes(config))
+    trainer = loop.Trainer(config, stages.get_stage(2), 1000, mesh=mesh, remat=True, compute_dtype=jnp.bfloat16,
+                           scan_layers=scan)
+    state = trainer.abstract_state(init_shapes(config, scan_layers=scan))
     arrays = {"input_ids": np.zeros((1, batch, length), np.int32), "attention_mask": np.zeros((1, batch, length), bool),
               "labels": np.zeros((1, batch, length), np.int32), "positions": np.zeros((1, 3, batch, length), np.int32)}
     placed = abstract(jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), arrays),
                       trainer.batch_shardings(arrays))
     compiled, seconds = compile_timed(trainer.step_function(state), state, placed)
     return {"model": name, "mesh": TRAIN_MESH[name], "layers": config.text.num_hidden_layers,
+            "decoder": "scan" if scan else "loop",
             "part": f"train step {batch}x{length}", "params": per_device_bytes(state.params),
             "opt_state": per_device_bytes(state.opt_state), "kv_cache": 0, **memory(compiled), "compile_s": seconds}
 
@@ -163,21 +170,29 @@ def main(argv=None) -> int:
     p.add_argument("--weights", default="bf16",
                    help="comma list of bf16, int8, int4: the inference rows' weights (int8/int4: packed as "
                         "qwen2vl-convert --quantize writes them)")
+    p.add_argument("--decoder", default="scan",
+                   help="comma list of scan (the decoder's layers as one scanned layer: compile time "
+                        "independent of depth) and loop (one traced copy per layer)")
     p.add_argument("--train-batch", type=int, default=8)
     p.add_argument("--train-length", type=int, default=2048)
     args = p.parse_args(argv)
     parts = set(args.parts.split(","))
+    decoders = args.decoder.split(",")
+    if set(decoders) - {"scan", "loop"}:
+        p.error(f"--decoder {args.decoder!r}: give scan, loop or both")
     rows = []
     for name in args.models.split(","):
-        for weights in args.weights.split(",") if parts & {"prefill", "decode"} else ():
-            rows += inference(name, args.batch, args.prompt, args.new, parts, weights)
-            print(f"# {name} {weights} inference compiled", file=sys.stderr, flush=True)
-        if "train" in parts:
-            rows.append(training(name, args.train_batch, args.train_length))
-            print(f"# {name} training compiled", file=sys.stderr, flush=True)
+        for decoder in decoders:
+            scan = decoder == "scan"
+            for weights in args.weights.split(",") if parts & {"prefill", "decode"} else ():
+                rows += inference(name, args.batch, args.prompt, args.new, parts, weights, scan)
+                print(f"# {name} {weights} {decoder} inference compiled", file=sys.stderr, flush=True)
+            if "train" in parts:
+                rows.append(training(name, args.train_batch, args.train_length, scan))
+                print(f"# {name} {decoder} training compiled", file=sys.stderr, flush=True)
     print(f"per device, GiB, on 8 simulated devices (jax {jax.__version__}, XLA CPU); floor = params + opt + kv; "
           f"peak = arguments + temporaries + outputs - donated; fits: floor/peak")
-    head = (f"{'model':8} {'layers':>6} {'mesh':16} {'program':24} {'params':>7} {'opt':>7} {'kv':>7} {'floor':>7} "
+    head = (f"{'model':8} {'layers':>6} {'decoder':7} {'mesh':16} {'program':24} {'params':>7} {'opt':>7} {'kv':>7} {'floor':>7} "
             f"{'args':>7} {'temp':>7} {'out':>7} {'peak':>7}  {'v5e':7} {'v4':7} {'v5p':7} {'compile_s':>9} {'cpu_s':>7}")
     print(head)
     print("-" * len(head))
@@ -185,7 +200,7 @@ def main(argv=None) -> int:
     for r in rows:
         floor = r["params"] + r.get("opt_state", 0) + r["kv_cache"]
         fits = " ".join(f"{yes(floor <= cap) + '/' + yes(r['peak'] <= cap):7}" for cap in CHIPS.values())
-        print(f"{r['model']:8} {r['layers']:6d} {r['mesh']:16} {r['part']:24} {gib(r['params'])} "
+        print(f"{r['model']:8} {r['layers']:6d} {r['decoder']:7} {r['mesh']:16} {r['part']:24} {gib(r['params'])} "
               f"{gib(r.get('opt_state', 0))} {gib(r['kv_cache'])} {gib(floor)} {gib(r['arguments'])} "
               f"{gib(r['temporaries'])} {gib(r['outputs'])} {gib(r['peak'])}  {fits} "
               f"{r['compile_s'][0]:9.1f} {r['compile_s'][1]:7.1f}")

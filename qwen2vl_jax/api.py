@@ -29,6 +29,7 @@ from qwen2vl_jax.errors import CheckpointError, InputError
 from qwen2vl_jax.inputs import ModelInputs, build_inputs, pack_vision
 from qwen2vl_jax.modules.attention import KERNELS, MATMULS
 from qwen2vl_jax.modules.qwen2vl import Qwen2VLModule, init_shapes
+from qwen2vl_jax.params import stack_layers, unstack_layers
 from qwen2vl_jax.sampling import GenerationConfig
 from qwen2vl_jax.sharding import ShardingRules, check_divisible, param_shardings, place_params
 
@@ -70,12 +71,16 @@ class Qwen2VL:
     dtype: the compute dtype (default: float32 on CPU, bfloat16 elsewhere); attention: the
     attention kernel, "auto", "xla" or "cudnn" (default: $QWEN2VL_ATTENTION, else "auto");
     matmul: "f32" or "bf16" (default: $QWEN2VL_MATMUL, else "f32"), the precision of products of 64 rows or more (the vision
-    tower, prefill: inputs rounded to bf16, f32 accumulation; modules/attention.py). Both are
-    fixed for the model's life: a model with another choice compiles its own functions."""
+    tower, prefill: inputs rounded to bf16, f32 accumulation; modules/attention.py);
+    scan_layers: run the decoder's layers as one scanned layer, so compile time does not grow
+    with depth (the params are then held stacked, `model/layers/...` with a leading layer
+    axis; `params.unstack_layers` gives HF paths back). All are fixed for the model's life: a
+    model with another choice compiles its own functions."""
 
     def __init__(self, config: Qwen2VLConfig, params: dict, dtype=None, mesh: Mesh | None = None,
                  rules: ShardingRules | None = None, *, attention: str | None = None, matmul: str | None = None,
-                 generation_config: GenerationConfig | None = None, quantization: quant.Scheme | None = None):
+                 generation_config: GenerationConfig | None = None, quantization: quant.Scheme | None = None,
+                 scan_layers: bool = False):
         check_divisible(config, mesh)
         self.config = config
         self.quantization = quantization  # how the params are packed (quant.py), None for float
@@ -87,20 +92,25 @@ class Qwen2VL:
         if self.matmul not in MATMULS:
             raise InputError(f"matmul must be one of {', '.join(MATMULS)} (got {self.matmul!r})")
         self.mesh, self.rules = mesh, rules or ShardingRules()
+        self.scan_layers = bool(scan_layers)
+        params = unstack_layers(params)  # HF paths for the checks and the CPU layout
         if mesh is not None:
             quant.check_mesh(params, param_shardings(params, mesh, self.rules))
-        self.params = place_params(params, mesh, self.rules)  # a no-op without a mesh
-        if mesh is None and jax.default_backend() == "cpu" and quant.is_quantized(self.params):
+        if mesh is None and jax.default_backend() == "cpu" and quant.is_quantized(params):
             # packed kernels re-laid once for the CPU's matmuls (quant.cpu_layout)
-            self.params = quant.cpu_layout(self.params, init_shapes(config))
-        self.module = Qwen2VLModule(config, self.dtype, attention=self.attention, matmul=self.matmul)
+            params = quant.cpu_layout(params, init_shapes(config))
+        if self.scan_layers:  # one copy of the decoder's weights, once, at load
+            params = stack_layers(params)
+        self.params = place_params(params, mesh, self.rules)  # a no-op without a mesh
+        self.module = Qwen2VLModule(config, self.dtype, attention=self.attention, matmul=self.matmul,
+                                    scan_layers=self.scan_layers)
         self.generation_config = generation_config or GenerationConfig.from_model_config(config)
 
     # ---------------------------------------------------------------- loading
     @classmethod
     def from_pretrained(cls, path: str | Path, dtype=None, mesh: Mesh | None = None,
                         rules: ShardingRules | None = None, *, attention: str | None = None,
-                        matmul: str | None = None) -> "Qwen2VL":
+                        matmul: str | None = None, scan_layers: bool = False) -> "Qwen2VL":
         """Loads a converted folder (from qwen2vl-convert or training) or an HF-layout folder
         (config.json + safetensors); with a `mesh` the params are placed by the sharding rules
         as they load. generation_config.json gives the generation defaults."""
@@ -125,7 +135,8 @@ class Qwen2VL:
         else:
             params = load_hf_params(path, config, dtype, host=mesh is not None)
         return cls(config, params, dtype, mesh=mesh, rules=rules, attention=attention, matmul=matmul,
-                   generation_config=GenerationConfig.from_pretrained(path, config), quantization=scheme)
+                   generation_config=GenerationConfig.from_pretrained(path, config), quantization=scheme,
+                   scan_layers=scan_layers)
 
     @property
     def param_bytes(self) -> int:

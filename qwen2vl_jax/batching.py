@@ -60,7 +60,7 @@ FEATURE_BUCKET_MIN = 16  # the smallest bucket of merged vision features a promp
 class SlotState:
     """The decode batch: B slots (rows), S cache slots per row."""
 
-    cache: KVCache  # [B, S, K, hd] per layer
+    cache: KVCache  # [B, S, K, hd] per layer (stacked: [n, B, S, K, hd])
     kv_valid: jax.Array  # bool[B, S]: which cache slots of a row hold a real token
     pos: jax.Array  # int32[B]: the cache slot the row's next fed token is written to
     pos_offset: jax.Array  # int32[B]: the M-RoPE position of cache slot j is j + pos_offset
@@ -69,6 +69,13 @@ class SlotState:
     greedy: jax.Array  # bool[B]: argmax for this row (else sample with its settings)
     rng: jax.Array  # uint32[B, 2]: each row's key, split every step
     sampling: Sampling  # every field with a leading [B]
+
+    def rows(self, fn, *others: "SlotState") -> "SlotState":
+        """fn(array, its batch axis, *the same field of `others`) on every field: the batch axis
+        is 0 everywhere but in a scanned decoder's stacked cache."""
+        cache = jax.tree.map(lambda a, *o: fn(a, self.cache.batch_axis, *o), self.cache, *(x.cache for x in others))
+        rest = jax.tree.map(lambda a, *o: fn(a, 0, *o), self.replace(cache=None), *(x.replace(cache=None) for x in others))
+        return rest.replace(cache=cache)
 
     def constrain(self) -> "SlotState":
         return self.replace(cache=self.cache.constrain(), kv_valid=shard(self.kv_valid, "batch", None),
@@ -179,7 +186,7 @@ class SlotEngine:
         sampling = jax.tree.map(lambda x: jnp.broadcast_to(jnp.asarray(x), (b, *np.shape(x))), one)
         with self._scope("slots_init"):
             return SlotState(
-                cache=KVCache.zeros(self.config.text, b, s, self.module.dtype),
+                cache=KVCache.zeros(self.config.text, b, s, self.module.dtype, self.module.scan_layers),
                 kv_valid=jnp.zeros((b, s), bool), pos=jnp.zeros((b,), jnp.int32),
                 pos_offset=jnp.zeros((b,), jnp.int32), token=jnp.zeros((b,), jnp.int32),
                 seen=jnp.zeros((b, v), bool), greedy=jnp.ones((b,), bool),
@@ -194,7 +201,7 @@ class SlotEngine:
         lb = ids.shape[1]
         with self._scope("slot_prefill"):
             x = self._apply(params, ids, features, method=Qwen2VLModule.embed)
-            cache = KVCache.zeros(cfg, 1, lb, self.module.dtype)
+            cache = KVCache.zeros(cfg, 1, lb, self.module.dtype, self.module.scan_layers)
             hidden, layers = self._apply(params, x, batch["positions"], mask, cache.layers, 0,
                                          method=Qwen2VLModule.decode)
             logits = self._apply(params, hidden[:, -1], method=Qwen2VLModule.lm_logits).astype(jnp.float32)
@@ -210,19 +217,20 @@ class SlotEngine:
     def _insert_impl(self, state: SlotState, prefix: Prefix, slot, sampling: Sampling, greedy):
         """Row `slot` of the state <- the prefix: its real tokens moved from the end of the
         bucket to cache slots [0, n), the rest of the row masked off."""
-        lb = prefix.cache.k[0].shape[1]
+        lb = prefix.cache.slots
+        ax = prefix.cache.batch_axis  # 1 for a scanned decoder's stacked cache
         s = state.kv_valid.shape[1]
         shift = lb - prefix.length
 
-        def put(big, small):  # big [B, S, K, hd], small [1, Lb, K, hd]
-            small = jnp.roll(small, -shift, axis=1).astype(big.dtype)
+        def put(big, small):  # big [(n,) B, S, K, hd], small [(n,) 1, Lb, K, hd]
+            small = jnp.roll(small, -shift, axis=ax + 1).astype(big.dtype)
             if lb > s:  # only possible when the whole prompt still fits: keep its first S slots
-                small = small[:, :s]
-            return jax.lax.dynamic_update_slice(big, small, (slot, 0, 0, 0))
+                small = jax.lax.slice_in_dim(small, 0, s, axis=ax + 1)
+            return jax.lax.dynamic_update_slice_in_dim(big, small, slot, axis=ax)
 
         with self._scope("slot_insert"):
-            cache = KVCache(tuple(map(put, state.cache.k, prefix.cache.k)),
-                            tuple(map(put, state.cache.v, prefix.cache.v)))
+            cache = state.cache.replace(k=tuple(map(put, state.cache.k, prefix.cache.k)),
+                                        v=tuple(map(put, state.cache.v, prefix.cache.v)))
             row = lambda a, value: a.at[slot].set(value)  # noqa: E731
             return state.replace(
                 cache=cache, kv_valid=row(state.kv_valid, jnp.arange(s) < prefix.length),
@@ -236,8 +244,8 @@ class SlotEngine:
         if rows == state.kv_valid.shape[0]:
             return self._step_rows(params, state)
         # rows past `rows` are free: step the first ones and write them back in place (donated)
-        head, tok = self._step_rows(params, jax.tree.map(lambda a: a[:rows], state))
-        return jax.tree.map(lambda a, h: a.at[:rows].set(h), state, head).constrain(), tok
+        head, tok = self._step_rows(params, state.rows(lambda a, ax: jax.lax.slice_in_dim(a, 0, rows, axis=ax)))
+        return state.rows(lambda a, ax, h: jax.lax.dynamic_update_slice_in_dim(a, h, 0, axis=ax), head).constrain(), tok
 
     def _step_rows(self, params, state: SlotState):
         b, s = state.kv_valid.shape

@@ -41,49 +41,73 @@ CACHE_ROOM_MULTIPLE = 64  # max_new_tokens is rounded up to this for the cache's
 # ---------------------------------------------------------------------------- the cache
 @flax.struct.dataclass
 class KVCache:
-    """Keys and values of every decoder layer: k[i], v[i] are [B, S, K, hd] (S cache slots).
+    """Keys and values of every decoder layer: k[i], v[i] are [B, S, K, hd] (S cache slots);
+    for a scanned decoder (`stacked`), k[0] and v[0] are [n, B, S, K, hd], all n layers in one.
 
     The shapes, dtype and logical axes are declared here once; `abstract` gives the shapes for
     eval_shape/AOT, `shardings` the layout on a mesh, `constrain` pins it inside a trace."""
 
     k: tuple[jax.Array, ...]
     v: tuple[jax.Array, ...]
+    stacked: bool = flax.struct.field(pytree_node=False, default=False)
 
     AXES: ClassVar[tuple[str | None, ...]] = ("batch", None, "kv_heads", None)
+
+    @property
+    def axes(self) -> tuple[str | None, ...]:
+        return (None, *self.AXES) if self.stacked else self.AXES
+
+    @property
+    def batch_axis(self) -> int:
+        return 1 if self.stacked else 0
 
     @staticmethod
     def layer_shape(config: TextConfig, batch: int, slots: int) -> tuple[int, int, int, int]:
         return (batch, slots, config.num_key_value_heads, config.head_dim)
 
     @classmethod
-    def abstract(cls, config: TextConfig, batch: int, slots: int, dtype) -> "KVCache":
-        one = jax.ShapeDtypeStruct(cls.layer_shape(config, batch, slots), jnp.dtype(dtype))
-        n = config.num_hidden_layers
-        return cls((one,) * n, (one,) * n)
-
-    @classmethod
-    def zeros(cls, config: TextConfig, batch: int, slots: int, dtype) -> "KVCache":
-        """A fresh cache (inside a trace: constrained to its layout)."""
+    def _build(cls, config: TextConfig, batch: int, slots: int, stacked: bool, make) -> "KVCache":
         shape = cls.layer_shape(config, batch, slots)
         n = config.num_hidden_layers
-        return cls(tuple(jnp.zeros(shape, dtype) for _ in range(n)),
-                   tuple(jnp.zeros(shape, dtype) for _ in range(n))).constrain()
+        if stacked:
+            return cls((make((n, *shape)),), (make((n, *shape)),), stacked=True)
+        return cls(tuple(make(shape) for _ in range(n)), tuple(make(shape) for _ in range(n)))
+
+    @classmethod
+    def abstract(cls, config: TextConfig, batch: int, slots: int, dtype, stacked: bool = False) -> "KVCache":
+        return cls._build(config, batch, slots, stacked, lambda shape: jax.ShapeDtypeStruct(shape, jnp.dtype(dtype)))
+
+    @classmethod
+    def zeros(cls, config: TextConfig, batch: int, slots: int, dtype, stacked: bool = False) -> "KVCache":
+        """A fresh cache (inside a trace: constrained to its layout)."""
+        return cls._build(config, batch, slots, stacked, lambda shape: jnp.zeros(shape, dtype)).constrain()
+
+    def map(self, fn) -> "KVCache":
+        """fn applied to every cache array (k and v alike)."""
+        return self.replace(k=tuple(map(fn, self.k)), v=tuple(map(fn, self.v)))
 
     def constrain(self) -> "KVCache":
-        return KVCache(tuple(shard(x, *self.AXES) for x in self.k), tuple(shard(x, *self.AXES) for x in self.v))
+        return self.map(lambda x: shard(x, *self.axes))
 
     def shardings(self, mesh: Mesh, rules: ShardingRules | None = None) -> "KVCache":
         rules = rules or ShardingRules()
-        one = lambda x: named_sharding(mesh, rules, x.shape, *self.AXES)  # noqa: E731
-        return KVCache(tuple(map(one, self.k)), tuple(map(one, self.v)))
+        return self.map(lambda x: named_sharding(mesh, rules, x.shape, *self.axes))
 
     @property
-    def layers(self) -> tuple[LayerCache, ...]:
-        """The form the decoder module takes: one (k, v) per layer."""
+    def slots(self) -> int:
+        return self.k[0].shape[self.batch_axis + 1]
+
+    @property
+    def layers(self) -> tuple[LayerCache, ...] | LayerCache:
+        """The form the decoder module takes: one (k, v) per layer, or the stacked pair."""
+        if self.stacked:
+            return LayerCache(self.k[0], self.v[0])
         return tuple(LayerCache(k, v) for k, v in zip(self.k, self.v))
 
     @classmethod
     def of_layers(cls, layers) -> "KVCache":
+        if isinstance(layers, LayerCache):  # a scanned decoder's stacked cache
+            return cls((layers.k,), (layers.v,), stacked=True)
         return cls(tuple(c.k for c in layers), tuple(c.v for c in layers))
 
     @property
@@ -189,7 +213,7 @@ class Engine:
         self.rules = rules or ShardingRules()
         p_sh = params_sharding
         if p_sh is None and mesh is not None:
-            p_sh = param_shardings(init_shapes(self.config), mesh, self.rules)
+            p_sh = param_shardings(init_shapes(self.config, scan_layers=module.scan_layers), mesh, self.rules)
 
         # Params carry explicit shardings; the other inputs arrive laid out by their logical
         # axes (`_put`) and the state pins its own (`DecodeState.constrain`).
@@ -226,7 +250,7 @@ class Engine:
         slots = batch["kv_valid"].shape[1]
         with use_mesh(self.mesh, self.rules), jax.named_scope("prefill"):
             x = self._apply(params, ids, features, method=Qwen2VLModule.embed)
-            cache = KVCache.zeros(cfg, b, slots, self.module.dtype)
+            cache = KVCache.zeros(cfg, b, slots, self.module.dtype, self.module.scan_layers)
             hidden, layers = self._apply(params, x, batch["positions"], batch["kv_valid"], cache.layers, 0,
                                          method=Qwen2VLModule.decode)
             logits = self._apply(params, hidden[:, -1], method=Qwen2VLModule.lm_logits).astype(jnp.float32)

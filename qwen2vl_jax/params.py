@@ -8,6 +8,7 @@ which is the form conversion tables, freezing regexes and checkpoint checks work
 from __future__ import annotations
 
 import math
+import re
 from typing import Any
 
 import jax
@@ -51,3 +52,79 @@ def count_params(tree) -> int:
 def param_bytes(tree) -> int:
     """Bytes the leaves of a tree of arrays or ShapeDtypeStructs take."""
     return int(sum(math.prod(leaf.shape) * np.dtype(leaf.dtype).itemsize for leaf in jax.tree_util.tree_leaves(tree)))
+
+
+# ---------------------------------------------------------------- stacked decoder layers
+# A scanned decoder (`TextModel(scan_layers=True)`) keeps its layers as one tree with a leading
+# layer axis under `model/layers/...`; everywhere else (conversion, export, checkpoints, the
+# sharding and freezing regexes) the paths are HF's, one `model/layers_{i}/...` per layer.
+_LAYER = re.compile(r"^model/layers_(\d+)/(.+)$")
+STACKED_PREFIX = "model/layers/"
+
+
+def is_stacked(tree) -> bool:
+    """Whether a parameter tree holds its decoder layers stacked (`stack_layers`)."""
+    model = tree.get("model", {}) if hasattr(tree, "get") else {}
+    return "layers" in model
+
+
+def _stack(leaves: list):
+    first = leaves[0]
+    if isinstance(first, jax.ShapeDtypeStruct):
+        return jax.ShapeDtypeStruct((len(leaves), *first.shape), first.dtype)
+    if any(isinstance(x, jax.Array) for x in leaves):
+        return jax.numpy.stack(leaves)
+    return np.stack([np.asarray(x) for x in leaves])
+
+
+def stack_layers(tree: dict) -> dict:
+    """model/layers_{i}/X (i = 0..n-1) -> model/layers/X with a leading axis of n (arrays,
+    numpy or ShapeDtypeStructs; a tree already stacked is returned as it is). Every layer must
+    hold the same leaves: a missing one is a ValueError naming it."""
+    if is_stacked(tree):
+        return tree
+    flat = flatten(tree)
+    layers: dict[int, dict[str, Any]] = {}
+    out = {}
+    for path, leaf in flat.items():
+        m = _LAYER.match(path)
+        if m:
+            layers.setdefault(int(m.group(1)), {})[m.group(2)] = leaf
+        else:
+            out[path] = leaf
+    if not layers:
+        return tree
+    n = len(layers)
+    if sorted(layers) != list(range(n)):
+        raise ValueError(f"decoder layers {sorted(layers)} are not numbered 0..{n - 1}")
+    names = sorted(layers[0])
+    for i, layer in layers.items():
+        if sorted(layer) != names:
+            odd = sorted(set(names) ^ set(layer))
+            raise ValueError(f"decoder layer {i} does not hold the leaves layer 0 holds: {odd[:3]}")
+    for name in names:
+        out[STACKED_PREFIX + name] = _stack([layers[i][name] for i in range(n)])
+    return unflatten(out)
+
+
+def unstack_layers(tree: dict) -> dict:
+    """Inverse of `stack_layers`: model/layers/X [n, ...] -> model/layers_{i}/X (a tree not
+    stacked is returned as it is)."""
+    if not is_stacked(tree):
+        return tree
+    out = {}
+    for path, leaf in flatten(tree).items():
+        if not path.startswith(STACKED_PREFIX):
+            out[path] = leaf
+            continue
+        name = path[len(STACKED_PREFIX):]
+        for i in range(leaf.shape[0]):
+            out[f"model/layers_{i}/{name}"] = (jax.ShapeDtypeStruct(leaf.shape[1:], leaf.dtype)
+                                               if isinstance(leaf, jax.ShapeDtypeStruct) else leaf[i])
+    return unflatten(out)
+
+
+def layer_path(path: str, i: int = 0) -> str:
+    """A stacked path model/layers/X -> model/layers_{i}/X (others unchanged): what the
+    HF-path regexes (sharding rules, training stages) are matched against."""
+    return f"model/layers_{i}/{path[len(STACKED_PREFIX):]}" if path.startswith(STACKED_PREFIX) else path

@@ -49,7 +49,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from qwen2vl_jax.errors import InputError, listing
-from qwen2vl_jax.params import flatten, unflatten
+from qwen2vl_jax.params import STACKED_PREFIX, flatten, unflatten
 
 PARTS = ("qweight", "scales", "zeros", "perm")
 RUNTIME_PARTS = PARTS + ("offsets",)  # the leaves a layer may hold in memory (`cpu_layout` adds offsets)
@@ -671,14 +671,15 @@ def check_mesh(params, shardings) -> None:
     bad = []
     for path, scales in flat.items():
         head, _, leaf = path.rpartition("/")
-        if leaf != "scales" or head.endswith("embed_tokens") or scales.shape[0] == 1:
+        dim = 1 if path.startswith(STACKED_PREFIX) else 0  # a scanned decoder's layer axis comes first
+        if leaf != "scales" or head.endswith("embed_tokens") or scales.shape[dim] == 1:
             continue
         sharding = layout[f"{head}/qweight"]
-        split = sharding.spec[0] if len(sharding.spec) else None
+        split = sharding.spec[dim] if len(sharding.spec) > dim else None
         split = (split,) if isinstance(split, str) else tuple(split or ())
         ways = math.prod(sharding.mesh.shape[a] for a in split)
-        if ways > 1 and scales.shape[0] % ways:
-            bad.append(f"{head} ({scales.shape[0]} groups over {'*'.join(split)}={ways})")
+        if ways > 1 and scales.shape[dim] % ways:
+            bad.append(f"{head} ({scales.shape[dim]} groups over {'*'.join(split)}={ways})")
     if bad:
         raise InputError(f"the mesh would cut the quantization groups of {len(bad)} weight(s): {listing(bad)}; "
                          "choose a mesh whose split of their input rows divides the group count")

@@ -101,6 +101,21 @@ def _worker() -> dict:
             "q_shard_shape": list(q.addressable_shards[0].data.shape),
             "q_shape": list(q.shape),
         }
+    # The scanned decoder on the same mesh: stacked params split as layer 0's, after a
+    # replicated layer axis; the stacked cache likewise.
+    mesh = make_mesh(MESHES["fsdp2_tensor4"])
+    model = Qwen2VL(config, params, "float32", mesh=mesh, scan_layers=True)
+    logits, tokens, full, state = run(model)
+    stacked = model.params["model"]["layers"]
+    report["scanned"] = {
+        "step_logits_err": float(np.abs(logits - ref_logits).max() / np.abs(ref_logits).max()),
+        "forward_logits_err": float(np.abs(full - ref_full).max() / np.abs(ref_full).max()),
+        "tokens_equal": bool(np.array_equal(tokens, ref_tokens)),
+        "q_proj": spec_of(stacked["self_attn"]["q_proj"]["kernel"]),
+        "down_proj": spec_of(stacked["mlp"]["down_proj"]["kernel"]),
+        "cache_k": spec_of(state.cache.k[0]),
+        "cache_shape": list(state.cache.k[0].shape),
+    }
     # Params restored from a checkpoint go straight into their shards (no gather on one host).
     import tempfile
 
@@ -183,6 +198,14 @@ def test_params_really_sharded(report):
     assert loaded["q_shard_shape"] == f2["q_shard_shape"] and loaded["equal"]
     for name in MESHES:  # the decode state's cache is laid out as its type declares
         assert report[name]["specs"]["cache_k"] == report[name]["specs"]["cache_declared"], name
+
+
+def test_scanned_decoder_sharded(report):
+    r = report["scanned"]
+    assert r["step_logits_err"] <= 1e-5 and r["forward_logits_err"] <= 1e-5 and r["tokens_equal"], r
+    assert r["q_proj"] == [None, "fsdp", "tensor"] and r["down_proj"] == [None, "tensor", "fsdp"], r
+    assert r["cache_k"] == [None, "fsdp", None, "tensor", None], r
+    assert r["cache_shape"][0] == 2, r  # the sharded config's layers, stacked
 
 
 def test_bad_meshes_refused(report):

@@ -107,14 +107,15 @@ class Trainer:
 
     def __init__(self, config: Qwen2VLConfig, stage: st.Stage, total_steps: int, *, mesh=None,
                  rules: ShardingRules | None = None, remat: bool = False, compute_dtype=jnp.float32,
-                 loss_chunk: int = LOSS_CHUNK):
+                 loss_chunk: int = LOSS_CHUNK, scan_layers: bool = False):
         self.config = config
         self.loss_chunk = loss_chunk
         self.stage = stage
         self.total_steps = int(total_steps)
         self.mesh = mesh
         self.rules = rules or ShardingRules()
-        self.module = Qwen2VLModule(config, jnp.dtype(compute_dtype), remat)
+        # scan_layers: the decoder scanned, its params (and so the state) stacked (params.stack_layers)
+        self.module = Qwen2VLModule(config, jnp.dtype(compute_dtype), remat, scan_layers=scan_layers)
         self.optimizer = st.make_optimizer(stage, self.total_steps)
         self.schedule = st.schedule(stage, self.total_steps)
         self.trainable: frozenset[str] | None = None

@@ -24,6 +24,7 @@ import optax
 from flax import traverse_util
 
 from qwen2vl_jax.errors import InputError
+from qwen2vl_jax.params import STACKED_PREFIX, layer_path, path_str
 
 
 @dataclasses.dataclass(frozen=True)
@@ -68,9 +69,21 @@ def _flat(params) -> dict[str, object]:
     return traverse_util.flatten_dict(params, sep="/")
 
 
+def _trains(stage: Stage, path: str, leaf) -> bool:
+    """Whether `stage` trains `path`; a stacked decoder path (params.stack_layers) is matched
+    as each of its layers' HF paths, and must be trained in all of them or in none."""
+    if not path.startswith(STACKED_PREFIX):
+        return stage.trains(path)
+    picks = {stage.trains(layer_path(path, i)) for i in range(leaf.shape[0])}
+    if len(picks) > 1:
+        raise InputError(f"the patterns {list(stage.train)} train {layer_path(path, 0).split('/', 2)[2]} in some "
+                         "decoder layers but not others; a scanned decoder trains a weight in all its layers or in none")
+    return picks.pop()
+
+
 def trainable_paths(params, stage: Stage) -> frozenset[str]:
     """The parameter paths `stage` trains; an error if it trains none."""
-    paths = frozenset(p for p in _flat(params) if stage.trains(p))
+    paths = frozenset(p for p, leaf in _flat(params).items() if _trains(stage, p, leaf))
     if not paths:
         raise InputError(f"stage {stage.name!r} trains no parameter: no parameter path matches the patterns "
                          f"{list(stage.train)} (--train, or the stage's own); paths look like "
@@ -104,8 +117,12 @@ def schedule(stage: Stage, total_steps: int) -> Callable:
 
 
 def decay_mask(params):
-    """Weight decay on matrices (kernels, embeddings), not on biases or norm scales."""
-    return jax.tree.map(lambda x: x.ndim >= 2, params)
+    """Weight decay on matrices (kernels, embeddings), not on biases or norm scales (a
+    scanned decoder's stacked leaves have one more axis, the layer's)."""
+    def matrix(path, x):
+        return x.ndim - path_str(path).startswith(STACKED_PREFIX) >= 2
+
+    return jax.tree_util.tree_map_with_path(matrix, params)
 
 
 def make_optimizer(stage: Stage, total_steps: int) -> optax.GradientTransformation:

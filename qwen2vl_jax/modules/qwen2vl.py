@@ -44,6 +44,7 @@ class Qwen2VLModule(nn.Module):
     remat: bool = False
     attention: str = "auto"  # the attention kernel (modules/attention.py); static, part of the module
     matmul: str = "f32"  # the large products' precision, f32 or bf16 (modules/attention.py); static too
+    scan_layers: bool = False  # the decoder's layers scanned: params under model/layers/ stacked
 
     def setup(self):
         cfg = self.config
@@ -51,7 +52,7 @@ class Qwen2VLModule(nn.Module):
             raise ValueError(f"attention kernel must be one of {', '.join(KERNELS)} (got {self.attention!r})")
         check_matmul(self.matmul)
         self.visual = VisionTransformer(cfg.vision, self.dtype, self.remat, self.attention, self.matmul)
-        self.model = TextModel(cfg.text, self.dtype, self.remat, self.attention, self.matmul)
+        self.model = TextModel(cfg.text, self.dtype, self.remat, self.attention, self.matmul, self.scan_layers)
         if not cfg.tie_word_embeddings:
             self.lm_head = Linear(cfg.text.vocab_size, use_bias=False, dtype=self.dtype)
 
@@ -105,12 +106,13 @@ def _init_args(config: Qwen2VLConfig):
 
 
 def init_params(config: Qwen2VLConfig, rng: jax.Array) -> dict:
-    """Freshly initialised float32 parameters (Flax's default initialisers)."""
+    """Freshly initialised float32 parameters (Flax's default initialisers), HF paths."""
     module = Qwen2VLModule(config)
     return jax.jit(module.init)(rng, *_init_args(config))["params"]
 
 
-def init_shapes(config: Qwen2VLConfig, dtype=jnp.float32) -> dict:
-    """The parameter tree as ShapeDtypeStructs, without allocating anything."""
-    module = Qwen2VLModule(config, dtype)
+def init_shapes(config: Qwen2VLConfig, dtype=jnp.float32, scan_layers: bool = False) -> dict:
+    """The parameter tree as ShapeDtypeStructs, without allocating anything (scan_layers: with
+    the decoder's layers stacked, as a scanned module takes them)."""
+    module = Qwen2VLModule(config, dtype, scan_layers=scan_layers)
     return jax.eval_shape(lambda: module.init(jax.random.PRNGKey(0), *_init_args(config)))["params"]

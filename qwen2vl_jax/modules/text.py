@@ -183,19 +183,29 @@ class DecoderLayer(nn.Module):
 
 
 class TextModel(nn.Module):
-    """embed_tokens, layers_i, norm: the HF `model` (language_model) subtree."""
+    """embed_tokens, layers_i (or the stacked `layers`), norm: the HF `model` (language_model) subtree."""
 
     config: TextConfig
     dtype: Any = jnp.float32
     remat: bool = False
     attention: str = "auto"
     matmul: str = "f32"
+    scan_layers: bool = False  # the layers as one scanned layer (params stacked: params.stack_layers)
 
     def setup(self):
         cfg = self.config
         self.embed_tokens = Embed(cfg.vocab_size, cfg.hidden_size, dtype=self.dtype)
         layer_cls = nn.remat(DecoderLayer, static_argnums=()) if self.remat else DecoderLayer
-        self.layers = [layer_cls(cfg, self.dtype, self.attention, self.matmul) for _ in range(cfg.num_hidden_layers)]
+        if self.scan_layers:
+            # One layer traced and compiled once, run n times by lax.scan over the stacked
+            # params (model/layers/X [n, ...]) and the stacked cache ([n, B, S, K, hd]).
+            scanned = nn.scan(layer_cls, variable_axes={"params": 0}, split_rngs={"params": True},
+                              in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, 0, nn.broadcast),
+                              length=cfg.num_hidden_layers)
+            self.layers = scanned(cfg, self.dtype, self.attention, self.matmul)
+        else:
+            self.layers = [layer_cls(cfg, self.dtype, self.attention, self.matmul)
+                           for _ in range(cfg.num_hidden_layers)]
         self.norm = RMSNorm(cfg.rms_norm_eps, self.dtype)
 
     def embed(self, input_ids):
@@ -203,7 +213,8 @@ class TextModel(nn.Module):
 
     def __call__(self, embeds, positions, kv_valid, cache=None, cache_index=0):
         """embeds [B, L, D]; positions int[3, B, L]; kv_valid bool[B, S];
-        cache: tuple of LayerCache (one per layer) or None -> (hidden [B, L, D], new cache)."""
+        cache: tuple of LayerCache (one per layer), with scan_layers one LayerCache of
+        [n, B, S, K, hd] arrays, or None -> (hidden [B, L, D], the new cache in the same form)."""
         cfg = self.config
         b, l, _ = embeds.shape
         cos, sin = mrope_cos_sin(positions, cfg.head_dim, cfg.rope_theta, cfg.mrope_section)
@@ -212,6 +223,10 @@ class TextModel(nn.Module):
         k_slot = jnp.arange(kv_valid.shape[1])
         mask = (k_slot <= q_slot[..., None]) & kv_valid[:, None, :]  # [B, L, S]
         x = shard(embeds.astype(self.dtype), "batch", "seq", "embed")
+        if self.scan_layers:
+            with jax.named_scope("decoder_layers"):
+                x, stacked = self.layers(x, cos, sin, mask, cache, cache_index)
+            return self.norm(x), stacked
         new_cache = []
         for i, layer in enumerate(self.layers):
             with jax.named_scope(f"decoder_layer_{i}"):

@@ -1,0 +1,174 @@
+"""The scanned decoder (`scan_layers=True`): one layer compiled once and run by lax.scan over
+stacked params, equal to the layer loop in logits, greedy tokens, continuous batching, a
+sharded mesh, quantized weights and training gradients (fp32, tiny models)."""
+
+from __future__ import annotations
+
+import jax
+import numpy as np
+import pytest
+
+import hf_utils
+
+pytest.importorskip("torch")
+
+from qwen2vl_jax import Qwen2VL  # noqa: E402
+from qwen2vl_jax.params import flatten, is_stacked, stack_layers, unflatten, unstack_layers  # noqa: E402
+
+CASES = {c.name: c for c in hf_utils.standard_cases()}
+
+
+@pytest.fixture(scope="module")
+def pair(tiny_hf, tiny_ours):
+    """(the layer loop, the scanned decoder) over the same untied tiny model."""
+    loop = tiny_ours["untied"]
+    scanned = Qwen2VL(loop.config, loop.params, "float32", scan_layers=True)
+    return loop, scanned
+
+
+def test_stack_and_unstack_are_inverse(pair):
+    loop, scanned = pair
+    assert is_stacked(scanned.params) and not is_stacked(loop.params)
+    n = loop.config.text.num_hidden_layers
+    kernel = scanned.params["model"]["layers"]["mlp"]["up_proj"]["kernel"]
+    assert kernel.shape == (n, *loop.params["model"]["layers_0"]["mlp"]["up_proj"]["kernel"].shape)
+    back = flatten(unstack_layers(scanned.params))
+    assert sorted(back) == sorted(flatten(loop.params))
+    for path, leaf in flatten(loop.params).items():
+        np.testing.assert_array_equal(np.asarray(back[path]), np.asarray(leaf), err_msg=path)
+    assert stack_layers(scanned.params) is scanned.params  # already stacked: unchanged
+    broken = flatten(loop.params)
+    del broken["model/layers_1/mlp/up_proj/kernel"]
+    with pytest.raises(ValueError, match="decoder layer 1"):
+        stack_layers(unflatten(broken))
+
+
+@pytest.mark.parametrize("case_name", list(CASES))
+def test_scanned_logits_and_tokens_equal_the_loop(pair, case_name):
+    loop, scanned = pair
+    case = CASES[case_name]
+    np.testing.assert_allclose(scanned.logits(**case.inputs()), loop.logits(**case.inputs()), rtol=0, atol=2e-5)
+    np.testing.assert_array_equal(scanned.generate(**case.inputs(), max_new_tokens=12),
+                                  loop.generate(**case.inputs(), max_new_tokens=12))
+
+
+def test_scanned_continuous_batching_equals_offline(pair):
+    """Prompts of three lengths prefilled, put into slots 0, 1 and 2 of a 4-row cache and
+    stepped together (on the 4-row and the 2-row bucket), as the server runs them: each row's
+    tokens are the layer loop's offline greedy tokens."""
+    from qwen2vl_jax.batching import SlotEngine
+    from qwen2vl_jax.sampling import GenerationConfig
+
+    loop, scanned = pair
+    n = 8
+    gc = GenerationConfig(max_new_tokens=n, eos_token_ids=())
+    rng = np.random.default_rng(0)
+    prompts = [rng.integers(0, 190, size=k) for k in (5, 13, 30)]
+    want = [loop.generate(p[None], max_new_tokens=n, eos_token_ids=())[0].tolist() for p in prompts]
+    slots = SlotEngine(scanned.engine, max_batch=4, max_context=64)
+    state = slots.init_state()
+    got = [[] for _ in prompts]
+    for i, p in enumerate(prompts[:2]):
+        prefix = slots.prefill(scanned.params, slots.prompt_inputs(p, room=n), None, gc)
+        got[i].append(int(prefix.token))
+        state = slots.insert(state, prefix, i, gc)
+    for _ in range(3):  # rows 0-1 alone: the 2-row bucket, written back into the 4-row state
+        state, tok = slots.step(scanned.params, state, 2)
+        for i in range(2):
+            got[i].append(int(tok[i]))
+    prefix = slots.prefill(scanned.params, slots.prompt_inputs(prompts[2], room=n), None, gc)
+    got[2].append(int(prefix.token))
+    state = slots.insert(state, prefix, 2, gc)
+    while min(len(g) for g in got) < n:
+        state, tok = slots.step(scanned.params, state, 3)
+        for i in range(3):
+            if len(got[i]) < n:
+                got[i].append(int(tok[i]))
+    assert got == want
+
+
+@pytest.mark.parametrize("scheme", [("int8", 8, -1, True), ("int4", 4, 16, False)], ids=["int8", "int4"])
+def test_scanned_quantized_equals_the_loop(pair, scheme):
+    """Packed weights (in their CPU form) stacked: the scanned model's logits and tokens are
+    the layer loop's on the same packed params."""
+    from qwen2vl_jax import quant
+
+    from qwen2vl_jax.config import TINY  # even widths, as int4 packing needs
+    from qwen2vl_jax.modules.qwen2vl import init_params
+
+    params = jax.tree.map(np.asarray, init_params(TINY, jax.random.PRNGKey(5)))
+    packed = quant.quantize_params(params, quant.Scheme(*scheme))
+    a = Qwen2VL(TINY, packed, "float32", quantization=quant.Scheme(*scheme))
+    b = Qwen2VL(TINY, packed, "float32", quantization=quant.Scheme(*scheme), scan_layers=True)
+    assert quant.is_quantized(b.params) and "qweight" in b.params["model"]["layers"]["mlp"]["up_proj"]
+    case = CASES["one_image"]
+    np.testing.assert_allclose(b.logits(**case.inputs()), a.logits(**case.inputs()), rtol=0, atol=2e-5)
+    np.testing.assert_array_equal(b.generate(**case.inputs(), max_new_tokens=10),
+                                  a.generate(**case.inputs(), max_new_tokens=10))
+
+
+def test_scanned_training_gradients_equal_the_loop():
+    """A stage-2 train step's loss and gradients (remat on) through the scanned decoder are
+    the layer loop's; a stage that trains some layers but not others is refused in one line."""
+    import jax.numpy as jnp  # noqa: F401
+
+    from qwen2vl_jax.config import TINY
+    from qwen2vl_jax.errors import InputError
+    from qwen2vl_jax.modules.qwen2vl import init_params
+    from qwen2vl_jax.train import data, loop, stages as st
+    from test_train import case_examples
+
+    exs = case_examples(TINY)
+    batch = data.stack_micro([data.collate(exs[:4], TINY)])
+    params = jax.tree.map(np.asarray, init_params(TINY, jax.random.PRNGKey(2)))
+    stage = st.get_stage(2)
+    la, ga = loop.Trainer(TINY, stage, 10, remat=True).grads(params, batch)
+    lb, gb = loop.Trainer(TINY, stage, 10, remat=True, scan_layers=True).grads(stack_layers(params), batch)
+    assert abs(float(la) - float(lb)) <= 1e-6 * float(la)
+    ga, gb = flatten(ga), flatten(unstack_layers(jax.device_get(gb)))
+    assert sorted(ga) == sorted(gb)
+    for k in ga:
+        err = np.linalg.norm(gb[k] - ga[k]) / max(np.linalg.norm(ga[k]), 1e-30)
+        assert err <= 1e-5, (k, err)
+    one_layer = st.get_stage(2, train=(r"model/layers_0/",))
+    with pytest.raises(InputError, match="some decoder layers but not others"):
+        st.trainable_paths(stack_layers(params), one_layer)
+
+
+def test_scanned_weight_decay_skips_stacked_norms_and_biases():
+    """AdamW decays matrices only: a stacked norm scale or bias ([n, D]) is not a matrix."""
+    from qwen2vl_jax.config import TINY
+    from qwen2vl_jax.modules.qwen2vl import init_shapes
+    from qwen2vl_jax.train import stages as st
+
+    loop_mask = flatten(st.decay_mask(init_shapes(TINY)))
+    scan_mask = flatten(st.decay_mask(init_shapes(TINY, scan_layers=True)))
+    for path, decays in scan_mask.items():
+        assert decays == loop_mask[path.replace("model/layers/", "model/layers_0/")], path
+    assert scan_mask["model/layers/mlp/up_proj/kernel"] and not scan_mask["model/layers/input_layernorm/scale"]
+
+
+def test_cli_scan_layers_flag_answers_the_same(tmp_path):
+    """qwen2vl-generate --scan-layers on the demo model: the same tokens as without it."""
+    import contextlib
+    import io
+    import json
+    import random
+
+    from qwen2vl_jax.cli import generate_main
+    from qwen2vl_jax.config import DEMO_DIR
+    from qwen2vl_jax.train import synthetic
+
+    if not (DEMO_DIR / "config.json").is_file():
+        pytest.skip("the demo model is not shipped in this checkout")
+    image, _ = synthetic.single_shape(random.Random(4))
+    image.save(tmp_path / "shape.png")
+    base = ["--image", str(tmp_path / "shape.png"), "--prompt", "What shape is this?", "--max-new-tokens", "8",
+            "--json"]
+    outs = []
+    for extra in ([], ["--scan-layers"]):
+        out = io.StringIO()
+        with contextlib.redirect_stdout(out):
+            assert generate_main(base + extra) == 0
+        outs.append(json.loads(out.getvalue())["token_ids"])
+    assert outs[0] == outs[1] and len(outs[0]) > 1
