@@ -53,6 +53,7 @@ log = logging.getLogger(__name__)
 
 HEARTBEAT_S = 10.0  # an idle process 0 tells the followers it is alive this often
 FEATURE_BUCKET_MIN = 16  # the smallest bucket of merged vision features a prompt carries
+CONTEXT_BUCKET_MIN = 256  # the fewest cache slots a decode step attends over
 
 
 # ---------------------------------------------------------------------------- device state
@@ -165,9 +166,13 @@ class SlotEngine:
                              f"(got {max_context})")
         self._prefill = jax.jit(self._prefill_impl)
         self._insert = jax.jit(self._insert_impl, donate_argnums=0)
-        self._step = jax.jit(self._step_impl, donate_argnums=1, static_argnums=2)
+        self._step = jax.jit(self._step_impl, donate_argnums=1, static_argnums=(2, 3))
         # decode runs on the first k rows: k one of these (powers of two, and max_batch)
         self.row_buckets = tuple(sorted({min(1 << i, self.max_batch) for i in range(self.max_batch.bit_length() + 1)}))
+        # and attends over the first c cache slots: c one of these (powers of two from
+        # CONTEXT_BUCKET_MIN, and max_context), the fewest that hold every live row's tokens
+        self.context_buckets = tuple(sorted({min(CONTEXT_BUCKET_MIN << i, self.max_context)
+                                             for i in range(max(1, self.max_context.bit_length()))}))
         self._init = jax.jit(self._init_impl)
         self.lockstep: Lockstep | None = None  # set on process 0 of a multi-process run
 
@@ -240,14 +245,17 @@ class SlotEngine:
                 sampling=jax.tree.map(row, state.sampling, sampling),
             ).constrain()
 
-    def _step_impl(self, params, state: SlotState, rows: int):
+    def _step_impl(self, params, state: SlotState, rows: int, context: int):
         if rows == state.kv_valid.shape[0]:
-            return self._step_rows(params, state)
+            return self._step_rows(params, state, context)
         # rows past `rows` are free: step the first ones and write them back in place (donated)
-        head, tok = self._step_rows(params, state.rows(lambda a, ax: jax.lax.slice_in_dim(a, 0, rows, axis=ax)))
+        head, tok = self._step_rows(params, state.rows(lambda a, ax: jax.lax.slice_in_dim(a, 0, rows, axis=ax)),
+                                    context)
         return state.rows(lambda a, ax, h: jax.lax.dynamic_update_slice_in_dim(a, h, 0, axis=ax), head).constrain(), tok
 
-    def _step_rows(self, params, state: SlotState):
+    def _step_rows(self, params, state: SlotState, context: int):
+        """One token per row; attention reads cache slots [0, context) only (every live row's
+        tokens are there; a free row's result is discarded)."""
         b, s = state.kv_valid.shape
         with self._scope("slot_step"):
             pos = jnp.minimum(state.pos, s - 1)  # a free row may run past its end: it is discarded
@@ -255,7 +263,7 @@ class SlotEngine:
             kv_valid = state.kv_valid.at[rows, pos].set(True)
             x = self._apply(params, state.token[:, None], None, method=Qwen2VLModule.embed)
             positions = jnp.broadcast_to((pos + state.pos_offset)[None, :, None], (3, b, 1))
-            hidden, layers = self._apply(params, x, positions, kv_valid, state.cache.layers, pos,
+            hidden, layers = self._apply(params, x, positions, kv_valid[:, :context], state.cache.layers, pos,
                                          method=Qwen2VLModule.decode)
             logits = self._apply(params, hidden[:, -1], method=Qwen2VLModule.lm_logits).astype(jnp.float32)
             rng, keys = _split_rows(state.rng)
@@ -335,13 +343,21 @@ class SlotEngine:
         """The row bucket that covers slots [0, live)."""
         return next(b for b in self.row_buckets if b >= live)
 
-    def step(self, params, state: SlotState, rows: int | None = None) -> tuple[SlotState, jax.Array]:
+    def context_for(self, tokens: int) -> int:
+        """The context bucket that holds `tokens` cache slots (max_context at most)."""
+        return next((c for c in self.context_buckets if c >= tokens), self.max_context)
+
+    def step(self, params, state: SlotState, rows: int | None = None,
+             context: int | None = None) -> tuple[SlotState, jax.Array]:
         """One token for each of the first `rows` rows (a row bucket; default every row) ->
-        (the next state, their tokens int32[rows]); the state passed in is donated."""
+        (the next state, their tokens int32[rows]); the state passed in is donated. context:
+        the most cache slots a live row will hold after this step (prompt + tokens fed so far;
+        default max_context): attention reads only its bucket's slots."""
         rows = self.max_batch if rows is None else self.rows_for(rows)
+        context = self.max_context if context is None else self.context_for(context)
         if self.lockstep is not None:
-            self.lockstep.send("step", rows=rows)
-        return self._step(params, state, rows)
+            self.lockstep.send("step", rows=rows, context=context)
+        return self._step(params, state, rows, context)
 
     def follow(self, params, lockstep: Lockstep | None = None) -> None:
         """In a process other than 0: make process 0's calls as they come (`Lockstep`) until
@@ -364,7 +380,7 @@ class SlotEngine:
             elif op == "insert":
                 state = self._insert(state, prefix, np.int32(meta["slot"]), _unflat("sampling", a, like), a["greedy"])
             elif op == "step":
-                state, _ = self._step(params, state, meta["rows"])
+                state, _ = self._step(params, state, meta["rows"], meta["context"])
             elif op != "ping":
                 raise RuntimeError(f"process 0 sent an unknown call {op!r}")
 
@@ -527,7 +543,8 @@ class Batcher:
                 inputs = self.slots.prompt_inputs(np.zeros((n,), np.int32), room=1)
                 state = self.slots.insert(state, self.slots.prefill(self.params, inputs, None, gc), 0, gc)
             for rows in self.slots.row_buckets:  # every bucket, on a state each kind of step returned
-                state, tok = self.slots.step(self.params, state, rows)
+                for context in self.slots.context_buckets:
+                    state, tok = self.slots.step(self.params, state, rows, context)
         jax.block_until_ready(tok)
 
     # ------------------------------------------------------------ the thread
@@ -592,7 +609,9 @@ class Batcher:
     def _step(self) -> None:
         try:
             live = max(i for i, r in enumerate(self._active) if r is not None) + 1
-            self._state, tokens = self.slots.step(self.params, self._state, live)
+            # a row writes its last token at slot prompt + generated - 1 and attends up to it
+            context = max(len(r.input_ids) + r.generated for r in self._active if r is not None)
+            self._state, tokens = self.slots.step(self.params, self._state, live, context)
             tokens = np.asarray(jax.device_get(tokens))
         except Exception as e:  # noqa: BLE001 - fail the rows in flight, keep serving
             log.exception("decode step failed")

@@ -52,35 +52,40 @@ def test_scanned_logits_and_tokens_equal_the_loop(pair, case_name):
                                   loop.generate(**case.inputs(), max_new_tokens=12))
 
 
-def test_scanned_continuous_batching_equals_offline(pair):
-    """Prompts of three lengths prefilled, put into slots 0, 1 and 2 of a 4-row cache and
-    stepped together (on the 4-row and the 2-row bucket), as the server runs them: each row's
-    tokens are the layer loop's offline greedy tokens."""
+@pytest.mark.parametrize("which", ["loop", "scanned"])
+def test_continuous_batching_equals_offline(pair, which):
+    """Prompts of three lengths prefilled, put into slots 0, 1 and 2 of a 4-row cache of 300
+    slots and stepped together (on the 4-row and the 2-row bucket, attending over the 256-slot
+    context bucket that holds them), as the server runs them: each row's tokens are the layer
+    loop's offline greedy tokens, for the layer loop and the scanned decoder."""
     from qwen2vl_jax.batching import SlotEngine
     from qwen2vl_jax.sampling import GenerationConfig
 
     loop, scanned = pair
+    model = scanned if which == "scanned" else loop
     n = 8
     gc = GenerationConfig(max_new_tokens=n, eos_token_ids=())
     rng = np.random.default_rng(0)
     prompts = [rng.integers(0, 190, size=k) for k in (5, 13, 30)]
     want = [loop.generate(p[None], max_new_tokens=n, eos_token_ids=())[0].tolist() for p in prompts]
-    slots = SlotEngine(scanned.engine, max_batch=4, max_context=64)
+    slots = SlotEngine(model.engine, max_batch=4, max_context=300)
+    assert slots.context_buckets == (256, 300) and slots.context_for(40) == 256
     state = slots.init_state()
     got = [[] for _ in prompts]
+    context = lambda live: max(len(prompts[i]) + len(got[i]) for i in live)  # noqa: E731 - as Batcher._step
     for i, p in enumerate(prompts[:2]):
-        prefix = slots.prefill(scanned.params, slots.prompt_inputs(p, room=n), None, gc)
+        prefix = slots.prefill(model.params, slots.prompt_inputs(p, room=n), None, gc)
         got[i].append(int(prefix.token))
         state = slots.insert(state, prefix, i, gc)
     for _ in range(3):  # rows 0-1 alone: the 2-row bucket, written back into the 4-row state
-        state, tok = slots.step(scanned.params, state, 2)
+        state, tok = slots.step(model.params, state, 2, context((0, 1)))
         for i in range(2):
             got[i].append(int(tok[i]))
-    prefix = slots.prefill(scanned.params, slots.prompt_inputs(prompts[2], room=n), None, gc)
+    prefix = slots.prefill(model.params, slots.prompt_inputs(prompts[2], room=n), None, gc)
     got[2].append(int(prefix.token))
     state = slots.insert(state, prefix, 2, gc)
     while min(len(g) for g in got) < n:
-        state, tok = slots.step(scanned.params, state, 3)
+        state, tok = slots.step(model.params, state, 3, context((0, 1, 2)))
         for i in range(3):
             if len(got[i]) < n:
                 got[i].append(int(tok[i]))

@@ -69,7 +69,8 @@ class Qwen2VLModule(nn.Module):
         return merge_vision(x, input_ids, features, self.config.image_token_id, self.config.video_token_id)
 
     def decode(self, embeds, positions, kv_valid, cache=None, cache_index=0):
-        """The decoder: embeds [B, L, D], positions int[3, B, L], kv_valid bool[B, S] ->
+        """The decoder: embeds [B, L, D], positions int[3, B, L], kv_valid bool[B, C] (C <= S
+        cache slots attended; see TextModel) ->
         (hidden [B, L, D], the updated cache or None)."""
         return self.model(embeds, positions, kv_valid, cache, cache_index)
 
