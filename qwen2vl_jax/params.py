@@ -3,6 +3,8 @@
 A parameter tree is a plain nested dict ({visual: {blocks_0: {attn: {qkv: {kernel: ...}}}}});
 `flatten` and `unflatten` turn it into {'visual/blocks_0/attn/qkv/kernel': leaf} and back,
 which is the form conversion tables, freezing regexes and checkpoint checks work on.
+`stack_layers` and `unstack_layers` move between those HF paths and a scanned decoder's
+stacked layers.
 """
 
 from __future__ import annotations

@@ -70,6 +70,7 @@ def test_continuous_batching_equals_offline(pair, which):
     want = [loop.generate(p[None], max_new_tokens=n, eos_token_ids=())[0].tolist() for p in prompts]
     slots = SlotEngine(model.engine, max_batch=4, max_context=300)
     assert slots.context_buckets == (256, 300) and slots.context_for(40) == 256
+    assert SlotEngine(model.engine, max_context=4096).context_buckets == (256, 1024, 4096)
     state = slots.init_state()
     got = [[] for _ in prompts]
     context = lambda live: max(len(prompts[i]) + len(got[i]) for i in live)  # noqa: E731 - as Batcher._step
