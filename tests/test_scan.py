@@ -178,3 +178,44 @@ def test_cli_scan_layers_flag_answers_the_same(tmp_path):
             assert generate_main(base + extra) == 0
         outs.append(json.loads(out.getvalue())["token_ids"])
     assert outs[0] == outs[1] and len(outs[0]) > 1
+
+
+def test_train_cli_scan_layers(tmp_path_factory, monkeypatch):
+    """qwen2vl-train --scan-layers: two stage-2 steps give the params the layer loop's run
+    gives (exported with HF paths, 1e-5), and a run cannot resume with the other decoder."""
+    import random
+
+    from qwen2vl_jax import checkpoint as ck
+    from qwen2vl_jax.config import Qwen2VLConfig
+    from qwen2vl_jax.errors import InputError
+    from qwen2vl_jax.train import demo, synthetic
+    from qwen2vl_jax.train.cli import main
+    from qwen2vl_jax.train.run import TrainOptions, fit
+    from test_train import TINY_WIDTHS, qa, write_jsonl
+
+    root = tmp_path_factory.mktemp("scan_train")
+    demo.init_folder(root / "model", 0, vocab=320, corpus_size=200, **TINY_WIDTHS)
+    rng = random.Random(0)
+    (root / "img").mkdir()
+    rows = []
+    for i in range(4):
+        img, info = synthetic.single_shape(rng)
+        img.save(root / "img" / f"{i}.png")
+        rows.append(qa(f"img/{i}.png", "What shape is this?", info["shape"]))
+    write_jsonl(root / "qa.jsonl", rows)
+    monkeypatch.chdir(root)
+    argv = ["--model", "model", "--data", "qa.jsonl", "--stage", "2", "--steps", "2", "--batch-size", "2",
+            "--lr", "1e-2", "--warmup", "0", "--no-progress"]
+    assert main(argv + ["--out", "loop"]) == 0
+    assert main(argv + ["--out", "scan", "--scan-layers", "--stop-at", "1"]) == 0
+    with pytest.raises(InputError, match=r"--scan-layers \(was True, now False\)"):
+        fit(TrainOptions(model="model", data="qa.jsonl", stage=2, steps=2, out="scan", batch_size=2,
+                         learning_rate=1e-2, warmup_steps=0, resume=True, progress=False), log=lambda _: None)
+    assert main(argv + ["--out", "scan", "--scan-layers", "--resume"]) == 0
+    config = Qwen2VLConfig.from_hf(root / "model")
+    a, b = flatten(ck.load_params(root / "loop", config)), flatten(ck.load_params(root / "scan", config))
+    init = flatten(ck.load_params(root / "model", config))
+    assert sorted(a) == sorted(b) and "model/layers_0/mlp/up_proj/kernel" in b
+    for k in a:
+        np.testing.assert_allclose(b[k], a[k], rtol=0, atol=1e-5, err_msg=k)
+    assert any(not np.array_equal(a[k], init[k]) for k in a)

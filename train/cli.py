@@ -79,6 +79,9 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--skip-bad", action="store_true", help="skip bad records (listed) instead of stopping")
     r = p.add_argument_group("run")
     r.add_argument("--remat", action="store_true", help="rematerialise vision and decoder blocks (less memory)")
+    r.add_argument("--scan-layers", action="store_true",
+                   help="run the decoder's layers as one scanned layer: compiling no longer grows with depth; "
+                        "the checkpoints hold the layers stacked, the exported model HF's paths")
     r.add_argument("--loss-chunk", type=int, default=2048, metavar="TOKENS",
                    help="tokens whose vocabulary logits are made at once in the loss; lower it to save "
                         "memory on long batches (default: 2048)")
@@ -114,7 +117,8 @@ def _fit(args) -> dict:
         batch_size=args.batch_size, accum=args.accum, learning_rate=args.lr, warmup_steps=warmup,
         end_lr_ratio=args.end_lr_ratio, weight_decay=args.weight_decay, clip_norm=args.clip,
         labels=args.labels, train=tuple(args.train) if args.train else None, max_length=args.max_length,
-        seed=args.seed, remat=args.remat, loss_chunk=args.loss_chunk, compute_dtype=args.compute_dtype,
+        seed=args.seed, remat=args.remat, scan_layers=args.scan_layers, loss_chunk=args.loss_chunk,
+        compute_dtype=args.compute_dtype,
         mesh=args.mesh,
         log_every=args.log_every, save_every=args.save_every, stop_at=args.stop_at, resume=args.resume,
         force=args.force, skip_bad=args.skip_bad, progress=not args.no_progress,

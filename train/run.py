@@ -53,6 +53,7 @@ from qwen2vl_jax.config import Qwen2VLConfig
 from qwen2vl_jax.errors import InputError
 from qwen2vl_jax.jsonio import parse_json
 from qwen2vl_jax.modules.qwen2vl import init_shapes
+from qwen2vl_jax.params import stack_layers, unstack_layers
 from qwen2vl_jax.sharding import check_divisible, make_mesh, param_shardings
 from qwen2vl_jax.train import loop, stages as st
 from qwen2vl_jax.train.data import JsonlDataset, Loader, Position
@@ -80,6 +81,7 @@ class TrainOptions:
     max_length: int | None = 4096
     seed: int = 0
     remat: bool = False
+    scan_layers: bool = False  # the decoder scanned (its state stacked; the exported params are HF-pathed)
     loss_chunk: int = loop.LOSS_CHUNK  # tokens whose vocabulary logits exist at once
     compute_dtype: str = "float32"
     mesh: str | None = None
@@ -181,7 +183,8 @@ def check_out(opts: TrainOptions, model_dir: Path, out: Path) -> int | None:
 
 # The --resume check names the flags behind the run key's fields (the key is stored as is).
 KEY_FLAGS = {"steps": "--steps", "batch_size": "--batch-size", "accum": "--accum", "seed": "--seed",
-             "data": "--data", "records": "the number of records in --data"}
+             "data": "--data", "records": "the number of records in --data", "scan_layers": "--scan-layers"}
+KEY_DEFAULTS = {"scan_layers": False}  # what a checkpoint written before the field existed meant
 STAGE_FLAGS = {"train": "--train", "learning_rate": "--lr", "labels": "--labels", "warmup_steps": "--warmup",
                "end_lr_ratio": "--end-lr-ratio", "weight_decay": "--weight-decay", "clip_norm": "--clip"}
 
@@ -209,7 +212,7 @@ def resume_mismatch(saved: dict, key: dict) -> list[str]:
             out += differs(STAGE_FLAGS.get(field, field), was_stage.get(field), value)
     for field, value in key.items():
         if field != "stage":
-            out += differs(KEY_FLAGS.get(field, field), saved.get(field), value)
+            out += differs(KEY_FLAGS.get(field, field), saved.get(field, KEY_DEFAULTS.get(field)), value)
     return out
 
 
@@ -217,6 +220,7 @@ def _run_key(opts: TrainOptions, stage: st.Stage, records: int) -> dict:
     """What must not change between a run and its resumption."""
     key = {"stage": dataclasses.asdict(stage), "steps": opts.steps, "batch_size": opts.batch_size,
            "accum": opts.accum, "seed": opts.seed, "records": records, "data": str(Path(opts.data).resolve())}
+    key["scan_layers"] = opts.scan_layers  # the checkpoints hold stacked layers: resume with the same decoder
     return json.loads(json.dumps(key))  # as it reads back from the checkpoint (tuples -> lists)
 
 
@@ -336,7 +340,7 @@ def _fit(opts: TrainOptions, log, model_dir: Path, out: Path, saved: dict, made:
         log(f"skipped: {p}")
     key = _run_key(opts, stage, len(dataset))
     trainer = loop.Trainer(config, stage, opts.steps, mesh=mesh, remat=opts.remat, compute_dtype=dtype,
-                          loss_chunk=opts.loss_chunk)
+                          loss_chunk=opts.loss_chunk, scan_layers=opts.scan_layers)
     if not opts.resume and leader:  # a new run: the old one's checkpoints and log rows must not leak into it
         for path in (state_dir, log_file, loss_file, plot_file):
             shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
@@ -349,7 +353,7 @@ def _fit(opts: TrainOptions, log, model_dir: Path, out: Path, saved: dict, made:
             if changed:
                 raise InputError(f"--resume: the run in {out} was started with other settings: "
                                  f"{'; '.join(changed)}; resume with the same options")
-            state, meta = ckpts.restore(trainer.abstract_state(init_shapes(config)))
+            state, meta = ckpts.restore(trainer.abstract_state(init_shapes(config, scan_layers=opts.scan_layers)))
             position = Position(**meta["position"])
             log(f"resuming stage {opts.stage} at step {int(state.step)} (epoch {position.epoch}, batch {position.index})")
             pending = []
@@ -359,7 +363,8 @@ def _fit(opts: TrainOptions, log, model_dir: Path, out: Path, saved: dict, made:
                 pending = [(s, v) for s, v in _read_losses(loss_file) if s > last_row]
         else:
             shardings = param_shardings(init_shapes(config), mesh) if mesh is not None else None
-            state = trainer.init_state(load_model_params(model_dir, config, shardings))
+            params = load_model_params(model_dir, config, shardings)
+            state = trainer.init_state(stack_layers(params) if opts.scan_layers else params)
             position, pending = Position(), []
         title = f"stage {opts.stage} ({stage.name}) loss"
 
@@ -398,7 +403,7 @@ def _fit(opts: TrainOptions, log, model_dir: Path, out: Path, saved: dict, made:
             with interrupts.deferred():
                 ckpts.save(s, {"key": key, "position": dataclasses.asdict(pos)})
                 saved["step"] = int(s.step)
-                export(s.params, model_dir, out)
+                export(unstack_layers(s.params), model_dir, out)  # HF paths, whichever the decoder
                 plot()  # up to date with every checkpoint, whatever stops the run later
 
         until = opts.steps if opts.stop_at is None else max(int(state.step), min(opts.stop_at, opts.steps))
