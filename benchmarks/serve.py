@@ -206,7 +206,14 @@ def main(argv: list[str] | None = None) -> int:
     levels = [int(c) for c in args.clients.split(",")]
 
     with tempfile.TemporaryDirectory() as tmp:
-        folder = model_folder(args.size, Path(tmp))
+        if args.size == "demo":
+            folder = model_folder(args.size, Path(tmp))
+        else:  # in a child process: making 2B's weights would leave this one holding ~9 GB
+            code = "import sys; from serve import model_folder; model_folder(sys.argv[1], __import__('pathlib').Path(sys.argv[2]))"
+            made = subprocess.run([sys.executable, "-c", code, args.size, tmp], cwd=Path(__file__).resolve().parent)
+            if made.returncode:
+                return made.returncode
+            folder = Path(tmp) / f"model-{args.size}"
         port = free_port()
         proc, startup = start_server(args, folder, port)
         url = f"http://127.0.0.1:{port}"

@@ -54,6 +54,9 @@ log = logging.getLogger(__name__)
 HEARTBEAT_S = 10.0  # an idle process 0 tells the followers it is alive this often
 FEATURE_BUCKET_MIN = 16  # the smallest bucket of merged vision features a prompt carries
 CONTEXT_BUCKET_MIN = 256  # the fewest cache slots a decode step attends over
+# The smallest prompt bucket a request is prefilled in (inputs.bucket's ladder from here: 16,
+# 20, 24, 28, 32, 40, ...): a short chat turn pays for its own length, not for 64 tokens.
+PREFILL_BUCKET_MIN = 16
 
 
 # ---------------------------------------------------------------------------- device state
@@ -303,7 +306,7 @@ class SlotEngine:
         ids = np.asarray(input_ids).reshape(1, -1)
         self.check_room(ids.shape[1], room)
         inputs = build_inputs(cfg, ids, None, zeros(image_grid_thw), image_grid_thw, zeros(video_grid_thw),
-                              video_grid_thw, room=room)
+                              video_grid_thw, room=room, bucket_min=PREFILL_BUCKET_MIN)
         return dataclasses.replace(inputs, vision=None)
 
     def encode(self, params, pixel_values, grid_thw) -> np.ndarray:
