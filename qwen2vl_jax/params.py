@@ -16,6 +16,8 @@ from typing import Any
 import jax
 import numpy as np
 
+from qwen2vl_jax.errors import InputError
+
 
 def flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
     """Nested dict -> {'a/b/c': leaf} (anything with .items() and no .shape is a node)."""
@@ -82,7 +84,8 @@ def _stack(leaves: list):
 def stack_layers(tree: dict) -> dict:
     """model/layers_{i}/X (i = 0..n-1) -> model/layers/X with a leading axis of n (arrays,
     numpy or ShapeDtypeStructs; a tree already stacked is returned as it is). Every layer must
-    hold the same leaves: a missing one is a ValueError naming it."""
+    hold the same leaves (a scan runs one layer's program n times): else one InputError line
+    naming the layer and a leaf it lacks or has extra."""
     if is_stacked(tree):
         return tree
     flat = flatten(tree)
@@ -98,12 +101,13 @@ def stack_layers(tree: dict) -> dict:
         return tree
     n = len(layers)
     if sorted(layers) != list(range(n)):
-        raise ValueError(f"decoder layers {sorted(layers)} are not numbered 0..{n - 1}")
+        raise InputError(f"decoder layers {sorted(layers)} are not numbered 0..{n - 1}, so they cannot be scanned")
     names = sorted(layers[0])
     for i, layer in layers.items():
         if sorted(layer) != names:
             odd = sorted(set(names) ^ set(layer))
-            raise ValueError(f"decoder layer {i} does not hold the leaves layer 0 holds: {odd[:3]}")
+            raise InputError(f"decoder layer {i} does not hold the parameters layer 0 holds ({', '.join(odd[:3])}), "
+                             "so the layers cannot be scanned; load without scan_layers / --scan-layers")
     for name in names:
         out[STACKED_PREFIX + name] = _stack([layers[i][name] for i in range(n)])
     return unflatten(out)

@@ -13,6 +13,7 @@ import hf_utils
 pytest.importorskip("torch")
 
 from qwen2vl_jax import Qwen2VL  # noqa: E402
+from qwen2vl_jax.errors import InputError  # noqa: E402
 from qwen2vl_jax.params import flatten, is_stacked, stack_layers, unflatten, unstack_layers  # noqa: E402
 
 CASES = {c.name: c for c in hf_utils.standard_cases()}
@@ -39,7 +40,7 @@ def test_stack_and_unstack_are_inverse(pair):
     assert stack_layers(scanned.params) is scanned.params  # already stacked: unchanged
     broken = flatten(loop.params)
     del broken["model/layers_1/mlp/up_proj/kernel"]
-    with pytest.raises(ValueError, match="decoder layer 1"):
+    with pytest.raises(InputError, match="decoder layer 1 does not hold"):
         stack_layers(unflatten(broken))
 
 
@@ -116,10 +117,7 @@ def test_scanned_quantized_equals_the_loop(pair, scheme):
 def test_scanned_training_gradients_equal_the_loop():
     """A stage-2 train step's loss and gradients (remat on) through the scanned decoder are
     the layer loop's; a stage that trains some layers but not others is refused in one line."""
-    import jax.numpy as jnp  # noqa: F401
-
     from qwen2vl_jax.config import TINY
-    from qwen2vl_jax.errors import InputError
     from qwen2vl_jax.modules.qwen2vl import init_params
     from qwen2vl_jax.train import data, loop, stages as st
     from test_train import case_examples
@@ -187,7 +185,6 @@ def test_train_cli_scan_layers(tmp_path_factory, monkeypatch):
 
     from qwen2vl_jax import checkpoint as ck
     from qwen2vl_jax.config import Qwen2VLConfig
-    from qwen2vl_jax.errors import InputError
     from qwen2vl_jax.train import demo, synthetic
     from qwen2vl_jax.train.cli import main
     from qwen2vl_jax.train.run import TrainOptions, fit
