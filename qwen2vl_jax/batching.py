@@ -536,9 +536,12 @@ class Batcher:
             self._queue.append(request)
             self._cond.notify_all()
 
-    def warm_up(self, prompt_lengths: Sequence[int] = (1,)) -> None:
+    def warm_up(self, prompt_lengths: Sequence[int] | None = None) -> None:
         """Compiles the step and the prefill/insert of the given prompt lengths' buckets before
-        the thread starts (call before `start`)."""
+        the thread starts (call before `start`); by default every bucket up to 64 tokens, where
+        most chat turns fall (longer prompts compile their bucket when one first comes)."""
+        if prompt_lengths is None:
+            prompt_lengths = sorted({bucket(n, PREFILL_BUCKET_MIN) for n in range(1, min(64, self.slots.max_context) + 1)})
         state = self.slots.init_state()
         gc = GenerationConfig(max_new_tokens=2)
         # insert and step, each on a fresh state and on one a step returned: on a mesh the two
@@ -615,7 +618,7 @@ class Batcher:
         try:
             live = max(i for i, r in enumerate(self._active) if r is not None) + 1
             # a row writes its last token at slot prompt + generated - 1 and attends up to it
-            context = max(len(r.input_ids) + r.generated for r in self._active if r is not None)
+            context = max(np.size(r.input_ids) + r.generated for r in self._active if r is not None)
             self._state, tokens = self.slots.step(self.params, self._state, live, context)
             tokens = np.asarray(jax.device_get(tokens))
         except Exception as e:  # noqa: BLE001 - fail the rows in flight, keep serving

@@ -363,8 +363,11 @@ def _fit(opts: TrainOptions, log, model_dir: Path, out: Path, saved: dict, made:
                 pending = [(s, v) for s, v in _read_losses(loss_file) if s > last_row]
         else:
             shardings = param_shardings(init_shapes(config), mesh) if mesh is not None else None
-            params = load_model_params(model_dir, config, shardings)
-            state = trainer.init_state(stack_layers(params) if opts.scan_layers else params)
+            loaded = load_model_params(model_dir, config, shardings)
+            if opts.scan_layers:
+                loaded = stack_layers(loaded)
+            state = trainer.init_state(loaded)
+            del loaded  # the state holds its own float32 copy: free these before training
             position, pending = Position(), []
         title = f"stage {opts.stage} ({stage.name}) loss"
 
