@@ -5,7 +5,8 @@
 
 Builds the continuous-batching engine the server runs (`batching.SlotEngine`) over random
 weights (float32, one CPU device), times its warm-up (every row bucket x context bucket
-compiled, as `qwen2vl-serve` does at start-up), then one decode step of `--rows` rows attending
+compiled, and the prefill of every prompt bucket up to 64 tokens, as `qwen2vl-serve` does at
+start-up), then one decode step of `--rows` rows attending
 over each context bucket: the step a server takes while every live row holds at most that many
 tokens. The peer is the last row, the whole `--max-context` cache, which is what every step read
 before the context buckets existed. Each figure is the mean of `--steps` steps after one untimed.
@@ -37,7 +38,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
 
     from qwen2vl_jax import Qwen2VL
-    from qwen2vl_jax.batching import Batcher, SlotEngine
+    from qwen2vl_jax.batching import Batcher, SlotEngine, short_prompt_buckets
     from qwen2vl_jax.modules.qwen2vl import init_params
 
     config = model_config(args.size)
@@ -59,7 +60,8 @@ def main(argv=None) -> int:
     full = rows[-1][1]
     print(f"SlotEngine decode step, --size {args.size}{' --scan-layers' if args.scan_layers else ''}, "
           f"{args.rows} rows, --max-context {args.max_context}, float32, {jax.devices()[0].platform}; "
-          f"warm-up ({len(slots.row_buckets)} row x {len(slots.context_buckets)} context buckets) {warm:.1f} s")
+          f"warm-up ({len(slots.row_buckets)} row x {len(slots.context_buckets)} context buckets, "
+          f"{len(short_prompt_buckets(args.max_context))} prompt buckets) {warm:.1f} s")
     print("| context bucket (slots read) | step ms | tok/s at this many rows | x the whole cache |")
     print("|---|---|---|---|")
     for context, sec in rows:

@@ -98,6 +98,11 @@ class Prefix:
     rng: jax.Array  # uint32[2]: the key after the first draw
 
 
+def short_prompt_buckets(max_context: int, up_to: int = 64) -> list[int]:
+    """The prefill buckets of prompts of 1 .. up_to tokens (16, 20, ..., 64): what warm-up compiles."""
+    return sorted({bucket(n, PREFILL_BUCKET_MIN) for n in range(1, min(up_to, max_context) + 1)})
+
+
 def sample_rows(logits, seen, sampling: Sampling, keys, greedy):
     """logits f32[B, V], seen bool[B, V], sampling with [B] fields, keys [B, 2], greedy bool[B]
     -> int32[B]. Each row draws as `sample_token` draws for a batch of one; when every row is
@@ -541,7 +546,7 @@ class Batcher:
         the thread starts (call before `start`); by default every bucket up to 64 tokens, where
         most chat turns fall (longer prompts compile their bucket when one first comes)."""
         if prompt_lengths is None:
-            prompt_lengths = sorted({bucket(n, PREFILL_BUCKET_MIN) for n in range(1, min(64, self.slots.max_context) + 1)})
+            prompt_lengths = short_prompt_buckets(self.slots.max_context)
         state = self.slots.init_state()
         gc = GenerationConfig(max_new_tokens=2)
         # insert and step, each on a fresh state and on one a step returned: on a mesh the two
