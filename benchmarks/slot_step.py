@@ -38,7 +38,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
 
     from qwen2vl_jax import Qwen2VL
-    from qwen2vl_jax.batching import Batcher, SlotEngine, short_prompt_buckets
+    from qwen2vl_jax.batching import Batcher, SlotEngine, short_prompt_lengths
     from qwen2vl_jax.modules.qwen2vl import init_params
 
     config = model_config(args.size)
@@ -61,7 +61,7 @@ def main(argv=None) -> int:
     print(f"SlotEngine decode step, --size {args.size}{' --scan-layers' if args.scan_layers else ''}, "
           f"{args.rows} rows, --max-context {args.max_context}, float32, {jax.devices()[0].platform}; "
           f"warm-up ({len(slots.row_buckets)} row x {len(slots.context_buckets)} context buckets, "
-          f"{len(short_prompt_buckets(args.max_context))} prompt buckets) {warm:.1f} s")
+          f"{len(short_prompt_lengths(args.max_context))} prompt buckets) {warm:.1f} s")
     print("| context bucket (slots read) | step ms | tok/s at this many rows | x the whole cache |")
     print("|---|---|---|---|")
     for context, sec in rows:

@@ -98,9 +98,11 @@ class Prefix:
     rng: jax.Array  # uint32[2]: the key after the first draw
 
 
-def short_prompt_buckets(max_context: int, up_to: int = 64) -> list[int]:
-    """The prefill buckets of prompts of 1 .. up_to tokens (16, 20, ..., 64): what warm-up compiles."""
-    return sorted({bucket(n, PREFILL_BUCKET_MIN) for n in range(1, min(up_to, max_context) + 1)})
+def short_prompt_lengths(max_context: int, up_to: int = 64) -> list[int]:
+    """One prompt length per prefill bucket of prompts of 1 .. up_to tokens (buckets 16, 20, ...,
+    64) that leaves room for a new token in `max_context`: what warm-up compiles."""
+    longest = min(up_to, max_context - 1)
+    return sorted({bucket(n, PREFILL_BUCKET_MIN): n for n in range(longest, 0, -1)}.values())
 
 
 def sample_rows(logits, seen, sampling: Sampling, keys, greedy):
@@ -546,7 +548,7 @@ class Batcher:
         the thread starts (call before `start`); by default every bucket up to 64 tokens, where
         most chat turns fall (longer prompts compile their bucket when one first comes)."""
         if prompt_lengths is None:
-            prompt_lengths = short_prompt_buckets(self.slots.max_context)
+            prompt_lengths = short_prompt_lengths(self.slots.max_context)
         state = self.slots.init_state()
         gc = GenerationConfig(max_new_tokens=2)
         # insert and step, each on a fresh state and on one a step returned: on a mesh the two

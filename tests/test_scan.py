@@ -94,6 +94,18 @@ def test_continuous_batching_equals_offline(pair, which):
     assert got == want
 
 
+def test_warm_up_compiles_short_prompts_within_a_small_context(pair):
+    """Warm-up compiles one prompt per bucket up to 64 tokens, each with room for a new token:
+    a 30-slot cache takes prompts of 1-29 (buckets 16-32 would not fit it whole)."""
+    from qwen2vl_jax.batching import Batcher, SlotEngine, short_prompt_lengths
+    from qwen2vl_jax.inputs import bucket
+
+    assert [bucket(n, 16) for n in short_prompt_lengths(4096)] == [16, 20, 24, 28, 32, 40, 48, 56, 64]
+    assert short_prompt_lengths(30) == [1, 17, 21, 25, 29] and short_prompt_lengths(2) == [1]
+    loop, _ = pair
+    Batcher(SlotEngine(loop.engine, max_batch=2, max_context=30), loop.params).warm_up()
+
+
 @pytest.mark.parametrize("scheme", [("int8", 8, -1, True), ("int4", 4, 16, False)], ids=["int8", "int4"])
 def test_scanned_quantized_equals_the_loop(pair, scheme):
     """Packed weights (in their CPU form) stacked: the scanned model's logits and tokens are
