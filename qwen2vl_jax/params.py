@@ -130,6 +130,12 @@ def unstack_layers(tree: dict) -> dict:
     return unflatten(out)
 
 
+def layer_axes(path: str) -> int:
+    """The leading axes a leaf at `path` has before its HF shape: 1 (the layer axis) under a
+    scanned decoder's stacked layers, else 0."""
+    return int(path.startswith(STACKED_PREFIX))
+
+
 def layer_path(path: str, i: int = 0) -> str:
     """A stacked path model/layers/X -> model/layers_{i}/X (others unchanged): what the
     HF-path regexes (sharding rules, training stages) are matched against."""

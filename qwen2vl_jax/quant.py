@@ -49,7 +49,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from qwen2vl_jax.errors import InputError, listing
-from qwen2vl_jax.params import STACKED_PREFIX, flatten, unflatten
+from qwen2vl_jax.params import flatten, layer_axes, unflatten
 
 PARTS = ("qweight", "scales", "zeros", "perm")
 RUNTIME_PARTS = PARTS + ("offsets",)  # the leaves a layer may hold in memory (`cpu_layout` adds offsets)
@@ -671,7 +671,7 @@ def check_mesh(params, shardings) -> None:
     bad = []
     for path, scales in flat.items():
         head, _, leaf = path.rpartition("/")
-        dim = 1 if path.startswith(STACKED_PREFIX) else 0  # a scanned decoder's layer axis comes first
+        dim = layer_axes(path)  # a scanned decoder's layer axis comes first
         if leaf != "scales" or head.endswith("embed_tokens") or scales.shape[dim] == 1:
             continue
         sharding = layout[f"{head}/qweight"]

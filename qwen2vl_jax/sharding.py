@@ -24,7 +24,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from qwen2vl_jax.errors import InputError, listing
-from qwen2vl_jax.params import STACKED_PREFIX, layer_path, path_str
+from qwen2vl_jax.params import layer_axes, layer_path, path_str
 from qwen2vl_jax.quant import float_leaf
 
 MESH_AXES = ("data", "fsdp", "tensor")
@@ -139,7 +139,7 @@ def param_logical_axes(params) -> Any:
         name = float_leaf(path_str(path))  # packed quantized leaves carry their float weight's axes
         # A scanned decoder's stacked layers (params.stack_layers): layer 0's rule, after a
         # replicated layer axis.
-        lead = (None,) if name.startswith(STACKED_PREFIX) else ()
+        lead = (None,) * layer_axes(name)
         name, rank = layer_path(name), len(leaf.shape) - len(lead)
         for pattern, axes in _PARAM_RULES:
             if pattern.search(name):

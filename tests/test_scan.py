@@ -193,25 +193,16 @@ def test_cli_scan_layers_flag_answers_the_same(tmp_path):
 def test_train_cli_scan_layers(tmp_path_factory, monkeypatch):
     """qwen2vl-train --scan-layers: two stage-2 steps give the params the layer loop's run
     gives (exported with HF paths, 1e-5), and a run cannot resume with the other decoder."""
-    import random
-
     from qwen2vl_jax import checkpoint as ck
     from qwen2vl_jax.config import Qwen2VLConfig
-    from qwen2vl_jax.train import demo, synthetic
     from qwen2vl_jax.train.cli import main
     from qwen2vl_jax.train.run import TrainOptions, fit
-    from test_train import TINY_WIDTHS, qa, write_jsonl
+    from test_train import make_tiny_folder, qa, write_jsonl
 
     root = tmp_path_factory.mktemp("scan_train")
-    demo.init_folder(root / "model", 0, vocab=320, corpus_size=200, **TINY_WIDTHS)
-    rng = random.Random(0)
-    (root / "img").mkdir()
-    rows = []
-    for i in range(4):
-        img, info = synthetic.single_shape(rng)
-        img.save(root / "img" / f"{i}.png")
-        rows.append(qa(f"img/{i}.png", "What shape is this?", info["shape"]))
-    write_jsonl(root / "qa.jsonl", rows)
+    infos = make_tiny_folder(root, images=4)
+    write_jsonl(root / "qa.jsonl", [qa(f"img/{i}.png", "What shape is this?", info["shape"])
+                                    for i, info in enumerate(infos)])
     monkeypatch.chdir(root)
     argv = ["--model", "model", "--data", "qa.jsonl", "--stage", "2", "--steps", "2", "--batch-size", "2",
             "--lr", "1e-2", "--warmup", "0", "--no-progress"]

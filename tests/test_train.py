@@ -249,21 +249,27 @@ def test_sharded_step_matches_unsharded():
 TINY_WIDTHS = hf_utils.DEMO_WIDTHS["small"]
 
 
-@pytest.fixture(scope="module")
-def tiny_folder(tmp_path_factory):
-    """A converted folder (own BPE tokenizer, random weights) and a few synthetic images."""
+def make_tiny_folder(root: Path, images: int = 6) -> list[dict]:
+    """root/model: a converted folder (own BPE tokenizer, random weights); root/img/{i}.png:
+    synthetic single shapes -> their infos."""
     from qwen2vl_jax.train import demo
 
-    root = tmp_path_factory.mktemp("train")
     demo.init_folder(root / "model", 0, vocab=320, corpus_size=200, **TINY_WIDTHS)
     rng = random.Random(0)
     (root / "img").mkdir()
     infos = []
-    for i in range(6):
+    for i in range(images):
         img, info = synthetic.single_shape(rng)
         img.save(root / "img" / f"{i}.png")
         infos.append(info)
-    return root, infos
+    return infos
+
+
+@pytest.fixture(scope="module")
+def tiny_folder(tmp_path_factory):
+    """A converted folder (own BPE tokenizer, random weights) and a few synthetic images."""
+    root = tmp_path_factory.mktemp("train")
+    return root, make_tiny_folder(root)
 
 
 def qa(image: str, question: str, answer: str) -> dict:

@@ -219,8 +219,8 @@ def resume_mismatch(saved: dict, key: dict) -> list[str]:
 def _run_key(opts: TrainOptions, stage: st.Stage, records: int) -> dict:
     """What must not change between a run and its resumption."""
     key = {"stage": dataclasses.asdict(stage), "steps": opts.steps, "batch_size": opts.batch_size,
-           "accum": opts.accum, "seed": opts.seed, "records": records, "data": str(Path(opts.data).resolve())}
-    key["scan_layers"] = opts.scan_layers  # the checkpoints hold stacked layers: resume with the same decoder
+           "accum": opts.accum, "seed": opts.seed, "records": records, "data": str(Path(opts.data).resolve()),
+           "scan_layers": opts.scan_layers}  # the checkpoints hold stacked layers: resume with the same decoder
     return json.loads(json.dumps(key))  # as it reads back from the checkpoint (tuples -> lists)
 
 

@@ -24,7 +24,7 @@ import optax
 from flax import traverse_util
 
 from qwen2vl_jax.errors import InputError
-from qwen2vl_jax.params import STACKED_PREFIX, layer_path, path_str
+from qwen2vl_jax.params import layer_axes, layer_path, path_str
 
 
 @dataclasses.dataclass(frozen=True)
@@ -72,7 +72,7 @@ def _flat(params) -> dict[str, object]:
 def _trains(stage: Stage, path: str, leaf) -> bool:
     """Whether `stage` trains `path`; a stacked decoder path (params.stack_layers) is matched
     as each of its layers' HF paths, and must be trained in all of them or in none."""
-    if not path.startswith(STACKED_PREFIX):
+    if not layer_axes(path):
         return stage.trains(path)
     picks = {stage.trains(layer_path(path, i)) for i in range(leaf.shape[0])}
     if len(picks) > 1:
@@ -120,7 +120,7 @@ def decay_mask(params):
     """Weight decay on matrices (kernels, embeddings), not on biases or norm scales (a
     scanned decoder's stacked leaves have one more axis, the layer's)."""
     def matrix(path, x):
-        return x.ndim - path_str(path).startswith(STACKED_PREFIX) >= 2
+        return x.ndim - layer_axes(path_str(path)) >= 2
 
     return jax.tree_util.tree_map_with_path(matrix, params)
 
