@@ -1,6 +1,6 @@
 """Generation speed: ours (JAX) against HF transformers on the same shapes, one table.
 
-    python benchmarks/generate.py [--device cpu|gpu] [--size 2b|small] [--new-tokens 32]
+    python benchmarks/generate.py [--device cpu|gpu] [--size 2b|7b|small] [--new-tokens 32]
         [--image 448] [--variants ours-fp32,ours-int8,ours-int4,hf-fp32,hf-bf16] [--xla-flags "..."]
 
 ours-int8 and ours-int4 hold the decoder's linear layers (and the output head, int8) packed as
@@ -46,10 +46,10 @@ PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12, "A10"
 
 # ------------------------------------------------------------------ inputs and FLOPs
 def model_config(size: str):
-    from qwen2vl_jax.config import QWEN2_VL_2B, Qwen2VLConfig, TextConfig, VisionConfig
+    from qwen2vl_jax.config import QWEN2_VL_2B, QWEN2_VL_7B, Qwen2VLConfig, TextConfig, VisionConfig
 
-    if size == "2b":
-        return QWEN2_VL_2B
+    if size in ("2b", "7b"):
+        return {"2b": QWEN2_VL_2B, "7b": QWEN2_VL_7B}[size]
     # A reduced model for trying the script: 2B's vocabulary and widths, few layers.
     return Qwen2VLConfig(vision=VisionConfig(depth=4, out_hidden_size=1536),
                          text=TextConfig(vocab_size=151936, hidden_size=1536, intermediate_size=8960,
@@ -69,14 +69,21 @@ def make_inputs(image: int, prompt_words: int = 24, seed: int = 0) -> dict:
             "pixel_values": rng.randn(g * g, 1176).astype(np.float32), "image_grid_thw": grid}
 
 
-def prefill_flops(config, n_tokens: int, n_patches: int, with_vit: bool = True) -> float:
-    """Matmul FLOPs (2 per multiply-add) of the ViT over n_patches and the decoder over
-    n_tokens, attention included; the LM head counts once (only the last token)."""
+def vit_flops(config, n_patches: int) -> float:
+    """Matmul FLOPs (2 per multiply-add) of the vision tower and merger over one image of
+    n_patches patches, attention included."""
     v, t = config.vision, config.text
     e = v.embed_dim
     vit = n_patches * (2 * v.patch_dim * e + v.depth * (2 * e * 3 * e + 2 * e * e + 2 * 2 * e * v.mlp_dim))
     vit += v.depth * 2 * 2 * n_patches * n_patches * e  # QK^T and PV (one segment)
-    vit += (n_patches // 4) * (2 * (4 * e) ** 2 + 2 * 4 * e * t.hidden_size)
+    return float(vit + (n_patches // 4) * (2 * (4 * e) ** 2 + 2 * 4 * e * t.hidden_size))
+
+
+def prefill_flops(config, n_tokens: int, n_patches: int, with_vit: bool = True) -> float:
+    """Matmul FLOPs of the ViT over n_patches (`vit_flops`) and the decoder over n_tokens,
+    attention included; the LM head counts once (only the last token)."""
+    t = config.text
+    vit = vit_flops(config, n_patches)
     d, hd = t.hidden_size, t.head_dim
     per_tok = 2 * d * (t.num_attention_heads + 2 * t.num_key_value_heads) * hd + 2 * t.num_attention_heads * hd * d
     per_tok += 3 * 2 * d * t.intermediate_size
@@ -98,20 +105,17 @@ def best_of(fn, repeat: int) -> float:
 
 
 # ------------------------------------------------------------------ ours
-def run_ours(args, dtype_name: str, quantize: str | None = None, scan: bool = False) -> dict:
+def random_params(config, dtype, quantize: str | None = None) -> dict:
+    """Random parameters of the config's shapes in `dtype`, made on the default device one leaf
+    at a time in their final dtype; quantize ("int8" / "int4") makes the packed tree the way
+    `qwen2vl-convert --quantize` stores it (random integers, scales, int4's zero points)."""
     import jax
     import jax.numpy as jnp
 
     from qwen2vl_jax import quant
-    from qwen2vl_jax.api import Qwen2VL
-    from qwen2vl_jax.engine import Engine
     from qwen2vl_jax.modules.qwen2vl import init_shapes
-    from qwen2vl_jax.sampling import GenerationConfig
 
-    if quantize:  # before the first array, as from_pretrained does for a quantized folder
-        quant.sequential_cpu_schedule()
-    config = model_config(args.size)
-    dtype = jnp.dtype(dtype_name)
+    dtype = jnp.dtype(dtype)
     shapes = init_shapes(config, dtype)
     if quantize:  # the packed tree's shapes: integers, scales (and int4's zero points)
         shapes = quant.abstract(shapes, quant.Scheme.of(quantize))
@@ -143,7 +147,23 @@ def run_ours(args, dtype_name: str, quantize: str | None = None, scan: bool = Fa
         return jax.tree_util.tree_unflatten(treedef, out)
 
     params = fill(jax.random.PRNGKey(0))
-    jax.block_until_ready(params)
+    return jax.block_until_ready(params)
+
+
+def run_ours(args, dtype_name: str, quantize: str | None = None, scan: bool = False) -> dict:
+    import jax
+    import jax.numpy as jnp
+
+    from qwen2vl_jax import quant
+    from qwen2vl_jax.api import Qwen2VL
+    from qwen2vl_jax.engine import Engine
+    from qwen2vl_jax.sampling import GenerationConfig
+
+    if quantize:  # before the first array, as from_pretrained does for a quantized folder
+        quant.sequential_cpu_schedule()
+    config = model_config(args.size)
+    dtype = jnp.dtype(dtype_name)
+    params = random_params(config, dtype, quantize)
     model = Qwen2VL(config, params, dtype, scan_layers=scan)
     del params  # the model holds its own (stacked) copy with scan
     engine = Engine(model.module, loop_options=json.loads(args.loop_options) if args.loop_options else None)
@@ -310,7 +330,7 @@ def child_argv(args, variant: str) -> list[str]:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--device", choices=["cpu", "gpu"], default="cpu")
-    ap.add_argument("--size", choices=["2b", "small"], default="2b")
+    ap.add_argument("--size", choices=["2b", "7b", "small"], default="2b")
     ap.add_argument("--image", type=int, default=448, help="image side in pixels (a multiple of 28)")
     ap.add_argument("--new-tokens", type=int, default=32)
     ap.add_argument("--repeat", type=int, default=2, help="timed runs per process (best is kept)")

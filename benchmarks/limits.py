@@ -1,0 +1,339 @@
+"""Each speed figure beside its ceiling on this device, one table.
+
+    python benchmarks/limits.py [--sizes 2b,7b] [--weights bf16,int4] [--parts decode,ttft,batch,vit]
+        [--batch 64 --context 1024] [--profile DIR]
+
+The ceilings are measured in the same run, on the same device:
+  copy     bytes read + written per second by a device-to-device copy of a large array (the
+           memory bandwidth a decode step can hope for);
+  matmul   FLOP/s of one large square matmul in the compute dtype; on a GPU whose name is in
+           generate.PEAK_BF16 the datasheet's dense bf16 peak is printed beside it, and the
+           shares of compute figures are of that peak.
+The figures (random weights of each size's shapes, greedy, EOS ignored):
+  decode b1    tokens/s of one row after an image and a prompt, against the copy bandwidth
+               over the bytes one step reads (decoder weights, output head, the row's KV cache);
+  first token  time to the first token of one IMAGE x IMAGE image and a 30-word prompt (the
+               vision tower, prefill and the first draw), with the vision tower alone beside it;
+  decode bB    output tokens/s of B rows with CONTEXT-token prompts, against the copy bandwidth
+               over the weights plus all rows' KV caches per step (times B rows);
+  vit          the vision tower on one VIT_IMAGE x VIT_IMAGE image, model FLOP/s against the
+               matmul peak.
+Parameter bytes on the device are printed for each weight format (int8 and int4 hold the
+decoder's linear layers packed, as `qwen2vl-convert --quantize` stores them).
+
+--profile DIR traces a few single decode steps of the first size and format (batch 1) with
+jax.profiler and prints the device's time per kernel, summed per step, beside the step's wall
+time, so the share the device sits idle between kernels shows.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import gc
+import gzip
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from generate import PEAK_BF16, best_of, make_inputs, model_config, random_params, vit_flops  # noqa: E402
+
+
+# ------------------------------------------------------------------ ceilings
+def copy_bandwidth(nbytes: int, repeat: int) -> float:
+    """Bytes read + written per second by x * 2 over an array of nbytes (a fresh output buffer,
+    so every byte is read once and written once)."""
+    import jax
+    import jax.numpy as jnp
+
+    x = jnp.ones((nbytes // 2,), jnp.bfloat16)
+    double = jax.jit(lambda a: a * 2)
+    jax.block_until_ready(double(x))
+    t = best_of(lambda: jax.block_until_ready(double(x)), repeat)
+    return 2 * nbytes / t
+
+
+def read_bandwidth(nbytes: int, dtype, repeat: int) -> float:
+    """Bytes per second read from an array of about nbytes: the better of a sum over it and a
+    vector times it as a [1536, N] matrix (what a batch-1 decode step does with each weight;
+    on a CPU an elementwise copy may run on fewer cores than these)."""
+    import jax
+    import jax.numpy as jnp
+
+    dtype = jnp.dtype(dtype)
+    w = jnp.ones((1536, nbytes // (1536 * dtype.itemsize)), dtype)
+    x = jnp.ones((1, 1536), dtype)
+    best = 0.0
+    for fn, args in ((lambda a, b: a @ b, (x, w)), (lambda a: jnp.sum(a, dtype=jnp.float32), (w,))):
+        f = jax.jit(fn)
+        jax.block_until_ready(f(*args))
+        best = max(best, w.nbytes / best_of(lambda: jax.block_until_ready(f(*args)), repeat))
+    return best
+
+
+def matmul_peak(n: int, dtype, repeat: int) -> float:
+    import jax
+    import jax.numpy as jnp
+
+    a = jnp.ones((n, n), dtype)
+    mm = jax.jit(lambda x, y: x @ y)
+    jax.block_until_ready(mm(a, a))
+    return 2 * n**3 / best_of(lambda: jax.block_until_ready(mm(a, a)), repeat)
+
+
+def spec_peak(kind: str) -> float | None:
+    return next((p for k, p in PEAK_BF16.items() if k in kind), None)
+
+
+# ------------------------------------------------------------------ bytes
+def tree_bytes(tree) -> int:
+    import jax
+
+    return int(sum(leaf.nbytes for leaf in jax.tree_util.tree_leaves(tree)))
+
+
+def decode_weight_bytes(params: dict, config) -> int:
+    """Bytes one decode step reads of the weights: the decoder (layers, final norm) and the
+    output head (the embedding when tied); the embedding lookup's one row is left out."""
+    text = {k: v for k, v in params["model"].items() if k != "embed_tokens"}
+    head = params["model"]["embed_tokens"] if config.tie_word_embeddings else params["lm_head"]
+    return tree_bytes(text) + tree_bytes(head)
+
+
+def kv_bytes_per_slot(config, dtype) -> int:
+    """Bytes of keys and values one cache slot of one row holds over all layers."""
+    t = config.text
+    return 2 * t.num_hidden_layers * t.num_key_value_heads * t.head_dim * np.dtype(dtype).itemsize
+
+
+# ------------------------------------------------------------------ figures
+class Figures:
+    """The figures of one (size, weight format), measured with one engine."""
+
+    def __init__(self, args, size: str, weights: str):
+        import jax
+        import jax.numpy as jnp
+
+        from qwen2vl_jax import quant
+        from qwen2vl_jax.api import Qwen2VL
+        from qwen2vl_jax.engine import Engine
+
+        self.args, self.size, self.weights = args, size, weights
+        quantize = weights if weights in ("int8", "int4") else None
+        if quantize and jax.default_backend() == "cpu":
+            quant.sequential_cpu_schedule()
+        self.dtype = jnp.dtype(args.dtype)
+        self.config = model_config(size)
+        params = random_params(self.config, self.dtype, quantize)
+        self.model = Qwen2VL(self.config, params, self.dtype)
+        del params
+        self.engine = Engine(self.model.module)
+        self.param_bytes = tree_bytes(self.model.params)
+        self.step_weight_bytes = decode_weight_bytes(self.model.params, self.config)
+
+    def generate(self, inputs: dict, new_tokens: int):
+        from qwen2vl_jax.sampling import GenerationConfig
+
+        gconf = GenerationConfig(max_new_tokens=new_tokens, eos_token_ids=())
+        built = self.model.inputs(**inputs, room=new_tokens)
+        return built, gconf
+
+    def decode(self, inputs: dict, new_tokens: int) -> tuple[float, int]:
+        """(best decode tokens/s over all rows, cache slots per row)."""
+        built, gconf = self.generate(inputs, new_tokens)
+        self.engine.generate(self.model.params, built, gconf)  # compiles
+        rates = [self.engine.generate(self.model.params, built, gconf).decode_tokens_per_s
+                 for _ in range(self.args.repeat)]
+        return max(rates), self.engine.cache_slots(built, new_tokens)
+
+    def first_token(self, inputs: dict) -> tuple[float, float]:
+        """(best time to the first token, best vision tower time) in seconds."""
+        import jax
+
+        built, gconf = self.generate(inputs, 1)
+        start = lambda: jax.block_until_ready(self.engine.start(self.model.params, built, gconf)[2])  # noqa: E731
+        vit = lambda: jax.block_until_ready(self.engine.encode(self.model.params, built.vision))  # noqa: E731
+        start()
+        return best_of(start, self.args.repeat), best_of(vit, self.args.repeat)
+
+    def vit(self, side: int) -> tuple[float, float]:
+        """(best time, model FLOPs) of the vision tower on one side x side image."""
+        import jax
+
+        inputs = make_inputs(side, prompt_words=4)
+        built, _ = self.generate(inputs, 1)
+        run = lambda: jax.block_until_ready(self.engine.encode(self.model.params, built.vision))  # noqa: E731
+        run()
+        return best_of(run, self.args.repeat), vit_flops(self.config, inputs["pixel_values"].shape[0])
+
+    def profile(self, inputs: dict, out: Path, steps: int) -> float:
+        """Traces `steps` single decode steps into out; -> the best step's wall time (s)."""
+        import jax
+
+        built, gconf = self.generate(inputs, steps + 2)
+        _, state, _ = self.engine.start(self.model.params, built, gconf)
+        state, r = self.engine.step(self.model.params, state, gconf.greedy)  # compiles the step
+        jax.block_until_ready(r)
+        walls = []
+        with jax.profiler.trace(str(out), create_perfetto_trace=True):
+            for _ in range(steps):
+                t0 = time.perf_counter()
+                state, r = self.engine.step(self.model.params, state, gconf.greedy)
+                jax.block_until_ready(r)
+                walls.append(time.perf_counter() - t0)
+        return min(walls)
+
+
+# ------------------------------------------------------------------ the profile's table
+def kernel_table(trace_dir: Path, steps: int) -> tuple[str, list[tuple[str, int, float]]]:
+    """The device's time per kernel from the newest perfetto trace under trace_dir:
+    (where the events came from, [(name, calls, seconds)] summed over the trace, longest first).
+
+    A GPU's kernels are the events of its device process's stream threads; on a CPU, XLA's
+    thunks on the client's threads (events without '::' in their names)."""
+    files = sorted(trace_dir.rglob("perfetto_trace.json.gz"), key=lambda p: p.stat().st_mtime)
+    if not files:
+        raise FileNotFoundError(f"{trace_dir}: no perfetto_trace.json.gz")
+    data = json.load(gzip.open(files[-1]))
+    events = data["traceEvents"] if isinstance(data, dict) else data
+    procs, threads = {}, {}
+    for e in events:
+        if e.get("ph") == "M" and e.get("name") == "process_name":
+            procs[e["pid"]] = e["args"]["name"]
+        elif e.get("ph") == "M" and e.get("name") == "thread_name":
+            threads[(e["pid"], e.get("tid"))] = e["args"]["name"]
+    spans = [e for e in events if e.get("ph") == "X" and "dur" in e]
+    device = {p for p, n in procs.items() if n.startswith("/device:")}
+    if device:
+        on_device = [e for e in spans if e["pid"] in device]
+        streams = {k for k, n in threads.items() if k[0] in device and "stream" in n.lower()}
+        chosen = [e for e in on_device if (e["pid"], e.get("tid")) in streams] or on_device
+        where = ", ".join(sorted({threads.get((e["pid"], e.get("tid")), "?") for e in chosen}))
+        where = f"{', '.join(sorted(procs[p] for p in device))}: {where}"
+    else:
+        python = {k for k, n in threads.items() if n == "python"}
+        chosen = [e for e in spans if (e["pid"], e.get("tid")) not in python and "::" not in e["name"]
+                  and not e["name"].startswith("end: ") and not e["name"].startswith("$")]
+        where = "host threads (XLA:CPU thunks)"
+    total: dict[str, float] = collections.defaultdict(float)
+    calls: dict[str, int] = collections.Counter()
+    for e in chosen:
+        total[e["name"]] += e["dur"] * 1e-6  # trace times are microseconds
+        calls[e["name"]] += 1
+    rows = sorted(((n, calls[n], t) for n, t in total.items()), key=lambda r: -r[2])
+    return where, rows
+
+
+def print_profile(where: str, rows, steps: int, wall: float, top: int) -> None:
+    busy = sum(r[2] for r in rows) / steps
+    print(f"\nprofile: {steps} decode steps, best wall {1e3 * wall:.3f} ms a step; kernels from {where}")
+    print(f"  kernel time {1e3 * busy:.3f} ms a step ({100 * busy / wall:.0f}% of the wall time; "
+          f"{sum(r[1] for r in rows) / steps:.0f} kernels a step)")
+    print(f"  {'kernel':60s} {'calls/step':>10s} {'us/step':>9s} {'share':>6s}")
+    for name, n, t in rows[:top]:
+        print(f"  {name[:60]:60s} {n / steps:10.1f} {1e6 * t / steps:9.1f} {100 * t / steps / wall:5.1f}%")
+
+
+# ------------------------------------------------------------------ driver
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--sizes", default=None, help="comma list of 2b, 7b, small (default gpu: 2b,7b; cpu: small)")
+    ap.add_argument("--weights", default=None,
+                    help="comma list of float, int8, int4 (default gpu: float,int4; cpu: float)")
+    ap.add_argument("--dtype", default=None, help="compute dtype (default gpu: bfloat16; cpu: float32)")
+    ap.add_argument("--parts", default="decode,ttft,batch,vit", help="which figures (default %(default)s)")
+    ap.add_argument("--image", type=int, default=448, help="image side for decode and first token")
+    ap.add_argument("--vit-image", type=int, default=1344, help="image side for the vision tower figure")
+    ap.add_argument("--new-tokens", type=int, default=128, help="tokens per decode run (default %(default)s)")
+    ap.add_argument("--batch", type=int, default=64, help="rows of the batched decode (default %(default)s)")
+    ap.add_argument("--context", type=int, default=1024, help="prompt tokens per row there (default %(default)s)")
+    ap.add_argument("--copy-mib", type=int, default=None, help="array copied and read for the bandwidth (default gpu 2048, cpu 1024)")
+    ap.add_argument("--repeat", type=int, default=3, help="timed runs, best kept (default %(default)s)")
+    ap.add_argument("--profile", type=Path, default=None, metavar="DIR", help="trace decode steps into DIR")
+    ap.add_argument("--profile-steps", type=int, default=8)
+    ap.add_argument("--top", type=int, default=25, help="kernels listed by --profile")
+    args = ap.parse_args(argv)
+
+    import jax
+    import jax.numpy as jnp
+
+    dev = jax.devices()[0]
+    gpu = dev.platform != "cpu"
+    args.dtype = args.dtype or ("bfloat16" if gpu else "float32")
+    sizes = (args.sizes or ("2b,7b" if gpu else "small")).split(",")
+    weights = (args.weights or ("float,int4" if gpu else "float")).split(",")
+    parts = set(args.parts.split(","))
+    bad = [s for s in sizes if s not in ("2b", "7b", "small")] + [w for w in weights if w not in ("float", "int8", "int4")]
+    bad += sorted(parts - {"decode", "ttft", "batch", "vit"})
+    if bad:
+        ap.error(f"unknown size, weight format or part: {', '.join(bad)}")
+
+    kind = dev.device_kind
+    copy_mib = args.copy_mib or (2048 if gpu else 1024)
+    copy = copy_bandwidth(copy_mib * 2**20, max(args.repeat, 5))
+    read = read_bandwidth(copy_mib * 2**20, args.dtype, max(args.repeat, 5))
+    bw = max(copy, read)  # the decode ceilings' bandwidth
+    mm = matmul_peak(8192 if gpu else 1024, jnp.dtype(args.dtype), max(args.repeat, 5))
+    spec = spec_peak(kind) if gpu and args.dtype == "bfloat16" else None
+    peak = spec or mm
+    head = (f"{kind} ({dev.platform}, jax {jax.__version__}): copy {copy / 1e9:.0f} GB/s (read + write, {copy_mib} MiB), "
+            f"read {read / 1e9:.0f} GB/s, {args.dtype} matmul {mm / 1e12:.1f} TFLOP/s"
+            + (f", datasheet bf16 {spec / 1e12:.0f} TFLOP/s" if spec else ""))
+    print(f"# {head}", file=sys.stderr, flush=True)
+    rows: list[tuple[str, str, str, str, str]] = []  # figure, measured, ceiling, share, asked
+    prompt = make_inputs(args.image, prompt_words=30)
+    for size in sizes:
+        for w in weights:
+            label = f"{size} {args.dtype if w == 'float' else w}"
+            print(f"# {label}: making random weights ...", file=sys.stderr, flush=True)
+            f = Figures(args, size, w)
+            rows.append((f"{label} params on device", f"{f.param_bytes / 1e9:.2f} GB",
+                         f"decode reads {f.step_weight_bytes / 1e9:.2f} GB/step", "", ""))
+            if "decode" in parts:
+                rate, slots = f.decode(prompt, args.new_tokens)
+                step_bytes = f.step_weight_bytes + slots * kv_bytes_per_slot(f.config, f.dtype)
+                ceiling = bw / step_bytes
+                rows.append((f"{label} decode b1 (tok/s)", f"{rate:.1f}", f"{ceiling:.0f} ({step_bytes / 1e9:.2f} GB/step)",
+                             f"{100 * rate / ceiling:.0f}%", ">= 65%" if gpu else ""))
+                print(f"# {rows[-1]}", file=sys.stderr, flush=True)
+            if "ttft" in parts:
+                first, vit = f.first_token(prompt)
+                rows.append((f"{label} first token, {args.image}px + 30 words (ms)", f"{1e3 * first:.2f}",
+                             f"vision tower {1e3 * vit:.2f}", "", "<= 6" if gpu and size == "2b" else ""))
+                print(f"# {rows[-1]}", file=sys.stderr, flush=True)
+            if "batch" in parts:
+                ids = np.random.RandomState(1).randint(100, 150000, (args.batch, args.context))
+                rate, slots = f.decode({"input_ids": ids, "attention_mask": np.ones_like(ids)}, args.new_tokens)
+                step_bytes = f.step_weight_bytes + args.batch * slots * kv_bytes_per_slot(f.config, f.dtype)
+                ceiling = args.batch * bw / step_bytes
+                rows.append((f"{label} decode b{args.batch} ctx {args.context} (tok/s)", f"{rate:.0f}",
+                             f"{ceiling:.0f} ({step_bytes / 1e9:.2f} GB/step)", f"{100 * rate / ceiling:.0f}%",
+                             ">= 15000" if gpu and size == "2b" and args.batch == 64 else ""))
+                print(f"# {rows[-1]}", file=sys.stderr, flush=True)
+            if "vit" in parts:
+                t, flops = f.vit(args.vit_image)
+                rows.append((f"{label} vision tower {args.vit_image}px (TFLOP/s)", f"{flops / t / 1e12:.1f}",
+                             f"{peak / 1e12:.1f}" + (" datasheet" if spec else " matmul"), f"{100 * flops / t / peak:.0f}%",
+                             ">= 40%" if gpu else ""))
+                print(f"# {rows[-1]}", file=sys.stderr, flush=True)
+            if args.profile and size == sizes[0] and w == weights[0]:
+                wall = f.profile(prompt, args.profile, args.profile_steps)
+                where, table = kernel_table(args.profile, args.profile_steps)
+                print_profile(where, table, args.profile_steps, wall, args.top)
+            del f
+            gc.collect()
+
+    print(f"\n{head}; ceilings use {bw / 1e9:.0f} GB/s; random weights, greedy, {args.new_tokens} new tokens, "
+          f"best of {args.repeat}")
+    widths = [max(len(r[i]) for r in rows + [("figure", "measured", "ceiling", "share", "asked")]) for i in range(5)]
+    for r in [("figure", "measured", "ceiling", "share", "asked")] + rows:
+        print("  ".join(c.ljust(widths[i]) if i in (0, 2) else c.rjust(widths[i]) for i, c in enumerate(r)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
