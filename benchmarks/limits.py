@@ -21,9 +21,12 @@ The figures (random weights of each size's shapes, greedy, EOS ignored):
 Parameter bytes on the device are printed for each weight format (int8 and int4 hold the
 decoder's linear layers packed, as `qwen2vl-convert --quantize` stores them).
 
---profile DIR traces a few single decode steps of the first size and format (batch 1) with
-jax.profiler and prints the device's time per kernel, summed per step, beside the step's wall
-time, so the share the device sits idle between kernels shows.
+--levers measures the decode figures once per lever (plain, fused: q/k/v and gate/up as one
+matmul each, stepsK: K decode steps per iteration of the decode loop; joined by +).
+
+--profile DIR traces one decode loop (batch 1, the first size, format and lever) with
+jax.profiler and prints the device's time per kernel per token beside the loop's wall time
+per token, so the share the device sits idle between kernels shows.
 """
 
 from __future__ import annotations
@@ -130,10 +133,18 @@ class Figures:
         self.config = model_config(size)
         params = random_params(self.config, self.dtype, quantize)
         self.model = Qwen2VL(self.config, params, self.dtype)
-        del params
-        self.engine = Engine(self.model.module)
         self.param_bytes = tree_bytes(self.model.params)
         self.step_weight_bytes = decode_weight_bytes(self.model.params, self.config)
+        self.engine = Engine(self.model.module)
+        self.levers = {}  # lever name -> (params, engine)
+        for lever in args.levers.split(","):
+            parts = set(lever.split("+")) - {"plain"}
+            steps = next((int(p[len("steps"):]) for p in parts if p.startswith("steps")), 1)
+            if parts - {"fused", f"steps{steps}"}:
+                raise SystemExit(f"--levers: unknown lever {lever!r} (plain, fused, stepsK and + between them)")
+            fused = Qwen2VL(self.config, params, self.dtype, fuse_projections=True).params if "fused" in parts else None
+            self.levers[lever] = (fused or self.model.params, Engine(self.model.module, steps_per_iteration=steps))
+        del params
 
     def generate(self, inputs: dict, new_tokens: int):
         from qwen2vl_jax.sampling import GenerationConfig
@@ -142,13 +153,13 @@ class Figures:
         built = self.model.inputs(**inputs, room=new_tokens)
         return built, gconf
 
-    def decode(self, inputs: dict, new_tokens: int) -> tuple[float, int]:
-        """(best decode tokens/s over all rows, cache slots per row)."""
+    def decode(self, inputs: dict, new_tokens: int, lever: str) -> tuple[float, int]:
+        """(best decode tokens/s over all rows, cache slots per row) with one lever."""
+        params, engine = self.levers[lever]
         built, gconf = self.generate(inputs, new_tokens)
-        self.engine.generate(self.model.params, built, gconf)  # compiles
-        rates = [self.engine.generate(self.model.params, built, gconf).decode_tokens_per_s
-                 for _ in range(self.args.repeat)]
-        return max(rates), self.engine.cache_slots(built, new_tokens)
+        engine.generate(params, built, gconf)  # compiles
+        rates = [engine.generate(params, built, gconf).decode_tokens_per_s for _ in range(self.args.repeat)]
+        return max(rates), engine.cache_slots(built, new_tokens)
 
     def first_token(self, inputs: dict) -> tuple[float, float]:
         """(best time to the first token, best vision tower time) in seconds."""
@@ -170,22 +181,21 @@ class Figures:
         run()
         return best_of(run, self.args.repeat), vit_flops(self.config, inputs["pixel_values"].shape[0])
 
-    def profile(self, inputs: dict, out: Path, steps: int) -> float:
-        """Traces `steps` single decode steps into out; -> the best step's wall time (s)."""
+    def profile(self, inputs: dict, out: Path, steps: int, lever: str) -> float:
+        """Traces one decode loop of `steps` tokens (after its prefill, outside the trace) into
+        out; -> its wall time per token (s)."""
         import jax
 
-        built, gconf = self.generate(inputs, steps + 2)
-        _, state, _ = self.engine.start(self.model.params, built, gconf)
-        state, r = self.engine.step(self.model.params, state, gconf.greedy)  # compiles the step
-        jax.block_until_ready(r)
-        walls = []
+        params, engine = self.levers[lever]
+        built, gconf = self.generate(inputs, steps)
+        engine.generate(params, built, gconf)  # compiles
+        _, state, first = engine.start(params, built, gconf)
+        jax.block_until_ready((state, first))
         with jax.profiler.trace(str(out), create_perfetto_trace=True):
-            for _ in range(steps):
-                t0 = time.perf_counter()
-                state, r = self.engine.step(self.model.params, state, gconf.greedy)
-                jax.block_until_ready(r)
-                walls.append(time.perf_counter() - t0)
-        return min(walls)
+            t0 = time.perf_counter()
+            state = jax.block_until_ready(engine._loop(params, state, gconf.greedy))  # generate's loop alone
+            wall = time.perf_counter() - t0
+        return wall / (steps - 1)
 
 
 # ------------------------------------------------------------------ the profile's table
@@ -230,7 +240,7 @@ def kernel_table(trace_dir: Path, steps: int) -> tuple[str, list[tuple[str, int,
 
 def print_profile(where: str, rows, steps: int, wall: float, top: int) -> None:
     busy = sum(r[2] for r in rows) / steps
-    print(f"\nprofile: {steps} decode steps, best wall {1e3 * wall:.3f} ms a step; kernels from {where}")
+    print(f"\nprofile: a decode loop of {steps} steps, {1e3 * wall:.3f} ms a step; kernels from {where}")
     print(f"  kernel time {1e3 * busy:.3f} ms a step ({100 * busy / wall:.0f}% of the wall time; "
           f"{sum(r[1] for r in rows) / steps:.0f} kernels a step)")
     print(f"  {'kernel':60s} {'calls/step':>10s} {'us/step':>9s} {'share':>6s}")
@@ -253,6 +263,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--context", type=int, default=1024, help="prompt tokens per row there (default %(default)s)")
     ap.add_argument("--copy-mib", type=int, default=None, help="array copied and read for the bandwidth (default gpu 2048, cpu 1024)")
     ap.add_argument("--repeat", type=int, default=3, help="timed runs, best kept (default %(default)s)")
+    ap.add_argument("--levers", default="plain",
+                    help="comma list of decode levers, each measured for the decode figures: plain, fused "
+                         "(q/k/v and gate/up as one matmul each), stepsK (K decode steps per loop iteration), "
+                         "or several joined by + (default %(default)s); the first serves the other figures")
     ap.add_argument("--profile", type=Path, default=None, metavar="DIR", help="trace decode steps into DIR")
     ap.add_argument("--profile-steps", type=int, default=8)
     ap.add_argument("--top", type=int, default=25, help="kernels listed by --profile")
@@ -267,6 +281,7 @@ def main(argv: list[str] | None = None) -> int:
     sizes = (args.sizes or ("2b,7b" if gpu else "small")).split(",")
     weights = (args.weights or ("float,int4" if gpu else "float")).split(",")
     parts = set(args.parts.split(","))
+    levers = args.levers.split(",")
     bad = [s for s in sizes if s not in ("2b", "7b", "small")] + [w for w in weights if w not in ("float", "int8", "int4")]
     bad += sorted(parts - {"decode", "ttft", "batch", "vit"})
     if bad:
@@ -293,11 +308,12 @@ def main(argv: list[str] | None = None) -> int:
             f = Figures(args, size, w)
             rows.append((f"{label} params on device", f"{f.param_bytes / 1e9:.2f} GB",
                          f"decode reads {f.step_weight_bytes / 1e9:.2f} GB/step", "", ""))
-            if "decode" in parts:
-                rate, slots = f.decode(prompt, args.new_tokens)
+            for lever in levers if "decode" in parts else ():
+                rate, slots = f.decode(prompt, args.new_tokens, lever)
                 step_bytes = f.step_weight_bytes + slots * kv_bytes_per_slot(f.config, f.dtype)
                 ceiling = bw / step_bytes
-                rows.append((f"{label} decode b1 (tok/s)", f"{rate:.1f}", f"{ceiling:.0f} ({step_bytes / 1e9:.2f} GB/step)",
+                rows.append((f"{label} decode b1 {lever} (tok/s)", f"{rate:.1f}",
+                             f"{ceiling:.0f} ({step_bytes / 1e9:.2f} GB/step)",
                              f"{100 * rate / ceiling:.0f}%", ">= 65%" if gpu else ""))
                 print(f"# {rows[-1]}", file=sys.stderr, flush=True)
             if "ttft" in parts:
@@ -305,12 +321,12 @@ def main(argv: list[str] | None = None) -> int:
                 rows.append((f"{label} first token, {args.image}px + 30 words (ms)", f"{1e3 * first:.2f}",
                              f"vision tower {1e3 * vit:.2f}", "", "<= 6" if gpu and size == "2b" else ""))
                 print(f"# {rows[-1]}", file=sys.stderr, flush=True)
-            if "batch" in parts:
+            for lever in levers if "batch" in parts else ():
                 ids = np.random.RandomState(1).randint(100, 150000, (args.batch, args.context))
-                rate, slots = f.decode({"input_ids": ids, "attention_mask": np.ones_like(ids)}, args.new_tokens)
+                rate, slots = f.decode({"input_ids": ids, "attention_mask": np.ones_like(ids)}, args.new_tokens, lever)
                 step_bytes = f.step_weight_bytes + args.batch * slots * kv_bytes_per_slot(f.config, f.dtype)
                 ceiling = args.batch * bw / step_bytes
-                rows.append((f"{label} decode b{args.batch} ctx {args.context} (tok/s)", f"{rate:.0f}",
+                rows.append((f"{label} decode b{args.batch} ctx {args.context} {lever} (tok/s)", f"{rate:.0f}",
                              f"{ceiling:.0f} ({step_bytes / 1e9:.2f} GB/step)", f"{100 * rate / ceiling:.0f}%",
                              ">= 15000" if gpu and size == "2b" and args.batch == 64 else ""))
                 print(f"# {rows[-1]}", file=sys.stderr, flush=True)
@@ -321,7 +337,7 @@ def main(argv: list[str] | None = None) -> int:
                              ">= 40%" if gpu else ""))
                 print(f"# {rows[-1]}", file=sys.stderr, flush=True)
             if args.profile and size == sizes[0] and w == weights[0]:
-                wall = f.profile(prompt, args.profile, args.profile_steps)
+                wall = f.profile(prompt, args.profile, args.profile_steps + 1, levers[0])
                 where, table = kernel_table(args.profile, args.profile_steps)
                 print_profile(where, table, args.profile_steps, wall, args.top)
             del f

@@ -29,6 +29,7 @@ from qwen2vl_jax.errors import CheckpointError, InputError
 from qwen2vl_jax.inputs import ModelInputs, build_inputs, pack_vision
 from qwen2vl_jax.modules.attention import KERNELS, MATMULS
 from qwen2vl_jax.modules.qwen2vl import Qwen2VLModule, init_shapes
+from qwen2vl_jax import params as params_lib
 from qwen2vl_jax.params import stack_layers, unstack_layers
 from qwen2vl_jax.sampling import GenerationConfig
 from qwen2vl_jax.sharding import ShardingRules, check_divisible, param_shardings, place_params
@@ -74,13 +75,15 @@ class Qwen2VL:
     tower, prefill: inputs rounded to bf16, f32 accumulation; modules/attention.py);
     scan_layers: run the decoder's layers as one scanned layer, so compile time does not grow
     with depth (the params are then held stacked, `model/layers/...` with a leading layer
-    axis; `params.unstack_layers` gives HF paths back). All are fixed for the model's life: a
-    model with another choice compiles its own functions."""
+    axis; `params.unstack_layers` gives HF paths back); fuse_projections: hold each decoder
+    layer's q/k/v and gate/up weights concatenated (`params.fuse_projections`), so a step runs
+    one matmul for each set (they are then not split over a tensor axis). All are fixed for the
+    model's life: a model with another choice compiles its own functions."""
 
     def __init__(self, config: Qwen2VLConfig, params: dict, dtype=None, mesh: Mesh | None = None,
                  rules: ShardingRules | None = None, *, attention: str | None = None, matmul: str | None = None,
                  generation_config: GenerationConfig | None = None, quantization: quant.Scheme | None = None,
-                 scan_layers: bool = False):
+                 scan_layers: bool = False, fuse_projections: bool = False):
         check_divisible(config, mesh)
         self.config = config
         self.quantization = quantization  # how the params are packed (quant.py), None for float
@@ -96,9 +99,13 @@ class Qwen2VL:
         params = unstack_layers(params)  # HF paths for the checks and the CPU layout
         if mesh is not None:
             quant.check_mesh(params, param_shardings(params, mesh, self.rules))
+        self.fuse_projections = bool(fuse_projections)
+        shapes = init_shapes(config)
+        if self.fuse_projections:
+            params, shapes = params_lib.fuse_projections(params), params_lib.fuse_projections(shapes)
         if mesh is None and jax.default_backend() == "cpu" and quant.is_quantized(params):
             # packed kernels re-laid once for the CPU's matmuls (quant.cpu_layout)
-            params = quant.cpu_layout(params, init_shapes(config))
+            params = quant.cpu_layout(params, shapes)
         if self.scan_layers:  # one copy of the decoder's weights, once, at load
             params = stack_layers(params)
         self.params = place_params(params, mesh, self.rules)  # a no-op without a mesh
@@ -110,7 +117,8 @@ class Qwen2VL:
     @classmethod
     def from_pretrained(cls, path: str | Path, dtype=None, mesh: Mesh | None = None,
                         rules: ShardingRules | None = None, *, attention: str | None = None,
-                        matmul: str | None = None, scan_layers: bool = False) -> "Qwen2VL":
+                        matmul: str | None = None, scan_layers: bool = False,
+                        fuse_projections: bool = False) -> "Qwen2VL":
         """Loads a converted folder (from qwen2vl-convert or training) or an HF-layout folder
         (config.json + safetensors); with a `mesh` the params are placed by the sharding rules
         as they load. generation_config.json gives the generation defaults."""
@@ -136,7 +144,7 @@ class Qwen2VL:
             params = load_hf_params(path, config, dtype, host=mesh is not None)
         return cls(config, params, dtype, mesh=mesh, rules=rules, attention=attention, matmul=matmul,
                    generation_config=GenerationConfig.from_pretrained(path, config), quantization=scheme,
-                   scan_layers=scan_layers)
+                   scan_layers=scan_layers, fuse_projections=fuse_projections)
 
     @property
     def param_bytes(self) -> int:

@@ -204,10 +204,16 @@ class Engine:
     another kernel is another engine."""
 
     def __init__(self, module: Qwen2VLModule, mesh: Mesh | None = None, rules: ShardingRules | None = None,
-                 *, params_sharding=None, loop_options: dict | None = None):
+                 *, params_sharding=None, loop_options: dict | None = None, steps_per_iteration: int = 1):
         """params_sharding: the layout of the params the calls will get (a tree of shardings);
-        on a mesh it defaults to the rules' layout of the config's parameter tree."""
+        on a mesh it defaults to the rules' layout of the config's parameter tree.
+        loop_options: XLA compiler options for `generate`'s decode loop; steps_per_iteration:
+        decode steps in one iteration of that loop (the ones after the first run only while
+        a row is still going), so the loop's own test is paid once per that many tokens."""
+        if steps_per_iteration < 1:
+            raise ValueError(f"steps_per_iteration must be at least 1 (got {steps_per_iteration})")
         self.module = module
+        self.steps_per_iteration = int(steps_per_iteration)
         self.config = module.config
         self.mesh = mesh
         self.rules = rules or ShardingRules()
@@ -281,8 +287,17 @@ class Engine:
             return state, state.readout()
 
     def _loop_impl(self, params, state: DecodeState, greedy: bool) -> DecodeState:
+        def one(s):
+            return self._decode_one(params, s, greedy)
+
+        def body(s):
+            s = one(s)
+            for _ in range(self.steps_per_iteration - 1):
+                s = jax.lax.cond(_keep_going(s), one, lambda t: t, s)
+            return s
+
         with use_mesh(self.mesh, self.rules), jax.named_scope("decode_loop"):
-            return jax.lax.while_loop(_keep_going, lambda s: self._decode_one(params, s, greedy), state)
+            return jax.lax.while_loop(_keep_going, body, state)
 
     # ------------------------------------------------------------ host side
     def _put(self, tree: dict, axes: dict) -> dict:

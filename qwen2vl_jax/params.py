@@ -140,3 +140,59 @@ def layer_path(path: str, i: int = 0) -> str:
     """A stacked path model/layers/X -> model/layers_{i}/X (others unchanged): what the
     HF-path regexes (sharding rules, training stages) are matched against."""
     return f"model/layers_{i}/{path[len(STACKED_PREFIX):]}" if path.startswith(STACKED_PREFIX) else path
+
+
+# ---------------------------------------------------------------- fused projections
+# A decoder layer's q, k and v projections read the same input, as do the MLP's gate and up:
+# `fuse_projections` concatenates each set's outputs into one weight at load time, so a decode
+# step runs one matmul for each set (the modules use the fused weight when the params hold it).
+FUSED = {"self_attn/qkv_proj": ("self_attn/q_proj", "self_attn/k_proj", "self_attn/v_proj"),
+         "mlp/gate_up_proj": ("mlp/gate_proj", "mlp/up_proj")}
+
+
+def _concat_outputs(parts: list):
+    first = parts[0]
+    if isinstance(first, jax.ShapeDtypeStruct):
+        return jax.ShapeDtypeStruct((*first.shape[:-1], sum(p.shape[-1] for p in parts)), first.dtype)
+    if any(isinstance(x, jax.Array) for x in parts):
+        return jax.numpy.concatenate(parts, axis=-1)
+    return np.concatenate([np.asarray(x) for x in parts], axis=-1)
+
+
+def is_fused(tree) -> bool:
+    return any("/qkv_proj/" in p or "/gate_up_proj/" in p for p in flatten(tree))
+
+
+def fuse_projections(tree: dict) -> dict:
+    """model/layers_{i}/self_attn/{q,k,v}_proj/X -> .../self_attn/qkv_proj/X and mlp/{gate,up}_proj/X
+    -> mlp/gate_up_proj/X, each leaf concatenated along its last (output) axis: float kernels
+    and biases, and packed quantized ones (quant.py: qweight, scales and zeros all end with the
+    output axis). A set whose members hold different leaves, are packed differently, or read
+    their inputs in different orders (act-order `perm`s) cannot share one matmul: one
+    InputError line. Takes HF paths (fuse before `stack_layers`); a fused tree comes back as it is."""
+    if is_stacked(tree):
+        raise InputError("fuse the projections before stacking the decoder's layers")
+    flat = flatten(tree)
+    layers = sorted({m.group(1) for m in map(_LAYER.match, flat) if m}, key=int)
+    for i in layers:
+        for fused, members in FUSED.items():
+            where = f"model/layers_{i}/{fused}"
+            prefixes = [f"model/layers_{i}/{member}/" for member in members]
+            leaves = [sorted(p[len(pre):] for p in flat if p.startswith(pre)) for pre in prefixes]
+            if not any(leaves):
+                continue
+            if any(x != leaves[0] for x in leaves[1:]):
+                raise InputError(f"{where}: {', '.join(members)} do not hold the same leaves, so they cannot be fused")
+            for leaf in leaves[0]:
+                parts = [flat.pop(pre + leaf) for pre in prefixes]
+                if leaf == "perm":
+                    if any(not np.array_equal(np.asarray(parts[0]), np.asarray(x)) for x in parts[1:]):
+                        raise InputError(f"{where}: {', '.join(members)} read their inputs in different orders "
+                                         "(act-order), so they cannot share one matmul; load without fusing")
+                    flat[f"{where}/perm"] = parts[0]
+                    continue
+                if len({(tuple(x.shape[:-1]), np.dtype(x.dtype)) for x in parts}) != 1:
+                    raise InputError(f"{where}/{leaf}: {', '.join(members)} are packed differently "
+                                     f"({', '.join(str(tuple(x.shape)) for x in parts)}), so they cannot be fused")
+                flat[f"{where}/{leaf}"] = _concat_outputs(parts)
+    return unflatten(flat)

@@ -117,6 +117,9 @@ PARAM_AXES: tuple[tuple[str, tuple[str | None, ...]], ...] = (
     (r"self_attn/o_proj/kernel$", ("heads", "param_embed")),
     (r"mlp/(gate|up)_proj/kernel$", ("param_embed", "mlp")),
     (r"mlp/down_proj/kernel$", ("mlp", "param_embed")),
+    # params.fuse_projections' concatenated outputs ([q|k|v], [gate|up]) stay whole on the
+    # tensor axis, like the vision tower's qkv: a split there would not follow heads or halves.
+    (r"(self_attn/qkv_proj|mlp/gate_up_proj)/kernel$", ("param_embed", None)),
     (r"visual/patch_embed/proj/kernel$", (None, "param_embed")),
     (r"attn/qkv/kernel$", ("param_embed", None)),
     (r"attn/proj/kernel$", (None, "param_embed")),

@@ -160,9 +160,11 @@ class Attention(nn.Module):
         h, kh, hd = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
         dense = lambda n, name, bias=True: Linear(n, use_bias=bias, dtype=self.dtype,  # noqa: E731
                                                   dot_general=dense_dot(self.matmul), name=name)
-        q = dense(h * hd, "q_proj")(x).reshape(b, l, h, hd)
-        k = dense(kh * hd, "k_proj")(x).reshape(b, l, kh, hd)
-        v = dense(kh * hd, "v_proj")(x).reshape(b, l, kh, hd)
+        if self.has_variable("params", "qkv_proj"):  # params.fuse_projections: one matmul for the three
+            q, k, v = jnp.split(dense((h + 2 * kh) * hd, "qkv_proj")(x), [h * hd, (h + kh) * hd], axis=-1)
+        else:
+            q, k, v = (dense(n * hd, name)(x) for n, name in ((h, "q_proj"), (kh, "k_proj"), (kh, "v_proj")))
+        q, k, v = q.reshape(b, l, h, hd), k.reshape(b, l, kh, hd), v.reshape(b, l, kh, hd)
         q = shard(q, "batch", "seq", "heads", "head_dim")
         k = shard(k, "batch", "seq", "kv_heads", "head_dim")
         v = shard(v, "batch", "seq", "kv_heads", "head_dim")
@@ -199,8 +201,11 @@ class Mlp(nn.Module):
         cfg = self.config
         dense = lambda n, name: Linear(n, use_bias=False, dtype=self.dtype, dot_general=dense_dot(self.matmul),  # noqa: E731
                                        name=name)
-        gate = shard(dense(cfg.intermediate_size, "gate_proj")(x), "batch", "seq", "mlp")
-        up = shard(dense(cfg.intermediate_size, "up_proj")(x), "batch", "seq", "mlp")
+        if self.has_variable("params", "gate_up_proj"):  # params.fuse_projections
+            gate, up = jnp.split(dense(2 * cfg.intermediate_size, "gate_up_proj")(x), 2, axis=-1)
+        else:
+            gate, up = dense(cfg.intermediate_size, "gate_proj")(x), dense(cfg.intermediate_size, "up_proj")(x)
+        gate, up = shard(gate, "batch", "seq", "mlp"), shard(up, "batch", "seq", "mlp")
         return dense(cfg.hidden_size, "down_proj")(jax.nn.silu(gate) * up)
 
 
