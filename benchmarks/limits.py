@@ -43,6 +43,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from qwen2vl_jax.params import param_bytes as tree_bytes  # noqa: E402 - arrays or shapes
 from generate import PEAK_BF16, best_of, make_inputs, model_config, random_params, vit_flops  # noqa: E402
 
 
@@ -93,12 +94,6 @@ def spec_peak(kind: str) -> float | None:
 
 
 # ------------------------------------------------------------------ bytes
-def tree_bytes(tree) -> int:
-    import jax
-
-    return int(sum(leaf.nbytes for leaf in jax.tree_util.tree_leaves(tree)))
-
-
 def decode_weight_bytes(params: dict, config) -> int:
     """Bytes one decode step reads of the weights: the decoder (layers, final norm) and the
     output head (the embedding when tied); the embedding lookup's one row is left out."""

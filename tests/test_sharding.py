@@ -116,6 +116,18 @@ def _worker() -> dict:
         "cache_k": spec_of(state.cache.k[0]),
         "cache_shape": list(state.cache.k[0].shape),
     }
+    # Fused projections (params.fuse_projections) on the same mesh: the concatenated weights
+    # split over fsdp, whole on the tensor axis.
+    model = Qwen2VL(config, params, "float32", mesh=mesh, fuse_projections=True)
+    logits, tokens, full, state = run(model)
+    fused = model.params["model"]["layers_0"]
+    report["fused"] = {
+        "step_logits_err": float(np.abs(logits - ref_logits).max() / np.abs(ref_logits).max()),
+        "forward_logits_err": float(np.abs(full - ref_full).max() / np.abs(ref_full).max()),
+        "tokens_equal": bool(np.array_equal(tokens, ref_tokens)),
+        "qkv_proj": spec_of(fused["self_attn"]["qkv_proj"]["kernel"]),
+        "gate_up_proj": spec_of(fused["mlp"]["gate_up_proj"]["kernel"]),
+    }
     # Params restored from a checkpoint go straight into their shards (no gather on one host).
     import tempfile
 
@@ -214,6 +226,13 @@ def test_bad_meshes_refused(report):
     assert report["bad_count"] and "8 are available" in report["bad_count"]
 
 
+def test_fused_projections_sharded(report):
+    r = report["fused"]
+    assert r["step_logits_err"] <= 1e-5 and r["forward_logits_err"] <= 1e-5 and r["tokens_equal"], r
+    assert r["qkv_proj"] == ["fsdp", None] and r["gate_up_proj"] == ["fsdp", None], r
+
+
 if __name__ == "__main__" and "--worker" in sys.argv:
     result = _worker()
     print(json.dumps(result))
+
