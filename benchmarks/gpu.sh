@@ -1,17 +1,47 @@
 #!/usr/bin/env bash
 # The GPU checks in one go, from a checkout on a machine with an NVIDIA GPU and jax[cuda],
-# flax, optax, orbax, torch and transformers installed:
-#   1. tests/test_gpu.py: cuDNN attention as accurate as ours in bf16 (vision, logits, prefill);
-#   2. benchmarks/generate.py on the GPU: ours (bf16; also without cuDNN attention, to show
-#      what it gives; and with int8 / int4 packed weights, computed in bf16) against HF
-#      transformers (bf16).
-# Usage: bash benchmarks/gpu.sh [extra args for generate.py]
+# flax, optax, orbax, torch and transformers installed. Everything printed also goes to
+# $OUT/gpu.log (OUT defaults to /tmp/qwen2vl-gpu), and the decode profile's trace (perfetto JSON)
+# to $OUT/decode_trace.json.gz.
+#   accuracy  tests/test_gpu.py: cuDNN attention as accurate as ours in bf16 (vision, logits,
+#             prefill);
+#   limits    benchmarks/limits.py: each figure beside its ceiling measured in the same run
+#             (copy bandwidth, matmul peak): 2B decode with each lever (plain, fused
+#             projections, 4 steps per loop iteration, both) at batch 1 and 64, with a
+#             per-kernel profile of the plain decode loop; then 2B and 7B in bf16 and int4:
+#             params on device, batch-1 decode, first token, batch-64 decode, the vision
+#             tower at 1344x1344;
+#   versus    benchmarks/generate.py: ours (bf16, without cuDNN attention, int8, int4) against
+#             HF transformers (bf16) on the same shapes.
+# Usage: bash benchmarks/gpu.sh [accuracy] [limits] [versus]   (default: all three)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 PY=${PYTHON:-python3}
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
-$PY -c "import jax, flax; print('jax', jax.__version__, 'flax', flax.__version__, jax.devices())"
-$PY -m pytest -q -s -p no:cacheprovider tests/test_gpu.py
-$PY benchmarks/generate.py --device gpu --rounds 1 --repeat 3 \
-    --variants ours-bf16,ours-bf16+xlaattn,ours-int8,ours-int4,hf-bf16 "$@"
+OUT=${OUT:-/tmp/qwen2vl-gpu}
+mkdir -p "$OUT"
+parts=${*:-accuracy limits versus}
+status=0
+{
+  nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm,clocks.max.mem --format=csv,noheader || true
+  $PY -c "import jax, flax; print('jax', jax.__version__, 'flax', flax.__version__, jax.devices())"
+  for part in $parts; do
+    echo "== $part ($(date +%T))"
+    case $part in
+      accuracy) $PY -m pytest -q -p no:cacheprovider tests/test_gpu.py || status=1 ;;
+      limits)
+        $PY benchmarks/limits.py --sizes 2b --weights float --parts decode,batch \
+            --levers plain,fused,steps4,fused+steps4 --profile /tmp/qwen2vl-trace || status=1
+        trace=$(find /tmp/qwen2vl-trace -name perfetto_trace.json.gz | sort | tail -1)
+        [ -n "$trace" ] && cp "$trace" "$OUT/decode_trace.json.gz"
+        $PY benchmarks/limits.py --sizes 2b,7b --weights float,int4 --parts decode,ttft,batch,vit || status=1 ;;
+      versus)
+        $PY benchmarks/generate.py --device gpu --rounds 1 --repeat 3 \
+            --variants ours-bf16,ours-bf16+xlaattn,ours-int8,ours-int4,hf-bf16 || status=1 ;;
+      *) echo "gpu.sh: unknown part '$part' (accuracy, limits, versus)"; status=2 ;;
+    esac
+  done
+  echo "== done ($(date +%T)), status $status"
+  exit $status
+} 2>&1 | tee "$OUT/gpu.log"
+exit "${PIPESTATUS[0]}"
