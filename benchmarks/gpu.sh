@@ -13,13 +13,15 @@
 #             tower at 1344x1344;
 #   versus    benchmarks/generate.py: ours (bf16, without cuDNN attention, int8, int4) against
 #             HF transformers (bf16) on the same shapes.
-# Usage: bash benchmarks/gpu.sh [accuracy] [limits] [versus]   (default: all three)
+# Usage: bash benchmarks/gpu.sh [accuracy] [limits] [versus]   (default: all three; run
+# benchmarks/generate.py or limits.py directly for other arguments)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 PY=${PYTHON:-python3}
 OUT=${OUT:-/tmp/qwen2vl-gpu}
 mkdir -p "$OUT"
+traces=$(mktemp -d)  # this run's profile only (its folders nest too deep to come back from $OUT)
 parts=${*:-accuracy limits versus}
 status=0
 {
@@ -31,8 +33,8 @@ status=0
       accuracy) $PY -m pytest -q -p no:cacheprovider tests/test_gpu.py || status=1 ;;
       limits)
         $PY benchmarks/limits.py --sizes 2b --weights float --parts decode,batch \
-            --levers plain,fused,steps4,fused+steps4 --profile /tmp/qwen2vl-trace || status=1
-        trace=$(find /tmp/qwen2vl-trace -name perfetto_trace.json.gz | sort | tail -1)
+            --levers plain,fused,steps4,fused+steps4 --profile "$traces" || status=1
+        trace=$(find "$traces" -name perfetto_trace.json.gz | sort | tail -1)
         [ -n "$trace" ] && cp "$trace" "$OUT/decode_trace.json.gz"
         $PY benchmarks/limits.py --sizes 2b,7b --weights float,int4 --parts decode,ttft,batch,vit || status=1 ;;
       versus)

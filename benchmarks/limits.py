@@ -1,20 +1,21 @@
 """Each speed figure beside its ceiling on this device, one table.
 
-    python benchmarks/limits.py [--sizes 2b,7b] [--weights bf16,int4] [--parts decode,ttft,batch,vit]
+    python benchmarks/limits.py [--sizes 2b,7b] [--weights float,int4] [--parts decode,ttft,batch,vit]
         [--batch 64 --context 1024] [--profile DIR]
 
 The ceilings are measured in the same run, on the same device:
-  copy     bytes read + written per second by a device-to-device copy of a large array (the
-           memory bandwidth a decode step can hope for);
+  copy     bytes read + written per second by a device-to-device copy of a large array;
+  read     bytes read per second by a sum over it and a vector times it (the better of the
+           two): the decode ceilings use the higher of copy and read;
   matmul   FLOP/s of one large square matmul in the compute dtype; on a GPU whose name is in
            generate.PEAK_BF16 the datasheet's dense bf16 peak is printed beside it, and the
            shares of compute figures are of that peak.
 The figures (random weights of each size's shapes, greedy, EOS ignored):
-  decode b1    tokens/s of one row after an image and a prompt, against the copy bandwidth
+  decode b1    tokens/s of one row after an image and a prompt, against that bandwidth
                over the bytes one step reads (decoder weights, output head, the row's KV cache);
   first token  time to the first token of one IMAGE x IMAGE image and a 30-word prompt (the
                vision tower, prefill and the first draw), with the vision tower alone beside it;
-  decode bB    output tokens/s of B rows with CONTEXT-token prompts, against the copy bandwidth
+  decode bB    output tokens/s of B rows with CONTEXT-token prompts, against that bandwidth
                over the weights plus all rows' KV caches per step (times B rows);
   vit          the vision tower on one VIT_IMAGE x VIT_IMAGE image, model FLOP/s against the
                matmul peak.
@@ -22,7 +23,8 @@ Parameter bytes on the device are printed for each weight format (int8 and int4 
 decoder's linear layers packed, as `qwen2vl-convert --quantize` stores them).
 
 --levers measures the decode figures once per lever (plain, fused: q/k/v and gate/up as one
-matmul each, stepsK: K decode steps per iteration of the decode loop; joined by +).
+matmul each, stepsK: K decode steps per iteration of the decode loop; joined by +); the first
+token and the vision tower use the plain model.
 
 --profile DIR traces one decode loop (batch 1, the first size, format and lever) with
 jax.profiler and prints the device's time per kernel per token beside the loop's wall time
@@ -108,6 +110,16 @@ def kv_bytes_per_slot(config, dtype) -> int:
     return 2 * t.num_hidden_layers * t.num_key_value_heads * t.head_dim * np.dtype(dtype).itemsize
 
 
+def parse_lever(lever: str) -> tuple[bool, int]:
+    """'plain', 'fused', 'stepsK' or several joined by '+' -> (fused, K); ValueError otherwise."""
+    parts = set(lever.split("+")) - {"plain"}
+    steps = [p[len("steps"):] for p in parts if p.startswith("steps")]
+    if len(steps) > 1 or (steps and not (steps[0].isdigit() and int(steps[0]) >= 1)) or \
+            parts - {"fused"} - {f"steps{k}" for k in steps}:
+        raise ValueError(f"unknown lever {lever!r} (plain, fused, stepsK with K >= 1, or several joined by +)")
+    return "fused" in parts, int(steps[0]) if steps else 1
+
+
 # ------------------------------------------------------------------ figures
 class Figures:
     """The figures of one (size, weight format), measured with one engine."""
@@ -132,13 +144,13 @@ class Figures:
         self.step_weight_bytes = decode_weight_bytes(self.model.params, self.config)
         self.engine = Engine(self.model.module)
         self.levers = {}  # lever name -> (params, engine)
+        fused = None  # one fused copy for every lever that asks for it
         for lever in args.levers.split(","):
-            parts = set(lever.split("+")) - {"plain"}
-            steps = next((int(p[len("steps"):]) for p in parts if p.startswith("steps")), 1)
-            if parts - {"fused", f"steps{steps}"}:
-                raise SystemExit(f"--levers: unknown lever {lever!r} (plain, fused, stepsK and + between them)")
-            fused = Qwen2VL(self.config, params, self.dtype, fuse_projections=True).params if "fused" in parts else None
-            self.levers[lever] = (fused or self.model.params, Engine(self.model.module, steps_per_iteration=steps))
+            is_fused, steps = parse_lever(lever)
+            if is_fused and fused is None:
+                fused = Qwen2VL(self.config, params, self.dtype, fuse_projections=True).params
+            self.levers[lever] = (fused if is_fused else self.model.params,
+                                  Engine(self.model.module, steps_per_iteration=steps))
         del params
 
     def generate(self, inputs: dict, new_tokens: int):
@@ -261,7 +273,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--levers", default="plain",
                     help="comma list of decode levers, each measured for the decode figures: plain, fused "
                          "(q/k/v and gate/up as one matmul each), stepsK (K decode steps per loop iteration), "
-                         "or several joined by + (default %(default)s); the first serves the other figures")
+                         "or several joined by + (default %(default)s); the first is the one --profile traces")
     ap.add_argument("--profile", type=Path, default=None, metavar="DIR", help="trace decode steps into DIR")
     ap.add_argument("--profile-steps", type=int, default=8)
     ap.add_argument("--top", type=int, default=25, help="kernels listed by --profile")
@@ -277,10 +289,16 @@ def main(argv: list[str] | None = None) -> int:
     weights = (args.weights or ("float,int4" if gpu else "float")).split(",")
     parts = set(args.parts.split(","))
     levers = args.levers.split(",")
-    bad = [s for s in sizes if s not in ("2b", "7b", "small")] + [w for w in weights if w not in ("float", "int8", "int4")]
-    bad += sorted(parts - {"decode", "ttft", "batch", "vit"})
+    bad = [f"unknown size {s!r} (2b, 7b, small)" for s in sizes if s not in ("2b", "7b", "small")]
+    bad += [f"unknown weight format {w!r} (float, int8, int4)" for w in weights if w not in ("float", "int8", "int4")]
+    bad += [f"unknown part {p!r} (decode, ttft, batch, vit)" for p in sorted(parts - {"decode", "ttft", "batch", "vit"})]
+    for lever in levers:
+        try:
+            parse_lever(lever)
+        except ValueError as e:
+            bad.append(str(e))
     if bad:
-        ap.error(f"unknown size, weight format or part: {', '.join(bad)}")
+        ap.error("; ".join(bad))
 
     kind = dev.device_kind
     copy_mib = args.copy_mib or (2048 if gpu else 1024)

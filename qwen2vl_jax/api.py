@@ -77,7 +77,9 @@ class Qwen2VL:
     with depth (the params are then held stacked, `model/layers/...` with a leading layer
     axis; `params.unstack_layers` gives HF paths back); fuse_projections: hold each decoder
     layer's q/k/v and gate/up weights concatenated (`params.fuse_projections`), so a step runs
-    one matmul for each set (they are then not split over a tensor axis). All are fixed for the
+    one matmul for each set; refused on a mesh with a tensor axis, which would then hold them
+    whole on every device; the unfused weights stay alive until the model is built, so fusing
+    needs room for those weights twice at load). All are fixed for the
     model's life: a model with another choice compiles its own functions."""
 
     def __init__(self, config: Qwen2VLConfig, params: dict, dtype=None, mesh: Mesh | None = None,
@@ -100,12 +102,15 @@ class Qwen2VL:
         if mesh is not None:
             quant.check_mesh(params, param_shardings(params, mesh, self.rules))
         self.fuse_projections = bool(fuse_projections)
-        shapes = init_shapes(config)
         if self.fuse_projections:
-            params, shapes = params_lib.fuse_projections(params), params_lib.fuse_projections(shapes)
+            if mesh is not None and mesh.shape.get("tensor", 1) > 1:
+                raise InputError("fuse_projections keeps q/k/v and gate/up whole, so a tensor axis would hold them "
+                                 f"on every device (mesh {dict(mesh.shape)}): fuse on meshes without one")
+            params = params_lib.fuse_projections(params)
         if mesh is None and jax.default_backend() == "cpu" and quant.is_quantized(params):
             # packed kernels re-laid once for the CPU's matmuls (quant.cpu_layout)
-            params = quant.cpu_layout(params, shapes)
+            shapes = init_shapes(config)
+            params = quant.cpu_layout(params, params_lib.fuse_projections(shapes) if self.fuse_projections else shapes)
         if self.scan_layers:  # one copy of the decoder's weights, once, at load
             params = stack_layers(params)
         self.params = place_params(params, mesh, self.rules)  # a no-op without a mesh

@@ -166,6 +166,19 @@ def _keep_going(state: DecodeState):
     return (state.step < state.max_new) & ~jnp.all(state.done)
 
 
+def _masked_step(state: DecodeState, after: DecodeState) -> DecodeState:
+    """`after` (one step from `state`) where the decode was still going, else `state`'s tokens,
+    counters, logits and key, with no branch. The cache is `after`'s either way: a step past
+    the end writes the last token's keys into the next slot, which is in the cache (the step
+    count never passes max_new <= T) and which nothing reads once the loop stops."""
+    go = _keep_going(state)
+    pick = lambda new, old: jnp.where(go, new, old)  # noqa: E731
+    return after.replace(step=pick(after.step, state.step), token=pick(after.token, state.token),
+                         tokens=pick(after.tokens, state.tokens), done=pick(after.done, state.done),
+                         logits=pick(after.logits, state.logits), seen=pick(after.seen, state.seen),
+                         rng=pick(after.rng, state.rng)).constrain()
+
+
 # ---------------------------------------------------------------------------- results
 @dataclasses.dataclass(frozen=True)
 class GenerationResult:
@@ -208,8 +221,10 @@ class Engine:
         """params_sharding: the layout of the params the calls will get (a tree of shardings);
         on a mesh it defaults to the rules' layout of the config's parameter tree.
         loop_options: XLA compiler options for `generate`'s decode loop; steps_per_iteration:
-        decode steps in one iteration of that loop (the ones after the first run only while
-        a row is still going), so the loop's own test is paid once per that many tokens."""
+        decode steps in one iteration of that loop, so its stop test (a read of the
+        predicate on a GPU) comes once per that many tokens. Every step of an iteration runs;
+        one past the end keeps the state it was given (`_masked_step`), so up to K - 1 steps
+        of compute are wasted at the end, and the program holds the decoder K times."""
         if steps_per_iteration < 1:
             raise ValueError(f"steps_per_iteration must be at least 1 (got {steps_per_iteration})")
         self.module = module
@@ -293,7 +308,7 @@ class Engine:
         def body(s):
             s = one(s)
             for _ in range(self.steps_per_iteration - 1):
-                s = jax.lax.cond(_keep_going(s), one, lambda t: t, s)
+                s = _masked_step(s, one(s))
             return s
 
         with use_mesh(self.mesh, self.rules), jax.named_scope("decode_loop"):

@@ -159,10 +159,6 @@ def _concat_outputs(parts: list):
     return np.concatenate([np.asarray(x) for x in parts], axis=-1)
 
 
-def is_fused(tree) -> bool:
-    return any("/qkv_proj/" in p or "/gate_up_proj/" in p for p in flatten(tree))
-
-
 def fuse_projections(tree: dict) -> dict:
     """model/layers_{i}/self_attn/{q,k,v}_proj/X -> .../self_attn/qkv_proj/X and mlp/{gate,up}_proj/X
     -> mlp/gate_up_proj/X, each leaf concatenated along its last (output) axis: float kernels
@@ -183,6 +179,9 @@ def fuse_projections(tree: dict) -> dict:
                 continue
             if any(x != leaves[0] for x in leaves[1:]):
                 raise InputError(f"{where}: {', '.join(members)} do not hold the same leaves, so they cannot be fused")
+            if "qweight" in leaves[0] and any(np.ndim(flat[pre + "qweight"]) != 2 for pre in prefixes):
+                raise InputError(f"{where}: the packed weights are in the CPU layout (quant.cpu_layout), whose last "
+                                 "axis is not the outputs; fuse the stored form (as loaded, or quantize_params' output)")
             for leaf in leaves[0]:
                 parts = [flat.pop(pre + leaf) for pre in prefixes]
                 if leaf == "perm":

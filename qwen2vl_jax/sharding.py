@@ -117,8 +117,8 @@ PARAM_AXES: tuple[tuple[str, tuple[str | None, ...]], ...] = (
     (r"self_attn/o_proj/kernel$", ("heads", "param_embed")),
     (r"mlp/(gate|up)_proj/kernel$", ("param_embed", "mlp")),
     (r"mlp/down_proj/kernel$", ("mlp", "param_embed")),
-    # params.fuse_projections' concatenated outputs ([q|k|v], [gate|up]) stay whole on the
-    # tensor axis, like the vision tower's qkv: a split there would not follow heads or halves.
+    # params.fuse_projections' concatenated outputs ([q|k|v], [gate|up]): split over fsdp only
+    # (a tensor split would not follow heads or halves; Qwen2VL refuses fusing on a tensor axis).
     (r"(self_attn/qkv_proj|mlp/gate_up_proj)/kernel$", ("param_embed", None)),
     (r"visual/patch_embed/proj/kernel$", (None, "param_embed")),
     (r"attn/qkv/kernel$", ("param_embed", None)),

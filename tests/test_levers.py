@@ -45,8 +45,10 @@ def test_fused_params_are_the_concatenated_weights(pair):
     gate_up = np.asarray(f["mlp"]["gate_up_proj"]["kernel"])
     np.testing.assert_array_equal(gate_up, np.concatenate([np.asarray(p["mlp"]["gate_proj"]["kernel"]),
                                                            np.asarray(p["mlp"]["up_proj"]["kernel"])], axis=1))
-    assert fuse_projections(fused.params) is not None and sorted(flatten(fuse_projections(fused.params))) == \
-        sorted(flatten(fused.params))  # already fused: the same tree
+    again = flatten(fuse_projections(fused.params))  # already fused: the same leaves
+    assert sorted(again) == sorted(flatten(fused.params))
+    for path, leaf in flatten(fused.params).items():
+        np.testing.assert_array_equal(np.asarray(again[path]), np.asarray(leaf), err_msg=path)
     assert fused.param_bytes == plain.param_bytes
 
 
@@ -105,6 +107,9 @@ def test_fused_quantized_equals_plain(scheme):
                                   plain.generate(**case.inputs(), max_new_tokens=10))
     with pytest.raises(InputError, match=r"layers_\d+/self_attn/qkv_proj: .* read their inputs in different orders"):
         fuse_projections(_with_perms(quant.quantize_params(params, s), seed=1, differ="k_proj"))
+    # The CPU layout (what a CPU model holds) is not the stored form: refused, not misjoined.
+    with pytest.raises(InputError, match="CPU layout"):
+        Qwen2VL(TINY, plain.params, "float32", quantization=s, fuse_projections=True)
 
 
 def test_fuse_refuses_sets_that_do_not_match(pair):

@@ -46,8 +46,9 @@ def test_kernel_table_counts_each_kernel_per_call(tmp_path):
         for _ in range(3):
             jax.block_until_ready(f(a, a))
     where, rows = limits.kernel_table(tmp_path, 3)
-    assert "XLA:CPU" in where
     names = {name: (calls, seconds) for name, calls, seconds in rows}
     assert any("tanh" in n for n in names), names
+    # the host's own spans (dispatch, waits) are not kernels
+    assert not any("::" in n or n.startswith(("end: ", "$", "Pjit")) for n in names), names
     assert all(calls % 3 == 0 and seconds > 0 for calls, seconds in names.values()), names
     assert rows == sorted(rows, key=lambda r: -r[2])

@@ -116,9 +116,14 @@ def _worker() -> dict:
         "cache_k": spec_of(state.cache.k[0]),
         "cache_shape": list(state.cache.k[0].shape),
     }
-    # Fused projections (params.fuse_projections) on the same mesh: the concatenated weights
-    # split over fsdp, whole on the tensor axis.
-    model = Qwen2VL(config, params, "float32", mesh=mesh, fuse_projections=True)
+    # Fused projections (params.fuse_projections) on a data x fsdp mesh: the concatenated
+    # weights split over fsdp; a tensor axis, which would hold them whole, is refused.
+    try:
+        Qwen2VL(config, params, "float32", mesh=mesh, fuse_projections=True)
+        report["fused_tensor_refused"] = ""
+    except InputError as e:
+        report["fused_tensor_refused"] = str(e)
+    model = Qwen2VL(config, params, "float32", mesh=make_mesh("data=4,fsdp=2"), fuse_projections=True)
     logits, tokens, full, state = run(model)
     fused = model.params["model"]["layers_0"]
     report["fused"] = {
@@ -230,6 +235,7 @@ def test_fused_projections_sharded(report):
     r = report["fused"]
     assert r["step_logits_err"] <= 1e-5 and r["forward_logits_err"] <= 1e-5 and r["tokens_equal"], r
     assert r["qkv_proj"] == ["fsdp", None] and r["gate_up_proj"] == ["fsdp", None], r
+    assert "tensor axis" in report["fused_tensor_refused"] and "'tensor': 4" in report["fused_tensor_refused"]
 
 
 if __name__ == "__main__" and "--worker" in sys.argv:
