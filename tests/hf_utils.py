@@ -375,3 +375,19 @@ def add_side_files(folder: Path) -> Path:
     for name, text in SIDE.items():
         (folder / name).write_text(text)
     return folder
+
+
+# fp32 logits of ours against HF on these tiny models differ by at most ~1.3e-6 of the largest
+# logit (summation order); a wrong RMSNorm eps (1e-5 for 1e-6) already shows as ~1e-5.
+LOGITS_RTOL = 5e-6
+
+
+def assert_logits_close(mine: np.ndarray, ref: np.ndarray, mask: np.ndarray | None = None,
+                        rtol: float = LOGITS_RTOL) -> None:
+    """max |mine - ref| over the real (mask) positions <= rtol * max |ref| there."""
+    assert mine.shape == ref.shape, (mine.shape, ref.shape)
+    if mask is not None:
+        real = mask.astype(bool)
+        mine, ref = mine[real], ref[real]
+    err, scale = float(np.abs(mine - ref).max()), float(np.abs(ref).max())
+    assert err <= rtol * scale, f"max |ours - HF| = {err:.3e}, over {rtol:g} x the largest logit {scale:.3f}"

@@ -305,7 +305,8 @@ def test_bf16_matmul_rounds_only_the_large_products(tiny_ours, monkeypatch):
     assert mixed.module.matmul == "bf16" and model.module.matmul == "f32"
     case = CASES["one_image"].inputs()
     f32_logits, bf16_logits = model.logits(**case), mixed.logits(**case)
-    assert np.isfinite(bf16_logits).all() and np.abs(bf16_logits - f32_logits).max() > 1e-4
+    err = np.abs(bf16_logits - f32_logits).max() / np.abs(f32_logits).max()
+    assert 1e-5 < err <= 2e-2, err  # rounded inputs (measured 6.2e-3 of the largest logit), not broken
     monkeypatch.setattr("qwen2vl_jax.modules.attention.BF16_MIN_ROWS", 10**9)
     unreachable = Qwen2VL(model.config, model.params, "float32", matmul="bf16")
     np.testing.assert_array_equal(unreachable.logits(**case), f32_logits)

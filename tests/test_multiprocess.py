@@ -372,6 +372,7 @@ def test_server_over_two_processes_answers_as_one_process(runs):
     model, processor = Qwen2VL.from_pretrained(folder, dtype="float32"), Processor.from_pretrained(folder)
     questions = [[{"type": "image", "image": str(DEMO_DIR / "example.png")}, {"type": "text", "text": "What shape is this?"}],
                  [{"type": "text", "text": "What colour is the shape?"}]]
+    assert len(served["token_ids"]) == len(questions), served
     for content, answer in zip(questions, served["token_ids"]):
         inputs = processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True,
                                                tokenize=True, return_dict=True)

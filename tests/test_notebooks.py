@@ -96,12 +96,31 @@ def test_committed_notebook_is_clean(name):
 
 
 # ---------------------------------------------------------------- executed on CPU
+# Run after the notebook, in its kernel: the demo model, loaded and sharded by the notebook,
+# names the shape of its first image and the way its video's shape moves.
+INFERENCE_CHECKS = """
+import random as _random
+from qwen2vl_jax.train import synthetic as _synthetic
+
+_image, _truth = _synthetic.single_shape(_random.Random(3))
+_ask = lambda part, q: chat(model, processor, [{"role": "user", "content": [part, {"type": "text", "text": q}]}],
+                            max_new_tokens=MAX_NEW_TOKENS, out=None).text.lower()
+_answer = _ask({"type": "image", "image": _image}, "What shape is this?")
+assert _truth["shape"] in _answer, (_answer, _truth)
+_frames, _truth = _synthetic.moving_shape(_random.Random(7))
+_answer = _ask({"type": "video", "video": _frames, **_synthetic.VIDEO_PIXELS}, "Which way is the shape moving?")
+assert _truth["direction"] in _answer, (_answer, _truth)
+print("answers checked")
+"""
+
+
 def test_inference_notebook(demo, kernel_env, tmp_path):
     nb = execute("inference", dict(MODEL=demo, MESH="tensor=2", DTYPE="float32", MAX_NEW_TOKENS=8,
-                                   WORK_DIR=str(tmp_path / "work")), tmp_path)
+                                   WORK_DIR=str(tmp_path / "work")), tmp_path, INFERENCE_CHECKS)
     text = outputs_text(nb)
     assert text.count("tokens/s") >= 4  # image, again compiled, images, video
     assert "mesh {'data': 1, 'fsdp': 1, 'tensor': 2}" in text
+    assert "answers checked" in text
 
 
 def test_finetune_notebook(demo, kernel_env, tmp_path):
@@ -125,7 +144,7 @@ def test_convert_notebook(demo, kernel_env, tmp_path):
 
     hf = export_checkpoint(model_folder(demo), tmp_path / "hf", dtype="float32", progress=False)
     work = tmp_path / "work"
-    checks = "assert max_abs_diff < 1e-4, max_abs_diff"
+    checks = "assert max_abs_diff <= 5e-6 * np.abs(ref).max(), (max_abs_diff, np.abs(ref).max())"
     nb = execute("convert", dict(MODEL=str(hf), DTYPE="float32", MESH="tensor=2", COMPARE=True,
                                  WORK_DIR=str(work)), tmp_path, checks)
     assert "max |ours - transformers|" in outputs_text(nb)

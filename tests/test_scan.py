@@ -102,8 +102,23 @@ def test_warm_up_compiles_short_prompts_within_a_small_context(pair):
 
     assert [bucket(n, 16) for n in short_prompt_lengths(4096)] == [16, 20, 24, 28, 32, 40, 48, 56, 64]
     assert short_prompt_lengths(30) == [1, 17, 21, 25, 29] and short_prompt_lengths(2) == [1]
+    from compile_counter import count_compiles
+    from qwen2vl_jax.sampling import GenerationConfig
+
     loop, _ = pair
-    Batcher(SlotEngine(loop.engine, max_batch=2, max_context=30), loop.params).warm_up()
+    slots = SlotEngine(loop.engine, max_batch=2, max_context=30)
+    Batcher(slots, loop.params).warm_up()
+    gc = GenerationConfig(max_new_tokens=1)
+    state = slots.init_state()
+    with count_compiles() as c:  # any prompt that fits, then a step on every bucket: nothing new
+        for n in (1, 2, 9, 16, 17, 23, 29):
+            state = slots.insert(state, slots.prefill(loop.params, slots.prompt_inputs(np.ones((n,), np.int32), room=1),
+                                                      None, gc), n % 2, gc)
+        for rows in slots.row_buckets:
+            for context in slots.context_buckets:
+                state, tok = slots.step(loop.params, state, rows, context)
+        jax.block_until_ready(tok)
+    assert c["n"] == 0, c
 
 
 @pytest.mark.parametrize("scheme", [("int8", 8, -1, True), ("int4", 4, 16, False)], ids=["int8", "int4"])

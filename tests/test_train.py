@@ -86,7 +86,7 @@ def test_loss_and_grads_match_hf(tiny_hf, tiny_ours, name, piece):
     out.loss.backward()
 
     assert int(count) == int((labels[:, 1:] != -100).sum())
-    assert abs(float(loss) - out.loss.item()) <= 1e-4 * out.loss.item()
+    assert abs(float(loss) - out.loss.item()) <= 1e-6 * out.loss.item()  # measured 0 and 7e-8
     ours_g = flat(grads)
     compared = set()
     for hf_name, p in hf.named_parameters():
@@ -95,7 +95,7 @@ def test_loss_and_grads_match_hf(tiny_hf, tiny_ours, name, piece):
             continue  # tied: HF's embedding grad already holds the output layer's share
         want = to_jax(p.grad.numpy(), transform, ours_g[path].shape)
         err = np.linalg.norm(ours_g[path] - want) / np.linalg.norm(want)
-        assert err <= 1e-4, f"{path}: relative gradient error {err:.2e}"
+        assert err <= 2e-5, f"{path}: relative gradient error {err:.2e}"  # measured up to 2.9e-6
         compared.add(path)
     assert compared == set(ours_g)
 
@@ -186,7 +186,7 @@ def test_remat_and_bf16_options(tiny_batch):
     _, _, half, m_half = one_step(stage, batch, params, compute_dtype=jnp.bfloat16)
     assert {x.dtype for x in jax.tree.leaves(half.params)} == {jnp.dtype(jnp.float32)}
     assert {x.dtype for x in jax.tree.leaves(half.opt_state) if x.ndim} == {jnp.dtype(jnp.float32)}
-    assert abs(float(m_half["loss"]) - lr_) < 0.05 * lr_
+    assert abs(float(m_half["loss"]) - lr_) < 2e-3 * lr_  # bf16 compute: measured 3e-5 of the loss
 
 
 SHARDED_SCRIPT = r"""
