@@ -107,6 +107,13 @@ def test_fused_quantized_equals_plain(scheme):
                                   plain.generate(**case.inputs(), max_new_tokens=10))
     with pytest.raises(InputError, match=r"layers_\d+/self_attn/qkv_proj: .* read their inputs in different orders"):
         fuse_projections(_with_perms(quant.quantize_params(params, s), seed=1, differ="k_proj"))
+    # The stored form (what a GPU or TPU runs; on CPU under a mesh): fused, the same again.
+    from jax.sharding import Mesh
+
+    mesh = Mesh(np.array(jax.devices()[:1]).reshape(1, 1, 1), ("data", "fsdp", "tensor"))
+    stored = Qwen2VL(TINY, packed, "float32", mesh=mesh, quantization=s, fuse_projections=True)
+    assert stored.params["model"]["layers_0"]["mlp"]["gate_up_proj"]["qweight"].ndim == 2
+    np.testing.assert_allclose(stored.logits(**case.inputs()), plain.logits(**case.inputs()), rtol=0, atol=2e-5)
     # The CPU layout (what a CPU model holds) is not the stored form: refused, not misjoined.
     with pytest.raises(InputError, match="CPU layout"):
         Qwen2VL(TINY, plain.params, "float32", quantization=s, fuse_projections=True)
