@@ -149,11 +149,12 @@ class Figures:
             is_fused, steps = parse_lever(lever)
             if is_fused and fused is None:
                 fused = Qwen2VL(self.config, params, self.dtype, fuse_projections=True).params
-            self.levers[lever] = (fused if is_fused else self.model.params,
-                                  Engine(self.model.module, steps_per_iteration=steps))
+            self.levers[lever] = (fused if is_fused else self.model.params,  # plain: the engine above, compiled once
+                                  Engine(self.model.module, steps_per_iteration=steps) if steps > 1 else self.engine)
         del params
 
-    def generate(self, inputs: dict, new_tokens: int):
+    def request(self, inputs: dict, new_tokens: int):
+        """(the model's inputs, a greedy GenerationConfig that ignores EOS)."""
         from qwen2vl_jax.sampling import GenerationConfig
 
         gconf = GenerationConfig(max_new_tokens=new_tokens, eos_token_ids=())
@@ -163,30 +164,32 @@ class Figures:
     def decode(self, inputs: dict, new_tokens: int, lever: str) -> tuple[float, int]:
         """(best decode tokens/s over all rows, cache slots per row) with one lever."""
         params, engine = self.levers[lever]
-        built, gconf = self.generate(inputs, new_tokens)
+        built, gconf = self.request(inputs, new_tokens)
         engine.generate(params, built, gconf)  # compiles
         rates = [engine.generate(params, built, gconf).decode_tokens_per_s for _ in range(self.args.repeat)]
         return max(rates), engine.cache_slots(built, new_tokens)
+
+    def encode_time(self, built) -> float:
+        """Best time of the vision tower on `built`'s images (s)."""
+        import jax
+
+        run = lambda: jax.block_until_ready(self.engine.encode(self.model.params, built.vision))  # noqa: E731
+        run()
+        return best_of(run, self.args.repeat)
 
     def first_token(self, inputs: dict) -> tuple[float, float]:
         """(best time to the first token, best vision tower time) in seconds."""
         import jax
 
-        built, gconf = self.generate(inputs, 1)
+        built, gconf = self.request(inputs, 1)
         start = lambda: jax.block_until_ready(self.engine.start(self.model.params, built, gconf)[2])  # noqa: E731
-        vit = lambda: jax.block_until_ready(self.engine.encode(self.model.params, built.vision))  # noqa: E731
         start()
-        return best_of(start, self.args.repeat), best_of(vit, self.args.repeat)
+        return best_of(start, self.args.repeat), self.encode_time(built)
 
     def vit(self, side: int) -> tuple[float, float]:
         """(best time, model FLOPs) of the vision tower on one side x side image."""
-        import jax
-
         inputs = make_inputs(side, prompt_words=4)
-        built, _ = self.generate(inputs, 1)
-        run = lambda: jax.block_until_ready(self.engine.encode(self.model.params, built.vision))  # noqa: E731
-        run()
-        return best_of(run, self.args.repeat), vit_flops(self.config, inputs["pixel_values"].shape[0])
+        return self.encode_time(self.request(inputs, 1)[0]), vit_flops(self.config, inputs["pixel_values"].shape[0])
 
     def profile(self, inputs: dict, out: Path, steps: int, lever: str) -> float:
         """Traces one decode loop of `steps` tokens (after its prefill, outside the trace) into
@@ -194,7 +197,7 @@ class Figures:
         import jax
 
         params, engine = self.levers[lever]
-        built, gconf = self.generate(inputs, steps)
+        built, gconf = self.request(inputs, steps)
         engine.generate(params, built, gconf)  # compiles
         _, state, first = engine.start(params, built, gconf)
         jax.block_until_ready((state, first))
@@ -206,7 +209,7 @@ class Figures:
 
 
 # ------------------------------------------------------------------ the profile's table
-def kernel_table(trace_dir: Path, steps: int) -> tuple[str, list[tuple[str, int, float]]]:
+def kernel_table(trace_dir: Path) -> tuple[str, list[tuple[str, int, float]]]:
     """The device's time per kernel from the newest perfetto trace under trace_dir:
     (where the events came from, [(name, calls, seconds)] summed over the trace, longest first).
 
@@ -312,54 +315,58 @@ def main(argv: list[str] | None = None) -> int:
             f"read {read / 1e9:.0f} GB/s, {args.dtype} matmul {mm / 1e12:.1f} TFLOP/s"
             + (f", datasheet bf16 {spec / 1e12:.0f} TFLOP/s" if spec else ""))
     print(f"# {head}", file=sys.stderr, flush=True)
-    rows: list[tuple[str, str, str, str, str]] = []  # figure, measured, ceiling, share, asked
+    head_row = ("figure", "measured", "ceiling", "share", "asked")
+    rows: list[tuple[str, str, str, str, str]] = []
+
+    def add(*row: str) -> None:
+        rows.append(row)
+        print(f"# {row}", file=sys.stderr, flush=True)
+
+    def decode_row(f: Figures, label: str, inputs: dict, lever: str, asked: str) -> None:
+        """Decode tokens/s of inputs' rows against bandwidth over a step's bytes (the weights
+        and every row's KV cache), times the rows."""
+        batch = len(inputs["input_ids"])
+        rate, slots = f.decode(inputs, args.new_tokens, lever)
+        step_bytes = f.step_weight_bytes + batch * slots * kv_bytes_per_slot(f.config, f.dtype)
+        ceiling = batch * bw / step_bytes
+        add(f"{label} (tok/s)", f"{rate:.1f}", f"{ceiling:.0f} ({step_bytes / 1e9:.2f} GB/step)",
+            f"{100 * rate / ceiling:.0f}%", asked)
+
     prompt = make_inputs(args.image, prompt_words=30)
     for size in sizes:
         for w in weights:
             label = f"{size} {args.dtype if w == 'float' else w}"
             print(f"# {label}: making random weights ...", file=sys.stderr, flush=True)
             f = Figures(args, size, w)
-            rows.append((f"{label} params on device", f"{f.param_bytes / 1e9:.2f} GB",
-                         f"decode reads {f.step_weight_bytes / 1e9:.2f} GB/step", "", ""))
+            add(f"{label} params on device", f"{f.param_bytes / 1e9:.2f} GB",
+                f"decode reads {f.step_weight_bytes / 1e9:.2f} GB/step", "", "")
             for lever in levers if "decode" in parts else ():
-                rate, slots = f.decode(prompt, args.new_tokens, lever)
-                step_bytes = f.step_weight_bytes + slots * kv_bytes_per_slot(f.config, f.dtype)
-                ceiling = bw / step_bytes
-                rows.append((f"{label} decode b1 {lever} (tok/s)", f"{rate:.1f}",
-                             f"{ceiling:.0f} ({step_bytes / 1e9:.2f} GB/step)",
-                             f"{100 * rate / ceiling:.0f}%", ">= 65%" if gpu else ""))
-                print(f"# {rows[-1]}", file=sys.stderr, flush=True)
+                decode_row(f, f"{label} decode b1 {lever}", prompt, lever, ">= 65%" if gpu else "")
             if "ttft" in parts:
                 first, vit = f.first_token(prompt)
-                rows.append((f"{label} first token, {args.image}px + 30 words (ms)", f"{1e3 * first:.2f}",
-                             f"vision tower {1e3 * vit:.2f}", "", "<= 6" if gpu and size == "2b" else ""))
-                print(f"# {rows[-1]}", file=sys.stderr, flush=True)
+                add(f"{label} first token, {args.image}px + 30 words (ms)", f"{1e3 * first:.2f}",
+                    f"vision tower {1e3 * vit:.2f}", "", "<= 6" if gpu and size == "2b" else "")
+            ids = np.random.RandomState(1).randint(100, 150000, (args.batch, args.context))
             for lever in levers if "batch" in parts else ():
-                ids = np.random.RandomState(1).randint(100, 150000, (args.batch, args.context))
-                rate, slots = f.decode({"input_ids": ids, "attention_mask": np.ones_like(ids)}, args.new_tokens, lever)
-                step_bytes = f.step_weight_bytes + args.batch * slots * kv_bytes_per_slot(f.config, f.dtype)
-                ceiling = args.batch * bw / step_bytes
-                rows.append((f"{label} decode b{args.batch} ctx {args.context} {lever} (tok/s)", f"{rate:.0f}",
-                             f"{ceiling:.0f} ({step_bytes / 1e9:.2f} GB/step)", f"{100 * rate / ceiling:.0f}%",
-                             ">= 15000" if gpu and size == "2b" and args.batch == 64 else ""))
-                print(f"# {rows[-1]}", file=sys.stderr, flush=True)
+                decode_row(f, f"{label} decode b{args.batch} ctx {args.context} {lever}",
+                           {"input_ids": ids, "attention_mask": np.ones_like(ids)}, lever,
+                           ">= 15000" if gpu and size == "2b" and args.batch == 64 else "")
             if "vit" in parts:
                 t, flops = f.vit(args.vit_image)
-                rows.append((f"{label} vision tower {args.vit_image}px (TFLOP/s)", f"{flops / t / 1e12:.1f}",
-                             f"{peak / 1e12:.1f}" + (" datasheet" if spec else " matmul"), f"{100 * flops / t / peak:.0f}%",
-                             ">= 40%" if gpu else ""))
-                print(f"# {rows[-1]}", file=sys.stderr, flush=True)
+                add(f"{label} vision tower {args.vit_image}px (TFLOP/s)", f"{flops / t / 1e12:.1f}",
+                    f"{peak / 1e12:.1f}" + (" datasheet" if spec else " matmul"), f"{100 * flops / t / peak:.0f}%",
+                    ">= 40%" if gpu else "")
             if args.profile and size == sizes[0] and w == weights[0]:
                 wall = f.profile(prompt, args.profile, args.profile_steps + 1, levers[0])
-                where, table = kernel_table(args.profile, args.profile_steps)
+                where, table = kernel_table(args.profile)
                 print_profile(where, table, args.profile_steps, wall, args.top)
             del f
             gc.collect()
 
     print(f"\n{head}; ceilings use {bw / 1e9:.0f} GB/s; random weights, greedy, {args.new_tokens} new tokens, "
           f"best of {args.repeat}")
-    widths = [max(len(r[i]) for r in rows + [("figure", "measured", "ceiling", "share", "asked")]) for i in range(5)]
-    for r in [("figure", "measured", "ceiling", "share", "asked")] + rows:
+    widths = [max(len(r[i]) for r in [head_row, *rows]) for i in range(5)]
+    for r in [head_row, *rows]:
         print("  ".join(c.ljust(widths[i]) if i in (0, 2) else c.rjust(widths[i]) for i, c in enumerate(r)))
     return 0
 

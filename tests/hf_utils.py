@@ -391,3 +391,11 @@ def assert_logits_close(mine: np.ndarray, ref: np.ndarray, mask: np.ndarray | No
         mine, ref = mine[real], ref[real]
     err, scale = float(np.abs(mine - ref).max()), float(np.abs(ref).max())
     assert err <= rtol * scale, f"max |ours - HF| = {err:.3e}, over {rtol:g} x the largest logit {scale:.3f}"
+
+
+def assert_same_model(model, reference, inputs: dict, new_tokens: int, atol: float = 2e-5) -> None:
+    """Two of our models that lay out the same weights differently (scanned, fused, ...): logits
+    within atol (fp32 summation order) and the same greedy tokens."""
+    np.testing.assert_allclose(model.logits(**inputs), reference.logits(**inputs), rtol=0, atol=atol)
+    np.testing.assert_array_equal(model.generate(**inputs, max_new_tokens=new_tokens),
+                                  reference.generate(**inputs, max_new_tokens=new_tokens))

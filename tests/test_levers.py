@@ -56,9 +56,7 @@ def test_fused_params_are_the_concatenated_weights(pair):
 def test_fused_logits_and_tokens_equal_plain(pair, case_name):
     plain, fused = pair
     case = CASES[case_name]
-    np.testing.assert_allclose(fused.logits(**case.inputs()), plain.logits(**case.inputs()), rtol=0, atol=2e-5)
-    np.testing.assert_array_equal(fused.generate(**case.inputs(), max_new_tokens=12),
-                                  plain.generate(**case.inputs(), max_new_tokens=12))
+    hf_utils.assert_same_model(fused, plain, case.inputs(), 12)
 
 
 def test_fused_and_scanned(pair):
@@ -66,9 +64,7 @@ def test_fused_and_scanned(pair):
     both = Qwen2VL(plain.config, plain.params, "float32", fuse_projections=True, scan_layers=True)
     assert "qkv_proj" in both.params["model"]["layers"]["self_attn"]
     case = CASES["one_image"]
-    np.testing.assert_allclose(both.logits(**case.inputs()), plain.logits(**case.inputs()), rtol=0, atol=2e-5)
-    np.testing.assert_array_equal(both.generate(**case.inputs(), max_new_tokens=10),
-                                  plain.generate(**case.inputs(), max_new_tokens=10))
+    hf_utils.assert_same_model(both, plain, case.inputs(), 10)
     with pytest.raises(InputError, match="before stacking"):
         fuse_projections(stack_layers(plain.params))
 
@@ -102,9 +98,7 @@ def test_fused_quantized_equals_plain(scheme):
     layer = fused.params["model"]["layers_0"]
     assert "qweight" in layer["self_attn"]["qkv_proj"] and "perm" in layer["mlp"]["gate_up_proj"]
     case = CASES["one_image"]
-    np.testing.assert_allclose(fused.logits(**case.inputs()), plain.logits(**case.inputs()), rtol=0, atol=2e-5)
-    np.testing.assert_array_equal(fused.generate(**case.inputs(), max_new_tokens=10),
-                                  plain.generate(**case.inputs(), max_new_tokens=10))
+    hf_utils.assert_same_model(fused, plain, case.inputs(), 10)
     with pytest.raises(InputError, match=r"layers_\d+/self_attn/qkv_proj: .* read their inputs in different orders"):
         fuse_projections(_with_perms(quant.quantize_params(params, s), seed=1, differ="k_proj"))
     # The stored form (what a GPU or TPU runs; on CPU under a mesh): fused, the same again.

@@ -48,9 +48,7 @@ def test_stack_and_unstack_are_inverse(pair):
 def test_scanned_logits_and_tokens_equal_the_loop(pair, case_name):
     loop, scanned = pair
     case = CASES[case_name]
-    np.testing.assert_allclose(scanned.logits(**case.inputs()), loop.logits(**case.inputs()), rtol=0, atol=2e-5)
-    np.testing.assert_array_equal(scanned.generate(**case.inputs(), max_new_tokens=12),
-                                  loop.generate(**case.inputs(), max_new_tokens=12))
+    hf_utils.assert_same_model(scanned, loop, case.inputs(), 12)
 
 
 @pytest.mark.parametrize("which", ["loop", "scanned"])
@@ -136,9 +134,7 @@ def test_scanned_quantized_equals_the_loop(pair, scheme):
     b = Qwen2VL(TINY, packed, "float32", quantization=quant.Scheme(*scheme), scan_layers=True)
     assert quant.is_quantized(b.params) and "qweight" in b.params["model"]["layers"]["mlp"]["up_proj"]
     case = CASES["one_image"]
-    np.testing.assert_allclose(b.logits(**case.inputs()), a.logits(**case.inputs()), rtol=0, atol=2e-5)
-    np.testing.assert_array_equal(b.generate(**case.inputs(), max_new_tokens=10),
-                                  a.generate(**case.inputs(), max_new_tokens=10))
+    hf_utils.assert_same_model(b, a, case.inputs(), 10)
 
 
 def test_scanned_training_gradients_equal_the_loop():

@@ -72,6 +72,14 @@ def _worker() -> dict:
         return [list(a) if isinstance(a, tuple) else a for a in spec]
 
     ref_logits, ref_tokens, ref_full, _ = run(Qwen2VL(config, params, "float32"))
+
+    def against_ref(logits, tokens, full):
+        """Step and forward logits' errors relative to the unsharded run's largest, and whether
+        the tokens are its tokens."""
+        return {"step_logits_err": float(np.abs(logits - ref_logits).max() / np.abs(ref_logits).max()),
+                "forward_logits_err": float(np.abs(full - ref_full).max() / np.abs(ref_full).max()),
+                "tokens_equal": bool(np.array_equal(tokens, ref_tokens))}
+
     report = {"ref_logits_absmax": float(np.abs(ref_logits).max()),
               "ref_logits_std": float(ref_logits.std())}
     for name, spec in MESHES.items():
@@ -82,9 +90,7 @@ def _worker() -> dict:
         q = p["self_attn"]["q_proj"]["kernel"]
         report[name] = {
             "mesh": dict(mesh.shape),
-            "step_logits_err": float(np.abs(logits - ref_logits).max() / np.abs(ref_logits).max()),
-            "forward_logits_err": float(np.abs(full - ref_full).max() / np.abs(ref_full).max()),
-            "tokens_equal": bool(np.array_equal(tokens, ref_tokens)),
+            **against_ref(logits, tokens, full),
             "specs": {
                 "q_proj": spec_of(q),
                 "k_proj": spec_of(p["self_attn"]["k_proj"]["kernel"]),
@@ -108,9 +114,7 @@ def _worker() -> dict:
     logits, tokens, full, state = run(model)
     stacked = model.params["model"]["layers"]
     report["scanned"] = {
-        "step_logits_err": float(np.abs(logits - ref_logits).max() / np.abs(ref_logits).max()),
-        "forward_logits_err": float(np.abs(full - ref_full).max() / np.abs(ref_full).max()),
-        "tokens_equal": bool(np.array_equal(tokens, ref_tokens)),
+        **against_ref(logits, tokens, full),
         "q_proj": spec_of(stacked["self_attn"]["q_proj"]["kernel"]),
         "down_proj": spec_of(stacked["mlp"]["down_proj"]["kernel"]),
         "cache_k": spec_of(state.cache.k[0]),
@@ -127,9 +131,7 @@ def _worker() -> dict:
     logits, tokens, full, state = run(model)
     fused = model.params["model"]["layers_0"]
     report["fused"] = {
-        "step_logits_err": float(np.abs(logits - ref_logits).max() / np.abs(ref_logits).max()),
-        "forward_logits_err": float(np.abs(full - ref_full).max() / np.abs(ref_full).max()),
-        "tokens_equal": bool(np.array_equal(tokens, ref_tokens)),
+        **against_ref(logits, tokens, full),
         "qkv_proj": spec_of(fused["self_attn"]["qkv_proj"]["kernel"]),
         "gate_up_proj": spec_of(fused["mlp"]["gate_up_proj"]["kernel"]),
     }
