@@ -3,7 +3,7 @@
     python benchmarks/serve.py [--size demo|small|2b] [--clients 1,4,16] [--requests N]
         [--new-tokens 32] [--image 448 | --image 0] [--max-batch 16] [--max-context 512] [--dtype float32|bfloat16]
 
-The server runs in its own process (`python -m qwen2vl_jax.server`), started here; the clients
+The server runs in its own process (`python -m qwen2vl_jax.serving.cli`), started here; the clients
 are asyncio tasks in this process, each sending its next request as soon as the last one ends.
 Every request carries a different random IMAGE x IMAGE PNG (so the vision cache never helps)
 and a short question (with --image 0, a short text question alone), asks for NEW tokens with EOS ignored, and streams them.
@@ -100,7 +100,7 @@ def rss_gb(pid: int) -> float:
 
 
 def start_server(args, folder: Path, port: int) -> tuple[subprocess.Popen, float]:
-    argv = [sys.executable, "-m", "qwen2vl_jax.server", "--model", str(folder), "--port", str(port),
+    argv = [sys.executable, "-m", "qwen2vl_jax.serving.cli", "--model", str(folder), "--port", str(port),
             "--max-batch", str(args.max_batch), "--max-context", str(args.max_context),
             "--max-queue", "1024", "--request-timeout", "3600", "--vision-cache", "0"]
     if args.dtype:

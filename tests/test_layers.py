@@ -50,7 +50,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("sampling", "engine", "batching", "checkpoint"),  # L5: batching: continuous batching over engine
     ("api",),  # L6
     ("chat", "shell"),  # L7
-    ("cli", "server"),  # L8
+    ("cli", "serving"),  # L8: serving: the HTTP server package (scheduler, schema, media, app, CLI)
 ]
 
 # Outside the core: each may import any core module; the core never imports them; they never

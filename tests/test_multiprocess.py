@@ -217,7 +217,7 @@ def _serve(model_dir: Path, flags: list[str], process_id: int) -> dict:
     import threading
 
     from qwen2vl_jax.config import DEMO_DIR
-    from qwen2vl_jax.server import main as serve_main
+    from qwen2vl_jax.serving.cli import main as serve_main
 
     port = _free_port()
     got: dict = {}
@@ -407,7 +407,8 @@ def test_only_process_0_prints_and_writes(runs):
     assert runs["multi0"]["train"]["writes"]["losses"] > 0 and runs["multi0"]["train"]["writes"]["plot"] > 0
     assert runs["multi1"]["train"]["writes"] == {"losses": 0, "plot": 0}
     run = runs["out"] / "run-multi"
-    assert len((run / "losses.csv").read_text().splitlines()) == 2  # one writer: no doubled rows
+    header, *rows = (run / "losses.csv").read_text().splitlines()
+    assert header == "step,loss" and len(rows) == 2  # one writer: no doubled rows
     assert (run / "loss.png").is_file() and (run / "params").is_dir()
 
 

@@ -117,7 +117,8 @@ class Served:
 def _serve(tmp_path_factory, model, name: str):
     from qwen2vl_jax.config import DEMO_DIR
     from qwen2vl_jax.processing import Processor
-    from qwen2vl_jax.server import ServerThread, Settings, build_service, create_app
+    from qwen2vl_jax.serving.app import ServerThread, build_service, create_app
+    from qwen2vl_jax.serving.settings import Settings
 
     media = tmp_path_factory.mktemp(f"media_{name}")
     processor = Processor.from_pretrained(DEMO_DIR)
@@ -393,7 +394,7 @@ def test_vision_cache_is_bounded():
 
 
 def test_parser_flags():
-    from qwen2vl_jax.server import build_parser, main
+    from qwen2vl_jax.serving.cli import build_parser, main
 
     args = build_parser().parse_args(["--max-batch", "8", "--media-dir", "/tmp", "--allow-remote-media"])
     assert (args.max_batch, args.media_dir, args.allow_remote_media, args.port, args.host) == (
