@@ -1,7 +1,8 @@
 """`qwen2vl-convert` and `qwen2vl-export`: thin wrappers over convert.py and export.py.
 
 Bad input prints `qwen2vl-convert: error: <one line>` (or `qwen2vl-export: ...`) to stderr and
-exits 2, with nothing written; see qwen2vl_jax.shell for the other exit statuses.
+exits 2, with nothing written; see qwen2vl_jax.shell for the other exit statuses. Success
+prints `wrote OUT` on stdout, --quiet or not (--quiet hides the progress bar, on stderr).
 """
 
 from __future__ import annotations
@@ -30,10 +31,10 @@ GPTQ (AutoGPTQ v1, 4 or 8 bit) and AWQ (GEMM) checkpoints are kept packed as the
 their zero points and act-order; --quantize int8|int4 packs a float checkpoint."""
 
 EXPORT_HELP = """\
-Export a qwen2vl-jax folder (from qwen2vl-convert or training) back to a Hugging Face
-checkpoint: config.json, the tokenizer and processor files, and safetensors weights in the
-published naming (visual.*, model.layers.*, lm_head.*), sharded with an index when larger
-than --max-shard-size. transformers.Qwen2VLForConditionalGeneration.from_pretrained(HF_DIR)
+Export a qwen2vl-jax folder MODEL_DIR (the OUT_DIR of qwen2vl-convert, or the --out of
+qwen2vl-train) back to a Hugging Face checkpoint folder HF_DIR: config.json, the tokenizer
+and processor files, and safetensors weights in the published naming (visual.*,
+model.layers.*, lm_head.*), sharded with an index when larger than --max-shard-size. transformers.Qwen2VLForConditionalGeneration.from_pretrained(HF_DIR)
 loads it. Written to a temporary sibling and renamed at the end, like qwen2vl-convert."""
 
 
@@ -45,7 +46,8 @@ def _convert_parser() -> argparse.ArgumentParser:
                    help="HF checkpoint folder (config.json, *.safetensors with an optional "
                         "model.safetensors.index.json, tokenizer files); if no such local folder exists, "
                         "a hub repo id such as Qwen/Qwen2-VL-2B-Instruct, downloaded with huggingface_hub")
-    p.add_argument("out_dir", metavar="OUT_DIR", help="folder to create; must not exist or be empty (see --force)")
+    p.add_argument("out_dir", metavar="OUT_DIR",
+                   help="folder to create; must not exist or be empty (see --force), and must not be inside HF_DIR")
     p.add_argument("--dtype", choices=("bfloat16", "float32"), default=None,
                    help="dtype the float params are stored in (default: bfloat16, the published weights' dtype; "
                         "float32 doubles the size and is what parity tests use). Given for a GPTQ or AWQ "
@@ -58,7 +60,8 @@ def _convert_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true",
                    help="replace an existing non-empty OUT_DIR (the old one is removed only after the new "
                         "one is complete)")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--quiet", action="store_true", help="no progress bar (the final 'wrote OUT_DIR' line stays)")
+    shell.add_version(p, CONVERT_PROG)
     return p
 
 
@@ -66,9 +69,9 @@ def _export_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog=EXPORT_PROG, description=EXPORT_HELP, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    p.add_argument("src_dir", metavar="OUT_DIR", help="a qwen2vl-jax folder written by qwen2vl-convert or training")
+    p.add_argument("model_dir", metavar="MODEL_DIR", help="a qwen2vl-jax folder written by qwen2vl-convert or training")
     p.add_argument("hf_dir", metavar="HF_DIR", help="HF checkpoint folder to create; must not exist or be empty "
-                                                    "(see --force)")
+                                                    "(see --force), and must not be inside MODEL_DIR")
     p.add_argument("--dtype", choices=("bfloat16", "float32"), default=None,
                    help="dtype of the written weights (default: the dtype the params are stored in)")
     p.add_argument("--max-shard-size", default="5GB",
@@ -77,7 +80,8 @@ def _export_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true",
                    help="replace an existing non-empty HF_DIR (the old one is removed only after the new "
                         "one is complete)")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--quiet", action="store_true", help="no progress bar (the final 'wrote HF_DIR' line stays)")
+    shell.add_version(p, EXPORT_PROG)
     return p
 
 
@@ -97,8 +101,7 @@ def convert_main(argv: list[str] | None = None) -> int:
 
         out = convert_checkpoint(args.hf_dir, args.out_dir, dtype=args.dtype, quantize=args.quantize,
                                  force=args.force, progress=not args.quiet)
-        if not args.quiet:
-            print(f"wrote {out}", file=sys.stderr)
+        print(f"wrote {out}")  # the result, on stdout even with --quiet (which hides the progress)
         if not Qwen2Tokenizer.present(out):
             print(f"note: the checkpoint had no tokenizer files (tokenizer.json, or vocab.json + merges.txt); "
                   f"copy them into {out} before generating with it", file=sys.stderr)
@@ -114,10 +117,9 @@ def export_main(argv: list[str] | None = None) -> int:
         from qwen2vl_jax.convert.export import export_checkpoint, parse_size
 
         shard_bytes = parse_size(args.max_shard_size, "--max-shard-size")
-        out = export_checkpoint(args.src_dir, args.hf_dir, dtype=args.dtype, force=args.force,
+        out = export_checkpoint(args.model_dir, args.hf_dir, dtype=args.dtype, force=args.force,
                                 max_shard_size=shard_bytes, progress=not args.quiet)
-        if not args.quiet:
-            print(f"wrote {out}", file=sys.stderr)
+        print(f"wrote {out}")
 
     return shell.run(EXPORT_PROG, go, interrupted=_nothing_written)
 

@@ -2,7 +2,8 @@
 
 Order of work, so that bad input costs nothing and leaves nothing:
 1. resolve the source (a local folder, else a hub repo id fetched with huggingface_hub);
-2. refuse an OUT_DIR that exists and is not empty (unless `force`) or that holds the source;
+2. refuse an OUT_DIR that exists and is not empty (unless `force`), that is or holds the
+   source, or that lies inside it;
 3. read config.json, list every tensor from the safetensors headers, check the files' byte
    ranges and map every name and shape onto the config's parameters (one error lists all);
 4. only then write, into a temporary sibling of OUT_DIR: tensors are read (memory-mapped),
@@ -27,7 +28,7 @@ import numpy as np
 from qwen2vl_jax import checkpoint, interrupts, quant
 from qwen2vl_jax.config import DEMO_DIR, Qwen2VLConfig
 from qwen2vl_jax.convert import gptq
-from qwen2vl_jax.errors import CheckpointError, InputError, listing
+from qwen2vl_jax.errors import CheckpointError, InputError, listing, refuse_inside
 from qwen2vl_jax.hf_mapping import Planned, hf_to_jax_name, load_planned, plan_conversion
 from qwen2vl_jax.safetensors_io import DTYPES, checkpoint_files, list_tensors, read_header
 
@@ -62,13 +63,16 @@ def resolve_source(source: str | os.PathLike) -> Path:
         ) from None
 
 
-def check_destination(out: Path, sources: list[Path], force: bool) -> None:
-    """Refuses an OUT_DIR that would clobber data: non-empty without force, or the source."""
+def check_destination(out: Path, sources: list[Path], force: bool, out_name: str = "OUT_DIR",
+                      source_name: str = "HF_DIR") -> None:
+    """Refuses an output folder that would clobber data: the source, inside the source (as
+    qwen2vl-train refuses an --out inside its --model), holding the source, or non-empty
+    without force. out_name, source_name: what the usage calls them, for the error line."""
     out_r = out.resolve()
     for src in sources:
-        src_r = src.resolve()
-        if out_r == src_r or out_r in src_r.parents:
-            raise InputError(f"OUT_DIR {out} would overwrite the input {src}")
+        refuse_inside(out, out_name, src, source_name)
+        if out_r in src.resolve().parents:
+            raise InputError(f"{out_name} {out} would overwrite the input {src}, which is inside it")
     if out.exists() and not force:
         if not out.is_dir():
             raise InputError(f"{out} exists and is not a folder (pass --force to replace it)")
@@ -167,7 +171,8 @@ def _no_safetensors_hint(folder: Path) -> None:
             raise CheckpointError(
                 f"{folder} is already converted (it holds {checkpoint.MARKER} and {checkpoint.PARAMS}/): "
                 "qwen2vl-generate --model and Qwen2VL.from_pretrained load it as it is, and "
-                "qwen2vl-export turns it back into an HF folder"
+                "qwen2vl-export turns it back into an HF folder; --quantize int8|int4 is what takes a "
+                "converted folder (it writes a quantized copy)"
             )
         other = sorted(p.name for p in folder.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".ckpt"))
         if other:

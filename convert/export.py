@@ -78,7 +78,7 @@ def export_checkpoint(
     if dtype is not None and dtype not in OUTPUT_DTYPES:
         raise InputError(f"dtype must be one of {', '.join(OUTPUT_DTYPES)}, not {dtype!r}")
     shard_bytes = parse_size(max_shard_size)
-    check_destination(out, [src], force)
+    check_destination(out, [src], force, out_name="HF_DIR", source_name="MODEL_DIR")
     checkpoint.read_marker(src)
     config = checkpoint.read_config(src)
     scheme = checkpoint.read_scheme(src)

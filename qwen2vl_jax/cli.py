@@ -69,6 +69,7 @@ def _parser() -> argparse.ArgumentParser:
                         "(72B compiles about as fast as 2B), for large models on accelerators")
     p.add_argument("--json", action="store_true", help="print one JSON object with text and token_ids")
     distributed.add_arguments(p)
+    shell.add_version(p, PROG)
     return p
 
 

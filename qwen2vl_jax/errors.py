@@ -7,6 +7,8 @@ lists offenders (tensors, parameters, files) names the first few and how many mo
 (`listing`), so it stays short whatever the count.
 """
 
+from pathlib import Path
+
 
 class InputError(ValueError):
     """Bad user input: the message is one line, meant to be shown as is."""
@@ -36,3 +38,19 @@ def listing(items, limit: int = 4, *, sep: str = ", ", width: int = 200) -> str:
 
 def _cut(text: str, width: int) -> str:
     return text if len(text) <= width else text[:max(1, width - 3)] + "..."
+
+
+def refuse_inside(out, out_name: str, source, source_name: str, *, what: str = "the input") -> None:
+    """Refuses an output folder that is the `source` folder or lies inside it, with one line
+    naming both: '--out run is inside the --model folder model; ...'. Every tool that writes a
+    folder from another (convert, export, train) calls this before it writes anything.
+
+    out_name, source_name: what the user called them (a flag such as --out, or the usage's
+    OUT_DIR); `what` says what the source is in the message ("the model it starts from")."""
+    out_r, source_r = Path(out).expanduser().resolve(), Path(source).expanduser().resolve()
+    if out_r == source_r:
+        raise InputError(f"{out_name} {out} is the {source_name} folder; writing it would overwrite {what}: "
+                         f"choose another {out_name}")
+    if source_r in out_r.parents:
+        raise InputError(f"{out_name} {out} is inside the {source_name} folder {source}; nothing is written into "
+                         f"{what}: choose an {out_name} outside it")

@@ -14,10 +14,13 @@ escapes into one line on stderr and an exit status, the same for every tool:
     BrokenPipeError (`... | head`)     nothing; stdout goes to /dev/null           141
 
 `main()` returning None is status 0. Anything else escapes as a traceback: it is a bug.
+Every tool's parser also gets `--version` from `add_version`.
 """
 
 from __future__ import annotations
 
+import argparse
+import importlib.metadata
 import os
 import sys
 from typing import Callable
@@ -25,6 +28,7 @@ from typing import Callable
 from qwen2vl_jax import interrupts
 from qwen2vl_jax.errors import InputError
 
+DISTRIBUTION = "qwen2vl-jax"  # the name pip knows the package by
 EXIT_INPUT = 2  # as argparse exits on a bad flag
 EXIT_OS = 1
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, as a shell reports a Ctrl-C'd command
@@ -71,6 +75,22 @@ def os_error_line(e: OSError) -> str:
     else:
         what = _first_line(e)
     return " ".join(what.split()) or type(e).__name__
+
+
+def add_version(parser: argparse.ArgumentParser, prog: str) -> None:
+    """Gives a tool's parser `--version`, which prints `PROG VERSION` (the installed
+    qwen2vl-jax's version) and exits 0, as every tool of the package does."""
+    parser.add_argument("--version", action="version", version=f"{prog} {version()}",
+                        help="print the version and exit")
+
+
+def version() -> str:
+    """The installed qwen2vl-jax's version (pyproject.toml's), or 'unknown' when the package
+    runs from a checkout that was never installed."""
+    try:
+        return importlib.metadata.version(DISTRIBUTION)
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown"
 
 
 def quiet_libraries() -> None:

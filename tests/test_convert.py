@@ -410,7 +410,8 @@ def test_a_converted_folder_is_not_converted_again(tmp_path, capsys):
     err = capsys.readouterr().err
     assert err == (f"qwen2vl-convert: error: {DEMO_DIR} is already converted (it holds qwen2vl_jax.json and params/): "
                    "qwen2vl-generate --model and Qwen2VL.from_pretrained load it as it is, and qwen2vl-export turns "
-                   "it back into an HF folder\n")
+                   "it back into an HF folder; --quantize int8|int4 is what takes a converted folder (it writes a "
+                   "quantized copy)\n")
     assert_nothing_left(out)
     (tmp_path / "taken").mkdir()
     (tmp_path / "taken" / "keep.txt").write_text("mine")  # said before any complaint about OUT_DIR
@@ -438,6 +439,84 @@ def test_existing_out_dir_needs_force_and_is_replaced_whole(tiny_hf, tmp_path):
         convert_checkpoint(src, src, force=True, progress=False)
     with pytest.raises(InputError, match="would overwrite the input"):
         convert_checkpoint(src, src.parent, force=True, progress=False)
+
+
+def test_an_output_inside_the_source_is_refused(tiny_hf, tmp_path, capsys):
+    """convert, export and convert --quantize refuse an output folder inside their input, as
+    qwen2vl-train refuses an --out inside its --model: one line naming both, status 2, nothing
+    written (the input's files are as they were)."""
+    _, shared = tiny_hf["tied"]
+    src = tmp_path / "hf"
+    shutil.copytree(shared, src)
+    jax_dir = tmp_path / "jax"
+    assert convert_main([str(src), str(jax_dir), "--dtype", "float32", "--quiet"]) == 0
+    capsys.readouterr()
+    cases = [
+        ("qwen2vl-convert", convert_main, [str(src), str(src / "jax")],
+         f"OUT_DIR {src / 'jax'} is inside the HF_DIR folder {src}"),
+        ("qwen2vl-convert", convert_main, [str(jax_dir), str(jax_dir / "int8"), "--quantize", "int8"],
+         f"OUT_DIR {jax_dir / 'int8'} is inside the HF_DIR folder {jax_dir}"),
+        ("qwen2vl-export", export_main, [str(jax_dir), str(jax_dir / "hf")],
+         f"HF_DIR {jax_dir / 'hf'} is inside the MODEL_DIR folder {jax_dir}"),
+        ("qwen2vl-export", export_main, [str(jax_dir), str(jax_dir / "deeper" / "hf"), "--force"],
+         f"HF_DIR {jax_dir / 'deeper' / 'hf'} is inside the MODEL_DIR folder {jax_dir}"),
+        ("qwen2vl-export", export_main, [str(jax_dir), str(jax_dir), "--force"],
+         f"HF_DIR {jax_dir} is the MODEL_DIR folder; writing it would overwrite the input"),
+    ]
+    before = {folder: tree(folder) for folder in (src, jax_dir)}
+    for prog, main, argv, says in cases:
+        assert main([*argv, "--quiet"]) == 2, argv
+        captured = capsys.readouterr()
+        assert captured.err.count("\n") == 1 and captured.err.startswith(f"{prog}: error: {says}"), captured.err
+        assert captured.out == ""
+    assert {folder: tree(folder) for folder in (src, jax_dir)} == before
+
+
+def tree(folder: Path) -> list[tuple[str, int]]:
+    return sorted((str(p.relative_to(folder)), p.stat().st_size) for p in folder.rglob("*") if p.is_file())
+
+
+def test_quiet_keeps_the_line_that_says_what_was_written(tiny_hf, tmp_path, capsys):
+    """--quiet hides the progress bars (stderr); `wrote OUT` is the result, on stdout either way."""
+    _, src = tiny_hf["tied"]
+    for quiet in ([], ["--quiet"]):
+        out, back = tmp_path / f"jax{len(quiet)}", tmp_path / f"hf{len(quiet)}"
+        assert convert_main([str(src), str(out), "--dtype", "float32", *quiet]) == 0
+        assert capsys.readouterr().out == f"wrote {out}\n"
+        assert export_main([str(out), str(back), *quiet]) == 0
+        captured = capsys.readouterr()
+        assert captured.out == f"wrote {back}\n"
+        assert ("exporting" in captured.err) != bool(quiet)
+
+
+def test_export_names_its_arguments_for_what_they_are(capsys):
+    """The usage calls the input MODEL_DIR (the folder qwen2vl-convert or qwen2vl-train wrote)
+    and the output HF_DIR, and so do the help and the errors."""
+    with pytest.raises(SystemExit):
+        export_main(["--help"])
+    text = capsys.readouterr().out
+    usage = " ".join(text.split("\n\n")[0].split())
+    assert usage.endswith("MODEL_DIR HF_DIR"), usage
+    with pytest.raises(SystemExit) as exit_:
+        export_main([])
+    assert exit_.value.code == 2
+    assert "the following arguments are required: MODEL_DIR, HF_DIR" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        convert_main(["--help"])
+    assert " ".join(capsys.readouterr().out.split("\n\n")[0].split()).endswith("HF_DIR OUT_DIR")
+
+
+@pytest.mark.parametrize("prog", ["qwen2vl-convert", "qwen2vl-export", "qwen2vl-train"])
+def test_every_cli_prints_its_version(capsys, prog):
+    """`--version` prints `PROG VERSION` (the installed package's) and exits 0, required
+    arguments or not."""
+    import importlib.metadata
+
+    main = {"qwen2vl-convert": convert_main, "qwen2vl-export": export_main, "qwen2vl-train": _train_main}[prog]
+    with pytest.raises(SystemExit) as exit_:
+        main(["--version"])
+    assert exit_.value.code == 0
+    assert capsys.readouterr().out == f"{prog} {importlib.metadata.version('qwen2vl-jax')}\n"
 
 
 def test_interrupted_conversion_leaves_nothing(tiny_hf, tmp_path, monkeypatch):

@@ -432,6 +432,19 @@ def test_cli_bad_input(real_vocab_model, argv, message):
     assert err.startswith("qwen2vl-generate: error: ") and message in err and err.count("\n") == 1, err
 
 
+def test_cli_prints_its_version(capsys):
+    """`qwen2vl-generate --version`: `PROG VERSION` of the installed package, status 0, no model
+    needed (the same helper gives every tool its --version)."""
+    import importlib.metadata
+
+    from qwen2vl_jax.cli import generate_main
+
+    with pytest.raises(SystemExit) as exit_:
+        generate_main(["--version"])
+    assert exit_.value.code == 0
+    assert capsys.readouterr().out == f"qwen2vl-generate {importlib.metadata.version('qwen2vl-jax')}\n"
+
+
 def test_sampling_request_drops_argmax_defaults():
     """Published Instruct folders ship top_k=1/top_p=0.001; asking for a temperature samples."""
     base = GenerationConfig(do_sample=True, temperature=0.01, top_k=1, top_p=0.001)

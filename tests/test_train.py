@@ -488,7 +488,8 @@ def test_interrupted_then_resumed_run_logs_like_one_run(tiny_folder, monkeypatch
         fit(TrainOptions(out=cut, **common), log=lambda _: None)
     assert e.value.step == 2
     assert (cut / "loss.png").is_file()  # drawn at the checkpoint, before a later run finishes
-    assert [int(x.split(",")[0]) for x in (cut / "losses.csv").read_text().splitlines()] == [1, 2]
+    header, *rows = (cut / "losses.csv").read_text().splitlines()
+    assert header == "step,loss" and [int(x.split(",")[0]) for x in rows] == [1, 2]
     assert not (cut / "train_log.jsonl").exists()  # no row yet
     monkeypatch.setattr(loop.Trainer, "step", real)
     (cut / "loss.png").unlink()
@@ -733,7 +734,7 @@ def test_force_starts_a_fresh_log(tiny_folder, monkeypatch, capsys):
     assert train_cli(*args) == 2
     assert "exists and is not empty (pass --force" in err_lines(capsys)[-1]
     assert train_cli(*args, "--force") == 0
-    assert [x.split(",")[0] for x in (out / "losses.csv").read_text().splitlines()] == ["1"]
+    assert [x.split(",")[0] for x in (out / "losses.csv").read_text().splitlines()] == ["step", "1"]
     assert [json.loads(x)["step"] for x in (out / "train_log.jsonl").read_text().splitlines()] == [1]
 
 
@@ -762,6 +763,26 @@ def test_synthetic_dataset_is_valid(tmp_path):
     captions = paths["stage1"].read_text()
     for d in synthetic.DIRECTIONS:  # the videos go every way, two each
         assert captions.count(f" moving {d}") == 2
+
+
+def test_writing_the_dataset_shows_progress_and_runs_from_a_shell(tmp_path, capsys):
+    """write_dataset shows a bar as it goes (one tick per item), and its command line writes
+    the same files as the function with the same counts."""
+    counts = synthetic.Counts(images=3, videos=1, other=1, eval_per_task=1)
+    paths = synthetic.write_dataset(tmp_path / "fn", seed=4, counts=counts)
+    err = capsys.readouterr().err
+    total = 3 + 1 + 1 + len(synthetic.EVAL_TASKS)
+    assert f"writing {tmp_path / 'fn'}" in err and f"{total}/{total}" in err, err
+    synthetic.write_dataset(tmp_path / "quiet", seed=4, counts=counts, progress=False)
+    assert capsys.readouterr().err == ""
+    assert synthetic.main([str(tmp_path / "cli"), "--seed", "4", "--images", "3", "--videos", "1", "--other", "1",
+                           "--eval-per-task", "1", "--no-progress"]) == 0
+    captured = capsys.readouterr()
+    assert captured.err == "" and captured.out.startswith(f"wrote {tmp_path / 'cli' / 'stage1.jsonl'}")
+    for name, path in paths.items():
+        assert (tmp_path / "cli" / path.name).read_text() == path.read_text(), name
+    assert synthetic.main([str(tmp_path / "bad"), "--images", "-1"]) == 2
+    assert capsys.readouterr().err == "python -m qwen2vl_jax.train.synthetic: error: --images must be at least 0, got -1\n"
 
 
 def test_synthetic_shapes_anywhere_and_counts():
@@ -793,11 +814,15 @@ def test_eval_scores_every_question_type(tiny_folder, tmp_path, capsys):
     root, _ = tiny_folder
     paths = synthetic.write_dataset(tmp_path, seed=2, counts=synthetic.Counts(images=4, videos=1, other=1,
                                                                               eval_per_task=1))
+    capsys.readouterr()
     assert ev.main(["--model", str(root / "model"), "--data", str(paths["eval"]), "--max-new-tokens", "3"]) == 0
-    lines = capsys.readouterr().out.splitlines()
+    captured = capsys.readouterr()
+    assert "evaluating eval.jsonl" in captured.err and "7/7" in captured.err  # a bar while it works
+    lines = captured.out.splitlines()
     assert [x.split()[0] for x in lines] == sorted(synthetic.EVAL_TASKS) + ["all"]
     assert lines[-1].split()[1].endswith("/7")
-    result = ev.evaluate(root / "model", paths["eval"], max_new_tokens=3)
+    result = ev.evaluate(root / "model", paths["eval"], max_new_tokens=3, progress=False)
+    assert capsys.readouterr().err == ""
     # the random model's own answers, given as the expected ones, all count (and nothing else)
     rows = [json.loads(x) for x in paths["eval"].read_text().splitlines()]
     got = {(m["task"], m["question"]): m["got"] for m in result["mistakes"]}

@@ -101,6 +101,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "training starts, its params at the first checkpoint)")
     r.add_argument("--no-progress", action="store_true", help="no progress bar; log lines only")
     distributed.add_arguments(p)
+    shell.add_version(p, PROG)
     return p
 
 

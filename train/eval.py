@@ -18,6 +18,7 @@ from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
+from tqdm import tqdm
 
 from qwen2vl_jax import shell
 from qwen2vl_jax.errors import InputError
@@ -30,9 +31,11 @@ def normalize(text: str) -> str:
 
 
 def evaluate(model_dir: str | Path, data: str | Path, batch_size: int = 16, limit: int | None = None,
-             max_new_tokens: int | None = None) -> dict:
-    """max_new_tokens: by default, enough for the longest expected answer and a few more."""
-    """-> {"accuracy": float, "tasks": {task: {"correct", "total", "accuracy"}}, "mistakes": [...]}"""
+             max_new_tokens: int | None = None, progress: bool = True) -> dict:
+    """-> {"accuracy": float, "tasks": {task: {"correct", "total", "accuracy"}}, "mistakes": [...]}
+
+    max_new_tokens: by default, enough for the longest expected answer and a few more.
+    progress: a bar on stderr, advanced by each batch's questions."""
     from qwen2vl_jax.api import Qwen2VL  # noqa: PLC0415
     from qwen2vl_jax.processing import Processor  # noqa: PLC0415
     from qwen2vl_jax.train.data import read_jsonl  # noqa: PLC0415
@@ -56,25 +59,28 @@ def evaluate(model_dir: str | Path, data: str | Path, batch_size: int = 16, limi
         max_new_tokens = 4 + max((len(processor.tokenizer.encode(a)) for _, _, a in rows), default=1)
     tally = defaultdict(lambda: [0, 0])
     mistakes = []
-    for k in range(0, len(rows), batch_size):
-        chunk = rows[k:k + batch_size]
-        texts, media = [], {"image": [], "video": []}
-        for messages, _, _ in chunk:
-            texts.append(processor.apply_chat_template(messages, add_generation_prompt=True))
-            for m in messages:
-                for item in [] if isinstance(m["content"], str) else m["content"]:
-                    if item["type"] in media:
-                        media[item["type"]].append({kk: v for kk, v in item.items() if kk != "type"})
-        inputs = processor(text=texts, images=media["image"] or None, videos=media["video"] or None, padding=True)
-        out = model.generate(**inputs, max_new_tokens=max_new_tokens)
-        answers = processor.batch_decode(np.asarray(out), skip_special_tokens=True)
-        for (messages, task, want), got in zip(chunk, answers):
-            ok = normalize(got) == normalize(want)
-            tally[task][0] += ok
-            tally[task][1] += 1
-            if not ok and len(mistakes) < 20:
-                question = next(i["text"] for i in messages[-1]["content"] if i["type"] == "text")
-                mistakes.append({"task": task, "question": question, "want": want, "got": got.strip()})
+    with tqdm(total=len(rows), desc=f"evaluating {data.name}", unit="question", disable=not progress) as bar:
+        for k in range(0, len(rows), batch_size):
+            chunk = rows[k:k + batch_size]
+            texts, media = [], {"image": [], "video": []}
+            for messages, _, _ in chunk:
+                texts.append(processor.apply_chat_template(messages, add_generation_prompt=True))
+                for m in messages:
+                    for item in [] if isinstance(m["content"], str) else m["content"]:
+                        if item["type"] in media:
+                            media[item["type"]].append({kk: v for kk, v in item.items() if kk != "type"})
+            inputs = processor(text=texts, images=media["image"] or None, videos=media["video"] or None,
+                               padding=True)
+            out = model.generate(**inputs, max_new_tokens=max_new_tokens)
+            answers = processor.batch_decode(np.asarray(out), skip_special_tokens=True)
+            for (messages, task, want), got in zip(chunk, answers):
+                ok = normalize(got) == normalize(want)
+                tally[task][0] += ok
+                tally[task][1] += 1
+                if not ok and len(mistakes) < 20:
+                    question = next(i["text"] for i in messages[-1]["content"] if i["type"] == "text")
+                    mistakes.append({"task": task, "question": question, "want": want, "got": got.strip()})
+            bar.update(len(chunk))
     correct = sum(c for c, _ in tally.values())
     total = sum(t for _, t in tally.values())
     return {
@@ -95,6 +101,7 @@ def main(argv=None) -> int:
     p.add_argument("--max-new-tokens", type=int, default=None,
                    help="default: the longest expected answer's tokens and 4 more")
     p.add_argument("--json", action="store_true")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = p.parse_args(argv)
     model = args.model
     if model is None:
@@ -105,7 +112,8 @@ def main(argv=None) -> int:
     def go() -> None:
         if args.max_new_tokens is not None and args.max_new_tokens < 1:
             raise InputError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
-        result = evaluate(model, args.data, args.batch_size, args.limit, args.max_new_tokens)
+        result = evaluate(model, args.data, args.batch_size, args.limit, args.max_new_tokens,
+                          progress=not args.no_progress)
         if args.json:
             print(json.dumps(result))
         else:

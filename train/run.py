@@ -8,7 +8,8 @@ writes OUT as a converted folder (config.json, tokenizer and processor files, pa
 
     OUT/train_state/<step>/   Orbax: {step, params, opt_state} and the data position + options
     OUT/train_log.jsonl       one row per log interval (step, loss, lr, tokens/s, grad norm)
-    OUT/losses.csv            every step's loss (written at each log row and before each checkpoint)
+    OUT/losses.csv            every step's loss, under a `step,loss` header (written at each log
+                              row and before each checkpoint)
     OUT/loss.png              the loss curve, redrawn at each checkpoint and when the run stops
 
 Multi-process (`qwen2vl_jax.distributed`): every process runs `fit` with the same options; each
@@ -50,7 +51,7 @@ import jax.numpy as jnp
 from qwen2vl_jax import checkpoint as ck, distributed, interrupts
 from qwen2vl_jax.checkpoint import load_hf_params
 from qwen2vl_jax.config import Qwen2VLConfig
-from qwen2vl_jax.errors import InputError
+from qwen2vl_jax.errors import InputError, refuse_inside
 from qwen2vl_jax.jsonio import parse_json
 from qwen2vl_jax.modules.qwen2vl import init_shapes
 from qwen2vl_jax.params import stack_layers, unstack_layers
@@ -152,12 +153,7 @@ def saved_steps(state_dir: Path) -> list[int]:
 
 def check_out(opts: TrainOptions, model_dir: Path, out: Path) -> int | None:
     """Refuses an --out that would clobber something; -> the checkpoint step to resume from."""
-    if out == model_dir:
-        raise InputError(f"--out {out} is the --model folder; training would overwrite the model it starts "
-                         "from: choose another --out")
-    if model_dir in out.parents:
-        raise InputError(f"--out {out} is inside the --model folder {model_dir}; training never writes into "
-                         "the model it starts from: choose an --out outside it")
+    refuse_inside(out, "--out", model_dir, "--model", what="the model it starts from")
     for name in (STATE_DIR, ck.PARAMS, STAGING):  # what a run replaces or removes in --out
         if out / name == model_dir or out / name in model_dir.parents:
             raise InputError(f"--model {model_dir} is inside {out / name}, which training into --out {out} "
@@ -446,16 +442,23 @@ def _drop_rows_after(step: int, log_file: Path, loss_file: Path) -> int:
     return last
 
 
+LOSSES_HEADER = "step,loss"  # losses.csv's first line
+
+
 def _append_losses(path: Path, points: list[tuple[int, float]]) -> None:
+    new = not path.exists() or path.stat().st_size == 0
     with path.open("a") as f:
+        if new:
+            f.write(LOSSES_HEADER + "\n")
         f.writelines(f"{s},{v:.6f}\n" for s, v in points)
 
 
 def _write_losses(path: Path, points: list[tuple[int, float]]) -> None:
-    path.write_text("".join(f"{s},{v:.6f}\n" for s, v in points))
+    path.write_text(LOSSES_HEADER + "\n" + "".join(f"{s},{v:.6f}\n" for s, v in points))
 
 
 def _read_losses(path: Path) -> list[tuple[int, float]]:
+    """(step, loss) from losses.csv, the header and any line cut short skipped."""
     if not path.exists():
         return []
     pts = {}
@@ -463,6 +466,6 @@ def _read_losses(path: Path) -> list[tuple[int, float]]:
         try:
             s, v = line.split(",")
             pts[int(s)] = float(v)  # a resumed run rewrites the steps after its checkpoint
-        except ValueError:  # a line cut short when a run was killed
+        except ValueError:  # the header, or a line cut short when a run was killed
             continue
     return sorted(pts.items())

@@ -15,20 +15,28 @@ canvases of several sizes and aspect ratios (`placed_shape`; the processor resiz
 the demo's pixel budget), 1-4 to a grid (`many_shapes`, 2 and 3 as often as 4), as printed
 words, and sliding in one of four directions in short videos (equally many each way).
 
-Paths in the JSONL are relative to the file, as the training loader expects.
+Paths in the JSONL are relative to the file, as the training loader expects. From a shell:
+
+    python -m qwen2vl_jax.train.synthetic OUT [--images N] [--videos N] [--eval-per-task N]
 """
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import json
 import math
 import random
+import sys
 from pathlib import Path
 from typing import Iterator
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
+from tqdm import tqdm
+
+from qwen2vl_jax import shell
+from qwen2vl_jax.errors import InputError
 
 SHAPES = ("circle", "square", "triangle", "star")
 COLOURS = {
@@ -355,10 +363,18 @@ def eval_example(task: str, i: int, rng: random.Random) -> tuple[Image.Image | l
     raise ValueError(task)
 
 
-def write_dataset(out: str | Path, seed: int = 0, counts: Counts | None = None) -> dict[str, Path]:
-    """Writes images, videos and the stage/eval JSONL files under `out`; returns their paths."""
+def write_dataset(out: str | Path, seed: int = 0, counts: Counts | None = None,
+                  progress: bool = True) -> dict[str, Path]:
+    """Writes images, videos and the stage/eval JSONL files under `out`; returns their paths.
+    progress: a bar on stderr, one tick per image, video, unrelated question and eval row."""
     counts = counts or Counts()
     out = Path(out)
+    total = counts.images + counts.videos + counts.other + counts.eval_per_task * len(EVAL_TASKS)
+    with tqdm(total=total, desc=f"writing {out}", unit="item", disable=not progress) as bar:
+        return _write_dataset(out, seed, counts, bar.update)
+
+
+def _write_dataset(out: Path, seed: int, counts: Counts, tick) -> dict[str, Path]:
     for sub in ("images", "videos", "eval"):
         (out / sub).mkdir(parents=True, exist_ok=True)
     rng = random.Random(seed)
@@ -382,11 +398,13 @@ def write_dataset(out: str | Path, seed: int = 0, counts: Counts | None = None) 
         media = _media(out, f"images/{i:05d}.png", img)
         images.append(media)
         add(media, info)
+        tick(1)
     for i in range(counts.videos):
         frames, info = moving_shape(rng, direction=DIRECTIONS[i % len(DIRECTIONS)])
         media = _media(out, f"videos/{i:04d}", frames)
         add(media, info)
         stage3.append(_conversation(media, [questions(info, rng)[0]]))  # motion, the hardest, twice
+        tick(1)
     asked = set()
     for i in range(counts.other):
         q = other_question(rng)
@@ -394,6 +412,7 @@ def write_dataset(out: str | Path, seed: int = 0, counts: Counts | None = None) 
         conv = _conversation(rng.choice(images) if i % 2 == 0 else None, [("other", q, OTHER_ANSWER)])
         stage2.append(conv)
         stage3.append(conv)
+        tick(1)
 
     eval_rows = []
     erng = random.Random(seed + 7919)  # held out: images never seen in training
@@ -410,6 +429,7 @@ def write_dataset(out: str | Path, seed: int = 0, counts: Counts | None = None) 
             else:
                 (_, q, a), = [x for x in questions(info, erng) if x[0] == ("shape" if task == "offcentre" else task)]
             eval_rows.append({"task": task, "answer": a, "messages": _conversation(media, [(task, q, a)])[:1]})
+            tick(1)
 
     paths = {}
     for name, rows in (("stage1", stage1), ("stage2", stage2), ("stage3", stage3)):
@@ -448,3 +468,37 @@ def make_example_image(path: str | Path, seed: int = 3) -> dict:
 
 def image_array(img: Image.Image) -> np.ndarray:
     return np.asarray(img.convert("RGB"))
+
+
+def main(argv=None) -> int:
+    prog = "python -m qwen2vl_jax.train.synthetic"
+    p = argparse.ArgumentParser(prog=prog, description="Writes the synthetic shapes dataset (stage1/2/3.jsonl, "
+                                                       "eval.jsonl, images/, videos/, eval/) into OUT.")
+    p.add_argument("out", metavar="OUT", help="folder to write into (created if missing)")
+    p.add_argument("--images", type=int, default=Counts.images, metavar="N",
+                   help=f"training images (default: {Counts.images})")
+    p.add_argument("--videos", type=int, default=Counts.videos, metavar="N",
+                   help=f"training videos, equally many each way (default: {Counts.videos})")
+    p.add_argument("--other", type=int, default=None, metavar="N",
+                   help="questions about none of these (default: 3/16 of --images)")
+    p.add_argument("--eval-per-task", type=int, default=Counts.eval_per_task, metavar="N",
+                   help=f"held-out rows per question type (default: {Counts.eval_per_task})")
+    p.add_argument("--seed", type=int, default=0, metavar="N", help="the eval set is held out from it (default: 0)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    args = p.parse_args(argv)
+
+    def go() -> None:
+        for flag, value in (("--images", args.images), ("--videos", args.videos), ("--other", args.other),
+                            ("--eval-per-task", args.eval_per_task)):
+            if value is not None and value < 0:
+                raise InputError(f"{flag} must be at least 0, got {value}")
+        paths = write_dataset(args.out, args.seed, Counts(images=args.images, videos=args.videos, other=args.other,
+                                                          eval_per_task=args.eval_per_task),
+                              progress=not args.no_progress)
+        print(f"wrote {', '.join(str(p) for p in paths.values())}")
+
+    return shell.run(prog, go)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
