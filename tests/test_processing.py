@@ -453,6 +453,62 @@ def test_messages_end_to_end(tmp_path, clip, proc, hf_proc):
     assert_close(direct, ours)
 
 
+def _chat_images():
+    """Images on which the chat path once read differently from qwen-vl-utils: LA with alpha
+    (qwen-vl-utils drops it), a side under 28 pixels (qwen-vl-utils scales it up), and a
+    palette with a transparent index, already on the 28 grid so that its colour key (what
+    PIL's P -> RGB keeps of the index) survives qwen-vl-utils' resize for HF to composite."""
+    rng = np.random.default_rng(77)
+    palette = Image.fromarray(rng.integers(0, 256, (56, 84, 3), dtype=np.uint8)).quantize(16)
+    palette.info["transparency"] = int(np.asarray(palette.getpalette()[:48]).reshape(16, 3).sum(1).argmin())
+    palette_off_grid = Image.fromarray(rng.integers(0, 256, (61, 83, 3), dtype=np.uint8)).quantize(16)
+    palette_off_grid.info["transparency"] = 3
+    return {
+        "la_alpha": Image.fromarray(rng.integers(0, 256, (40, 50, 2), dtype=np.uint8), "LA"),
+        "small_20x50": Image.fromarray(rng.integers(0, 256, (50, 20, 3), dtype=np.uint8)),
+        "palette_transparency": palette,
+        "palette_transparency_resized": palette_off_grid,
+        "rgba": Image.fromarray(rng.integers(0, 256, (57, 90, 4), dtype=np.uint8), "RGBA"),
+        "tiny_1x1": Image.new("RGB", (1, 1), (200, 30, 90)),
+    }
+
+
+def _with_images(*images, **options):
+    return [{"role": "user", "content": [*({"type": "image", "image": im, **options} for im in images), {"type": "text", "text": "Describe."}]}]
+
+
+@pytest.mark.parametrize("case", [*_chat_images(), "all_at_once"])
+def test_chat_path_reads_images_as_process_vision_info(case, proc, hf_proc):
+    """apply_chat_template(tokenize=True) equals HF's processor fed qwen-vl-utils' own
+    process_vision_info, image for image."""
+    qwen_vl_utils = pytest.importorskip("qwen_vl_utils")
+    images = list(_chat_images().values()) if case == "all_at_once" else [_chat_images()[case]]
+    for options in ({}, {"max_pixels": 28 * 28 * 6}):
+        messages = _with_images(*images, **options)
+        text = hf_proc.apply_chat_template(messages, add_generation_prompt=True)
+        ref = hf_proc(text=[text], images=qwen_vl_utils.process_vision_info(messages)[0], return_tensors="np")
+        ours = proc.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True)
+        assert_close(ours, ref)
+        # ... and our process_vision_info followed by our processor, the documented recipe
+        assert_close(proc(text=[text], images=process_vision_info(messages)[0]), ours)
+
+
+def test_expand_placeholders_is_what_the_processor_does(proc):
+    img = _imgs((120, 90), (64, 300))
+    texts = [IMG + "one", "two " + IMG + VID]
+    video = _frames(4, 90, 120)
+    full = proc(text=texts, images=img, videos=[video], padding_side="right")
+    counts = [np.prod(full[k], axis=1) // 4 for k in ("image_grid_thw", "video_grid_thw")]
+    expanded = proc.expand_placeholders(proc.tokenizer.encode_batch(texts), *counts)
+    for row, ids in enumerate(expanded):
+        assert ids.dtype == np.int64
+        np.testing.assert_array_equal(ids, full["input_ids"][row, : len(ids)])
+        assert int(full["attention_mask"][row].sum()) == len(ids)
+    assert [len(a) for a in proc.expand_placeholders([[1, 2]])] == [2]  # no media, nothing to expand
+    with pytest.raises(InputError, match="text has 1 <|image_pad|> placeholder but 2 images were given"):
+        proc.expand_placeholders(proc.tokenizer.encode_batch([IMG]), [4, 4])
+
+
 def test_return_jax_arrays(proc):
     import jax.numpy as jnp
 

@@ -174,6 +174,30 @@ def test_images_match(option, qvu):
         assert sizes["tiny_1x1"] == (56, 56) and sizes["tiny_10x27"] == (56, 112)
 
 
+def test_processor_on_fetched_images_matches_hf(qvu):
+    """What process_vision_info returns, through our image processor, equals qwen-vl-utils'
+    output through HF's: every mode, including a palette whose transparent index PIL keeps
+    as an RGB colour key (on the 28 grid, so no resize blends the keyed pixels away; HF's
+    processor makes them white)."""
+    pytest.importorskip("transformers")
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+    images = _images()
+    on_grid = Image.fromarray(_noise(56, 84)).quantize(16)
+    on_grid.info["transparency"] = int(np.asarray(on_grid.getpalette()[:48]).reshape(16, 3).sum(1).argmin())
+    images["palette_transparency_on_grid"] = on_grid
+    ours_ip, hf_ip = ImageProcessor(), Qwen2VLImageProcessorPil(min_pixels=56 * 56, max_pixels=28 * 28 * 1280)
+    for option in ("default", "max_pixels"):
+        messages = _user(*({"type": "image", "image": img, **IMAGE_OPTIONS[option]} for img in images.values()))
+        ours, _ = process_vision_info(messages)
+        theirs, _ = qvu.process_vision_info(messages)
+        for name, a, b in zip(images, ours, theirs):
+            got, ref = ours_ip(a), hf_ip(b, return_tensors="np")
+            np.testing.assert_array_equal(got["image_grid_thw"], ref["image_grid_thw"], err_msg=f"{name} {option}")
+            diff = float(np.abs(got["pixel_values"] - ref["pixel_values"]).max())
+            assert diff <= 1e-5, f"{name} with {option}: max abs diff {diff}"
+
+
 def test_image_sources_match(tmp_path, qvu):
     """Paths, file:// URIs, data URIs and the image_url key give what qwen-vl-utils gives."""
     img = Image.fromarray(_noise(67, 101, 4), "RGBA")

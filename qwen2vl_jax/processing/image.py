@@ -1,14 +1,16 @@
 """Images to patches: the paper's dynamic resolution.
 
 Two steps, as in the official stack:
-- `fetch_image` is qwen-vl-utils 0.0.14's step (what `process_vision_info` runs): open ->
-  its to_rgb (RGBA pasted on white, every other mode converted as PIL converts it) ->
-  smart_resize with the element's min/max_pixels or resized_height/width -> PIL bicubic.
-  Images of any size are accepted (tiny ones are scaled up), as there.
+- `fetch_image` is qwen-vl-utils 0.0.14's step (what `process_vision_info` and
+  `Processor.apply_chat_template(tokenize=True)` run): open -> its to_rgb (RGBA pasted on
+  white, every other mode converted as PIL converts it) -> smart_resize with the element's
+  min/max_pixels or resized_height/width -> PIL bicubic. Images of any size are accepted
+  (tiny ones are scaled up), as there.
 - `ImageProcessor` is HF's Qwen2VLImageProcessor: load (any transparency composited on white,
-  sides under 28 pixels refused) -> smart_resize (sides multiples of 28, pixel count within
-  [min_pixels, max_pixels], aspect ratio kept) -> PIL bicubic resize -> rescale 1/255 -> CLIP
-  normalise -> 14x14 patches, 2 temporal copies, in 2x2 merge order.
+  a palette's transparent index or an RGB colour key included; sides under 28 pixels
+  refused) -> smart_resize (sides multiples of 28, pixel count within [min_pixels,
+  max_pixels], aspect ratio kept) -> PIL bicubic resize -> rescale 1/255 -> CLIP normalise ->
+  14x14 patches, 2 temporal copies, in 2x2 merge order.
 
 Rescale and normalise are a per-channel lookup table on the uint8 pixels (256 entries,
 computed with HF's float32 arithmetic, so the values are bit-identical), applied after the
@@ -253,21 +255,21 @@ def _paste_on_white(rgba: Image.Image) -> Image.Image:
 
 
 def to_rgb(img: Image.Image, every_alpha: bool = True) -> Image.Image:
-    """RGB, transparency composited on white as qwen-vl-utils' to_rgb does for RGBA (paste with
-    the alpha channel as mask).
+    """RGB, transparency composited on white.
 
-    every_alpha=True (the HF processor path): palette images with a transparent index and LA
-    images go through RGBA first, so they are composited the same way. every_alpha=False is
-    qwen-vl-utils exactly: only RGBA is composited; every other mode is converted by PIL, which
-    drops an LA image's alpha and a palette's transparent index."""
-    if img.mode == "RGB":
-        return img
+    every_alpha=True is HF's convert_to_rgb (the processor path): an image with an alpha band
+    (RGBA, LA, PA) or a `transparency` entry in its info goes through RGBA and is composited.
+    The entry matters beyond palettes: PIL's P -> RGB conversion turns a transparent index
+    into an RGB colour key that travels with the image (through resizes too), so an image
+    that qwen-vl-utils has already converted still has its keyed pixels made white here.
+    every_alpha=False is qwen-vl-utils' to_rgb exactly: only RGBA is composited; every other
+    mode is converted by PIL, which drops an LA image's alpha and keeps a palette's
+    transparent index only as that colour key."""
+    if every_alpha and ("A" in img.getbands() or img.info.get("transparency") is not None):
+        return _paste_on_white(img if img.mode == "RGBA" else img.convert("RGBA"))
     if img.mode == "RGBA":
         return _paste_on_white(img)
-    has_alpha = "A" in img.getbands() or "transparency" in img.info
-    if not (every_alpha and has_alpha):
-        return img.convert("RGB")
-    return _paste_on_white(img.convert("RGBA"))
+    return img if img.mode == "RGB" else img.convert("RGB")
 
 
 def _rgb(img: Image.Image, every_alpha: bool, label: str) -> Image.Image:
@@ -300,11 +302,14 @@ def fetch_image(ele: dict | Any, factor: int = IMAGE_FACTOR, name: str | None = 
     """qwen-vl-utils' fetch_image: a message element {"image" | "image_url": source, optional
     min_pixels, max_pixels, resized_height + resized_width} to a resized RGB PIL image.
 
-    As qwen-vl-utils 0.0.14: only RGBA is composited on white, images of any size are
-    accepted (tiny ones scaled up to min_pixels), and the budget is 4 to 16384 blocks of
-    `factor` x `factor` unless the element says otherwise. strict=True is the HF processor
-    path instead (every alpha mode composited, sides under 28 pixels refused). `name` names
-    an in-memory input in errors ('image 2')."""
+    The one loader for images named in messages: process_vision_info and the processor's
+    apply_chat_template(tokenize=True) both run it. As qwen-vl-utils 0.0.14: only RGBA is
+    composited on white, images of any size are accepted (tiny ones scaled up to
+    min_pixels), and the budget is 4 to 16384 blocks of `factor` x `factor` unless the
+    element says otherwise. strict=True is for an element handed to the processor itself
+    (`Processor(images=[{...}])`): HF's loading instead (every alpha composited, sides under
+    28 pixels refused), then the element's size options. `name` names an in-memory input in
+    errors ('image 2')."""
     if not isinstance(ele, dict):
         ele = {"image": ele}
     source = image_source(ele, name)

@@ -24,7 +24,7 @@ from PIL import Image
 from ..errors import InputError
 from ..jsonio import read_json
 from . import chat_template as ct
-from .image import ImageProcessor, fetch_image
+from .image import ImageProcessor, fetch_image, parallel_map
 from .tokenizer import Qwen2Tokenizer
 from .video import VideoProcessor, fetch_video
 
@@ -81,19 +81,23 @@ def process_vision_info(
     fetch_image / fetch_video for its rules); errors name the file, else 'image N' /
     'video N' counted over the conversations."""
     factor = int(image_patch_size) * 2  # the 2x2 spatial merge
-    images, videos, sample_fps = [], [], []
+    image_elements, video_elements = [], []
     for ele in extract_vision_info(conversations):
         if "image" in ele or "image_url" in ele:
-            images.append(fetch_image(ele, factor, f"image {len(images) + 1}"))
+            image_elements.append(ele)
         elif "video" in ele:
-            video, fps = fetch_video(
-                ele, factor, return_video_sample_fps=True, return_video_metadata=return_video_metadata,
-                name=f"video {len(videos) + 1}",
-            )
-            videos.append(video)
-            sample_fps.append(fps)
+            video_elements.append(ele)
         else:
             raise InputError(f"content item of type {ele.get('type')!r} has no 'image', 'image_url' or 'video'")
+    # Images are read and resized on the shared pool (PIL releases the GIL), in order.
+    images = parallel_map(lambda i: fetch_image(image_elements[i], factor, f"image {i + 1}"), range(len(image_elements)))
+    videos, sample_fps = [], []
+    for i, ele in enumerate(video_elements):
+        video, fps = fetch_video(
+            ele, factor, return_video_sample_fps=True, return_video_metadata=return_video_metadata, name=f"video {i + 1}"
+        )
+        videos.append(video)
+        sample_fps.append(fps)
     video_kwargs: dict[str, Any] = {"do_sample_frames": False}
     if not return_video_metadata:
         video_kwargs["fps"] = sample_fps
@@ -203,8 +207,9 @@ class Processor:
         """Render messages with the folder's (official) template, as HF does.
 
         A batch (a list of conversations) gives a list of strings. With tokenize=True the
-        images and videos named in the messages are loaded (qwen-vl-utils rules) and the
-        processed inputs are returned (return_dict=True) or just the input_ids."""
+        images and videos named in the messages are loaded by `process_vision_info` (so with
+        qwen-vl-utils' rules) and the processed inputs are returned (return_dict=True) or just
+        the input_ids: the same as `self(text=..., images=..., videos=...)` on its output."""
         given = kwargs.get("chat_template")
         name = ct.identify(given) if given is not None else self.template_name
         if name is None:
@@ -229,9 +234,10 @@ class Processor:
             texts.append(text)
         if not tokenize:
             return texts if batched else texts[0]
-        vision = extract_vision_info(convs if name == "instruct" else [[{"content": c}] for c in convs])
-        images = [e for e in vision if "image" in e or "image_url" in e] or None
-        videos = [e for e in vision if "video" in e and not ("image" in e or "image_url" in e)] or None
+        # The media are read by process_vision_info itself, so these inputs are what HF's
+        # processor gives for its output (the documented two-step recipe), tiny images and
+        # alpha modes included.
+        images, videos = process_vision_info(convs if name == "instruct" else [[{"content": c}] for c in convs])
         call_kw = {k: v for k, v in kwargs.items() if k in ("padding", "padding_side", "max_length", "return_tensors")}
         out = self(text=texts, images=images, videos=videos, **call_kw)
         if return_dict:
@@ -285,13 +291,24 @@ class Processor:
                 if video_list
                 else np.zeros(0, np.int64)
             )
-            ids = self._expand(self.tokenizer.encode_batch(texts), image_counts, video_counts)
+            ids = self.expand_placeholders(self.tokenizer.encode_batch(texts), image_counts, video_counts)
             out.update(self._pad(ids, padding, padding_side, max_length))
         return _convert(out, return_tensors)
 
-    def _expand(
-        self, batch_ids: list[list[int]], image_counts: np.ndarray, video_counts: np.ndarray
+    def expand_placeholders(
+        self,
+        batch_ids: Sequence[Sequence[int]],
+        image_token_counts: Sequence[int] = (),
+        video_token_counts: Sequence[int] = (),
     ) -> list[np.ndarray]:
+        """Already-tokenized texts with each <|image_pad|> (<|video_pad|>) repeated as many
+        times as its image (video) has tokens: int64 [L_i] per text.
+
+        image_token_counts / video_token_counts: tokens per image / video, in placeholder
+        order over the whole batch (t*h*w / merge_size**2 of its grid_thw). Raises InputError
+        when the placeholders and the counts differ in number."""
+        image_counts = np.asarray(image_token_counts, dtype=np.int64).reshape(-1)
+        video_counts = np.asarray(video_token_counts, dtype=np.int64).reshape(-1)
         arrays = [np.asarray(ids, dtype=np.int64) for ids in batch_ids]
         n_img = sum(int(np.count_nonzero(a == self.image_token_id)) for a in arrays)
         n_vid = sum(int(np.count_nonzero(a == self.video_token_id)) for a in arrays)
@@ -315,6 +332,8 @@ class Processor:
             i_img, i_vid = i_img + k, i_vid + m
             out.append(np.repeat(a, reps))
         return out
+
+    _expand = expand_placeholders  # the former private name, until its last caller moves
 
     def _pad(
         self, ids: list[np.ndarray], padding: bool | str, padding_side: str | None, max_length: int | None
