@@ -69,17 +69,20 @@ def create_app(service: Service):
              "max_model_len": service.max_context}]})
 
     async def health(request):
-        return JSONResponse({"status": "ok", "active_slots": service.batcher.active_slots,
-                             "queue_depth": service.batcher.queue_depth})
+        alive = batcher_alive(service.batcher)
+        return JSONResponse({"status": "ok" if alive else "the batcher thread has stopped",
+                             "active_slots": service.batcher.active_slots,
+                             "queue_depth": service.batcher.queue_depth,
+                             "preprocessing": service.preprocessor.pending}, status_code=200 if alive else 503)
 
     async def metrics_endpoint(request):
         return PlainTextResponse(metrics.render(service.batcher), media_type="text/plain; version=0.0.4")
 
     async def chat_completions(request: HttpRequest):
+        arrived = time.perf_counter()  # the deadline counts from here: reading, preprocessing, generating
         check_key(request)
         parsed = parse_body(await read_body(request), settings)
-        arrived = time.perf_counter()
-        ids, images, videos = await asyncio.to_thread(service.prepare, parsed)
+        ids, images, videos = await service.preprocess(parsed, arrived, gone=client_gone(request))
         gc = service.generation_config(parsed, len(ids))
         loop = asyncio.get_running_loop()
         events: asyncio.Queue = asyncio.Queue()
@@ -128,6 +131,7 @@ def create_app(service: Service):
         try:
             yield
         finally:
+            service.preprocessor.close()
             service.batcher.close()
 
     app = Starlette(
@@ -139,6 +143,26 @@ def create_app(service: Service):
         lifespan=lifespan,
     )
     return CountStatus(app, metrics)
+
+
+def client_gone(request):
+    """A coroutine function that returns when the client disconnects (uvicorn answers receive()
+    with http.disconnect once the body is read and the connection closes)."""
+
+    async def wait() -> None:
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+
+    return wait
+
+
+def batcher_alive(batcher) -> bool:
+    """Whether the batcher's thread runs (or has not been started yet)."""
+    alive = getattr(batcher, "alive", None)
+    if alive is not None:
+        return bool(alive)
+    thread = getattr(batcher, "_thread", None)
+    return thread is None or thread.is_alive()
 
 
 class CountStatus:
@@ -161,8 +185,10 @@ class CountStatus:
 
 # ---------------------------------------------------------------------------- building it
 def build_service(model, processor, *, max_batch: int = 16, max_context: int | None = None,
-                  settings: Settings | None = None, vision_cache_entries: int = 256, warm_up: bool = True) -> Service:
-    """A Service over a loaded model: its SlotEngine and Batcher (not started), warmed up."""
+                  settings: Settings | None = None, vision_cache_entries: int = 256, warm_up: bool = True,
+                  warm_up_vision: bool = True, progress=None) -> Service:
+    """A Service over a loaded model: its SlotEngine and Batcher (not started), warmed up
+    (`progress`: called with a line per warm-up stage, e.g. print)."""
     from qwen2vl_jax.batching import Batcher, SlotEngine, VisionCache
 
     settings = settings or Settings()
@@ -170,7 +196,9 @@ def build_service(model, processor, *, max_batch: int = 16, max_context: int | N
     batcher = Batcher(slots, model.params, max_queue=settings.max_queue,
                       vision_cache=VisionCache(max_entries=vision_cache_entries))
     if warm_up:
-        batcher.warm_up()
+        from qwen2vl_jax.serving.warmup import warm_up as warm
+
+        warm(batcher, processor, progress=progress, vision=warm_up_vision)
     return Service(model, processor, batcher, settings)
 
 

@@ -1,9 +1,12 @@
-"""The host-side work per request: media read, prompt rendered and tokenized, the vision cache
-consulted, the generation settings checked against the context."""
+"""The host-side work per request: the prompt's size bounded before any of it is tokenized,
+media read, prompt rendered and tokenized (on the preprocessing pools, step by step under the
+request's deadline), the vision cache consulted, the generation settings checked against the
+context."""
 
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import time
 
 import numpy as np
@@ -11,8 +14,44 @@ import numpy as np
 from qwen2vl_jax.errors import InputError
 from qwen2vl_jax.serving import media
 from qwen2vl_jax.serving.metrics import Metrics
+from qwen2vl_jax.serving.preprocess import Preprocessor, Ticket
 from qwen2vl_jax.serving.schema import Parsed
 from qwen2vl_jax.serving.settings import ApiError, Settings
+
+# Text is counted in pieces this long, stopping once the count is over the room: a huge prompt
+# costs one piece, not a tokenization of the whole text (the tokenizer's memory grows with its
+# input many times over).
+COUNT_CHARS = 1 << 15
+# A token of the vocabulary can stand for several characters of text (its length in the
+# vocabulary's byte-level spelling bounds that); normalization can fold a few characters into one,
+# hence the margin on top.
+CHARS_MARGIN = 2
+
+
+def longest_token(tokenizer) -> int:
+    """Characters of text one token can stand for at most (its byte-level spelling's length)."""
+    try:
+        return max(1, max(map(len, tokenizer.backend.get_vocab(with_added_tokens=True))))
+    except Exception:  # noqa: BLE001 - another tokenizer: a bound no byte-level BPE vocabulary exceeds
+        return 256
+
+
+def tokens_over(encode, text: str, limit: int) -> int:
+    """Counts `text`'s tokens piece by piece, splitting at a space or line break where one is
+    near, and stops as soon as the count is certainly over `limit` (each split may add a token,
+    so one per split is taken off). -> the count so far, less the splits."""
+    count, start, splits = 0, 0, 0
+    while start < len(text):
+        end = min(start + COUNT_CHARS, len(text))
+        if end < len(text):
+            cut = max(text.rfind(" ", start + COUNT_CHARS // 2, end), text.rfind("\n", start + COUNT_CHARS // 2, end))
+            end = cut if cut > start else end
+            splits += 1
+        count += len(encode(text[start:end]))
+        start = end
+        if count - splits > limit:
+            break
+    return count - splits
 
 
 # ---------------------------------------------------------------------------- the service
@@ -26,23 +65,67 @@ class Service:
         eos = list(model.generation_config.eos_token_ids)
         im_end = processor.tokenizer.token_to_id("<|im_end|>")
         self.eos_ids = tuple(dict.fromkeys([*eos, im_end]))
+        self.max_chars = self.max_context * longest_token(processor.tokenizer) * CHARS_MARGIN
+        self.preprocessor = Preprocessor(settings.preprocess_workers, settings.max_queue,
+                                         lambda: self.batcher.queue_depth)
 
     @property
     def max_context(self) -> int:
         """Cache slots per request: prompt plus generated tokens."""
         return self.batcher.slots.max_context
 
-    def prepare(self, parsed: Parsed):
+    # ------------------------------------------------------------ before any work
+    def check_size(self, parsed: Parsed) -> bool:
+        """Refuses a request whose size alone shows it cannot fit the context (messages, parts,
+        characters of text) or carries more media than allowed. Cheap: no tokenizing. -> whether
+        it carries media."""
+        context, settings = self.max_context, self.settings
+        messages = parsed.messages
+        if len(messages) > context:
+            raise ApiError(400, f"{len(messages)} messages cannot fit the context of {context} tokens", "messages")
+        parts = [p for m in messages if isinstance(m["content"], list) for p in m["content"]]
+        if len(parts) > context:
+            raise ApiError(400, f"{len(parts)} content parts cannot fit the context of {context} tokens", "messages")
+        chars = sum(len(m["content"]) for m in messages if isinstance(m["content"], str))
+        chars += sum(len(p["text"]) for p in parts if p["type"] == "text")
+        if chars > self.max_chars:
+            raise ApiError(400, f"the messages' text ({chars} characters) cannot fit the context of {context} tokens "
+                                f"(at most {self.max_chars} characters)", "messages")
+        n_media = sum(p["type"] != "text" for p in parts)
+        if n_media > settings.max_images:
+            n_videos = sum(p["type"] == "video" for p in parts)
+            what = f"{n_media} images and videos" if n_videos else f"{n_media} images"
+            raise ApiError(400, f"{what} are over the server's limit of {settings.max_images} per request "
+                                "(--max-images, which counts videos too)", "messages")
+        return n_media > 0
+
+    async def preprocess(self, parsed: Parsed, arrived: float, gone=None):
+        """`prepare` on the preprocessing pools under the request's deadline (from `arrived`);
+        `gone()` returns when the client leaves. -> (input_ids, images, videos)."""
+        has_media = self.check_size(parsed)
+        ticket = Ticket(arrived, self.settings.request_timeout)
+        return await self.preprocessor.run(lambda t: self.prepare(parsed, t), ticket, media=has_media, gone=gone)
+
+    # ------------------------------------------------------------ the work (a pool thread)
+    def prepare(self, parsed: Parsed, ticket: Ticket | None = None):
         """Reads the media, renders and tokenizes the prompt -> (input_ids, images, videos).
-        Runs in a worker thread."""
+        Runs in a worker thread; stops between steps once `ticket` says the request is over."""
         from qwen2vl_jax.batching import VisionInput
 
         proc, settings = self.processor, self.settings
-        parts = [p for m in parsed.messages if isinstance(m["content"], list) for p in m["content"]]
-        n_images = sum(p["type"] == "image" for p in parts)
-        if n_images > settings.max_images:
-            raise ApiError(400, f"{n_images} images are over the server's limit of {settings.max_images} per request "
-                                "(--max-images)", "messages")
+        ticket = ticket or Ticket(time.perf_counter(), settings.request_timeout)
+        self.check_size(parsed)
+        room = self.max_context - (parsed.max_tokens or 1)
+        encode = proc.tokenizer.encode
+        counted = 0
+        for m in parsed.messages:
+            texts = [m["content"]] if isinstance(m["content"], str) else \
+                [p["text"] for p in m["content"] if p["type"] == "text"]
+            for text in texts:
+                counted += tokens_over(encode, text, room - counted)
+                if counted > room:
+                    raise self._too_long(counted, parsed)
+                ticket.check()
         hf_messages, images, videos = [], [], []
         ip = proc.image_processor
         for m in parsed.messages:
@@ -54,25 +137,35 @@ class Service:
                 if p["type"] == "text":
                     content.append(p)
                 elif p["type"] == "image":
-                    data = media.image_bytes(p["url"], p["where"], settings)
-                    media.check_image_size(data, p["where"], settings)
+                    ticket.check()
+                    data = media.image_bytes(p["url"], p["where"], settings, ticket)
+                    w, h = media.image_size(data, p["where"], settings)
+                    counted += self._image_tokens(h, w, p["where"])
+                    if counted > room:  # known from the header: refused before decoding
+                        raise self._too_long(counted, parsed)
                     key = f"{hashlib.sha256(data).hexdigest()}|{ip.min_pixels}|{ip.max_pixels}|{ip.factor}"
                     hit = self.batcher.vision_cache.get(key)
                     if hit is not None:
                         images.append(VisionInput(None, hit[0], key, hit[1]))
                     else:
-                        out = self._vision(lambda: ip([{"image": data}]), p["where"])
+                        out = self._vision(lambda: self._image(data, ticket), p["where"])
                         images.append(VisionInput(out["pixel_values"], out["image_grid_thw"], key))
+                    del data
                     content.append({"type": "image", "image": "data"})
                 else:
+                    ticket.check()
                     path = media.local_path(p["url"], p["where"], settings)
+                    if importlib.util.find_spec("av") is None:
+                        raise ApiError(400, f"{p['where']}: this server cannot read videos (PyAV is not installed: "
+                                            "pip install 'qwen2vl-jax[serve]')", p["where"])
                     ele = {"video": str(path)}
                     if settings.max_video_frames:
                         ele["max_frames"] = settings.max_video_frames
-                    out = self._vision(lambda: proc.video_processor([ele]), p["where"])
+                    out = self._vision(lambda: self._video(ele, ticket), p["where"])
                     videos.append(VisionInput(out["pixel_values_videos"], out["video_grid_thw"]))
                     content.append({"type": "video", "video": str(path)})
             hf_messages.append({"role": m["role"], "content": content})
+        ticket.check()
         try:
             text = proc.apply_chat_template(hf_messages, add_generation_prompt=True)
             merge = ip.merge_size ** 2
@@ -82,6 +175,45 @@ class Service:
         except InputError as e:
             raise ApiError(400, str(e), "messages") from None
         return ids.astype(np.int32), images, videos
+
+    def _too_long(self, counted: int, parsed: Parsed) -> ApiError:
+        if parsed.max_tokens is None:
+            return ApiError(400, f"the prompt (at least {counted} tokens) fills the context of {self.max_context} "
+                                 "tokens", "messages")
+        return ApiError(400, f"the prompt (at least {counted} tokens) plus max_tokens ({parsed.max_tokens}) is over "
+                             f"the context of {self.max_context} tokens", "max_tokens")
+
+    def _image_tokens(self, height: int, width: int, where: str) -> int:
+        """Placeholder tokens an image of this size becomes (the processor's resize rule)."""
+        from qwen2vl_jax.processing.image import element_size, smart_resize
+
+        ip = self.processor.image_processor
+        try:
+            h, w = element_size({}, height, width, ip.factor)
+            h, w = smart_resize(h, w, ip.factor, ip.min_pixels, ip.max_pixels)
+        except InputError as e:
+            raise ApiError(400, f"{where}: {e}", where) from None
+        return (h // ip.factor) * (w // ip.factor)
+
+    def _image(self, data: bytes, ticket: Ticket) -> dict:
+        """The image processor's steps for one image, the request checked between them: decode,
+        resize, cut into patches (as `image_processor([{"image": data}])`)."""
+        from qwen2vl_jax.processing.image import load_image
+
+        ip = self.processor.image_processor
+        img = load_image(data, "image")  # decoded, RGB, checked
+        ticket.check()
+        img = ip.prepare({"image": img})  # the element's resize, then the processor's
+        ticket.check()
+        pixel_values, grid = ip.patches(img)
+        return {"pixel_values": pixel_values, "image_grid_thw": np.asarray([grid], np.int64)}
+
+    def _video(self, ele: dict, ticket: Ticket) -> dict:
+        vp = self.processor.video_processor
+        frames = vp.prepare(ele, name="video 1")  # decoded and resized
+        ticket.check()
+        pixel_values, grid = vp.patches(frames)
+        return {"pixel_values_videos": pixel_values, "video_grid_thw": np.asarray([grid], np.int64)}
 
     @staticmethod
     def _vision(fn, where: str):

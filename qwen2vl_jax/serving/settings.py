@@ -15,12 +15,15 @@ class Settings:
     api_key: str | None = None
     media_dir: Path | None = None
     allow_remote_media: bool = False
+    allow_private_media: bool = False  # remote fetches may reach loopback/private/link-local addresses
+    allowed_media_domains: tuple[str, ...] = ()  # when given, the only hosts remote media may come from
     max_images: int = 8
     max_video_frames: int | None = None
     max_image_pixels: int = 64 * 1024 * 1024  # checked from the header, before decoding
     max_body_bytes: int = 64 * 1024 * 1024
     request_timeout: float = 600.0
     max_queue: int = 64
+    preprocess_workers: int | None = None  # threads reading media; None: one per core
     default_max_tokens: int = 512
 
 
