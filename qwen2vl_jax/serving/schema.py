@@ -4,13 +4,61 @@ is not read here."""
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
+import re
 from typing import Any
 
 from qwen2vl_jax.serving.settings import ApiError, Settings
 
 ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
 MAX_STOP = 4  # stop strings per request, as OpenAI allows
+QUOTE_CHARS = 100  # the most of a client's value an error message repeats
+
+# The body's fields, by what the server does with them. A field it does not know is refused
+# rather than ignored: a client that asks for tools, logprobs or a JSON schema and gets plain
+# text back would take the reply for something it is not.
+IMPLEMENTED = {"model", "messages", "max_tokens", "max_completion_tokens", "stop", "stream", "stream_options",
+               "temperature", "top_p", "top_k", "repetition_penalty", "seed", "n", "ignore_eos", "return_token_ids"}
+IGNORED = {"user": str, "metadata": dict, "store": bool, "service_tier": str, "prompt_cache_key": str,
+           "safety_identifier": str}  # bookkeeping for OpenAI's platform: no effect on the reply
+# Not implemented: accepted only at the value that means "not asked for".
+NEUTRAL = {
+    "frequency_penalty": lambda v: v == 0, "presence_penalty": lambda v: v == 0, "logprobs": lambda v: v is False,
+    "top_logprobs": lambda v: v == 0, "tools": lambda v: v == [], "functions": lambda v: v == [],
+    "tool_choice": lambda v: v in ("none", "auto"), "function_call": lambda v: v in ("none", "auto"),
+    "parallel_tool_calls": lambda v: isinstance(v, bool), "logit_bias": lambda v: v == {},
+    "response_format": lambda v: v == {"type": "text"}, "best_of": lambda v: v == 1,
+}
+STREAM_OPTIONS = {"include_usage"}
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def quote(value: Any) -> str:
+    """A client's value as an error message repeats it: its repr, cut to about QUOTE_CHARS."""
+    if isinstance(value, str) and len(value) > QUOTE_CHARS:
+        return f"{value[:QUOTE_CHARS]!r}... ({len(value)} characters)"
+    text = repr(value)
+    return text if len(text) <= QUOTE_CHARS else text[:QUOTE_CHARS] + "..."
+
+
+def _safe(name: str) -> str:
+    """A client's field name fit to name in an error: cut short, lone surrogates escaped."""
+    return name[:QUOTE_CHARS].encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+# ---------------------------------------------------------------------------- the JSON text
+def load_json(raw: bytes) -> Any:
+    """The body's bytes -> its JSON value; ApiError 400 for text that is not JSON, that nests
+    deeper than the interpreter's recursion limit (json.loads recurses once per level and stops
+    there with RecursionError, after a few hundred microseconds) or holds a number too long to
+    convert. Nothing below walks arbitrary nesting: parse_body reads fixed paths."""
+    try:
+        return json.loads(raw)
+    except RecursionError:
+        raise ApiError(400, "the request body nests too deep") from None
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ApiError(400, f"the request body is not valid JSON ({str(e)[:QUOTE_CHARS]})") from None
 
 
 # ---------------------------------------------------------------------------- the request body
@@ -37,19 +85,78 @@ def _number(body: dict, name: str, kind=float, lo=None, hi=None):
         ok = ok and float(value).is_integer()
     if not ok or not math.isfinite(value) or (lo is not None and value < lo) or (hi is not None and value > hi):
         rng = f" between {lo} and {hi}" if hi is not None else f" >= {lo}" if lo is not None else ""
-        raise ApiError(400, f"'{name}' must be {'an integer' if kind is int else 'a number'}{rng} (got {value!r})", name)
+        raise ApiError(400, f"'{name}' must be {'an integer' if kind is int else 'a number'}{rng} (got {quote(value)})",
+                       name)
     return kind(value)
+
+
+def _bool(body: dict, name: str, where: str | None = None) -> bool:
+    """A true/false field (absent or null: false); "yes", 1 and the like are refused."""
+    value = body.get(name)
+    if value is None:
+        return False
+    if not isinstance(value, bool):
+        where = where or name
+        raise ApiError(400, f"'{where}' must be true or false (got {quote(value)})", where)
+    return value
+
+
+def _text(value: Any, where: str) -> str:
+    """A string the tokenizer will see: JSON's \\ud800 escapes give lone surrogates, which are
+    not text and which no encoder takes."""
+    if not isinstance(value, str):
+        raise ApiError(400, f"{where} must be a string", where)
+    bad = _SURROGATE.search(value)
+    if bad is not None:
+        raise ApiError(400, f"{where} holds a lone surrogate ({bad.group()!a} at character {bad.start()}), "
+                            "which is not valid Unicode", where)
+    return value
+
+
+def _check_fields(body: dict) -> None:
+    """Refuses the fields the server does not implement (see IMPLEMENTED, IGNORED, NEUTRAL)."""
+    for name, value in body.items():
+        if name in IMPLEMENTED or value is None:
+            continue
+        if name in IGNORED:
+            if not isinstance(value, IGNORED[name]):
+                raise ApiError(400, f"'{name}' must be a {IGNORED[name].__name__}", name)
+        elif name in NEUTRAL:
+            if name.endswith("_penalty") or name in ("top_logprobs", "best_of"):
+                _number(body, name, float if name.endswith("_penalty") else int,
+                        -2 if name.endswith("_penalty") else 0, 2 if name.endswith("_penalty") else 20)
+            if not NEUTRAL[name](value):
+                raise ApiError(400, f"'{name}' is not supported by this server (got {quote(value)})", name,
+                               "unsupported_parameter")
+        else:
+            raise ApiError(400, f"unknown field {quote(name)} (this server takes: "
+                                f"{', '.join(sorted(IMPLEMENTED))})", _safe(name), "unsupported_parameter")
+
+
+def check_model(body: dict, settings: Settings) -> str:
+    """The model a request names -> that name (absent: the served name); 404 for another."""
+    name = body.get("model")
+    if name is None:
+        return settings.model_name
+    if not isinstance(name, str):
+        raise ApiError(400, "'model' must be a string", "model")
+    names = (settings.model_name, *settings.model_aliases)
+    if name not in names:
+        raise ApiError(404, f"the model {quote(name)} does not exist; this server serves "
+                            f"{', '.join(map(repr, names))}", "model", "model_not_found")
+    return name
 
 
 def parse_body(body: Any, settings: Settings) -> Parsed:
     """The JSON body -> Parsed (media not read yet); ApiError names the first bad field."""
     if not isinstance(body, dict):
         raise ApiError(400, "the request body must be a JSON object")
+    check_model(body, settings)
+    _check_fields(body)
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
         raise ApiError(400, "'messages' must be a non-empty list", "messages")
-    n = body.get("n")
-    if n not in (None, 1):
+    if _number(body, "n", int) not in (None, 1):
         raise ApiError(400, "only n=1 is supported", "n")
     max_tokens = _number(body, "max_completion_tokens", int, 1)
     if max_tokens is None:
@@ -58,12 +165,18 @@ def parse_body(body: Any, settings: Settings) -> Parsed:
     stop = [] if stop is None else [stop] if isinstance(stop, str) else stop
     if not isinstance(stop, list) or not all(isinstance(s, str) and s for s in stop) or len(stop) > MAX_STOP:
         raise ApiError(400, f"'stop' must be a non-empty string or a list of at most {MAX_STOP} of them", "stop")
-    stream = body.get("stream", False)
-    if not isinstance(stream, bool):
-        raise ApiError(400, "'stream' must be true or false", "stream")
-    options = body.get("stream_options") or {}
+    for i, s in enumerate(stop):
+        _text(s, f"stop[{i}]")
+    stream = _bool(body, "stream")
+    options = body.get("stream_options")
+    options = {} if options is None else options
     if not isinstance(options, dict):
         raise ApiError(400, "'stream_options' must be an object", "stream_options")
+    for key in options:
+        if key not in STREAM_OPTIONS:
+            raise ApiError(400, f"stream_options.{_safe(key)} is not supported by this server "
+                                f"(it takes: {', '.join(sorted(STREAM_OPTIONS))})", "stream_options",
+                           "unsupported_parameter")
     values = {
         "temperature": _number(body, "temperature", float, 0, 100),
         "top_p": _number(body, "top_p", float, 0, 1),
@@ -78,8 +191,8 @@ def parse_body(body: Any, settings: Settings) -> Parsed:
     return Parsed(
         messages=[_message(m, i, settings) for i, m in enumerate(messages)],
         max_tokens=max_tokens, settings=values, stop=stop, stream=stream,
-        include_usage=bool(options.get("include_usage", False)), ignore_eos=bool(body.get("ignore_eos", False)),
-        return_token_ids=bool(body.get("return_token_ids", False)),
+        include_usage=_bool(options, "include_usage", "stream_options.include_usage"),
+        ignore_eos=_bool(body, "ignore_eos"), return_token_ids=_bool(body, "return_token_ids"),
     )
 
 
@@ -89,12 +202,16 @@ def _message(m: Any, i: int, settings: Settings) -> dict:
         raise ApiError(400, f"{where} must be an object with 'role' and 'content'", where)
     role = m.get("role")
     if role not in ROLES:
-        raise ApiError(400, f"{where}.role {role!r} is not one of {', '.join(ROLES)}", f"{where}.role")
+        raise ApiError(400, f"{where}.role {quote(role)} is not one of {', '.join(ROLES)}", f"{where}.role")
+    for key in ("tool_calls", "function_call", "audio"):
+        if m.get(key):
+            raise ApiError(400, f"{where}.{key} is not supported by this server", f"{where}.{key}",
+                           "unsupported_parameter")
     content = m.get("content")
     if content is None and role == "assistant":
         content = ""
     if isinstance(content, str):
-        return {"role": ROLES[role], "content": content}
+        return {"role": ROLES[role], "content": _text(content, f"{where}.content")}
     if not isinstance(content, list):
         raise ApiError(400, f"{where}.content must be a string or a list of content parts", f"{where}.content")
     return {"role": ROLES[role], "content": [_part(p, f"{where}.content[{j}]") for j, p in enumerate(content)]}
@@ -105,7 +222,7 @@ def _url(value: Any, where: str) -> str:
         value = value.get("url")
     if not isinstance(value, str) or not value:
         raise ApiError(400, f"{where} has no URL", where)
-    return value
+    return _text(value, where)
 
 
 def _part(p: Any, where: str) -> dict:
@@ -113,12 +230,10 @@ def _part(p: Any, where: str) -> dict:
         raise ApiError(400, f"{where} must be an object with a 'type'", where)
     kind = p["type"]
     if kind == "text":
-        if not isinstance(p.get("text"), str):
-            raise ApiError(400, f"{where}.text must be a string", f"{where}.text")
-        return {"type": "text", "text": p["text"]}
+        return {"type": "text", "text": _text(p.get("text"), f"{where}.text")}
     if kind in ("image_url", "image"):
         return {"type": "image", "url": _url(p.get(kind), f"{where}.{kind}"), "where": where}
     if kind in ("video_url", "video"):
         return {"type": "video", "url": _url(p.get(kind), f"{where}.{kind}"), "where": where}
-    raise ApiError(400, f"{where}: content part type {kind!r} is not supported (text, image_url, video_url)",
+    raise ApiError(400, f"{where}: content part type {quote(kind)} is not supported (text, image_url, video_url)",
                    f"{where}.type")
