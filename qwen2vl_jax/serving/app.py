@@ -15,11 +15,12 @@ from typing import Any
 from qwen2vl_jax.errors import InputError
 from qwen2vl_jax.serving.metrics import Metrics
 from qwen2vl_jax.serving.prompts import Service
-from qwen2vl_jax.serving.schema import parse_body
+from qwen2vl_jax.serving.schema import check_model, load_json, parse_body, quote
 from qwen2vl_jax.serving.settings import ApiError, Settings
 from qwen2vl_jax.serving.stream import Reply, watch_disconnect
 
 log = logging.getLogger(__name__)
+access_log = logging.getLogger("qwen2vl_jax.serving.access")
 
 
 # ---------------------------------------------------------------------------- the app
@@ -27,14 +28,15 @@ def create_app(service: Service):
     """The Starlette app; its lifespan starts and stops the batcher."""
     from starlette.applications import Starlette
     from starlette.exceptions import HTTPException
+    from starlette.middleware import Middleware
     from starlette.requests import Request as HttpRequest
     from starlette.responses import JSONResponse, PlainTextResponse, StreamingResponse
     from starlette.routing import Route
 
     settings, metrics = service.settings, service.metrics
 
-    def error_response(e: ApiError):
-        return JSONResponse(e.body(), status_code=e.status)
+    def error_response(e: ApiError, headers=None):
+        return api_error_response(e, headers)
 
     def check_key(request) -> None:
         if settings.api_key is None:
@@ -57,16 +59,13 @@ def create_app(service: Service):
             if size > limit:
                 raise ApiError(413, f"the request body is over the limit of {limit} bytes")
             chunks.append(chunk)
-        try:
-            return json.loads(b"".join(chunks))
-        except (ValueError, UnicodeDecodeError) as e:
-            raise ApiError(400, f"the request body is not valid JSON ({e})") from None
+        return load_json(b"".join(chunks))
 
     async def models(request):
         check_key(request)
         return JSONResponse({"object": "list", "data": [
-            {"id": settings.model_name, "object": "model", "created": service.created, "owned_by": "qwen2vl-jax",
-             "max_model_len": service.max_context}]})
+            {"id": name, "object": "model", "created": service.created, "owned_by": "qwen2vl-jax",
+             "max_model_len": service.max_context} for name in (settings.model_name, *settings.model_aliases)]})
 
     async def health(request):
         alive = batcher_alive(service.batcher)
@@ -81,7 +80,10 @@ def create_app(service: Service):
     async def chat_completions(request: HttpRequest):
         arrived = time.perf_counter()  # the deadline counts from here: reading, preprocessing, generating
         check_key(request)
-        parsed = parse_body(await read_body(request), settings)
+        body = await read_body(request)
+        if isinstance(body, dict):
+            check_model(body, settings)  # an unknown model is a 404 before any 400 about the fields
+        parsed = parse_body(body, settings)
         ids, images, videos = await service.preprocess(parsed, arrived, gone=client_gone(request))
         gc = service.generation_config(parsed, len(ids))
         loop = asyncio.get_running_loop()
@@ -118,12 +120,9 @@ def create_app(service: Service):
 
     async def on_http_error(request, exc: HTTPException):
         status = exc.status_code
-        return error_response(ApiError(status, str(exc.detail) if exc.detail else "not found"))
-
-    async def on_error(request, exc: Exception):
-        log.exception("unexpected error")
-        return JSONResponse({"error": {"message": f"internal error: {type(exc).__name__}: {exc}",
-                                       "type": "server_error", "param": None, "code": None}}, status_code=500)
+        message = {404: f"no such endpoint: {quote(request.url.path)}",
+                   405: f"{quote(request.method)} is not allowed on {quote(request.url.path)}"}.get(status)
+        return error_response(ApiError(status, message or str(exc.detail)), exc.headers)
 
     @contextlib.asynccontextmanager
     async def lifespan(app):
@@ -139,10 +138,130 @@ def create_app(service: Service):
                 Route("/v1/models", models, methods=["GET"]),
                 Route("/health", health, methods=["GET"]),
                 Route("/metrics", metrics_endpoint, methods=["GET"])],
-        exception_handlers={ApiError: on_api_error, InputError: on_input_error, HTTPException: on_http_error, Exception: on_error},
+        # No handler for Exception: Starlette gives that one to its outermost middleware, which
+        # re-raises after answering and so ends the connection; CatchAll answers and returns.
+        exception_handlers={ApiError: on_api_error, InputError: on_input_error, HTTPException: on_http_error},
+        middleware=[Middleware(CatchAll)],
         lifespan=lifespan,
     )
-    return CountStatus(app, metrics)
+    if settings.allowed_origins:
+        from starlette.middleware.cors import CORSMiddleware
+
+        app = CORSMiddleware(app, allow_origins=list(settings.allowed_origins), allow_methods=["GET", "POST"],
+                             allow_headers=["authorization", "content-type"])
+    app = CountStatus(Guard(app, settings), metrics)
+    app = AccessLog(app) if settings.access_log else app
+    app.settings = settings  # for ServerThread's connection limits
+    return app
+
+
+def api_error_response(e: ApiError, headers=None):
+    """The error object as a response. Its JSON is ASCII: a message quoting what a client sent
+    stays encodable even when that held a lone surrogate."""
+    from starlette.responses import Response
+
+    return Response(json.dumps(e.body()), status_code=e.status, headers=headers, media_type="application/json")
+
+
+# ---------------------------------------------------------------------------- ASGI wrappers
+class CatchAll:
+    """Inside Starlette's middleware: a fault in the server (an exception no handler maps to an
+    ApiError) becomes a 500 with a generic message, the details going to the log, and the call
+    returns normally so that the connection is kept. A client that left is not an error."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        from starlette.requests import ClientDisconnect
+
+        started = False
+
+        async def tracking_send(message):
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, receive, tracking_send)
+        except ClientDisconnect:
+            return
+        except Exception:
+            log.exception("internal error on %s %s", scope.get("method"), scope.get("path"))
+            if not started:  # else the reply is cut short: uvicorn closes the connection
+                await api_error_response(ApiError(500, "internal error"))(scope, receive, send)
+
+
+class Guard:
+    """What a request must carry before anything reads it: a Host this server answers to
+    (a web page that rebinds its own name to 127.0.0.1 still sends that name), no Origin
+    unless --allowed-origins lists it (a browser sends Origin on every cross-site POST), and a
+    JSON content type on POST (a page may send text/plain without asking the server first)."""
+
+    def __init__(self, app, settings: Settings):
+        self.app, self.settings = app, settings
+        hosts = settings.allowed_hosts
+        self.hosts = None if hosts is None or "*" in hosts else {_host_name(h) for h in hosts}
+        self.origins = None if "*" in settings.allowed_origins else set(settings.allowed_origins)
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http":
+            error = self.check(scope)
+            if error is not None:
+                return await api_error_response(error)(scope, receive, send)
+        await self.app(scope, receive, send)
+
+    def check(self, scope) -> ApiError | None:
+        from starlette.datastructures import Headers
+
+        headers = Headers(scope=scope)
+        if self.hosts is not None and _host_name(headers.get("host", "")) not in self.hosts:
+            return ApiError(400, f"the Host header {quote(headers.get('host', ''))} is not a name of this server "
+                                 "(--allowed-hosts)", code="host_not_allowed")
+        origin = headers.get("origin")
+        if origin is not None and self.origins is not None and origin not in self.origins:
+            return ApiError(403, f"requests from the web page {quote(origin)} are refused (--allowed-origins lists "
+                                 "the pages allowed)", code="origin_not_allowed")
+        if scope["method"] == "POST":
+            kind = headers.get("content-type", "").split(";")[0].strip().lower()
+            if kind != "application/json":
+                return ApiError(415, f"the request body must be sent as 'Content-Type: application/json' "
+                                     f"(got {quote(kind) if kind else 'none'})", code="unsupported_media_type")
+        return None
+
+
+def _host_name(host: str) -> str:
+    """'Example.com:8000' -> 'example.com', '[::1]:8000' and '[::1]' -> '::1'."""
+    host = host.strip().lower()
+    if host.startswith("["):
+        return host[1:host.find("]")] if "]" in host else host
+    return host.rsplit(":", 1)[0] if host.count(":") == 1 else host
+
+
+class AccessLog:
+    """One line per request on the access logger: client, method, path, status, milliseconds
+    (until the last byte of the reply, streams included)."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        start, status = time.perf_counter(), None
+
+        async def logging_send(message):
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, logging_send)
+        finally:
+            client = scope.get("client")
+            access_log.info('%s "%s %s" %s %.1f ms', f"{client[0]}:{client[1]}" if client else "-",
+                            scope["method"], scope["path"], status or "-", (time.perf_counter() - start) * 1e3)
 
 
 def client_gone(request):
@@ -207,15 +326,14 @@ class ServerThread:
     (tests, benchmarks, notebooks): `with ServerThread(app) as url: ...`."""
 
     def __init__(self, app, host: str = "127.0.0.1", port: int = 0):
-        import socket
-
         import uvicorn
 
-        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self.sock.bind((host, port))
+        from qwen2vl_jax.serving.connections import bind, uvicorn_config
+
+        self.sock = bind(host, port)
         self.url = f"http://{host}:{self.sock.getsockname()[1]}"
-        self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=5))
+        settings = getattr(app, "settings", None) or Settings()
+        self.server = uvicorn.Server(uvicorn_config(app, settings, timeout_graceful_shutdown=5))
         self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
 
     def __enter__(self) -> str:
