@@ -230,3 +230,40 @@ def test_train_cli_scan_layers(tmp_path_factory, monkeypatch):
     for k in a:
         np.testing.assert_allclose(b[k], a[k], rtol=0, atol=1e-5, err_msg=k)
     assert any(not np.array_equal(a[k], init[k]) for k in a)
+
+
+def test_stacking_orders_eleven_or_more_layers_by_number():
+    """An 11-layer decoder: row i of every stacked leaf is layer i (layers_10 comes after
+    layers_9, not after layers_1 as a sort of the names would put it), unstacking gives the
+    same tree back, and the scanned model's logits are the layer loop's."""
+    import dataclasses
+
+    from qwen2vl_jax.modules.qwen2vl import init_shapes
+
+    config = hf_utils.spec_config(dataclasses.replace(hf_utils.SPECS["untied"], layers=11))
+    rng = np.random.default_rng(7)  # random values straight from the shapes (init_params is slow here)
+    flat = {p: ((p.endswith("scale") + 0.1 * rng.standard_normal(s.shape))).astype(s.dtype)
+            for p, s in flatten(init_shapes(config)).items()}
+    params = unflatten(flat)
+    stacked = flatten(stack_layers(params))
+    layer_leaves = [p for p in flat if p.startswith("model/layers_0/")]
+    assert layer_leaves
+    for path in layer_leaves:
+        name = path[len("model/layers_0/"):]
+        rows = np.asarray(stacked["model/layers/" + name])
+        assert rows.shape[0] == 11, name
+        for i in range(11):
+            np.testing.assert_array_equal(rows[i], flat[f"model/layers_{i}/{name}"], err_msg=f"{name} row {i}")
+    back = flatten(unstack_layers(stack_layers(params)))
+    assert sorted(back) == sorted(flat)
+    for path, leaf in flat.items():
+        np.testing.assert_array_equal(np.asarray(back[path]), leaf, err_msg=path)
+    # the abstract tree (what loading and sharding plan with) stacks the same way
+    shapes = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), params)
+    assert {p: s.shape for p, s in flatten(unstack_layers(stack_layers(shapes))).items()} == {
+        p: x.shape for p, x in flat.items()}
+    # every layer holds its own random weights: a scan over rows in any other order answers otherwise
+    loop = Qwen2VL(config, params, "float32")
+    scanned = Qwen2VL(config, params, "float32", scan_layers=True)
+    inputs = CASES["text"].inputs()
+    np.testing.assert_allclose(scanned.logits(**inputs), loop.logits(**inputs), rtol=0, atol=2e-5)
