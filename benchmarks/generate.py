@@ -112,13 +112,14 @@ def random_params(config, dtype, quantize: str | None = None) -> dict:
     import jax
     import jax.numpy as jnp
 
-    from qwen2vl_jax import quant
     from qwen2vl_jax.modules.qwen2vl import init_shapes
+    from qwen2vl_jax.quant.format import Scheme
+    from qwen2vl_jax.quant.tree import abstract
 
     dtype = jnp.dtype(dtype)
     shapes = init_shapes(config, dtype)
     if quantize:  # the packed tree's shapes: integers, scales (and int4's zero points)
-        shapes = quant.abstract(shapes, quant.Scheme.of(quantize))
+        shapes = abstract(shapes, Scheme.of(quantize))
 
     @functools.partial(jax.jit, static_argnums=(1, 2, 3))
     def normal(key, shape, kind, leaf_dtype):  # one leaf at a time, made on the device in its final dtype
@@ -154,13 +155,13 @@ def run_ours(args, dtype_name: str, quantize: str | None = None, scan: bool = Fa
     import jax
     import jax.numpy as jnp
 
-    from qwen2vl_jax import quant
+    from qwen2vl_jax import xla_flags
     from qwen2vl_jax.api import Qwen2VL
     from qwen2vl_jax.engine import Engine
     from qwen2vl_jax.sampling import GenerationConfig
 
-    if quantize:  # before the first array, as from_pretrained does for a quantized folder
-        quant.sequential_cpu_schedule()
+    if quantize:  # before the first array, as the command-line tools do for a quantized folder
+        xla_flags.sequential_cpu_schedule()
     config = model_config(args.size)
     dtype = jnp.dtype(dtype_name)
     params = random_params(config, dtype, quantize)

@@ -128,14 +128,14 @@ class Figures:
         import jax
         import jax.numpy as jnp
 
-        from qwen2vl_jax import quant
+        from qwen2vl_jax import xla_flags
         from qwen2vl_jax.api import Qwen2VL
         from qwen2vl_jax.engine import Engine
 
         self.args, self.size, self.weights = args, size, weights
         quantize = weights if weights in ("int8", "int4") else None
         if quantize and jax.default_backend() == "cpu":
-            quant.sequential_cpu_schedule()
+            xla_flags.sequential_cpu_schedule()
         self.dtype = jnp.dtype(args.dtype)
         self.config = model_config(size)
         params = random_params(self.config, self.dtype, quantize)

@@ -34,27 +34,28 @@ def main(argv=None) -> int:
     import jax.numpy as jnp
     import numpy as np
 
-    from qwen2vl_jax import quant
     from qwen2vl_jax.config import PRESETS
     from qwen2vl_jax.engine import KVCache
     from qwen2vl_jax.modules.qwen2vl import init_shapes
-    from qwen2vl_jax.sharding import ShardingRules, make_mesh, param_shardings
+    from qwen2vl_jax.params import flatten
+    from qwen2vl_jax.quant.format import LINEARS, Scheme, float_leaf
+    from qwen2vl_jax.quant.tree import abstract
+    from qwen2vl_jax.sharding import ShardingRules, check_groups, make_mesh, param_shardings
 
     def nbytes(leaf) -> int:
         return math.prod(leaf.shape) * np.dtype(leaf.dtype).itemsize
 
-    schemes = {"bf16": None, "int8": quant.Scheme.of("int8"), "int4": quant.Scheme.of("int4")}
+    schemes = {"bf16": None, "int8": Scheme.of("int8"), "int4": Scheme.of("int4")}
     trees = {}
     print(f"{'model':6s} {'scheme':6s} {'params GB':>10s} {'decoder linears GB':>19s} {'vs bf16':>8s}")
     for name in ("2b", "7b", "72b"):
         config = PRESETS[name]
         base = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, jnp.bfloat16), init_shapes(config))
         for label, scheme in schemes.items():
-            tree = base if scheme is None else quant.abstract(base, scheme)
+            tree = base if scheme is None else abstract(base, scheme)
             trees[name, label] = tree
             total = sum(nbytes(x) for x in jax.tree_util.tree_leaves(tree))
-            linears = sum(nbytes(x) for p, x in quant.flatten(tree).items()
-                          if quant.LINEARS.match(quant.float_leaf(p)))
+            linears = sum(nbytes(x) for p, x in flatten(tree).items() if LINEARS.match(float_leaf(p)))
             ref = sum(nbytes(x) for x in jax.tree_util.tree_leaves(base))
             print(f"{name:6s} {label:6s} {total / 1e9:10.2f} {linears / 1e9:19.2f} {total / ref:8.2f}")
 
@@ -73,7 +74,7 @@ def main(argv=None) -> int:
         per = max(sum(math.prod(s.shard_shape(x.shape)) * np.dtype(x.dtype).itemsize
                       for x, s in zip(jax.tree_util.tree_leaves(tree), jax.tree_util.tree_leaves(shardings))), 0)
         try:
-            quant.check_mesh(tree, shardings)
+            check_groups(tree, shardings)
             note = ""
         except Exception as e:  # a group that tensor=8 would cut: say which
             note = f"  (refused: {str(e)[:120]}...)"

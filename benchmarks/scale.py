@@ -41,14 +41,15 @@ jax.config.update("jax_num_cpu_devices", 8)
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from qwen2vl_jax import quant  # noqa: E402
 from qwen2vl_jax.config import PRESETS  # noqa: E402
 from qwen2vl_jax.errors import InputError  # noqa: E402
 from qwen2vl_jax.engine import Engine, KVCache  # noqa: E402
 from qwen2vl_jax.modules.qwen2vl import Qwen2VLModule, init_shapes  # noqa: E402
 from qwen2vl_jax.params import stack_layers  # noqa: E402
+from qwen2vl_jax.quant.format import Scheme  # noqa: E402
+from qwen2vl_jax.quant.tree import abstract as packed_shapes  # noqa: E402
 from qwen2vl_jax.sampling import GenerationConfig, Sampling  # noqa: E402
-from qwen2vl_jax.sharding import ShardingRules, make_mesh, named_sharding, param_shardings  # noqa: E402
+from qwen2vl_jax.sharding import ShardingRules, check_groups, make_mesh, named_sharding, param_shardings  # noqa: E402
 from qwen2vl_jax.train import loop, stages  # noqa: E402
 
 GiB = 1024 ** 3
@@ -94,9 +95,9 @@ def inference(name: str, batch: int, prompt: int, new: int, parts: set[str], wei
     # stored in the compute dtype, as from_pretrained(dtype=bfloat16) loads them
     params = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, dtype), init_shapes(config))
     if weights != "bf16":  # the packed tree `qwen2vl-convert --quantize` writes (scales float32)
-        params = quant.abstract(params, quant.Scheme.of(weights))
+        params = packed_shapes(params, Scheme.of(weights))
         try:
-            quant.check_mesh(params, param_shardings(params, make_mesh(mesh_spec), rules))
+            check_groups(params, param_shardings(params, make_mesh(mesh_spec), rules))
         except InputError:  # a tensor split would cut 4-bit groups: split the rows' other dimension
             mesh_spec = "fsdp=8"
     if scan:  # the scanned decoder takes its layers stacked
@@ -104,7 +105,8 @@ def inference(name: str, batch: int, prompt: int, new: int, parts: set[str], wei
     mesh = make_mesh(mesh_spec)
     layout = param_shardings(params, mesh, rules)
     params = abstract(params, layout)
-    engine = Engine(Qwen2VLModule(config, dtype, scan_layers=scan), mesh, rules, params_sharding=layout)
+    # built for TPU: the programs a slice compiles, not this host's CPU kernels (packed matmuls, cuDNN)
+    engine = Engine(Qwen2VLModule(config, dtype, scan_layers=scan, backend="tpu"), mesh, rules, params_sharding=layout)
     slots = prompt + new
     cache = KVCache.abstract(config.text, batch, slots, dtype, stacked=scan)
     cache = abstract(cache, cache.shardings(mesh, rules))

@@ -25,11 +25,13 @@ from typing import Iterator
 
 import numpy as np
 
-from qwen2vl_jax import checkpoint, interrupts, quant
+from qwen2vl_jax import checkpoint, interrupts
 from qwen2vl_jax.config import DEMO_DIR, Qwen2VLConfig
 from qwen2vl_jax.convert import gptq
 from qwen2vl_jax.errors import CheckpointError, InputError, listing, refuse_inside
 from qwen2vl_jax.hf_mapping import Planned, hf_to_jax_name, load_planned, plan_conversion
+from qwen2vl_jax.quant.format import Scheme
+from qwen2vl_jax.quant.quantize import quantize_leaf
 from qwen2vl_jax.safetensors_io import DTYPES, checkpoint_files, list_tensors, read_header
 
 FLOAT_DTYPES = ("F64", "F32", "F16", "BF16")  # safetensors names (bfloat16's numpy kind is 'V', not 'f')
@@ -225,13 +227,13 @@ def convert_checkpoint(
       parameters. A GPTQ/AWQ checkpoint stays packed unless a dtype is given: then it is
       dequantized to float.
     quantize: 'int8' or 'int4' packs the decoder's linear layers and the output head of a
-      float checkpoint (qwen2vl_jax.quant; the scheme is recorded in qwen2vl_jax.json).
+      float checkpoint (qwen2vl_jax.quant.quantize; the scheme is recorded in qwen2vl_jax.json).
     force: replace an existing non-empty `out_dir` (only once the new one is complete).
     Raises InputError/CheckpointError (one line) with nothing written.
     """
     if dtype is not None and dtype not in OUTPUT_DTYPES:
         raise InputError(f"dtype must be one of {', '.join(OUTPUT_DTYPES)}, not {dtype!r}")
-    scheme = None if quantize is None else quant.Scheme.of(quantize)
+    scheme = None if quantize is None else Scheme.of(quantize)
     np_dtype = np.dtype(np.float32 if dtype == "float32" else DTYPES["BF16"])
     out = Path(out_dir).expanduser()
     local = Path(source).expanduser()
@@ -250,7 +252,7 @@ def convert_checkpoint(
                          "checkpoint (convert it as it is, or with --dtype to dequantize it)")
     keep: dict | None = {} if packing is not None and dtype is None else None
     if keep is not None:
-        scheme = quant.Scheme(packing.method, packing.bits, packing.group_size, head=False)
+        scheme = Scheme(packing.method, packing.bits, packing.group_size, head=False)
     items = plan(src, config, np_dtype, keep)
 
     from tqdm import tqdm
@@ -276,7 +278,7 @@ def convert_checkpoint(
     return out
 
 
-def quantize_converted(src: Path, out: Path, scheme: quant.Scheme, *, force: bool = False,
+def quantize_converted(src: Path, out: Path, scheme: Scheme, *, force: bool = False,
                        progress: bool = True) -> Path:
     """A converted float folder (from qwen2vl-convert or training) -> the same model with the
     scheme's weights packed, streamed one layer at a time like a conversion."""
@@ -300,7 +302,7 @@ def quantize_converted(src: Path, out: Path, scheme: quant.Scheme, *, force: boo
                 interrupts.check()
                 flat = {}
                 for path, array in checkpoint.load_numpy(src, paths).items():
-                    packed = quant.quantize_leaf(path, array, scheme)
+                    packed = quantize_leaf(path, array, scheme)
                     head = path.rpartition("/")[0]
                     flat.update({path: array} if packed is None else {f"{head}/{k}": v for k, v in packed.items()})
                     bar.update(1)
@@ -311,7 +313,7 @@ def quantize_converted(src: Path, out: Path, scheme: quant.Scheme, *, force: boo
     return out
 
 
-def _converted(item: Planned, dtype, scheme: quant.Scheme | None, keep: dict | None) -> dict[str, np.ndarray]:
+def _converted(item: Planned, dtype, scheme: Scheme | None, keep: dict | None) -> dict[str, np.ndarray]:
     """One planned tensor -> {path: array}: a float parameter in `dtype`, or a packed layer's
     leaves (kept from a GPTQ/AWQ checkpoint, or quantized from the float weight)."""
     head = item.path.rpartition("/")[0]
@@ -319,7 +321,7 @@ def _converted(item: Planned, dtype, scheme: quant.Scheme | None, keep: dict | N
         return {f"{head}/{k}": v for k, v in keep[item.hf_name]().items()}
     array = load_planned(item)
     if scheme is not None and keep is None:
-        packed = quant.quantize_leaf(item.path, array, scheme)
+        packed = quantize_leaf(item.path, array, scheme)
         if packed is not None:
             return {f"{head}/{k}": v for k, v in packed.items()}
     if keep is not None:  # a packed checkpoint's float tensors (fp16 in GPTQ/AWQ releases) stay as they are

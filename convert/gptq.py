@@ -18,7 +18,7 @@ for group_size -1) holds, instead of `.weight`:
 and W[r, c] = (q[r, c] - zero[group(r), c]) * scales[group(r), c], shaped [I, O]: already the
 Dense kernel layout. `fold` replaces each such layer by one `.weight` entry, so the ordinary
 name/shape check takes it from there; when the conversion keeps the weights packed, `packed`
-gives the layer in qwen2vl_jax.quant's form (integers unpacked and repacked, zero points and
+gives the layer in qwen2vl_jax.quant.format's form (integers unpacked and repacked, zero points and
 scales as stored, an act-order g_idx sorted into a one-time input permutation), else the
 entry's load() dequantizes it to float.
 """
@@ -35,7 +35,7 @@ import numpy as np
 from qwen2vl_jax.hf_mapping import hf_to_jax_name
 from qwen2vl_jax.jsonio import read_json
 from qwen2vl_jax.errors import CheckpointError, listing
-from qwen2vl_jax.quant import pack_int4
+from qwen2vl_jax.quant.format import pack_int4
 
 PARTS = ("qweight", "qzeros", "scales", "g_idx")
 AWQ_PARTS = ("qweight", "qzeros", "scales")
@@ -205,7 +205,7 @@ def integers(arrays: dict[str, np.ndarray], quant: GPTQ, name: str = "layer"):
 
 
 def packed(arrays: dict[str, np.ndarray], quant: GPTQ, name: str = "layer") -> dict[str, np.ndarray]:
-    """A layer's tensors -> qwen2vl_jax.quant's packed leaves, without a float round trip.
+    """A layer's tensors -> qwen2vl_jax.quant.format's packed leaves, without a float round trip.
 
     The rows are sorted by group (a stable sort: the identity for an ordered g_idx, which then
     needs no `perm`); the groups become runs of g' rows, g' the largest step that every group

@@ -12,35 +12,46 @@ from __future__ import annotations
 
 import functools
 import os
+import re
 from pathlib import Path
 from typing import Iterator
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import Mesh
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from qwen2vl_jax import quant
-from qwen2vl_jax.checkpoint import (is_converted, load_hf_params, load_params, read_config, read_scheme,
-                                    stored_tree)
+from qwen2vl_jax.checkpoint import (check_params, is_converted, load_hf_params, load_params, read_config,
+                                    read_scheme, stored_tree)
 from qwen2vl_jax.config import Qwen2VLConfig
 from qwen2vl_jax.engine import Engine, GenerationResult, Token
 from qwen2vl_jax.errors import CheckpointError, InputError
 from qwen2vl_jax.inputs import ModelInputs, build_inputs, pack_vision
-from qwen2vl_jax.modules.attention import KERNELS, MATMULS
+from qwen2vl_jax.modules.attention import BACKENDS, KERNELS, MATMULS
 from qwen2vl_jax.modules.qwen2vl import Qwen2VLModule, init_shapes
 from qwen2vl_jax import params as params_lib
-from qwen2vl_jax.params import stack_layers, unstack_layers
+from qwen2vl_jax.params import (STACKED_PREFIX, device_bytes, flatten, param_bytes, stack_layers, unflatten,
+                                unstack_layers)
+from qwen2vl_jax.quant.cpu import cpu_layout
+from qwen2vl_jax.quant.format import Scheme, is_quantized
 from qwen2vl_jax.sampling import GenerationConfig
-from qwen2vl_jax.sharding import ShardingRules, check_divisible, param_shardings, place_params
+from qwen2vl_jax.sharding import ShardingRules, check_divisible, check_groups, param_shardings, place_params
 
 ATTENTION_ENV = "QWEN2VL_ATTENTION"  # the default attention kernel when none is passed
 MATMUL_ENV = "QWEN2VL_MATMUL"  # the default precision of the large products when none is passed
+_LAYER = re.compile(r"^model/layers_\d+/(.+)$")
 
 
-def default_dtype():
-    """float32 on CPU (XLA's CPU bf16 matvec is slow), bfloat16 on accelerators."""
-    return jnp.float32 if jax.default_backend() == "cpu" else jnp.bfloat16
+def default_backend() -> str:
+    """The platform JAX runs on ("cpu", "gpu", "tpu"), read on the host when a model is built:
+    the default `backend` of a model."""
+    return jax.default_backend()
+
+
+def default_dtype(backend: str | None = None):
+    """float32 for a model built for the CPU (XLA's CPU bf16 matvec is slow), bfloat16 for an
+    accelerator; backend: the model's (default: `default_backend()`)."""
+    return jnp.float32 if (backend or default_backend()) == "cpu" else jnp.bfloat16
 
 
 def _env_choice(env: str, default: str, choices: tuple[str, ...], what: str) -> str:
@@ -69,10 +80,14 @@ class Qwen2VL:
     """A loaded model: config + params (placed on `mesh` when one is given), with
     HF-processor-shaped entry points.
 
-    dtype: the compute dtype (default: float32 on CPU, bfloat16 elsewhere); attention: the
+    dtype: the compute dtype (default: float32 for the CPU, bfloat16 elsewhere); attention: the
     attention kernel, "auto", "xla" or "cudnn" (default: $QWEN2VL_ATTENTION, else "auto");
     matmul: "f32" or "bf16" (default: $QWEN2VL_MATMUL, else "f32"), the precision of products of 64 rows or more (the vision
     tower, prefill: inputs rounded to bf16, f32 accumulation; modules/attention.py);
+    backend: the platform the model's programs are built for, "cpu", "gpu" or "tpu" (default:
+    the one JAX runs on, read here on the host): "cpu" re-lays packed quantized kernels for the
+    CPU's matmul (without a mesh) and picks the CPU kernels, "gpu" lets "auto" attention take
+    cuDNN; a model built for "tpu" on a CPU host lowers what a TPU runs (benchmarks/scale.py);
     scan_layers: run the decoder's layers as one scanned layer, so compile time does not grow
     with depth (the params are then held stacked, `model/layers/...` with a leading layer
     axis; `params.unstack_layers` gives HF paths back); fuse_projections: hold each decoder
@@ -80,16 +95,33 @@ class Qwen2VL:
     one matmul for each set; refused on a mesh with a tensor axis, which would then hold them
     whole on every device; the unfused weights stay alive until the model is built, so fusing
     needs room for those weights twice at load). All are fixed for the
-    model's life: a model with another choice compiles its own functions."""
+    model's life: a model with another choice compiles its own functions.
+
+    The params pass through `_arrange` once, in one order (fuse, CPU layout, stack, place);
+    the settings and the mesh are checked once (`_configure`, `_layout`)."""
 
     def __init__(self, config: Qwen2VLConfig, params: dict, dtype=None, mesh: Mesh | None = None,
                  rules: ShardingRules | None = None, *, attention: str | None = None, matmul: str | None = None,
-                 generation_config: GenerationConfig | None = None, quantization: quant.Scheme | None = None,
-                 scan_layers: bool = False, fuse_projections: bool = False):
+                 generation_config: GenerationConfig | None = None, quantization: Scheme | None = None,
+                 scan_layers: bool = False, fuse_projections: bool = False, backend: str | None = None):
+        self._configure(config, dtype, mesh, rules, attention=attention, matmul=matmul,
+                        generation_config=generation_config, quantization=quantization, scan_layers=scan_layers,
+                        fuse_projections=fuse_projections, backend=backend)
+        params = unstack_layers(params)  # HF paths: what fusing, the CPU layout and the rules read
+        layout = self._layout(jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype), params))
+        self.params = self._arrange(params, layout)
+
+    def _configure(self, config: Qwen2VLConfig, dtype, mesh: Mesh | None, rules: ShardingRules | None, *,
+                   attention: str | None, matmul: str | None, generation_config: GenerationConfig | None,
+                   quantization: Scheme | None, scan_layers: bool, fuse_projections: bool, backend: str | None):
+        """The model's settings, each checked once (a bad one is one InputError line), and its module."""
         check_divisible(config, mesh)
         self.config = config
-        self.quantization = quantization  # how the params are packed (quant.py), None for float
-        self.dtype = jnp.dtype(dtype or default_dtype())
+        self.quantization = quantization  # how the params are packed (quant/format.py), None for float
+        self.backend = default_backend() if backend is None else str(backend).strip().lower()
+        if backend is not None and self.backend not in BACKENDS:
+            raise InputError(f"backend must be one of {', '.join(BACKENDS)} (got {backend!r})")
+        self.dtype = jnp.dtype(dtype or default_dtype(self.backend))
         self.attention = default_attention() if attention is None else attention
         if self.attention not in KERNELS:
             raise InputError(f"attention must be one of {', '.join(KERNELS)} (got {self.attention!r})")
@@ -98,69 +130,115 @@ class Qwen2VL:
             raise InputError(f"matmul must be one of {', '.join(MATMULS)} (got {self.matmul!r})")
         self.mesh, self.rules = mesh, rules or ShardingRules()
         self.scan_layers = bool(scan_layers)
-        params = unstack_layers(params)  # HF paths for the checks and the CPU layout
-        if mesh is not None:
-            quant.check_mesh(params, param_shardings(params, mesh, self.rules))
         self.fuse_projections = bool(fuse_projections)
+        if self.fuse_projections and mesh is not None and mesh.shape.get("tensor", 1) > 1:
+            raise InputError("fuse_projections keeps q/k/v and gate/up whole, so a tensor axis would hold them "
+                             f"on every device (mesh {dict(mesh.shape)}): fuse on meshes without one")
+        self.module = Qwen2VLModule(config, self.dtype, attention=self.attention, matmul=self.matmul,
+                                    scan_layers=self.scan_layers, backend=self.backend)
+        self.generation_config = generation_config or GenerationConfig.from_model_config(config)
+
+    def _layout(self, tree: dict):
+        """The NamedSharding of every parameter as `_arrange` leaves it (fused, stacked), for a
+        tree of shapes with HF paths (as stored); None without a mesh. A layout that would cut
+        the quantization groups of a packed weight is refused here (`check_groups`)."""
+        if self.mesh is None:
+            return None
         if self.fuse_projections:
-            if mesh is not None and mesh.shape.get("tensor", 1) > 1:
-                raise InputError("fuse_projections keeps q/k/v and gate/up whole, so a tensor axis would hold them "
-                                 f"on every device (mesh {dict(mesh.shape)}): fuse on meshes without one")
+            tree = params_lib.fuse_projections(tree)
+        if self.scan_layers:
+            tree = stack_layers(tree)
+        layout = param_shardings(tree, self.mesh, self.rules)
+        check_groups(tree, layout)
+        return layout
+
+    def _restore_layout(self, tree: dict, layout):
+        """The sharding each stored leaf (HF paths, `tree`) is restored into, from the final
+        `layout`: a leaf that `_arrange` keeps takes its own; a member of a fused set the fused
+        weight's (its rule splits the rows, which the members share, and not the outputs they
+        are joined along); a layer of a stacked leaf the stacked one's without the layer axis."""
+        if layout is None:
+            return None
+        final = flatten(layout)
+        out = {}
+        for path in flatten(tree):
+            target = path
+            if self.fuse_projections:
+                for fused, members in params_lib.FUSED.items():
+                    for member in members:
+                        if target.startswith("model/layers_") and f"/{member}/" in target:
+                            target = target.replace(f"/{member}/", f"/{fused}/")
+            layer = _LAYER.match(target) if self.scan_layers else None
+            sharding = final[STACKED_PREFIX + layer.group(1) if layer else target]
+            out[path] = NamedSharding(sharding.mesh, P(*sharding.spec[1:])) if layer else sharding
+        return unflatten(out)
+
+    def _arrange(self, params: dict, layout, shapes: dict | None = None) -> dict:
+        """Params with HF paths (as stored or converted) -> the form the model runs on, in this
+        order, each step once:
+          1. fuse_projections (when asked): each layer's q/k/v and gate/up joined;
+          2. the CPU layout of packed kernels (`quant.cpu.cpu_layout`), for a model built for
+             "cpu" without a mesh;
+          3. stack_layers (scan_layers): the decoder's layers along a leading axis;
+          4. placement on the mesh by `layout` (`_layout`); leaves already restored into their
+             sharding stay where they are; nothing without a mesh.
+        shapes: `init_shapes(config)` when the caller has built it (step 2 reads input counts)."""
+        if self.fuse_projections:
             params = params_lib.fuse_projections(params)
-        if mesh is None and jax.default_backend() == "cpu" and quant.is_quantized(params):
-            # packed kernels re-laid once for the CPU's matmuls (quant.cpu_layout)
-            shapes = init_shapes(config)
-            params = quant.cpu_layout(params, params_lib.fuse_projections(shapes) if self.fuse_projections else shapes)
+        if self.mesh is None and self.backend == "cpu" and is_quantized(params):
+            shapes = init_shapes(self.config) if shapes is None else shapes
+            params = cpu_layout(params, params_lib.fuse_projections(shapes) if self.fuse_projections else shapes)
         if self.scan_layers:  # one copy of the decoder's weights, once, at load
             params = stack_layers(params)
-        self.params = place_params(params, mesh, self.rules)  # a no-op without a mesh
-        self.module = Qwen2VLModule(config, self.dtype, attention=self.attention, matmul=self.matmul,
-                                    scan_layers=self.scan_layers)
-        self.generation_config = generation_config or GenerationConfig.from_model_config(config)
+        return place_params(params, self.mesh, self.rules, shardings=layout)
 
     # ---------------------------------------------------------------- loading
     @classmethod
     def from_pretrained(cls, path: str | Path, dtype=None, mesh: Mesh | None = None,
                         rules: ShardingRules | None = None, *, attention: str | None = None,
                         matmul: str | None = None, scan_layers: bool = False,
-                        fuse_projections: bool = False) -> "Qwen2VL":
+                        fuse_projections: bool = False, backend: str | None = None) -> "Qwen2VL":
         """Loads a converted folder (from qwen2vl-convert or training) or an HF-layout folder
         (config.json + safetensors); with a `mesh` the params are placed by the sharding rules
-        as they load. generation_config.json gives the generation defaults."""
+        as they load. generation_config.json gives the generation defaults.
+
+        One pass: the config, the marker and the stored tree's metadata are read once, the
+        parameter shapes built once, the settings and the mesh checked once, the params restored
+        straight into their final shardings and arranged once (`_arrange`). XLA flags are not
+        touched here: a program that loads a quantized folder on CPU sets them before JAX starts
+        (`xla_flags.for_model`, which the command-line tools call)."""
         path = Path(path)
         if not path.is_dir():
             raise CheckpointError(f"model folder {path} does not exist")
         config = read_config(path)
         converted = is_converted(path)
-        scheme = read_scheme(path) if converted else None
-        if scheme is not None:  # before JAX makes its backends: XLA reads its flags once
-            quant.sequential_cpu_schedule()
-        check_divisible(config, mesh)
-        dtype = jnp.dtype(dtype or default_dtype())
+        model = cls.__new__(cls)
+        model._configure(config, dtype, mesh, rules, attention=attention, matmul=matmul,
+                         generation_config=GenerationConfig.from_pretrained(path, config),
+                         quantization=read_scheme(path) if converted else None, scan_layers=scan_layers,
+                         fuse_projections=fuse_projections, backend=backend)
+        shapes = init_shapes(config)
         if converted:  # Orbax params, restored straight into their shardings
-            shardings = None
-            if mesh is not None:  # a quantized folder's tree is not the config's: shard what is stored
-                tree = init_shapes(config) if scheme is None else stored_tree(path)
-                if scheme is not None:
-                    quant.check_mesh(tree, param_shardings(tree, mesh, rules))
-                shardings = param_shardings(tree, mesh, rules)
-            params = load_params(path, config, dtype, shardings)
+            stored = check_params(path, config, shapes)
+            tree = stored_tree(stored)  # a quantized folder's tree is not the config's: lay out what is stored
+            layout = model._layout(tree)
+            params = load_params(path, config, model.dtype, model._restore_layout(tree, layout), stored=stored)
         else:
-            params = load_hf_params(path, config, dtype, host=mesh is not None)
-        return cls(config, params, dtype, mesh=mesh, rules=rules, attention=attention, matmul=matmul,
-                   generation_config=GenerationConfig.from_pretrained(path, config), quantization=scheme,
-                   scan_layers=scan_layers, fuse_projections=fuse_projections)
+            layout = model._layout(shapes)
+            params = load_hf_params(path, config, model.dtype, host=mesh is not None, shapes=shapes)
+        model.params = model._arrange(params, layout, shapes)
+        return model
 
     @property
     def param_bytes(self) -> int:
         """Bytes the params take on device, summed over devices (a replicated array counts once
         per device that holds it); with no device arrays, their logical size."""
-        per_device = quant.device_bytes(self.params)
-        return sum(per_device.values()) if per_device else quant.param_bytes(self.params)
+        per_device = device_bytes(self.params)
+        return sum(per_device.values()) if per_device else param_bytes(self.params)
 
     def param_bytes_per_device(self) -> dict:
         """{device: bytes of parameter data it holds}."""
-        return quant.device_bytes(self.params)
+        return device_bytes(self.params)
 
     @functools.cached_property
     def engine(self) -> Engine:

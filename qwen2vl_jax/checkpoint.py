@@ -28,13 +28,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from qwen2vl_jax import quant
 from qwen2vl_jax.config import Qwen2VLConfig
 from qwen2vl_jax.errors import CheckpointError, InputError, listing
 from qwen2vl_jax.hf_mapping import convert_tensors
 from qwen2vl_jax.jsonio import read_json
 from qwen2vl_jax.modules.qwen2vl import init_shapes
 from qwen2vl_jax.params import flatten, unflatten
+from qwen2vl_jax.quant.format import PARTS as PACKED_PARTS, Scheme, float_view
 from qwen2vl_jax.safetensors_io import list_tensors
 
 MARKER = "qwen2vl_jax.json"
@@ -79,11 +79,11 @@ def read_marker(folder: str | Path) -> dict:
     return marker
 
 
-def read_scheme(folder: str | Path) -> quant.Scheme | None:
+def read_scheme(folder: str | Path) -> Scheme | None:
     """The quantization a converted folder's params hold (qwen2vl_jax.json), None for float."""
     raw = read_marker(folder).get("quantization")
     try:
-        return None if raw is None else quant.Scheme.from_json(raw, str(Path(folder) / MARKER))
+        return None if raw is None else Scheme.from_json(raw, str(Path(folder) / MARKER))
     except InputError as e:
         raise CheckpointError(str(e)) from None
 
@@ -165,9 +165,10 @@ class ParamWriter:
 
 
 # ---------------------------------------------------------------- loading
-def expected_shapes(config: Qwen2VLConfig) -> dict[str, tuple[int, ...]]:
-    """JAX path -> shape of every parameter the config's model has."""
-    return {k: tuple(v.shape) for k, v in flatten(init_shapes(config)).items()}
+def expected_shapes(config: Qwen2VLConfig, shapes: dict | None = None) -> dict[str, tuple[int, ...]]:
+    """JAX path -> shape of every parameter the config's model has (`shapes`: its
+    `init_shapes` tree, when the caller has built it already)."""
+    return {k: tuple(v.shape) for k, v in flatten(init_shapes(config) if shapes is None else shapes).items()}
 
 
 def stored_params(folder: str | Path) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
@@ -383,12 +384,14 @@ def _orbax_warnings():
         logger.removeFilter(keep)
 
 
-def check_params(folder: str | Path, config: Qwen2VLConfig) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
-    """Stored names and shapes vs the config; every difference in one CheckpointError."""
+def check_params(folder: str | Path, config: Qwen2VLConfig,
+                 shapes: dict | None = None) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
+    """Stored names and shapes vs the config; every difference in one CheckpointError. Returns
+    `stored_params(folder)`. shapes: the config's `init_shapes` tree, when the caller has it."""
     stored = stored_params(folder)
-    expected = expected_shapes(config)
-    # packed quantized layers (quant.py) count as the float parameter they stand for
-    view, wrong = quant.float_view({k: shape for k, (shape, _) in stored.items()}, expected)
+    expected = expected_shapes(config, shapes)
+    # packed quantized layers (quant/format.py) count as the float parameter they stand for
+    view, wrong = float_view({k: shape for k, (shape, _) in stored.items()}, expected)
     extra = sorted(set(view) - set(expected))
     missing = sorted(set(expected) - set(view))
     wrong += [
@@ -407,22 +410,25 @@ def check_params(folder: str | Path, config: Qwen2VLConfig) -> dict[str, tuple[t
     return stored
 
 
-def stored_tree(folder: str | Path) -> dict:
-    """The stored params as a tree of ShapeDtypeStructs (metadata only): the layout a quantized
-    folder's params have, for sharding them before they load."""
-    return unflatten({k: jax.ShapeDtypeStruct(shape, dt) for k, (shape, dt) in stored_params(folder).items()})
+def stored_tree(stored: dict[str, tuple[tuple[int, ...], np.dtype]]) -> dict:
+    """What `stored_params` or `check_params` returned, as a tree of ShapeDtypeStructs: the
+    layout the stored params have (packed leaves included), for sharding them before they load."""
+    return unflatten({k: jax.ShapeDtypeStruct(shape, dt) for k, (shape, dt) in stored.items()})
 
 
-def load_params(folder: str | Path, config: Qwen2VLConfig, dtype=None, shardings=None) -> dict:
+def load_params(folder: str | Path, config: Qwen2VLConfig, dtype=None, shardings=None, *,
+                stored: dict | None = None) -> dict:
     """Restores `folder/params` as a nested dict of jax arrays.
 
     dtype: the arrays' dtype (cast on restore); None keeps the stored dtype.
     shardings: None (default device), one `jax.sharding.Sharding` for every parameter, or a
       tree like the params (e.g. from `sharding.param_shardings`); each array is restored
       straight into its sharding, never gathered on one host first.
+    stored: what `check_params(folder, config)` returned, when the caller has checked already.
     """
     folder = Path(folder).resolve()
-    stored = check_params(folder, config)
+    if stored is None:
+        stored = check_params(folder, config)
     default = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     if shardings is None or isinstance(shardings, jax.sharding.Sharding):
         flat_shardings = dict.fromkeys(stored, shardings or default)
@@ -432,7 +438,7 @@ def load_params(folder: str | Path, config: Qwen2VLConfig, dtype=None, shardings
         if absent:
             raise CheckpointError(f"shardings lack {len(absent)} parameter(s): " + listing(absent))
     def cast(path, stored_dtype):  # packed leaves (integers and their scales) stay as stored
-        packed = path.rpartition("/")[2] in quant.PARTS
+        packed = path.rpartition("/")[2] in PACKED_PARTS
         return stored_dtype if dtype is None or packed else jnp.dtype(dtype)
 
     abstract = {
@@ -465,10 +471,12 @@ def _first_line(e: BaseException | str) -> str:
     return line if len(line) <= 200 else line[:197] + "..."
 
 
-def load_hf_params(path: str | Path, config: Qwen2VLConfig, dtype, host: bool = False) -> dict:
+def load_hf_params(path: str | Path, config: Qwen2VLConfig, dtype, host: bool = False,
+                   shapes: dict | None = None) -> dict:
     """HF safetensors in `path` -> nested param dict (names and shapes checked against
-    `config`); host=True keeps numpy arrays (for placing on a mesh without a one-device copy)."""
-    expected = {k: v.shape for k, v in flatten(init_shapes(config)).items()}
+    `config`); host=True keeps numpy arrays (for placing on a mesh without a one-device copy);
+    shapes: the config's `init_shapes` tree, when the caller has it."""
+    expected = expected_shapes(config, shapes)
     flat = convert_tensors(
         list_tensors(Path(path)), expected, tie_word_embeddings=config.tie_word_embeddings,
         cast=(lambda a: np.asarray(a, dtype)) if host else (lambda a: jnp.asarray(a, dtype)),

@@ -21,7 +21,7 @@ import json
 import sys
 from pathlib import Path
 
-from qwen2vl_jax import distributed, shell
+from qwen2vl_jax import distributed, shell, xla_flags
 from qwen2vl_jax.config import DEMO_DIR as DEFAULT_MODEL  # served when --model is left out
 from qwen2vl_jax.errors import InputError
 
@@ -98,6 +98,7 @@ def build_messages(prompt: str, images=(), videos=(), system: str | None = None)
 
 
 def _run(args) -> int:
+    xla_flags.for_model(args.model)  # before JAX starts its backend, which reads XLA_FLAGS once
     distributed.enable_compile_cache(args)
     distributed.initialize(args)
     _check_files(args)

@@ -54,8 +54,18 @@ def count_params(tree) -> int:
 
 
 def param_bytes(tree) -> int:
-    """Bytes the leaves of a tree of arrays or ShapeDtypeStructs take."""
+    """Bytes the leaves of a tree of arrays or ShapeDtypeStructs take (logical sizes; `device_bytes`
+    gives each device's share of placed arrays)."""
     return int(sum(math.prod(leaf.shape) * np.dtype(leaf.dtype).itemsize for leaf in jax.tree_util.tree_leaves(tree)))
+
+
+def device_bytes(tree) -> dict:
+    """{device: bytes of the array data it holds} for a tree of placed jax arrays."""
+    out: dict = {}
+    for x in jax.tree_util.tree_leaves(tree):
+        for shard in getattr(x, "addressable_shards", ()):
+            out[shard.device] = out.get(shard.device, 0) + shard.data.nbytes
+    return out
 
 
 # ---------------------------------------------------------------- stacked decoder layers
@@ -162,7 +172,7 @@ def _concat_outputs(parts: list):
 def fuse_projections(tree: dict) -> dict:
     """model/layers_{i}/self_attn/{q,k,v}_proj/X -> .../self_attn/qkv_proj/X and mlp/{gate,up}_proj/X
     -> mlp/gate_up_proj/X, each leaf concatenated along its last (output) axis: float kernels
-    and biases, and packed quantized ones (quant.py: qweight, scales and zeros all end with the
+    and biases, and packed quantized ones (quant/format.py: qweight, scales and zeros all end with the
     output axis). A set whose members hold different leaves, are packed differently, or read
     their inputs in different orders (act-order `perm`s) cannot share one matmul: one
     InputError line. Takes HF paths (fuse before `stack_layers`); a fused tree comes back as it is."""
@@ -180,7 +190,7 @@ def fuse_projections(tree: dict) -> dict:
             if any(x != leaves[0] for x in leaves[1:]):
                 raise InputError(f"{where}: {', '.join(members)} do not hold the same leaves, so they cannot be fused")
             if "qweight" in leaves[0] and any(np.ndim(flat[pre + "qweight"]) != 2 for pre in prefixes):
-                raise InputError(f"{where}: the packed weights are in the CPU layout (quant.cpu_layout), whose last "
+                raise InputError(f"{where}: the packed weights are in the CPU layout (quant.cpu.cpu_layout), whose last "
                                  "axis is not the outputs; fuse the stored form (as loaded, or quantize_params' output)")
             for leaf in leaves[0]:
                 parts = [flat.pop(pre + leaf) for pre in prefixes]

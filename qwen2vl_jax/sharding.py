@@ -24,8 +24,8 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from qwen2vl_jax.errors import InputError, listing
-from qwen2vl_jax.params import layer_axes, layer_path, path_str
-from qwen2vl_jax.quant import float_leaf
+from qwen2vl_jax.params import flatten, layer_axes, layer_path, path_str
+from qwen2vl_jax.quant.format import float_leaf
 
 MESH_AXES = ("data", "fsdp", "tensor")
 
@@ -127,7 +127,7 @@ PARAM_AXES: tuple[tuple[str, tuple[str | None, ...]], ...] = (
     (r"(mlp/fc1|merger/mlp_0)/bias$", ("mlp",)),
     (r"(mlp/fc2|merger/mlp_2)/kernel$", ("mlp", "param_embed")),
     (r"(scale|bias)$", (None,)),  # norms and the remaining biases: small, replicated
-    (r"/perm$", (None,)),  # a quantized layer's input permutation (quant.py)
+    (r"/perm$", (None,)),  # a quantized layer's input permutation (quant/format.py)
 )
 _PARAM_RULES = [(re.compile(pattern), axes) for pattern, axes in PARAM_AXES]
 
@@ -168,11 +168,37 @@ def param_shardings(params, mesh: Mesh, rules: ShardingRules | None = None) -> A
     )
 
 
-def place_params(params, mesh: Mesh | None, rules: ShardingRules | None = None) -> Any:
-    """Puts every parameter on `mesh` by the rules (a no-op without a mesh)."""
+def check_groups(params, shardings) -> None:
+    """Refuses (InputError, one line) a layout that splits a packed weight's input rows across
+    a group: each shard's rows must hold whole groups. shardings: NamedShardings like `params`
+    (`param_shardings`); None (no mesh) passes."""
+    if shardings is None:
+        return
+    flat, layout = flatten(params), flatten(shardings)
+    bad = []
+    for path, scales in flat.items():
+        head, _, leaf = path.rpartition("/")
+        dim = layer_axes(path)  # a scanned decoder's layer axis comes first
+        if leaf != "scales" or head.endswith("embed_tokens") or scales.shape[dim] == 1:
+            continue
+        sharding = layout[f"{head}/qweight"]
+        split = sharding.spec[dim] if len(sharding.spec) > dim else None
+        split = (split,) if isinstance(split, str) else tuple(split or ())
+        ways = math.prod(sharding.mesh.shape[a] for a in split)
+        if ways > 1 and scales.shape[dim] % ways:
+            bad.append(f"{head} ({scales.shape[dim]} groups over {'*'.join(split)}={ways})")
+    if bad:
+        raise InputError(f"the mesh would cut the quantization groups of {len(bad)} weight(s): {listing(bad)}; "
+                         "choose a mesh whose split of their input rows divides the group count")
+
+
+def place_params(params, mesh: Mesh | None, rules: ShardingRules | None = None, shardings=None) -> Any:
+    """Puts every parameter on `mesh` by the rules (a no-op without a mesh); `shardings`: the
+    layout when the caller has computed it already (`param_shardings` of these params)."""
     if mesh is None:
         return params
-    shardings = param_shardings(params, mesh, rules)
+    if shardings is None:
+        shardings = param_shardings(params, mesh, rules)
     return jax.tree_util.tree_map(lambda x, s: to_global(x, s), params, shardings)
 
 

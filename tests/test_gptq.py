@@ -20,7 +20,8 @@ import pytest
 
 import hf_utils
 from hf_utils import read_all, to_tf5_name, write_folder
-from qwen2vl_jax import checkpoint, quant
+from qwen2vl_jax import checkpoint
+from qwen2vl_jax.quant import format as quant
 from qwen2vl_jax.config import Qwen2VLConfig
 from qwen2vl_jax.convert import gptq
 from qwen2vl_jax.convert.cli import convert_main
@@ -31,7 +32,7 @@ from qwen2vl_jax.errors import CheckpointError
 
 torch = pytest.importorskip("torch")
 
-# The CPU's packed matmul folds zero points into offsets (x @ (q * s) - sums @ (z * s), quant.
+# The CPU's packed matmul folds zero points into offsets (x @ (q * s) - sums @ (z * s), quant/cpu.py
 # cpu_layout): two large terms cancel, so asymmetric 8-bit layers round a few times more than
 # HF's x @ ((q - z) * s); measured up to 5.7e-6 of the largest logit.
 PACKED_RTOL = 1.5e-5

@@ -44,11 +44,13 @@ PACKAGE = "qwen2vl_jax"  # the core package; its __init__.py is the facade (the 
 LAYERS: list[tuple[str, ...]] = [
     ("errors", "jsonio", "interrupts"),  # L0
     ("config",),  # L1
-    ("params", "sharding", "distributed", "hf_mapping", "safetensors_io", "quant"),  # L2: distributed: jax + errors; quant: packed weights
+    # L2: distributed: jax + errors; quant: packed weights, a package whose format and quantize
+    # modules import no jax (convert/ uses them; tests/test_quant.py checks it)
+    ("params", "sharding", "distributed", "hf_mapping", "safetensors_io", "quant"),
     ("modules", "processing"),  # L3: modules is Flax only; processing is numpy/PIL/tokenizers
     ("positions", "inputs"),  # L4: host side, numpy only
     ("sampling", "engine", "batching", "checkpoint"),  # L5: batching: continuous batching over engine
-    ("api",),  # L6
+    ("api", "xla_flags"),  # L6: xla_flags: what the CLIs set before JAX starts
     ("chat", "shell"),  # L7
     ("cli", "serving"),  # L8: serving: the HTTP server package (scheduler, schema, media, app, CLI)
 ]

@@ -13,11 +13,13 @@ import hf_utils
 
 pytest.importorskip("torch")
 
-from qwen2vl_jax import Qwen2VL, quant  # noqa: E402
+from qwen2vl_jax import Qwen2VL  # noqa: E402
 from qwen2vl_jax.config import TINY  # noqa: E402 - even widths, as int4 packing needs
 from qwen2vl_jax.engine import Engine  # noqa: E402
 from qwen2vl_jax.errors import InputError  # noqa: E402
 from qwen2vl_jax.modules.qwen2vl import init_params  # noqa: E402
+from qwen2vl_jax.quant.format import Scheme  # noqa: E402
+from qwen2vl_jax.quant.tree import quantize_params  # noqa: E402
 from qwen2vl_jax.params import flatten, fuse_projections, stack_layers, unflatten  # noqa: E402
 from qwen2vl_jax.sampling import GenerationConfig  # noqa: E402
 
@@ -91,8 +93,8 @@ def test_fused_quantized_equals_plain(scheme):
     the CPU: the same logits and tokens as the plain packed model; sets whose permutations
     differ are refused in one line."""
     params = jax.tree.map(np.asarray, init_params(TINY, jax.random.PRNGKey(5)))
-    s = quant.Scheme(*scheme)
-    packed = _with_perms(quant.quantize_params(params, s), seed=1)
+    s = Scheme(*scheme)
+    packed = _with_perms(quantize_params(params, s), seed=1)
     plain = Qwen2VL(TINY, packed, "float32", quantization=s)
     fused = Qwen2VL(TINY, packed, "float32", quantization=s, fuse_projections=True)
     layer = fused.params["model"]["layers_0"]
@@ -100,7 +102,7 @@ def test_fused_quantized_equals_plain(scheme):
     case = CASES["one_image"]
     hf_utils.assert_same_model(fused, plain, case.inputs(), 10)
     with pytest.raises(InputError, match=r"layers_\d+/self_attn/qkv_proj: .* read their inputs in different orders"):
-        fuse_projections(_with_perms(quant.quantize_params(params, s), seed=1, differ="k_proj"))
+        fuse_projections(_with_perms(quantize_params(params, s), seed=1, differ="k_proj"))
     # The stored form (what a GPU or TPU runs; on CPU under a mesh): fused, the same again.
     from jax.sharding import Mesh
 

@@ -28,31 +28,35 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from qwen2vl_jax import checkpoint, quant
+from qwen2vl_jax import checkpoint, xla_flags
+from qwen2vl_jax import params as params_lib
+from qwen2vl_jax.quant import cpu, quantize, tree
+from qwen2vl_jax.quant import format as qformat
+from qwen2vl_jax.quant import matmul as qmatmul
 from qwen2vl_jax.config import DEMO_DIR
 from qwen2vl_jax.convert.cli import convert_main
-from qwen2vl_jax.errors import CheckpointError
+from qwen2vl_jax.errors import CheckpointError, InputError
 
 
 # ---------------------------------------------------------------- packing and the matmul
 def test_int4_packs_two_rows_per_byte():
     q = np.arange(32, dtype=np.uint8).reshape(8, 4) % 16
-    packed = quant.pack_int4(q)
+    packed = qformat.pack_int4(q)
     assert packed.shape == (4, 4) and packed.dtype == np.uint8
     assert packed[0, 0] == q[0, 0] | (q[1, 0] << 4)
-    np.testing.assert_array_equal(quant.unpack_int4(packed), q)
-    np.testing.assert_array_equal(np.asarray(quant.unpack_int4(jnp.asarray(packed))), q)
+    np.testing.assert_array_equal(qformat.unpack_int4(packed), q)
+    np.testing.assert_array_equal(np.asarray(qformat.unpack_int4(jnp.asarray(packed))), q)
 
 
 def test_quantization_error_is_within_half_a_step():
     rng = np.random.default_rng(0)
     w = rng.standard_normal((96, 40)).astype(np.float32)
-    p8 = quant.quantize_int8(w)
+    p8 = quantize.quantize_int8(w)
     assert p8["qweight"].dtype == np.int8 and p8["scales"].shape == (1, 40) and "zeros" not in p8
-    assert (np.abs(quant.dequantize(p8, 96) - w) <= p8["scales"] / 2 + 1e-7).all()
-    p4 = quant.quantize_int4(w, 24)
+    assert (np.abs(qformat.dequantize(p8, 96) - w) <= p8["scales"] / 2 + 1e-7).all()
+    p4 = quantize.quantize_int4(w, 24)
     assert p4["qweight"].shape == (48, 40) and p4["scales"].shape == (4, 40) and p4["zeros"].shape == (4, 40)
-    err = np.abs(quant.dequantize(p4, 96) - w).reshape(4, 24, 40)
+    err = np.abs(qformat.dequantize(p4, 96) - w).reshape(4, 24, 40)
     # a group's range may be clipped (CLIP), so the bound holds for all but its extremes
     assert (np.median(err, axis=1) <= p4["scales"] / 2 + 1e-7).all()
     assert np.sqrt((err ** 2).mean()) < 0.1 * w.std()
@@ -60,15 +64,15 @@ def test_quantization_error_is_within_half_a_step():
 
 @pytest.mark.parametrize("in_f,group", [(128, 128), (128, 16), (96, 32)])
 def test_group_sizes(in_f, group):
-    g = quant.group_for(in_f, group)
-    assert in_f % g == 0 and g <= group and in_f // g >= min(quant.MIN_GROUPS, in_f)
-    assert quant.group_for(4096, 128) == 128 and quant.group_for(8960, 128) == 128
-    assert quant.group_for(in_f, -1) == in_f
+    g = quantize.group_for(in_f, group)
+    assert in_f % g == 0 and g <= group and in_f // g >= min(quantize.MIN_GROUPS, in_f)
+    assert quantize.group_for(4096, 128) == 128 and quantize.group_for(8960, 128) == 128
+    assert quantize.group_for(in_f, -1) == in_f
 
 
 def _leaves(rng, in_f, out_f, bits, group, perm):
     w = rng.standard_normal((in_f, out_f)).astype(np.float32)
-    leaves = quant.quantize_int8(w) if bits == 8 else quant.quantize_int4(w, group)
+    leaves = quantize.quantize_int8(w) if bits == 8 else quantize.quantize_int4(w, group)
     if perm:
         leaves["perm"] = rng.permutation(in_f).astype(np.int32)
     return leaves
@@ -82,12 +86,12 @@ def test_matmul_equals_the_dequantized_dot(bits, group, perm, block_rows, monkey
     rng = np.random.default_rng(bits + group + block_rows)
     in_f, out_f = 64, 24
     leaves = _leaves(rng, in_f, out_f, bits, group, perm)
-    w = quant.dequantize({k: v for k, v in leaves.items() if k != "perm"}, in_f)
-    monkeypatch.setattr(quant, "BLOCK_BYTES", block_rows * 4 * out_f)  # 24: a shorter last block
+    w = qformat.dequantize({k: v for k, v in leaves.items() if k != "perm"}, in_f)
+    monkeypatch.setattr(qmatmul, "BLOCK_BYTES", block_rows * 4 * out_f)  # 24: a shorter last block
     for shape in [(1, 1, in_f), (2, 3, in_f), (4, 9, in_f)]:  # 1 and 6 rows blocked, 36 not
         x = rng.standard_normal(shape).astype(np.float32)
         xp = x[..., leaves["perm"]] if perm else x
-        got = np.asarray(jax.jit(quant.matmul, static_argnums=2)(x, {k: jnp.asarray(v) for k, v in leaves.items()},
+        got = np.asarray(jax.jit(qmatmul.matmul, static_argnums=2)(x, {k: jnp.asarray(v) for k, v in leaves.items()},
                                                                  jnp.float32))
         np.testing.assert_allclose(got, xp @ w, rtol=1e-5, atol=1e-5)
 
@@ -102,16 +106,16 @@ def test_cpu_form_equals_the_dequantized_dot(bits, group, perm, in_f, block, mon
     rng = np.random.default_rng(bits + in_f + group)
     out_f = 24
     leaves = _leaves(rng, in_f, out_f, bits, group, perm)
-    w = quant.dequantize({k: v for k, v in leaves.items() if k != "perm"}, in_f)
+    w = qformat.dequantize({k: v for k, v in leaves.items() if k != "perm"}, in_f)
     shapes = {"lm_head": {"kernel": jax.ShapeDtypeStruct((in_f, out_f), jnp.float32)}}
-    monkeypatch.setattr(quant, "BLOCK_INPUTS", block)
-    form = quant.cpu_layout({"lm_head": leaves}, shapes)["lm_head"]
+    monkeypatch.setattr(cpu, "BLOCK_INPUTS", block)
+    form = cpu.cpu_layout({"lm_head": leaves}, shapes)["lm_head"]
     assert form["qweight"].ndim == 3 and form["qweight"].dtype == leaves["qweight"].dtype
     assert (form["qweight"].shape[0] > 1) == (block == 32)
     for rows in (1, 3, 20):
         x = rng.standard_normal((rows, in_f)).astype(np.float32)
         xp = x[..., leaves["perm"]] if perm else x
-        got = np.asarray(jax.jit(quant.matmul, static_argnums=2)(x, {k: jnp.asarray(v) for k, v in form.items()},
+        got = np.asarray(jax.jit(qmatmul.matmul, static_argnums=2)(x, {k: jnp.asarray(v) for k, v in form.items()},
                                                                  jnp.float32))
         np.testing.assert_allclose(got, xp @ w, rtol=1e-5, atol=1e-5 * np.abs(xp @ w).max())
 
@@ -119,13 +123,13 @@ def test_cpu_form_equals_the_dequantized_dot(bits, group, perm, in_f, block, mon
 def test_embedding_lookup_and_tied_head():
     rng = np.random.default_rng(1)
     table = rng.standard_normal((37, 16)).astype(np.float32)
-    packed = {k: jnp.asarray(v) for k, v in quant.quantize_embedding(table).items()}
+    packed = {k: jnp.asarray(v) for k, v in quantize.quantize_embedding(table).items()}
     assert packed["qweight"].shape == (37, 16) and packed["scales"].shape == (37, 1)
-    rows = np.asarray(quant.embed_lookup(jnp.arange(37), packed, jnp.float32))
+    rows = np.asarray(qmatmul.embed_lookup(jnp.arange(37), packed, jnp.float32))
     assert np.abs(rows - table).max() <= np.abs(table).max(axis=1).max() / 254 + 1e-6
     for n in (1, 20):  # blocked and plain
         h = rng.standard_normal((n, 16)).astype(np.float32)
-        np.testing.assert_allclose(np.asarray(quant.embed_attend(h, packed, jnp.float32)), h @ rows.T,
+        np.testing.assert_allclose(np.asarray(qmatmul.embed_attend(h, packed, jnp.float32)), h @ rows.T,
                                    rtol=1e-5, atol=1e-5)
 
 
@@ -134,13 +138,62 @@ def test_decode_matmul_never_builds_the_float_weight():
     """XLA's CPU compiler does not fuse a dequantize into the dot: `x @ dequantize(W)` writes
     the whole f32 weight every call. The decode path's compiled program holds only blocks."""
     in_f, out_f = 1024, 512
-    leaves = {k: jnp.asarray(v) for k, v in quant.quantize_int8(np.ones((in_f, out_f), np.float32)).items()}
+    leaves = {k: jnp.asarray(v) for k, v in quantize.quantize_int8(np.ones((in_f, out_f), np.float32)).items()}
     x = jnp.ones((1, in_f), jnp.float32)
     full = f"f32[{in_f},{out_f}]"
-    naive = jax.jit(lambda x, p: x @ quant.dequantize(p, in_f)).lower(x, leaves).compile().as_text()
-    ours = jax.jit(lambda x, p: quant.matmul(x, p, jnp.float32)).lower(x, leaves).compile().as_text()
+    naive = jax.jit(lambda x, p: x @ qformat.dequantize(p, in_f)).lower(x, leaves).compile().as_text()
+    ours = jax.jit(lambda x, p: qmatmul.matmul(x, p, jnp.float32)).lower(x, leaves).compile().as_text()
     assert full in naive
     assert full not in ours and "while" in ours
+
+
+def test_kernel_follows_the_model_backend_not_the_host(monkeypatch):
+    """The packed product's kernel is a setting of the loaded model (`backend`, read once at
+    load), not `jax.default_backend()` read while tracing: built for "tpu" on this host, an int8
+    model keeps its kernels as stored and lowers the dequantize-and-dot a TPU runs; built for
+    "cpu" (this host's default) it takes the CPU form. Both give the same logits and tokens,
+    without reading the host's backend once built."""
+    import hf_utils
+    from qwen2vl_jax.api import Qwen2VL
+    from qwen2vl_jax.config import TINY
+    from qwen2vl_jax.modules.qwen2vl import init_params
+
+    in_f, out_f = 64, 48
+    leaves = {k: jnp.asarray(v) for k, v in quantize.quantize_int8(np.ones((in_f, out_f), np.float32)).items()}
+    x = jnp.ones((1, in_f), jnp.float32)
+    lowered = {b: jax.jit(lambda x, p, b=b: qmatmul.matmul(x, p, jnp.float32, b)).lower(x, leaves).as_text()
+               for b in ("cpu", "tpu")}
+    assert "while" in lowered["cpu"] and "while" not in lowered["tpu"]
+
+    scheme = qformat.Scheme.of("int8")
+    packed = tree.quantize_params(jax.tree_util.tree_map(np.asarray, init_params(TINY, jax.random.PRNGKey(0))), scheme)
+    host = Qwen2VL(TINY, packed, "float32", quantization=scheme)
+    tpu = Qwen2VL(TINY, packed, "float32", quantization=scheme, backend="tpu")
+    assert host.backend == jax.default_backend() and tpu.backend == "tpu" == tpu.module.backend
+    assert tpu.params["model"]["layers_0"]["mlp"]["up_proj"]["qweight"].ndim == 2  # as stored
+    if jax.default_backend() == "cpu":
+        assert host.params["model"]["layers_0"]["mlp"]["up_proj"]["qweight"].ndim == 3  # the CPU form
+
+    def no_backend_while_tracing():
+        raise AssertionError("jax.default_backend() read after the model was built")
+
+    monkeypatch.setattr(jax, "default_backend", no_backend_while_tracing)
+    case = hf_utils.make_case("q", [[5, 6, 7, 8, 9], [3, 4, 9, 2, 2]], [], [], seed=3)
+    ref = host.logits(**case.inputs())
+    np.testing.assert_allclose(tpu.logits(**case.inputs()), ref, rtol=0, atol=1e-5 * np.abs(ref).max())
+    np.testing.assert_array_equal(tpu.generate(**case.inputs(), max_new_tokens=4),
+                                  host.generate(**case.inputs(), max_new_tokens=4))
+    with pytest.raises(InputError, match="backend must be one of cpu, gpu, tpu"):
+        Qwen2VL(TINY, packed, "float32", quantization=scheme, backend="npu")
+
+
+def test_format_and_quantizers_import_no_jax():
+    """convert/'s side of quantization (the stored format, the offline quantizers) is numpy only."""
+    code = ("import sys, qwen2vl_jax.quant.format, qwen2vl_jax.quant.quantize; "
+            "print(sorted(m for m in sys.modules if m.split('.')[0] in ('jax', 'jaxlib', 'flax', 'optax', 'orbax')))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.strip() == "[]"
 
 
 def _computations(hlo: str) -> list[str]:
@@ -157,15 +210,15 @@ def test_integer_loops_read_their_input_from_a_buffer(head):
     in_f, out_f = 64, 48
     w = rng.standard_normal((in_f, out_f)).astype(np.float32)
     if head:  # the tied output head: an int8 table [V, D]
-        packed = {k: jnp.asarray(v) for k, v in quant.quantize_embedding(w.T).items()}
-        fn = lambda x, p: quant.embed_attend(jnp.abs(x), p, jnp.float32)  # noqa: E731
+        packed = {k: jnp.asarray(v) for k, v in quantize.quantize_embedding(w.T).items()}
+        fn = lambda x, p: qmatmul.embed_attend(jnp.abs(x), p, jnp.float32)  # noqa: E731
         ref = packed["qweight"].astype(np.float32).T * np.asarray(packed["scales"])[:, 0]
     else:
         shapes = {"lm_head": {"kernel": jax.ShapeDtypeStruct((in_f, out_f), jnp.float32)}}
-        packed = quant.cpu_layout({"lm_head": quant.quantize_int8(w)}, shapes)["lm_head"]
+        packed = cpu.cpu_layout({"lm_head": quantize.quantize_int8(w)}, shapes)["lm_head"]
         packed = {k: jnp.asarray(v) for k, v in packed.items()}
-        fn = lambda x, p: quant.matmul(jnp.abs(x), p, jnp.float32)  # noqa: E731
-        ref = quant.dequantize(quant.quantize_int8(w), in_f)
+        fn = lambda x, p: qmatmul.matmul(jnp.abs(x), p, jnp.float32)  # noqa: E731
+        ref = qformat.dequantize(quantize.quantize_int8(w), in_f)
     # the head fuses its table into the loop for one row (more rows convert the table once)
     x = (0.1 * rng.standard_normal((1 if head else 3, in_f))).astype(np.float32)
     compiled = jax.jit(fn).lower(x, packed).compile().as_text()
@@ -236,16 +289,16 @@ def test_quantized_folder_loads_as_it_is_and_reports_its_bytes(demo_quantized, t
     sizes, decoder = {}, {}
     for method in ("int8", "int4"):
         model = Qwen2VL.from_pretrained(demo_quantized / method)
-        assert model.quantization == quant.Scheme.of(method)
+        assert model.quantization == qformat.Scheme.of(method)
         layer = model.params["model"]["layers_0"]["mlp"]["down_proj"]
         assert "kernel" not in layer and layer["qweight"].dtype == (jnp.int8 if method == "int8" else jnp.uint8)
         assert "qweight" in model.params["model"]["embed_tokens"]  # the tied head
         assert "kernel" in model.params["visual"]["blocks_0"]["mlp"]["fc1"]  # the vision tower stays float
         sizes[method] = model.param_bytes
         assert sizes[method] == sum(model.param_bytes_per_device().values())
-        decoder[method] = quant.param_bytes(model.params["model"])
+        decoder[method] = params_lib.param_bytes(model.params["model"])
     # the decoder: int8 weights, f32 norms, biases and scales; int4 smaller again
-    assert decoder["int4"] < decoder["int8"] < 0.3 * quant.param_bytes(float_model.params["model"])
+    assert decoder["int4"] < decoder["int8"] < 0.3 * params_lib.param_bytes(float_model.params["model"])
     assert sizes["int4"] < sizes["int8"] < float_model.param_bytes
 
     # a packed shape that does not fit the config is one CheckpointError naming the layer
@@ -269,8 +322,8 @@ def _sharding_worker() -> dict:
     from qwen2vl_jax.sharding import make_mesh
 
     config = hf_utils.TINY_CONFIGS["sharded"]
-    params = quant.quantize_params(jax.tree_util.tree_map(np.asarray, init_params(config, jax.random.PRNGKey(0))),
-                                   quant.Scheme.of("int4", group_size=16))
+    params = tree.quantize_params(jax.tree_util.tree_map(np.asarray, init_params(config, jax.random.PRNGKey(0))),
+                                  qformat.Scheme.of("int4", group_size=16))
     case = hf_utils.make_case("q", [[5, 6, 7, 8, 9], [3, 4, 9, 2, 2]], [], [], seed=3)
     ref = Qwen2VL(config, params, "float32")
     ref_logits = ref.logits(**case.inputs())  # 10 rows: the blocked decode matmul
@@ -314,27 +367,28 @@ def test_packed_params_shard_like_float_weights():
 _PREFILL_TEMP = """
 import json, sys
 import jax, numpy as np
-from qwen2vl_jax import quant
-assert quant.sequential_cpu_schedule() is (sys.argv[1] == "off")  # as from_pretrained does for a quantized folder
+from qwen2vl_jax import xla_flags
+assert xla_flags.sequential_cpu_schedule() is (sys.argv[1] == "off")  # as the CLIs do for a quantized folder
+from qwen2vl_jax.quant import format as qformat, tree
 from qwen2vl_jax.api import Qwen2VL
 from qwen2vl_jax.config import Qwen2VLConfig, TextConfig, VisionConfig
 from qwen2vl_jax.modules.qwen2vl import init_params
-from qwen2vl_jax.sampling import GenerationConfig, Sampling
+from qwen2vl_jax.engine import RowSettings
+from qwen2vl_jax.sampling import GenerationConfig
 
 cfg = Qwen2VLConfig(vision=VisionConfig(depth=1, embed_dim=32, num_heads=2, out_hidden_size=512),
                     text=TextConfig(vocab_size=512, hidden_size=512, intermediate_size=2048, num_hidden_layers=6,
                                     num_attention_heads=8, num_key_value_heads=2, mrope_section=(8, 12, 12)),
                     tie_word_embeddings=True)
-scheme = quant.Scheme.of("int8")
-params = quant.quantize_params(jax.tree_util.tree_map(np.asarray, init_params(cfg, jax.random.PRNGKey(0))), scheme)
+scheme = qformat.Scheme.of("int8")
+params = tree.quantize_params(jax.tree_util.tree_map(np.asarray, init_params(cfg, jax.random.PRNGKey(0))), scheme)
 model = Qwen2VL(cfg, params, "float32", quantization=scheme)
 built = model.inputs(input_ids=np.ones((1, 200), np.int64), attention_mask=np.ones((1, 200), np.int64), room=1)
 slots = model.engine.cache_slots(built, 1)
 batch = {"input_ids": built.input_ids, "positions": built.positions, "pos_offset": built.pos_offset,
-         "kv_valid": np.concatenate([built.attention_mask, np.ones((1, slots - 200), bool)], axis=1),
-         "max_new": np.int32(1)}
+         "mask": built.attention_mask}
 gc = GenerationConfig(max_new_tokens=1, eos_token_ids=())
-compiled = model.engine._prefill.lower(model.params, batch, None, Sampling.of(gc), jax.random.PRNGKey(0), True).compile()
+compiled = model.engine.program("prefill").lower(model.params, batch, None, RowSettings.repeat(gc, 1), slots, True).compile()
 print(json.dumps({"temp": compiled.memory_analysis().temp_size_in_bytes}))
 """
 
@@ -343,7 +397,7 @@ def _prefill_temp(schedule: str) -> int:
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
     env["JAX_PLATFORMS"] = "cpu"
     if schedule == "on":  # the user's own setting stays
-        env["XLA_FLAGS"] = f"--{quant.SCHEDULER_FLAG}=true"
+        env["XLA_FLAGS"] = f"--{xla_flags.SCHEDULER_FLAG}=true"
     done = subprocess.run([sys.executable, "-c", _PREFILL_TEMP, schedule], capture_output=True, text=True, env=env,
                           timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -354,9 +408,9 @@ def test_quantized_prefill_holds_one_layer_of_dequantized_weights():
     # On CPU each layer's int8 weights become f32 for the prefill's products; XLA's
     # concurrency-optimised scheduler keeps all layers' copies live at once (a multi-GB
     # temporary at 2B, page-faulted on every call); sequential_cpu_schedule turns it off.
-    version = quant._jaxlib_version()
-    if version not in quant.SCHEDULER_FLAG_VERSIONS:
-        pytest.skip(f"the scheduler flag is set only for jaxlib {quant.SCHEDULER_FLAG_VERSIONS} (this is {version})")
+    version = xla_flags.jaxlib_version()
+    if version not in xla_flags.SCHEDULER_FLAG_VERSIONS:
+        pytest.skip(f"the scheduler flag is set only for jaxlib {xla_flags.SCHEDULER_FLAG_VERSIONS} (this is {version})")
     d, f, kv = 512, 2048, 2 * 64
     one_layer = 4 * (3 * d * f + 2 * d * d + 2 * d * kv)  # f32 bytes of one layer's dequantized kernels
     assert _prefill_temp("off") < 2 * one_layer  # all six layers live at once would be >= 6x
@@ -365,6 +419,8 @@ def test_quantized_prefill_holds_one_layer_of_dequantized_weights():
 
 _LOAD_FLAGS = """
 import os, sys
+from qwen2vl_jax import xla_flags
+xla_flags.for_model(sys.argv[1])  # as the command-line tools do, before JAX starts
 from qwen2vl_jax.api import Qwen2VL
 Qwen2VL.from_pretrained(sys.argv[1])
 print(os.environ.get("XLA_FLAGS", ""))
@@ -372,11 +428,11 @@ print(os.environ.get("XLA_FLAGS", ""))
 
 
 def test_only_a_quantized_folder_turns_the_scheduler_off(demo_quantized):
-    if quant._jaxlib_version() not in quant.SCHEDULER_FLAG_VERSIONS:
-        pytest.skip(f"the scheduler flag is set only for jaxlib {quant.SCHEDULER_FLAG_VERSIONS}")
+    if xla_flags.jaxlib_version() not in xla_flags.SCHEDULER_FLAG_VERSIONS:
+        pytest.skip(f"the scheduler flag is set only for jaxlib {xla_flags.SCHEDULER_FLAG_VERSIONS}")
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
     env["JAX_PLATFORMS"] = "cpu"
-    for folder, expected in ((demo_quantized / "int8", f"--{quant.SCHEDULER_FLAG}=false"), (DEMO_DIR, "")):
+    for folder, expected in ((demo_quantized / "int8", f"--{xla_flags.SCHEDULER_FLAG}=false"), (DEMO_DIR, "")):
         done = subprocess.run([sys.executable, "-c", _LOAD_FLAGS, str(folder)], capture_output=True, text=True,
                               env=env, timeout=300)
         assert done.returncode == 0, done.stderr[-3000:]

@@ -123,16 +123,17 @@ def test_warm_up_compiles_short_prompts_within_a_small_context(pair):
 def test_scanned_quantized_equals_the_loop(pair, scheme):
     """Packed weights (in their CPU form) stacked: the scanned model's logits and tokens are
     the layer loop's on the same packed params."""
-    from qwen2vl_jax import quant
+    from qwen2vl_jax.quant.format import Scheme, is_quantized
+    from qwen2vl_jax.quant.tree import quantize_params
 
     from qwen2vl_jax.config import TINY  # even widths, as int4 packing needs
     from qwen2vl_jax.modules.qwen2vl import init_params
 
     params = jax.tree.map(np.asarray, init_params(TINY, jax.random.PRNGKey(5)))
-    packed = quant.quantize_params(params, quant.Scheme(*scheme))
-    a = Qwen2VL(TINY, packed, "float32", quantization=quant.Scheme(*scheme))
-    b = Qwen2VL(TINY, packed, "float32", quantization=quant.Scheme(*scheme), scan_layers=True)
-    assert quant.is_quantized(b.params) and "qweight" in b.params["model"]["layers"]["mlp"]["up_proj"]
+    packed = quantize_params(params, Scheme(*scheme))
+    a = Qwen2VL(TINY, packed, "float32", quantization=Scheme(*scheme))
+    b = Qwen2VL(TINY, packed, "float32", quantization=Scheme(*scheme), scan_layers=True)
+    assert is_quantized(b.params) and "qweight" in b.params["model"]["layers"]["mlp"]["up_proj"]
     case = CASES["one_image"]
     hf_utils.assert_same_model(b, a, case.inputs(), 10)
 

@@ -9,13 +9,30 @@ Two kernels compute the same attention:
            never written to memory.
 The choice is a static field of the modules (`attention`: "auto", "xla" or "cudnn"), fixed when
 a model is loaded, so a different choice is a different module and jit traces it anew;
-`attention_kernel` resolves "auto" from the dtype, the shape and the backend.
+`attention_kernel` resolves "auto" from the dtype, the shape and the modules' `backend`.
+
+`backend` ("cpu", "gpu" or "tpu") is the platform the modules' programs are built for, also a
+static field fixed at load (`backend_field`): it picks cuDNN for "auto" attention on "gpu" and
+the CPU kernels of packed weights (quant/matmul.py) on "cpu". It is never read from
+`jax.default_backend()` while tracing, so a program lowered for TPU on a CPU host (AOT
+compilation for a slice) is the TPU program.
 """
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
+
+BACKENDS = ("cpu", "gpu", "tpu")
+
+
+def backend_field():
+    """The `backend` field of a module: the platform its programs are built for. Unset, it is the
+    platform JAX runs on when the module is built (host side, once); a loaded model passes its
+    own setting (`Qwen2VL(backend=...)`) down to every submodule."""
+    return dataclasses.field(default_factory=jax.default_backend)
 
 
 def masked_softmax(logits: jax.Array, mask: jax.Array, dtype) -> jax.Array:
@@ -32,17 +49,17 @@ def masked_softmax(logits: jax.Array, mask: jax.Array, dtype) -> jax.Array:
 KERNELS = ("auto", "xla", "cudnn")
 
 
-def attention_kernel(choice: str, dtype, num_queries: int, head_dim: int) -> str:
+def attention_kernel(choice: str, dtype, num_queries: int, head_dim: int, backend: str) -> str:
     """The kernel for one attention: `choice` itself unless it is "auto"; then "cudnn" for
-    half-precision attention over more than one query on a GPU, with a head width cuDNN takes
-    (a multiple of 8, at most 128), else "xla"."""
+    half-precision attention over more than one query in a program built for a GPU (`backend`),
+    with a head width cuDNN takes (a multiple of 8, at most 128), else "xla"."""
     if choice not in KERNELS:
         raise ValueError(f"attention kernel must be one of {', '.join(KERNELS)} (got {choice!r})")
     if choice != "auto":
         return choice
     half = jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
     shape_ok = num_queries > 1 and head_dim % 8 == 0 and head_dim <= 128
-    return "cudnn" if half and shape_ok and jax.default_backend() == "gpu" else "xla"
+    return "cudnn" if half and shape_ok and backend == "gpu" else "xla"
 
 
 def fused_attention(q, k, v, *, mask=None, lengths=None, causal=False):

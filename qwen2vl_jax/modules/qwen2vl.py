@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 
 from qwen2vl_jax.config import Qwen2VLConfig
-from qwen2vl_jax.modules.attention import KERNELS, check_matmul
+from qwen2vl_jax.modules.attention import KERNELS, backend_field, check_matmul
 from qwen2vl_jax.modules.text import Linear, TextModel
 from qwen2vl_jax.modules.vision import VisionTransformer
 
@@ -45,16 +45,18 @@ class Qwen2VLModule(nn.Module):
     attention: str = "auto"  # the attention kernel (modules/attention.py); static, part of the module
     matmul: str = "f32"  # the large products' precision, f32 or bf16 (modules/attention.py); static too
     scan_layers: bool = False  # the decoder's layers scanned: params under model/layers/ stacked
+    backend: str = backend_field()  # the platform the programs are built for (modules/attention.py); static
 
     def setup(self):
         cfg = self.config
         if self.attention not in KERNELS:
             raise ValueError(f"attention kernel must be one of {', '.join(KERNELS)} (got {self.attention!r})")
         check_matmul(self.matmul)
-        self.visual = VisionTransformer(cfg.vision, self.dtype, self.remat, self.attention, self.matmul)
-        self.model = TextModel(cfg.text, self.dtype, self.remat, self.attention, self.matmul, self.scan_layers)
+        self.visual = VisionTransformer(cfg.vision, self.dtype, self.remat, self.attention, self.matmul, self.backend)
+        self.model = TextModel(cfg.text, self.dtype, self.remat, self.attention, self.matmul, self.scan_layers,
+                               self.backend)
         if not cfg.tie_word_embeddings:
-            self.lm_head = Linear(cfg.text.vocab_size, use_bias=False, dtype=self.dtype)
+            self.lm_head = Linear(cfg.text.vocab_size, use_bias=False, dtype=self.dtype, backend=self.backend)
 
     def encode_vision(self, patches, pos_hw, gather, valid, scatter):
         """patches f32[N, C*T*P*P] and their layout (`inputs.vision_layout`) -> merged features

@@ -17,9 +17,11 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from qwen2vl_jax import quant
 from qwen2vl_jax.config import TextConfig
-from qwen2vl_jax.modules.attention import attention_kernel, dense_dot, fused_attention, masked_softmax
+from qwen2vl_jax.modules.attention import attention_kernel, backend_field, dense_dot, fused_attention, masked_softmax
+from qwen2vl_jax.quant.cpu import FEW_ROWS
+from qwen2vl_jax.quant.format import RUNTIME_PARTS
+from qwen2vl_jax.quant.matmul import embed_attend, embed_lookup, matmul
 from qwen2vl_jax.modules.rope import apply_rotary, mrope_cos_sin
 from qwen2vl_jax.sharding import shard
 
@@ -71,24 +73,28 @@ def read_stacked(cache, layer, slots: int):
 
 
 class Linear(nn.Dense):
-    """nn.Dense that also takes a packed quantized weight (quant.py) in place of `kernel`, as
-    stored or in its CPU form (`quant.cpu_layout`): the params decide, so one module serves
-    float and quantized checkpoints."""
+    """nn.Dense that also takes a packed quantized weight (quant/format.py) in place of `kernel`,
+    as stored or in its CPU form (`quant.cpu.cpu_layout`): the params decide, so one module serves
+    float and quantized checkpoints; `backend` picks the packed product's kernel."""
+
+    backend: str = backend_field()
 
     @nn.compact
     def __call__(self, inputs):
         if not self.has_variable("params", "qweight"):
             return super().__call__(inputs)
-        leaves = {k: self.get_variable("params", k) for k in quant.RUNTIME_PARTS if self.has_variable("params", k)}
-        y = quant.matmul(inputs, leaves, self.dtype)
+        leaves = {k: self.get_variable("params", k) for k in RUNTIME_PARTS if self.has_variable("params", k)}
+        y = matmul(inputs, leaves, self.dtype, self.backend)
         if self.use_bias:
             y = y + self.param("bias", self.bias_init, (self.features,), self.param_dtype).astype(self.dtype)
         return y
 
 
 class Embed(nn.Embed):
-    """nn.Embed that also takes a packed int8 table (quant.py: qweight [V, D], scales [V, 1]);
-    `attend` is the tied output head."""
+    """nn.Embed that also takes a packed int8 table (quant/format.py: qweight [V, D], scales
+    [V, 1]); `attend` is the tied output head, with the product for `backend`."""
+
+    backend: str = backend_field()
 
     def setup(self):
         if self.has_variable("params", "qweight"):
@@ -98,18 +104,18 @@ class Embed(nn.Embed):
 
     def __call__(self, inputs):
         if self.has_variable("params", "qweight"):
-            return quant.embed_lookup(inputs, self.packed, self.dtype)
+            return embed_lookup(inputs, self.packed, self.dtype)
         return super().__call__(inputs)
 
     def attend(self, query):
         if self.has_variable("params", "qweight"):
-            return quant.embed_attend(query, self.packed, self.dtype)
+            return embed_attend(query, self.packed, self.dtype, self.backend)
         rows = math.prod(query.shape[:-1])
-        if jax.default_backend() != "cpu" or rows == 1 or rows > quant.FEW_ROWS:
+        if self.backend != "cpu" or rows == 1 or rows > FEW_ROWS:
             return super().attend(query)
         # A few rows (batched decoding) on CPU: XLA's product with the [V, D] table written
-        # straight into [rows, V] picks a slow kernel (2B's table, 16 rows: 101 ms); into
-        # [V, rows], kept apart from the transpose by a barrier, it takes 58 ms.
+        # straight into [rows, V] picks a slow kernel; into [V, rows], kept apart from the
+        # transpose by a barrier, it takes a much faster one.
         q = query.reshape(rows, query.shape[-1]).astype(self.dtype)
         table = jnp.asarray(self.embedding, self.dtype)
         out = jax.lax.optimization_barrier(jnp.dot(table, q.T)).T
@@ -129,15 +135,16 @@ class RMSNorm(nn.Module):
         return (scale.astype(self.dtype) * xf.astype(x.dtype)).astype(self.dtype)
 
 
-def attend(q, k, v, mask, dtype, aligned: bool = False, kernel: str = "auto"):
+def attend(q, k, v, mask, dtype, aligned: bool = False, kernel: str = "auto", backend: str = "cpu"):
     """q [B, L, H, hd], k/v [B, S, K, hd], mask bool[B, L, S] -> [B, L, H, hd].
 
     Grouped-query attention without repeating K/V; softmax in f32. Fully masked rows (left
     padding) get a uniform, finite distribution rather than NaN. `aligned`: query i sits in key
     slot i (a prefill from slot 0), so the fused kernel may skip the blocks above the diagonal.
+    kernel, backend: the attention kernel choice and the platform it is for (modules/attention.py).
     """
     b, l, h, hd = q.shape
-    if attention_kernel(kernel, dtype, l, hd) == "cudnn":
+    if attention_kernel(kernel, dtype, l, hd, backend) == "cudnn":
         return fused_attention(q, k.astype(q.dtype), v.astype(q.dtype), mask=mask[:, None], causal=aligned)
     kh = k.shape[2]
     qg = q.reshape(b, l, kh, h // kh, hd)
@@ -152,6 +159,7 @@ class Attention(nn.Module):
     dtype: Any = jnp.float32
     attention: str = "auto"  # the kernel: auto, xla or cudnn (modules/attention.py)
     matmul: str = "f32"  # the large products' precision: f32 or bf16 (modules/attention.py)
+    backend: str = backend_field()  # the platform the program is built for (modules/attention.py)
 
     @nn.compact
     def __call__(self, x, cos, sin, mask, cache: LayerCache | None, cache_index):
@@ -159,7 +167,8 @@ class Attention(nn.Module):
         b, l, _ = x.shape
         h, kh, hd = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
         dense = lambda n, name, bias=True: Linear(n, use_bias=bias, dtype=self.dtype,  # noqa: E731
-                                                  dot_general=dense_dot(self.matmul), name=name)
+                                                  dot_general=dense_dot(self.matmul), backend=self.backend,
+                                                  name=name)
         if self.has_variable("params", "qkv_proj"):  # params.fuse_projections: one matmul for the three
             q, k, v = jnp.split(dense((h + 2 * kh) * hd, "qkv_proj")(x), [h * hd, (h + kh) * hd], axis=-1)
         else:
@@ -187,7 +196,7 @@ class Attention(nn.Module):
         else:
             new_cache = None
         aligned = isinstance(cache_index, int) and cache_index == 0
-        out = attend(q, k, v, mask, self.dtype, aligned, self.attention).reshape(b, l, h * hd)
+        out = attend(q, k, v, mask, self.dtype, aligned, self.attention, self.backend).reshape(b, l, h * hd)
         return dense(cfg.hidden_size, "o_proj", bias=False)(out), new_cache
 
 
@@ -195,12 +204,13 @@ class Mlp(nn.Module):
     config: TextConfig
     dtype: Any = jnp.float32
     matmul: str = "f32"
+    backend: str = backend_field()
 
     @nn.compact
     def __call__(self, x):
         cfg = self.config
         dense = lambda n, name: Linear(n, use_bias=False, dtype=self.dtype, dot_general=dense_dot(self.matmul),  # noqa: E731
-                                       name=name)
+                                       backend=self.backend, name=name)
         if self.has_variable("params", "gate_up_proj"):  # params.fuse_projections
             gate, up = jnp.split(dense(2 * cfg.intermediate_size, "gate_up_proj")(x), 2, axis=-1)
         else:
@@ -214,15 +224,16 @@ class DecoderLayer(nn.Module):
     dtype: Any = jnp.float32
     attention: str = "auto"
     matmul: str = "f32"
+    backend: str = backend_field()
 
     @nn.compact
     def __call__(self, x, cos, sin, mask, cache, cache_index):
         eps = self.config.rms_norm_eps
         y = RMSNorm(eps, self.dtype, name="input_layernorm")(x)
-        y, cache = Attention(self.config, self.dtype, self.attention, self.matmul, name="self_attn")(y, cos, sin, mask, cache, cache_index)
+        y, cache = Attention(self.config, self.dtype, self.attention, self.matmul, self.backend, name="self_attn")(y, cos, sin, mask, cache, cache_index)
         x = x + y
         y = RMSNorm(eps, self.dtype, name="post_attention_layernorm")(x)
-        x = x + Mlp(self.config, self.dtype, self.matmul, name="mlp")(y)
+        x = x + Mlp(self.config, self.dtype, self.matmul, self.backend, name="mlp")(y)
         return shard(x, "batch", "seq", "embed"), cache
 
 
@@ -235,17 +246,18 @@ class TextModel(nn.Module):
     attention: str = "auto"
     matmul: str = "f32"
     scan_layers: bool = False  # the layers as one scanned layer (params stacked: params.stack_layers)
+    backend: str = backend_field()  # the platform the program is built for (modules/attention.py)
 
     def setup(self):
         cfg = self.config
-        self.embed_tokens = Embed(cfg.vocab_size, cfg.hidden_size, dtype=self.dtype)
+        self.embed_tokens = Embed(cfg.vocab_size, cfg.hidden_size, dtype=self.dtype, backend=self.backend)
         layer_cls = nn.remat(DecoderLayer, static_argnums=()) if self.remat else DecoderLayer
         if self.scan_layers:
             # One layer, traced and compiled once and run n times by lax.scan (`__call__`) over
             # the stacked params (model/layers/X [n, ...]).
-            self.layers = layer_cls(cfg, self.dtype, self.attention, self.matmul)
+            self.layers = layer_cls(cfg, self.dtype, self.attention, self.matmul, self.backend)
         else:
-            self.layers = [layer_cls(cfg, self.dtype, self.attention, self.matmul)
+            self.layers = [layer_cls(cfg, self.dtype, self.attention, self.matmul, self.backend)
                            for _ in range(cfg.num_hidden_layers)]
         self.norm = RMSNorm(cfg.rms_norm_eps, self.dtype)
 

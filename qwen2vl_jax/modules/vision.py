@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 
 from qwen2vl_jax.config import VisionConfig
-from qwen2vl_jax.modules.attention import attention_kernel, dense_dot, fused_attention, masked_softmax
+from qwen2vl_jax.modules.attention import attention_kernel, backend_field, dense_dot, fused_attention, masked_softmax
 from qwen2vl_jax.modules.rope import apply_rotary, vision_cos_sin
 from qwen2vl_jax.sharding import shard
 
@@ -29,6 +29,7 @@ class VisionAttention(nn.Module):
     dtype: Any = jnp.float32
     attention: str = "auto"  # the kernel: auto, xla or cudnn (modules/attention.py)
     matmul: str = "f32"  # the large products' precision: f32 or bf16 (modules/attention.py)
+    backend: str = backend_field()  # the platform the program is built for (modules/attention.py)
 
     @nn.compact
     def __call__(self, x, cos, sin, gather, valid, scatter):
@@ -42,7 +43,7 @@ class VisionAttention(nn.Module):
         k = apply_rotary(k, cos[:, None], sin[:, None]).astype(self.dtype)
         # Regroup into segments: [S, Lmax, H, hd].
         qs, ks, vs = q[gather], k[gather], v[gather]
-        if attention_kernel(self.attention, self.dtype, qs.shape[1], hd) == "cudnn":
+        if attention_kernel(self.attention, self.dtype, qs.shape[1], hd, self.backend) == "cudnn":
             # Real patches fill a prefix of each segment, so a length per segment is the mask.
             out = fused_attention(qs, ks, vs, lengths=jnp.sum(valid, axis=1, dtype=jnp.int32))
         else:
@@ -70,12 +71,13 @@ class VisionBlock(nn.Module):
     dtype: Any = jnp.float32
     attention: str = "auto"
     matmul: str = "f32"
+    backend: str = backend_field()
 
     @nn.compact
     def __call__(self, x, cos, sin, gather, valid, scatter):
         eps = self.config.layer_norm_eps
         y = nn.LayerNorm(epsilon=eps, dtype=self.dtype, name="norm1")(x)
-        x = x + VisionAttention(self.config, self.dtype, self.attention, self.matmul, name="attn")(y, cos, sin, gather, valid, scatter)
+        x = x + VisionAttention(self.config, self.dtype, self.attention, self.matmul, self.backend, name="attn")(y, cos, sin, gather, valid, scatter)
         y = nn.LayerNorm(epsilon=eps, dtype=self.dtype, name="norm2")(x)
         return x + VisionMlp(self.config, self.dtype, self.matmul, name="mlp")(y)
 
@@ -121,6 +123,7 @@ class VisionTransformer(nn.Module):
     remat: bool = False
     attention: str = "auto"
     matmul: str = "f32"
+    backend: str = backend_field()
 
     @nn.compact
     def __call__(self, patches, pos_hw, gather, valid, scatter):
@@ -131,5 +134,5 @@ class VisionTransformer(nn.Module):
         block_cls = nn.remat(VisionBlock) if self.remat else VisionBlock
         for i in range(cfg.depth):
             with jax.named_scope(f"vision_block_{i}"):
-                x = block_cls(cfg, self.dtype, self.attention, self.matmul, name=f"blocks_{i}")(x, cos, sin, gather, valid, scatter)
+                x = block_cls(cfg, self.dtype, self.attention, self.matmul, self.backend, name=f"blocks_{i}")(x, cos, sin, gather, valid, scatter)
         return PatchMerger(cfg, self.dtype, self.matmul, name="merger")(x)
