@@ -109,7 +109,8 @@ class Served:
 
     def post(self, body, key: str | None = KEY, **kw):
         headers = {"Authorization": f"Bearer {key}"} if key is not None else {}
-        if isinstance(body, (bytes, str)):
+        if isinstance(body, (bytes, str)):  # sent as JSON, whatever it holds
+            headers["Content-Type"] = "application/json"
             return httpx.post(f"{self.url}/v1/chat/completions", content=body, headers=headers, timeout=120, **kw)
         return httpx.post(f"{self.url}/v1/chat/completions", json=body, headers=headers, timeout=120, **kw)
 

@@ -23,11 +23,15 @@ The modules, one job each (a request passes through them in this order):
   schema    the JSON body checked field by field into `Parsed`;
   media     images and videos read from data: URIs, --media-dir or remote URLs;
   prompts   `Service`: media, chat template and tokenizer -> the prompt and its vision inputs;
-  app       the Starlette routes, `build_service`, `ServerThread`;
+  app       the Starlette routes and the checks every request passes (Host, Origin, content
+            type), `build_service`, `ServerThread`;
+  connections  the listening socket (bound before the model loads) and uvicorn's h11 protocol
+            with a read deadline per request and a cap on open connections;
   stream    events -> text with stop strings, whole replies and server-sent events;
   metrics   /metrics;
   cli       the command line.
 
 Every bad request gets an OpenAI error object `{"error": {"message", "type", "param", "code"}}`
-with a 4xx status and touches no other request.
+with a 4xx status, keeps its connection and touches no other request. What is exposed on a
+network, and the flags that widen or narrow it, are in docs/network.md.
 """

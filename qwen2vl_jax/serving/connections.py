@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import math
 import socket
 import time
 
@@ -83,6 +84,8 @@ def protocol_class(read_timeout: float, max_connections: int, log_access: bool =
                     "headers": [(b"content-type", b"application/json"), (b"connection", b"close")]})
         await send({"type": "http.response.body", "body": body})
 
+    warned = [-math.inf]  # when the last over-capacity warning was logged
+
     class GuardedH11Protocol(H11Protocol):
         def connection_made(self, transport) -> None:
             super().connection_made(transport)
@@ -91,8 +94,11 @@ def protocol_class(read_timeout: float, max_connections: int, log_access: bool =
             self.over_capacity = len(self.connections) > max_connections
             if self.over_capacity:
                 self.app = over_capacity  # uvicorn runs self.app for each request
-                log.warning("%d open connections: over --max-connections %d", len(self.connections),
-                            max_connections)
+                now = time.monotonic()
+                if now - warned[0] > 10:  # a flood of connections is one line per 10 s, not one each
+                    warned[0] = now
+                    log.warning("%d open connections: over --max-connections %d", len(self.connections),
+                                max_connections)
             self._arm(OVER_CAPACITY_READ_TIMEOUT if self.over_capacity else read_timeout, data=False)
 
         def data_received(self, data: bytes) -> None:
