@@ -203,7 +203,8 @@ class Figures:
         jax.block_until_ready((state, first))
         with jax.profiler.trace(str(out), create_perfetto_trace=True):
             t0 = time.perf_counter()
-            state = jax.block_until_ready(engine._loop(params, state, gconf.greedy))  # generate's loop alone
+            length = state.kv_valid.shape[1] - built.shape[1]
+            state = jax.block_until_ready(engine.program("loop")(params, state, length, gconf.greedy))  # generate's loop alone
             wall = time.perf_counter() - t0
         return wall / (steps - 1)
 

@@ -43,12 +43,12 @@ import numpy as np  # noqa: E402
 
 from qwen2vl_jax.config import PRESETS  # noqa: E402
 from qwen2vl_jax.errors import InputError  # noqa: E402
-from qwen2vl_jax.engine import Engine, KVCache  # noqa: E402
+from qwen2vl_jax.engine import Engine, KVCache, RowSettings  # noqa: E402
 from qwen2vl_jax.modules.qwen2vl import Qwen2VLModule, init_shapes  # noqa: E402
 from qwen2vl_jax.params import stack_layers  # noqa: E402
 from qwen2vl_jax.quant.format import Scheme  # noqa: E402
 from qwen2vl_jax.quant.tree import abstract as packed_shapes  # noqa: E402
-from qwen2vl_jax.sampling import GenerationConfig, Sampling  # noqa: E402
+from qwen2vl_jax.sampling import GenerationConfig  # noqa: E402
 from qwen2vl_jax.sharding import ShardingRules, check_groups, make_mesh, named_sharding, param_shardings  # noqa: E402
 from qwen2vl_jax.train import loop, stages  # noqa: E402
 
@@ -120,21 +120,20 @@ def inference(name: str, batch: int, prompt: int, new: int, parts: set[str], wei
 
     inputs = {"input_ids": put((batch, prompt), jnp.int32, "batch"),
               "positions": put((3, batch, prompt), jnp.int32, None, "batch"),
-              "kv_valid": put((batch, slots), jnp.bool_, "batch"),
-              "pos_offset": put((batch,), jnp.int32, "batch"),
-              "max_new": put((), jnp.int32)}
-    sampling = jax.tree_util.tree_map(lambda x: put(np.shape(x), np.asarray(x).dtype),
-                                      Sampling.of(GenerationConfig(max_new_tokens=new)))
-    rng = put((2,), jnp.uint32)
+              "mask": put((batch, prompt), jnp.bool_, "batch"),
+              "pos_offset": put((batch,), jnp.int32, "batch")}
+    # an offline batch's settings: one row each, one key for the batch
+    settings = jax.tree_util.tree_map(lambda x: put(np.shape(x), np.asarray(x).dtype),
+                                      RowSettings.repeat(GenerationConfig(max_new_tokens=new), batch))
     rows = []
-    compiled, seconds = compile_timed(engine._prefill, params, inputs, None, sampling, rng, True)
+    compiled, seconds = compile_timed(engine.program("prefill"), params, inputs, None, settings, slots, True)
     if "prefill" in parts:
         rows.append({**base, "part": f"prefill {batch}x{prompt}", **memory(compiled), "compile_s": seconds})
     if "decode" in parts:
         state = jax.tree_util.tree_map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                                       jax.eval_shape(engine._prefill, params, inputs, None, sampling, rng, True)[0],
+                                       engine.program("prefill").eval_shape(params, inputs, None, settings, slots, True)[0],
                                        compiled.output_shardings[0])
-        step, seconds = compile_timed(engine._step, params, state, True)
+        step, seconds = compile_timed(engine.program("step"), params, state, batch, slots, True)
         rows.append({**base, "part": f"decode step {batch}x{slots}", **memory(step), "compile_s": seconds})
     return rows
 

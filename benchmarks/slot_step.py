@@ -3,7 +3,7 @@
     python benchmarks/slot_step.py [--size small|2b] [--rows 16] [--max-context 4096] [--steps 5]
                                    [--scan-layers]
 
-Builds the continuous-batching engine the server runs (`batching.SlotEngine`) over random
+Builds the decode slots the server runs (`serving.scheduler.Slots`, over the one engine) over random
 weights (float32, one CPU device), times its warm-up (every row bucket x context bucket
 compiled, and the prefill of every prompt bucket up to 64 tokens, as `qwen2vl-serve` does at
 start-up), then one decode step of `--rows` rows attending
@@ -38,12 +38,12 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
 
     from qwen2vl_jax import Qwen2VL
-    from qwen2vl_jax.batching import Batcher, SlotEngine, short_prompt_lengths
+    from qwen2vl_jax.serving.scheduler import Batcher, Slots, short_prompt_lengths
     from qwen2vl_jax.modules.qwen2vl import init_params
 
     config = model_config(args.size)
     model = Qwen2VL(config, init_params(config, jax.random.PRNGKey(0)), "float32", scan_layers=args.scan_layers)
-    slots = SlotEngine(model.engine, max_batch=args.rows, max_context=args.max_context)
+    slots = Slots(model.engine, max_batch=args.rows, max_context=args.max_context)
     t0 = time.perf_counter()
     Batcher(slots, model.params).warm_up()
     warm = time.perf_counter() - t0
@@ -58,7 +58,7 @@ def main(argv=None) -> int:
         jax.block_until_ready(tok)
         rows.append((context, (time.perf_counter() - t0) / args.steps))
     full = rows[-1][1]
-    print(f"SlotEngine decode step, --size {args.size}{' --scan-layers' if args.scan_layers else ''}, "
+    print(f"Server decode step, --size {args.size}{' --scan-layers' if args.scan_layers else ''}, "
           f"{args.rows} rows, --max-context {args.max_context}, float32, {jax.devices()[0].platform}; "
           f"warm-up ({len(slots.row_buckets)} row x {len(slots.context_buckets)} context buckets, "
           f"{len(short_prompt_lengths(args.max_context))} prompt buckets) {warm:.1f} s")

@@ -28,8 +28,8 @@ from qwen2vl_jax.sampling import GenerationConfig
 class Reply:
     text: str
     token_ids: list[int]  # the generated tokens, without the EOS
-    finish_reason: str  # "eos" or "length"
-    eos_token_id: int | None  # the token that ended the turn (finish_reason "eos")
+    finish_reason: str  # "stop" (an EOS ended the turn) or "length" (max_new_tokens)
+    eos_token_id: int | None  # the token that ended the turn (finish_reason "stop")
     prompt_tokens: int
     vision_tokens: int  # placeholder tokens among the prompt's
     preprocess_s: float  # chat template, image/video loading, resizing and patching (host)
@@ -45,7 +45,7 @@ class Reply:
     @property
     def tokens_per_s(self) -> float:
         """Decode speed: the tokens after the first over the time they took."""
-        n = len(self.token_ids) + (self.finish_reason == "eos") - 1
+        n = len(self.token_ids) + (self.finish_reason == "stop") - 1
         return n / self.decode_s if n > 0 and self.decode_s > 0 else float("nan")
 
     def summary(self) -> str:
@@ -107,7 +107,6 @@ def chat(model, processor, messages: Sequence[dict[str, Any]], *, out: TextIO | 
     if settings.get("eos_token_ids") is None and config is None:
         settings["eos_token_ids"] = turn_end_ids(model, processor)
     gc = model.generation_settings(config, **settings)
-    eos = set(gc.eos_token_ids)
     stream = TextStream(processor, out)
     t1 = time.perf_counter()
     first = t1
@@ -117,8 +116,8 @@ def chat(model, processor, messages: Sequence[dict[str, Any]], *, out: TextIO | 
         token = int(step.ids[0])
         if step.index == 0:
             first, vision_s = time.perf_counter(), step.vision_s
-        if token in eos:
-            finish, end = "eos", token
+        if step.reason() == "stop":  # the EOS that ended the turn: not part of the text
+            finish, end = "stop", token
             break
         stream.push(token)
     t2 = time.perf_counter()

@@ -1,182 +1,45 @@
-"""The generation engine: a typed KV cache, the jitted vision tower, prefill and decode step, and
-the two ways to run decoding (one `jax.lax.while_loop`, or step by step for streaming).
+"""The one decode runner: a jitted vision tower and forward, and three device programs that
+every way of generating drives.
 
-The flow for one batch (`inputs.ModelInputs`: B rows packed to the right of a prompt bucket Lb):
-  `encode`   the vision tower over the batch's flat patch layout (jitted per patch bucket);
-  `prefill`  embeddings with the features merged in, the decoder over the prompt into a fresh
-             cache of S = Lb + round_up(max_new_tokens, 64) slots, the first token drawn
-             (jitted per (B, Lb, S, feature bucket));
-  `step`     one token for every row (jitted per (B, S)), either inside one while_loop
-             (`generate`) or dispatched one at a time (`stream`), the next step always queued
-             before the current token is read back, so the device never waits for the host.
+  `prefill`  P rows of prompts (`inputs.ModelInputs`: each row right-aligned in a prompt bucket
+             Lb), the vision features merged in, through the decoder into a cache of its own
+             (`slots` >= Lb slots), and each row's first token drawn -> a `DecodeState` of P
+             rows, the prefix (jitted per (P, Lb, slots, feature bucket));
+  `insert`   a prefix's rows into rows of a decode state (with `pack`, each row's prompt moved
+             to slots [0, n) so a row holds no padding) (jitted per shapes);
+  `step`     every live row one token: the first `rows` rows, attending over the first
+             `context` slots, the state donated (jitted per (B, S, rows, context)).
 
-A generated token in cache slot j of a row sits at M-RoPE position j + pos_offset, the same on
-all three axes. Attention is masked by slot (`kv_valid`), so left padding needs no special case.
-Nothing here mutates the model: params are an argument of every call, results come back as
-values (`GenerationResult`, `Token`).
+Offline generation (`generate`, `stream`) prefills a batch straight into its own rows of
+S = Lb + round_up(max_new_tokens, 64) slots (the prefix is the whole state, so its insert is the
+identity) and runs `step` inside one `jax.lax.while_loop` (`generate`) or one call at a time
+(`stream`, the next step always queued before the current token is read back). The server's
+scheduler (`serving.scheduler`) prefills one request at a time, inserts it into a free row and
+steps every live row, through the same three programs. Whether a row is finished is decided in
+one place (`decode_state.advance`). Nothing here mutates the model: params are an argument of
+every call, results come back as values (`GenerationResult`, `Token`).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import time
-from typing import ClassVar, Iterator
+from typing import Iterator
 
-import flax.struct
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 
-from qwen2vl_jax.config import TextConfig
+from qwen2vl_jax.decode_state import FINISH_REASONS, LENGTH, RUNNING, STOP, DecodeState, KVCache, RowSettings, advance
 from qwen2vl_jax.inputs import ModelInputs, round_up
 from qwen2vl_jax.modules.qwen2vl import Qwen2VLModule, init_shapes
-from qwen2vl_jax.modules.text import LayerCache
-from qwen2vl_jax.sampling import GenerationConfig, Sampling, sample_token
-from qwen2vl_jax.sharding import ShardingRules, named_sharding, param_shardings, shard, to_global, use_mesh
+from qwen2vl_jax.sampling import GenerationConfig, Sampling
+from qwen2vl_jax.sharding import ShardingRules, named_sharding, param_shardings, to_global, use_mesh
+
+__all__ = ["Engine", "GenerationResult", "Token", "DecodeState", "KVCache", "RowSettings", "FINISH_REASONS"]
 
 CACHE_ROOM_MULTIPLE = 64  # max_new_tokens is rounded up to this for the cache's extra slots
-
-
-# ---------------------------------------------------------------------------- the cache
-@flax.struct.dataclass
-class KVCache:
-    """Keys and values of every decoder layer: k[i], v[i] are [B, S, K, hd] (S cache slots);
-    for a scanned decoder (`stacked`), k[0] and v[0] are [n, B, S, K, hd], all n layers in one.
-
-    The shapes, dtype and logical axes are declared here once; `abstract` gives the shapes for
-    eval_shape/AOT, `shardings` the layout on a mesh, `constrain` pins it inside a trace."""
-
-    k: tuple[jax.Array, ...]
-    v: tuple[jax.Array, ...]
-    stacked: bool = flax.struct.field(pytree_node=False, default=False)
-
-    AXES: ClassVar[tuple[str | None, ...]] = ("batch", None, "kv_heads", None)
-
-    @property
-    def axes(self) -> tuple[str | None, ...]:
-        return (None, *self.AXES) if self.stacked else self.AXES
-
-    @property
-    def batch_axis(self) -> int:
-        return 1 if self.stacked else 0
-
-    @staticmethod
-    def layer_shape(config: TextConfig, batch: int, slots: int) -> tuple[int, int, int, int]:
-        return (batch, slots, config.num_key_value_heads, config.head_dim)
-
-    @classmethod
-    def _build(cls, config: TextConfig, batch: int, slots: int, stacked: bool, make) -> "KVCache":
-        shape = cls.layer_shape(config, batch, slots)
-        n = config.num_hidden_layers
-        if stacked:
-            return cls((make((n, *shape)),), (make((n, *shape)),), stacked=True)
-        return cls(tuple(make(shape) for _ in range(n)), tuple(make(shape) for _ in range(n)))
-
-    @classmethod
-    def abstract(cls, config: TextConfig, batch: int, slots: int, dtype, stacked: bool = False) -> "KVCache":
-        return cls._build(config, batch, slots, stacked, lambda shape: jax.ShapeDtypeStruct(shape, jnp.dtype(dtype)))
-
-    @classmethod
-    def zeros(cls, config: TextConfig, batch: int, slots: int, dtype, stacked: bool = False) -> "KVCache":
-        """A fresh cache (inside a trace: constrained to its layout)."""
-        return cls._build(config, batch, slots, stacked, lambda shape: jnp.zeros(shape, dtype)).constrain()
-
-    def map(self, fn) -> "KVCache":
-        """fn applied to every cache array (k and v alike)."""
-        return self.replace(k=tuple(map(fn, self.k)), v=tuple(map(fn, self.v)))
-
-    def constrain(self) -> "KVCache":
-        return self.map(lambda x: shard(x, *self.axes))
-
-    def shardings(self, mesh: Mesh, rules: ShardingRules | None = None) -> "KVCache":
-        rules = rules or ShardingRules()
-        return self.map(lambda x: named_sharding(mesh, rules, x.shape, *self.axes))
-
-    @property
-    def slots(self) -> int:
-        return self.k[0].shape[self.batch_axis + 1]
-
-    @property
-    def layers(self) -> tuple[LayerCache, ...] | LayerCache:
-        """The form the decoder module takes: one (k, v) per layer, or the stacked pair."""
-        if self.stacked:
-            return LayerCache(self.k[0], self.v[0])
-        return tuple(LayerCache(k, v) for k, v in zip(self.k, self.v))
-
-    @classmethod
-    def of_layers(cls, layers) -> "KVCache":
-        if isinstance(layers, LayerCache):  # a scanned decoder's stacked cache
-            return cls((layers.k,), (layers.v,), stacked=True)
-        return cls(tuple(c.k for c in layers), tuple(c.v for c in layers))
-
-    @property
-    def nbytes(self) -> int:
-        return int(sum(np.prod(x.shape) * jnp.dtype(x.dtype).itemsize for x in (*self.k, *self.v)))
-
-
-# ---------------------------------------------------------------------------- decode state
-@flax.struct.dataclass
-class DecodeState:
-    """Everything the decode loop carries. B rows, S cache slots, T = S - start."""
-
-    step: jax.Array  # int32[]: tokens generated so far
-    start: jax.Array  # int32[]: cache slot of the first generated token (the prompt bucket)
-    max_new: jax.Array  # int32[]: stop after this many tokens (<= T)
-    token: jax.Array  # int32[B]: the last generated token, fed to the next step
-    tokens: jax.Array  # int32[B, T]: generated tokens; pad after a row's EOS
-    done: jax.Array  # bool[B]: the row has produced an EOS
-    logits: jax.Array  # f32[B, V]: the logits the last token was drawn from
-    cache: KVCache
-    kv_valid: jax.Array  # bool[B, S]: which slots hold a real token (prompt pads do not)
-    pos_offset: jax.Array  # int32[B]: the M-RoPE position of slot j is j + pos_offset
-    seen: jax.Array  # bool[B, V]: tokens in the prompt or generated (repetition penalty)
-    rng: jax.Array  # the key the next step splits
-    sampling: Sampling
-
-    def constrain(self) -> "DecodeState":
-        """Pins the sharding of the batch-major fields (a no-op without a mesh)."""
-        return self.replace(
-            cache=self.cache.constrain(), kv_valid=shard(self.kv_valid, "batch", None),
-            logits=shard(self.logits, "batch", "vocab"), seen=shard(self.seen, "batch", None),
-            pos_offset=shard(self.pos_offset, "batch"),
-            # What the host reads back stays replicated, so every process can read it.
-            token=shard(self.token, None), tokens=shard(self.tokens, None, None), done=shard(self.done, None),
-        )
-
-    def readout(self) -> tuple[jax.Array, jax.Array]:
-        """(token int32[B], done bool[B]) as fresh arrays: the host reads them while the state
-        itself is donated to the next step."""
-        return jnp.copy(self.token), jnp.copy(self.done)
-
-
-def _advance(state: DecodeState, logits, greedy: bool) -> DecodeState:
-    """Draws the next token from `logits` f32[B, V] and records it."""
-    rng, key = jax.random.split(state.rng)
-    tok = sample_token(logits, state.seen, state.sampling, key, greedy)
-    tok = jnp.where(state.done, state.sampling.pad, tok)
-    tokens = jax.lax.dynamic_update_slice_in_dim(state.tokens, tok[:, None], state.step, axis=1)
-    is_eos = jnp.any(tok[:, None] == state.sampling.eos[None, :], axis=-1)
-    seen = state.seen.at[jnp.arange(tok.shape[0]), tok].set(True)
-    return state.replace(step=state.step + 1, token=tok, tokens=tokens, done=state.done | is_eos,
-                         logits=logits, seen=seen, rng=rng)
-
-
-def _keep_going(state: DecodeState):
-    return (state.step < state.max_new) & ~jnp.all(state.done)
-
-
-def _masked_step(state: DecodeState, after: DecodeState) -> DecodeState:
-    """`after` (one step from `state`) where the decode was still going, else `state`'s tokens,
-    counters, logits and key, with no branch. The cache is `after`'s either way: a step past
-    the end writes the last token's keys into the next slot, which is in the cache (the step
-    count never passes max_new <= T) and which nothing reads once the loop stops."""
-    go = _keep_going(state)
-    pick = lambda new, old: jnp.where(go, new, old)  # noqa: E731
-    return after.replace(step=pick(after.step, state.step), token=pick(after.token, state.token),
-                         tokens=pick(after.tokens, state.tokens), done=pick(after.done, state.done),
-                         logits=pick(after.logits, state.logits), seen=pick(after.seen, state.seen),
-                         rng=pick(after.rng, state.rng)).constrain()
 
 
 # ---------------------------------------------------------------------------- results
@@ -186,6 +49,7 @@ class GenerationResult:
 
     tokens: np.ndarray  # int32[B, n]: each row up to and including its EOS, pad after it
     finished: np.ndarray  # bool[B]: the row ended with an EOS (else it reached max_new_tokens)
+    finish: np.ndarray  # int32[B]: decode_state.STOP or LENGTH (FINISH_REASONS names them)
     vision_s: float  # wall time of the vision tower (0 without images or videos)
     first_token_s: float  # from the call to the first token: vision tower + prefill + one draw
     total_s: float  # the whole call
@@ -205,14 +69,18 @@ class Token:
     done: np.ndarray  # bool[B]: the row has ended (with this token or before)
     index: int  # 0 for the first token
     vision_s: float  # wall time of this request's vision tower (0 without images or videos)
+    finish: np.ndarray  # int32[B]: RUNNING, STOP (this token or an earlier one was an EOS) or LENGTH
+
+    def reason(self, row: int = 0) -> str | None:
+        """The row's finish reason ("stop", "length"), None while it runs."""
+        return FINISH_REASONS.get(int(self.finish[row]))
 
 
-# ---------------------------------------------------------------------------- the engine
+# ---------------------------------------------------------------------------- the runner
 class Engine:
-    """Jitted forward, vision tower, prefill and decode for one module on one mesh (or none).
+    """The jitted forward, vision tower and the three decode programs for one module on one
+    mesh (or none).
 
-    Compiles once per bucket: `encode` per (patches, segments, segment length), `forward` per
-    (B, Lb, patch bucket), `prefill` per (B, Lb, S, feature bucket), `step`/`loop` per (B, S).
     The module's fields (dtype, attention kernel) are part of what is compiled: an engine for
     another kernel is another engine."""
 
@@ -223,7 +91,7 @@ class Engine:
         loop_options: XLA compiler options for `generate`'s decode loop; steps_per_iteration:
         decode steps in one iteration of that loop, so its stop test (a read of the
         predicate on a GPU) comes once per that many tokens. Every step of an iteration runs;
-        one past the end keeps the state it was given (`_masked_step`), so up to K - 1 steps
+        one past the end keeps the state it was given (`_masked`), so up to K - 1 steps
         of compute are wasted at the end, and the program holds the decoder K times."""
         if steps_per_iteration < 1:
             raise ValueError(f"steps_per_iteration must be at least 1 (got {steps_per_iteration})")
@@ -244,9 +112,11 @@ class Engine:
 
         self._encode = jit(self._encode_impl, 2)
         self._forward = jit(self._forward_impl, 5)
-        self._prefill = jit(self._prefill_impl, 5, static_argnums=5)
-        self._step = jit(self._step_impl, 2, static_argnums=2, donate_argnums=1)
-        self._loop = jit(self._loop_impl, 2, static_argnums=2, donate_argnums=1,
+        self._prefill = jit(self._prefill_impl, 4, static_argnums=(4, 5))
+        self._insert = jax.jit(self._insert_impl, donate_argnums=0, static_argnums=3)
+        self._empty = jax.jit(self._empty_impl, static_argnums=(0, 1))
+        self._step = jit(self._step_impl, 2, static_argnums=(2, 3, 4), donate_argnums=1)
+        self._loop = jit(self._loop_impl, 2, static_argnums=(2, 3), donate_argnums=1,
                          **({"compiler_options": loop_options} if loop_options else {}))
 
     # ------------------------------------------------------------ traced bodies
@@ -261,70 +131,183 @@ class Engine:
         with use_mesh(self.mesh, self.rules), jax.named_scope("forward"):
             return self.module.apply({"params": params}, input_ids, positions, mask, vision).astype(jnp.float32)
 
-    def _prefill_impl(self, params, batch, features, sampling, rng, greedy: bool):
-        """batch: input_ids int32[B, Lb], positions int32[3, B, Lb], kv_valid bool[B, S],
-        pos_offset int32[B], max_new int32[]; features [F, D] or None -> (DecodeState after
-        the first token, its readout)."""
-        cfg = self.config.text
-        ids = batch["input_ids"]
-        b, lb = ids.shape
-        slots = batch["kv_valid"].shape[1]
-        with use_mesh(self.mesh, self.rules), jax.named_scope("prefill"):
-            x = self._apply(params, ids, features, method=Qwen2VLModule.embed)
-            cache = KVCache.zeros(cfg, b, slots, self.module.dtype, self.module.scan_layers)
-            hidden, layers = self._apply(params, x, batch["positions"], batch["kv_valid"], cache.layers, 0,
-                                         method=Qwen2VLModule.decode)
-            logits = self._apply(params, hidden[:, -1], method=Qwen2VLModule.lm_logits).astype(jnp.float32)
-            prompt_valid = batch["kv_valid"][:, :lb]
-            seen = jnp.zeros((b, cfg.vocab_size), bool).at[jnp.arange(b)[:, None], ids].max(prompt_valid)
-            state = DecodeState(
-                step=jnp.int32(0), start=jnp.int32(lb), max_new=batch["max_new"],
-                token=jnp.zeros((b,), jnp.int32),
-                tokens=jnp.full((b, slots - lb), sampling.pad, jnp.int32),
-                done=jnp.zeros((b,), bool), logits=logits, cache=KVCache.of_layers(layers),
-                kv_valid=batch["kv_valid"], pos_offset=batch["pos_offset"], seen=seen, rng=rng, sampling=sampling,
-            )
-            state = _advance(state, logits, greedy).constrain()
-            return state, state.readout()
-
-    def _decode_one(self, params, state: DecodeState, greedy: bool) -> DecodeState:
-        slot = state.start + state.step - 1  # where the last token goes
-        pos = jnp.broadcast_to((slot + state.pos_offset)[None, :, None], (3, state.token.shape[0], 1))
-        x = self._apply(params, state.token[:, None], None, method=Qwen2VLModule.embed)
-        hidden, layers = self._apply(params, x, pos, state.kv_valid, state.cache.layers, slot,
-                                     method=Qwen2VLModule.decode)
+    def _logits(self, params, ids, features, positions, kv_valid, cache: KVCache, index):
+        """The one model call of every program: tokens in, their keys into the cache from slot
+        `index`, the last position's logits out -> (f32[B, V], the new cache)."""
+        x = self._apply(params, ids, features, method=Qwen2VLModule.embed)
+        hidden, layers = self._apply(params, x, positions, kv_valid, cache.layers, index, method=Qwen2VLModule.decode)
         logits = self._apply(params, hidden[:, -1], method=Qwen2VLModule.lm_logits).astype(jnp.float32)
-        return _advance(state.replace(cache=KVCache.of_layers(layers)), logits, greedy).constrain()
+        return logits, KVCache.of_layers(layers)
 
-    def _step_impl(self, params, state: DecodeState, greedy: bool):
-        with use_mesh(self.mesh, self.rules), jax.named_scope("decode_step"):
-            state = self._decode_one(params, state, greedy)
+    def _prefill_impl(self, params, batch, features, settings: RowSettings, slots: int, greedy: bool | None):
+        """batch: input_ids int32[P, Lb], positions int32[3, P, Lb], mask bool[P, Lb],
+        pos_offset int32[P]; features [F, D] or None -> (the prefix, its readout)."""
+        cfg = self.config.text
+        ids, mask = batch["input_ids"], batch["mask"]
+        p, lb = ids.shape
+        # Slots after the prompt are open to the queries that will sit there (causal masking
+        # keeps the prompt's own queries off them).
+        kv_valid = jnp.concatenate([mask, jnp.ones((p, slots - lb), bool)], axis=1)
+        with use_mesh(self.mesh, self.rules), jax.named_scope("prefill"):
+            cache = KVCache.zeros(cfg, p, slots, self.module.dtype, self.module.scan_layers)
+            logits, cache = self._logits(params, ids, features, batch["positions"], kv_valid, cache, 0)
+            seen = jnp.zeros((p, cfg.vocab_size), bool).at[jnp.arange(p)[:, None], ids].max(mask)
+            zeros = jnp.zeros((p,), jnp.int32)
+            state = DecodeState(
+                cache=cache, kv_valid=kv_valid, pos=jnp.full((p,), lb, jnp.int32), pos_offset=batch["pos_offset"],
+                token=zeros, logits=logits, seen=seen, generated=zeros, finish=zeros, greedy=settings.greedy,
+                max_new=settings.max_new, rng=settings.rng, sampling=settings.sampling)
+            state = advance(state, logits, greedy).constrain()
             return state, state.readout()
 
-    def _loop_impl(self, params, state: DecodeState, greedy: bool) -> DecodeState:
-        def one(s):
-            return self._decode_one(params, s, greedy)
+    def _insert_impl(self, state: DecodeState, prefix: DecodeState, row, pack: bool) -> DecodeState:
+        """Rows [row, row + P) of the state <- the prefix's P rows (see `insert`)."""
+        lb, s = prefix.cache.slots, state.kv_valid.shape[1]
+        ax = prefix.cache.batch_axis  # 1 for a scanned decoder's stacked cache
+        if pack:
+            n = jnp.sum(prefix.kv_valid[:, :lb], axis=1).astype(jnp.int32)  # [P] real prompt tokens
+            # each row's slots rolled left by its padding; one row's slot axis is `ax` once
+            # the batch axis is mapped over
+            roll = jax.vmap(lambda x, k: jnp.roll(x, -k, axis=ax), in_axes=(ax, 0), out_axes=ax)
+            prefix = prefix.replace(
+                cache=prefix.cache.map(lambda x: roll(x, lb - n)), kv_valid=jnp.arange(s) < n[:, None], pos=n,
+                # The slot after the prompt was Lb in the bucket and is n once moved to [0, n).
+                pos_offset=prefix.pos_offset + lb - n)
+        else:
+            grow = max(s - prefix.kv_valid.shape[1], 0)
+            prefix = prefix.replace(kv_valid=jnp.pad(prefix.kv_valid[:, :s], ((0, 0), (0, grow))))
+        if lb > s:  # only possible when the whole prompt still fits: keep its first S slots
+            prefix = prefix.replace(cache=prefix.cache.map(lambda x: jax.lax.slice_in_dim(x, 0, s, axis=ax + 1)))
 
-        def body(s):
-            s = one(s)
+        def put(big, axis, small):
+            return jax.lax.dynamic_update_slice_in_dim(big, small.astype(big.dtype), row, axis=axis)
+
+        with use_mesh(self.mesh, self.rules), jax.named_scope("insert"):
+            out = state.rows(put, prefix)
+            return (out.replace(rng=prefix.rng) if state.shared_key else out).constrain()
+
+    def _empty_impl(self, rows: int, slots: int) -> DecodeState:
+        """`rows` free rows of `slots` slots (finished, so they draw only pads)."""
+        cfg = self.config.text
+        one = Sampling.of(GenerationConfig())
+        zeros = jnp.zeros((rows,), jnp.int32)
+        with use_mesh(self.mesh, self.rules), jax.named_scope("empty_state"):
+            return DecodeState(
+                cache=KVCache.zeros(cfg, rows, slots, self.module.dtype, self.module.scan_layers),
+                kv_valid=jnp.zeros((rows, slots), bool), pos=zeros, pos_offset=zeros, token=zeros,
+                logits=jnp.zeros((rows, cfg.vocab_size), jnp.float32), seen=jnp.zeros((rows, cfg.vocab_size), bool),
+                generated=zeros, finish=jnp.full((rows,), LENGTH, jnp.int32), greedy=jnp.ones((rows,), bool),
+                max_new=zeros, rng=jnp.zeros((rows, 2), jnp.uint32),
+                sampling=jax.tree.map(lambda x: jnp.broadcast_to(jnp.asarray(x), (rows, *np.shape(x))), one),
+            ).constrain()
+
+    def _decode_one(self, params, state: DecodeState, context: int, greedy: bool | None) -> DecodeState:
+        """One token for every row: each row's last token fed at its own slot `pos`; attention
+        reads slots [0, context) only (every live row's tokens are there)."""
+        b, s = state.kv_valid.shape
+        pos = jnp.minimum(state.pos, s - 1)  # a free row may run past its end: its result is discarded
+        kv_valid = state.kv_valid.at[jnp.arange(b), pos].set(True)
+        positions = jnp.broadcast_to((pos + state.pos_offset)[None, :, None], (3, b, 1))
+        logits, cache = self._logits(params, state.token[:, None], None, positions, kv_valid[:, :context],
+                                     state.cache, pos)
+        return advance(state.replace(cache=cache, kv_valid=kv_valid, pos=pos + 1), logits, greedy).constrain()
+
+    def _step_impl(self, params, state: DecodeState, rows: int, context: int, greedy: bool | None):
+        with use_mesh(self.mesh, self.rules), jax.named_scope("decode_step"):
+            if rows == state.kv_valid.shape[0]:
+                state = self._decode_one(params, state, context, greedy)
+                return state, state.readout()
+            # rows past `rows` are free: step the first ones and write them back in place (donated)
+            head = state.rows(lambda a, ax: jax.lax.slice_in_dim(a, 0, rows, axis=ax))
+            head = self._decode_one(params, head, context, greedy)
+            out = state.rows(lambda a, ax, h: jax.lax.dynamic_update_slice_in_dim(a, h, 0, axis=ax), head)
+            return (out.replace(rng=head.rng) if state.shared_key else out).constrain(), head.readout()
+
+    def _loop_impl(self, params, state: DecodeState, length: int, greedy: bool):
+        """Steps until every row is finished -> (the state, tokens int32[B, length] with the
+        first n drawn (pad after a row's end), n)."""
+        b, s = state.kv_valid.shape
+        tokens = jnp.broadcast_to(state.sampling.pad[:, None], (b, length)).at[:, 0].set(state.token)
+
+        def keep_going(carry):
+            return jnp.any(carry[0].finish == RUNNING)
+
+        def one(carry):
+            st, toks, n = carry
+            st = self._decode_one(params, st, s, greedy)
+            return st, jax.lax.dynamic_update_slice_in_dim(toks, st.token[:, None], n, axis=1), n + 1
+
+        def masked(before, after):
+            """`after` where the decode was still going, else `before`, with no branch. The cache
+            is `after`'s either way: a step past the end writes into the next slot, which is in
+            the cache (n never passes max_new <= length) and which nothing reads once it stops."""
+            go = keep_going(before)
+            pick = lambda new, old: jnp.where(go, new, old)  # noqa: E731
+            st = jax.tree.map(pick, after[0].replace(cache=None), before[0].replace(cache=None))
+            return (st.replace(cache=after[0].cache).constrain(), pick(after[1], before[1]), pick(after[2], before[2]))
+
+        def body(carry):
+            carry = one(carry)
             for _ in range(self.steps_per_iteration - 1):
-                s = _masked_step(s, one(s))
-            return s
+                carry = masked(carry, one(carry))
+            return carry
 
         with use_mesh(self.mesh, self.rules), jax.named_scope("decode_loop"):
-            return jax.lax.while_loop(_keep_going, body, state)
+            return jax.lax.while_loop(keep_going, body, (state, tokens, jnp.int32(1)))
 
-    # ------------------------------------------------------------ host side
+    # ------------------------------------------------------------ ahead of time
+    PROGRAMS = ("encode", "forward", "prefill", "insert", "empty", "step", "loop")
+
+    def program(self, name: str):
+        """The jitted program `name` (one of PROGRAMS), for ahead-of-time work:
+        `.lower(*args)` / `.eval_shape(*args)` with arrays or jax.ShapeDtypeStruct in the
+        argument order of its traced body (`_<name>_impl`), static arguments as plain values."""
+        if name not in self.PROGRAMS:
+            raise ValueError(f"no program {name!r} (one of {', '.join(self.PROGRAMS)})")
+        return getattr(self, f"_{name}")
+
+    # ------------------------------------------------------------ the device calls
+    # Host arrays in, device values out: what a multi-process leader replays on every process
+    # (serving.lockstep wraps exactly these five).
+    def empty(self, rows: int, slots: int) -> DecodeState:
+        """A decode state of `rows` free rows of `slots` cache slots."""
+        return self._empty(rows, slots)
+
+    def encode(self, params, vision: dict) -> jax.Array:
+        """pack_vision's arrays -> merged features [N / merge_unit, D] (on device)."""
+        return self._encode(params, self._put(vision, {}))
+
+    def prefill(self, params, batch: dict, features, settings: RowSettings, slots: int,
+                greedy: bool | None = None) -> tuple[DecodeState, tuple[jax.Array, jax.Array]]:
+        """P prompts (batch: input_ids int32[P, Lb], positions int32[3, P, Lb], mask bool[P, Lb],
+        pos_offset int32[P]) with their merged features [F, D] (or None) into a prefix of
+        `slots` >= Lb cache slots, each row's first token drawn -> (the prefix, its (token,
+        finish) readout). greedy: True/False when every row is greedy/sampling, None to follow
+        each row's flag (a served batch)."""
+        return self._prefill(params, batch, features, settings, slots, greedy)
+
+    def insert(self, state: DecodeState, prefix: DecodeState, row: int, pack: bool = True) -> DecodeState:
+        """The state (donated) with rows [row, row + P) holding the prefix's rows. pack: each
+        row's real prompt tokens move from the end of its bucket to slots [0, n) and the rest of
+        the row is masked off (a served row holds no padding); else the rows keep the prefix's
+        layout."""
+        return self._insert(state, prefix, np.int32(row), pack)
+
+    def step(self, params, state: DecodeState, greedy: bool | None = None, rows: int | None = None,
+             context: int | None = None) -> tuple[DecodeState, tuple[jax.Array, jax.Array]]:
+        """One token for each of the first `rows` rows (default every row), attending over the
+        first `context` cache slots (default all) -> (the next state, the (token, finish)
+        readout of those rows); the state passed in is donated (read what you need first)."""
+        b, s = state.kv_valid.shape
+        return self._step(params, state, b if rows is None else rows, s if context is None else context, greedy)
+
+    # ------------------------------------------------------------ offline generation
     def _put(self, tree: dict, axes: dict) -> dict:
         """Host arrays -> device arrays laid out by their logical axes (data parallel on batch)."""
         if self.mesh is None:
             return tree
         return {k: to_global(v, named_sharding(self.mesh, self.rules, np.shape(v), *axes.get(k, ())))
                 for k, v in tree.items()}
-
-    def encode(self, params, vision: dict) -> jax.Array:
-        """pack_vision's arrays -> merged features [N / merge_unit, D] (on device)."""
-        return self._encode(params, self._put(vision, {}))
 
     def forward(self, params, inputs: ModelInputs) -> jax.Array:
         """Logits f32[B, Lb, V] of the packed inputs (on device; `inputs.unpack` restores the
@@ -339,25 +322,19 @@ class Engine:
         return inputs.shape[1] + round_up(max_new_tokens, CACHE_ROOM_MULTIPLE)
 
     def start(self, params, inputs: ModelInputs, gc: GenerationConfig):
-        """Dispatches the vision tower and prefill; -> (features or None, state, first readout)."""
+        """Dispatches the vision tower and the prefill of the whole batch into its own rows ->
+        (features or None, the decode state, its first readout)."""
         features = None
         if inputs.vision is not None:
             features = self.encode(params, inputs.vision)
-        b, lb = inputs.shape
-        slots = self.cache_slots(inputs, gc.max_new_tokens)
-        kv_valid = np.concatenate([inputs.attention_mask, np.ones((b, slots - lb), bool)], axis=1)
-        batch = {"input_ids": inputs.input_ids, "positions": inputs.positions, "kv_valid": kv_valid,
-                 "pos_offset": inputs.pos_offset, "max_new": np.int32(gc.max_new_tokens)}
-        batch = self._put(batch, {"input_ids": ("batch",), "positions": (None, "batch"),
-                                  "kv_valid": ("batch",), "pos_offset": ("batch",)})
-        state, first = self._prefill(params, batch, features, Sampling.of(gc), jax.random.PRNGKey(gc.seed),
-                                     gc.greedy)
+        batch = self._put({"input_ids": inputs.input_ids, "positions": inputs.positions,
+                           "mask": inputs.attention_mask, "pos_offset": inputs.pos_offset},
+                          {"input_ids": ("batch",), "positions": (None, "batch"), "mask": ("batch",),
+                           "pos_offset": ("batch",)})
+        settings = RowSettings.repeat(gc, inputs.shape[0])
+        state, first = self.prefill(params, batch, features, settings, self.cache_slots(inputs, gc.max_new_tokens),
+                                    gc.greedy)
         return features, state, first
-
-    def step(self, params, state: DecodeState, greedy: bool) -> tuple[DecodeState, tuple[jax.Array, jax.Array]]:
-        """One decode step for every row -> (the next state, its (token, done) readout); the
-        state passed in is donated (read what you need from it first)."""
-        return self._step(params, state, greedy)
 
     @staticmethod
     def _vision_time(features, t0: float) -> float:
@@ -368,15 +345,17 @@ class Engine:
         return time.perf_counter() - t0
 
     def generate(self, params, inputs: ModelInputs, gc: GenerationConfig) -> GenerationResult:
-        """The whole decode as one while_loop that stops when every row has its EOS."""
+        """The whole decode as one while_loop that stops when every row is finished."""
         t0 = time.perf_counter()
         features, state, first = self.start(params, inputs, gc)
-        state = self._loop(params, state, gc.greedy)
+        length = state.kv_valid.shape[1] - inputs.shape[1]
+        state, tokens, n = self._loop(params, state, length, gc.greedy)
         vision_s = self._vision_time(features, t0)
         jax.block_until_ready(first)
         t_first = time.perf_counter() - t0
-        n, tokens, done = jax.device_get((state.step, state.tokens, state.done))
-        return GenerationResult(np.asarray(tokens)[:, :int(n)], np.asarray(done), vision_s, t_first,
+        n, tokens, finish = jax.device_get((n, tokens, state.finish))
+        finish = np.asarray(finish)
+        return GenerationResult(np.asarray(tokens)[:, :int(n)], finish == STOP, finish, vision_s, t_first,
                                 time.perf_counter() - t0)
 
     def stream(self, params, inputs: ModelInputs, gc: GenerationConfig) -> Iterator[Token]:
@@ -390,8 +369,9 @@ class Engine:
             ahead = None
             if index + 1 < gc.max_new_tokens:
                 state, ahead = self.step(params, state, gc.greedy)
-            ids, done = jax.device_get(pending)
-            yield Token(np.asarray(ids), np.asarray(done), index, vision_s)
+            ids, finish = (np.asarray(x) for x in jax.device_get(pending))
+            done = finish != RUNNING
+            yield Token(ids, done, index, vision_s, finish)
             if ahead is None or done.all():
                 return
             pending, index = ahead, index + 1

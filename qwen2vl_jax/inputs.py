@@ -222,6 +222,7 @@ def build_inputs(
     vision_sizes: tuple[int, int, int] | None = None,
     bucket_min: int = PROMPT_BUCKET_MIN,
     empty_rows: bool = False,
+    pixels: bool = True,
 ) -> ModelInputs:
     """Checks the HF processor's arrays and packs them into a `ModelInputs`.
 
@@ -230,6 +231,8 @@ def build_inputs(
     generated after the prompt (checked against the context). `length` and `vision_sizes` fix
     the padded shapes (training keeps them equal across a step's micro-batches); otherwise they
     come from the ladder. `empty_rows` lets a row have no tokens (a training filler row).
+    `pixels=False`: the grids alone, without pixel values (their features come another way,
+    e.g. a server's vision cache): the positions and checks are the same, `vision` is None.
     """
     cfg = config
     ids = np.asarray(input_ids)
@@ -277,6 +280,9 @@ def build_inputs(
         packed, packed_mask, image_grid_thw, video_grid_thw, image_token_id=cfg.image_token_id,
         video_token_id=cfg.video_token_id, spatial_merge_size=cfg.vision.spatial_merge_size)
     pos_offset = (deltas[:, 0] - (lb - lengths)).astype(np.int32)
-    vision = pack_vision(cfg, pixel_values, image_grid_thw, pixel_values_videos, video_grid_thw, sizes=vision_sizes)
+    vision = None
+    if pixels:
+        vision = pack_vision(cfg, pixel_values, image_grid_thw, pixel_values_videos, video_grid_thw,
+                             sizes=vision_sizes)
     return ModelInputs(packed, packed_mask, positions.astype(np.int32), pos_offset, lengths, vision,
                        packed_labels, mask)

@@ -2,8 +2,9 @@
 and the draw of one token (`sample_token`).
 
 Sampling follows HF's order: repetition penalty -> greedy argmax, or temperature -> top-k ->
-top-p -> a categorical draw. Greedy-vs-sampling is the only static choice; the sampling values
-are traced, so changing them does not recompile.
+top-p -> a categorical draw. Greedy-vs-sampling is the only static choice (or a per-row flag);
+the sampling values are traced, per row or for the whole batch, so changing them does not
+recompile.
 """
 
 from __future__ import annotations
@@ -148,23 +149,38 @@ class Sampling:
                    np.float32(gc.repetition_penalty), eos, np.int32(gc.pad_token_id))
 
 
-def sample_token(logits, seen, sampling: Sampling, key, greedy: bool):
-    """logits f32[B, V]; seen bool[B, V] (tokens so far, for the repetition penalty) -> int32[B]."""
-    p = sampling.repetition_penalty
+def sample_token(logits, seen, sampling: Sampling, key, greedy):
+    """logits f32[B, V]; seen bool[B, V] (tokens so far, for the repetition penalty) -> int32[B].
+
+    sampling: fields scalar (every row alike) or [B] (each row its own); key: one key [2] that
+    draws for the whole batch, or [B, 2], a key per row (a row then draws as it would alone);
+    greedy: True or False for every row (fixed when compiled), or bool[B], each row's choice,
+    with the sort that sampling needs skipped when every row is greedy."""
+    column = lambda x: x[:, None] if jnp.ndim(x) == 1 else x  # noqa: E731 - a per-row value against [B, V]
+    p = column(sampling.repetition_penalty)
     logits = jnp.where(seen, jnp.where(logits < 0, logits * p, logits / p), logits)
-    if greedy:
-        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    argmax = lambda: jnp.argmax(logits, axis=-1).astype(jnp.int32)  # noqa: E731
+    if isinstance(greedy, bool):
+        return argmax() if greedy else _draw(logits, sampling, key, column)
+    return jax.lax.cond(jnp.all(greedy), argmax,
+                        lambda: jnp.where(greedy, argmax(), _draw(logits, sampling, key, column)))
+
+
+def _draw(logits, sampling: Sampling, key, column):
+    """temperature -> top-k -> top-p -> a categorical draw, as HF orders them."""
     v = logits.shape[-1]
-    logits = logits / jnp.maximum(sampling.temperature, 1e-6)
+    logits = logits / jnp.maximum(column(sampling.temperature), 1e-6)
     sorted_desc = -jnp.sort(-logits, axis=-1)  # [B, V]
-    k = jnp.where(sampling.top_k > 0, jnp.minimum(sampling.top_k, v), v)
+    k = column(jnp.where(sampling.top_k > 0, jnp.minimum(sampling.top_k, v), v))
     rank = jnp.arange(v)
     sorted_desc = jnp.where(rank < k, sorted_desc, -jnp.inf)
     # top-p over the top-k survivors: keep a token while the mass strictly before it < top_p.
     probs = jax.nn.softmax(sorted_desc, axis=-1)
     mass_before = jnp.cumsum(probs, axis=-1) - probs
-    keep = (mass_before < sampling.top_p) | (rank == 0)
+    keep = (mass_before < column(sampling.top_p)) | (rank == 0)
     n_keep = jnp.sum(keep & (rank < k), axis=-1)  # >= 1
     threshold = jnp.take_along_axis(sorted_desc, (n_keep - 1)[:, None], axis=-1)  # [B, 1]
     logits = jnp.where(logits >= threshold, logits, -jnp.inf)
-    return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
+    if key.ndim == 1:
+        return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
+    return jax.vmap(jax.random.categorical)(key, logits).astype(jnp.int32)

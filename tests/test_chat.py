@@ -41,7 +41,7 @@ def test_chat_streams_the_greedy_answer(demo_dir):
     inputs = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True)
     eos = {*model.generation_config.eos_token_ids, processor.tokenizer.token_to_id("<|im_end|>")}
     want = model.generate(**inputs, max_new_tokens=12, eos_token_ids=tuple(eos))[0].tolist()
-    if reply.finish_reason == "eos":
+    if reply.finish_reason == "stop":
         assert want[len(reply.token_ids)] in eos
     else:
         assert len(reply.token_ids) == 12 and not eos & set(want)

@@ -49,7 +49,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("params", "sharding", "distributed", "hf_mapping", "safetensors_io", "quant"),
     ("modules", "processing"),  # L3: modules is Flax only; processing is numpy/PIL/tokenizers
     ("positions", "inputs"),  # L4: host side, numpy only
-    ("sampling", "engine", "batching", "checkpoint"),  # L5: batching: continuous batching over engine
+    ("sampling", "decode_state", "engine", "checkpoint"),  # L5: decode_state: the KV cache and decode state the engine runs
     ("api", "xla_flags"),  # L6: xla_flags: what the CLIs set before JAX starts
     ("chat", "shell"),  # L7
     ("cli", "serving"),  # L8: serving: the HTTP server package (scheduler, schema, media, app, CLI)

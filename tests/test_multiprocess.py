@@ -351,7 +351,7 @@ def test_cli_prints_once_with_the_single_process_answer(runs):
     assert len(lines) == 1, out0  # one JSON object, from process 0 alone
     ours, ref = json.loads(lines[0]), json.loads(runs["single"][1].strip())
     assert ours["token_ids"] == ref["token_ids"] and ours["text"] == ref["text"]
-    assert len(ours["token_ids"]) == NEW_TOKENS or ours["finish_reason"] == "eos"
+    assert len(ours["token_ids"]) == NEW_TOKENS or ours["finish_reason"] == "stop"
     assert out1 == ""
     assert runs["multi0"]["cli_exit"] == runs["multi1"]["cli_exit"] == 0
 

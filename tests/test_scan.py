@@ -57,7 +57,7 @@ def test_continuous_batching_equals_offline(pair, which):
     slots and stepped together (on the 4-row and the 2-row bucket, attending over the 256-slot
     context bucket that holds them), as the server runs them: each row's tokens are the layer
     loop's offline greedy tokens, for the layer loop and the scanned decoder."""
-    from qwen2vl_jax.batching import SlotEngine
+    from qwen2vl_jax.serving.scheduler import Slots
     from qwen2vl_jax.sampling import GenerationConfig
 
     loop, scanned = pair
@@ -67,25 +67,25 @@ def test_continuous_batching_equals_offline(pair, which):
     rng = np.random.default_rng(0)
     prompts = [rng.integers(0, 190, size=k) for k in (5, 13, 30)]
     want = [loop.generate(p[None], max_new_tokens=n, eos_token_ids=())[0].tolist() for p in prompts]
-    slots = SlotEngine(model.engine, max_batch=4, max_context=300)
+    slots = Slots(model.engine, max_batch=4, max_context=300)
     assert slots.context_buckets == (256, 300) and slots.context_for(40) == 256
-    assert SlotEngine(model.engine, max_context=4096).context_buckets == (256, 1024, 4096)
+    assert Slots(model.engine, max_context=4096).context_buckets == (256, 1024, 4096)
     state = slots.init_state()
     got = [[] for _ in prompts]
     context = lambda live: max(len(prompts[i]) + len(got[i]) for i in live)  # noqa: E731 - as Batcher._step
     for i, p in enumerate(prompts[:2]):
         prefix = slots.prefill(model.params, slots.prompt_inputs(p, room=n), None, gc)
-        got[i].append(int(prefix.token))
-        state = slots.insert(state, prefix, i, gc)
+        got[i].append(int(prefix.token[0]))
+        state = slots.insert(state, prefix, i)
     for _ in range(3):  # rows 0-1 alone: the 2-row bucket, written back into the 4-row state
-        state, tok = slots.step(model.params, state, 2, context((0, 1)))
+        state, (tok, _) = slots.step(model.params, state, 2, context((0, 1)))
         for i in range(2):
             got[i].append(int(tok[i]))
     prefix = slots.prefill(model.params, slots.prompt_inputs(prompts[2], room=n), None, gc)
-    got[2].append(int(prefix.token))
-    state = slots.insert(state, prefix, 2, gc)
+    got[2].append(int(prefix.token[0]))
+    state = slots.insert(state, prefix, 2)
     while min(len(g) for g in got) < n:
-        state, tok = slots.step(model.params, state, 3, context((0, 1, 2)))
+        state, (tok, _) = slots.step(model.params, state, 3, context((0, 1, 2)))
         for i in range(3):
             if len(got[i]) < n:
                 got[i].append(int(tok[i]))
@@ -95,7 +95,7 @@ def test_continuous_batching_equals_offline(pair, which):
 def test_warm_up_compiles_short_prompts_within_a_small_context(pair):
     """Warm-up compiles one prompt per bucket up to 64 tokens, each with room for a new token:
     a 30-slot cache takes prompts of 1-29 (buckets 16-32 would not fit it whole)."""
-    from qwen2vl_jax.batching import Batcher, SlotEngine, short_prompt_lengths
+    from qwen2vl_jax.serving.scheduler import Batcher, Slots, short_prompt_lengths
     from qwen2vl_jax.inputs import bucket
 
     assert [bucket(n, 16) for n in short_prompt_lengths(4096)] == [16, 20, 24, 28, 32, 40, 48, 56, 64]
@@ -104,14 +104,14 @@ def test_warm_up_compiles_short_prompts_within_a_small_context(pair):
     from qwen2vl_jax.sampling import GenerationConfig
 
     loop, _ = pair
-    slots = SlotEngine(loop.engine, max_batch=2, max_context=30)
+    slots = Slots(loop.engine, max_batch=2, max_context=30)
     Batcher(slots, loop.params).warm_up()
     gc = GenerationConfig(max_new_tokens=1)
     state = slots.init_state()
     with count_compiles() as c:  # any prompt that fits, then a step on every bucket: nothing new
         for n in (1, 2, 9, 16, 17, 23, 29):
             state = slots.insert(state, slots.prefill(loop.params, slots.prompt_inputs(np.ones((n,), np.int32), room=1),
-                                                      None, gc), n % 2, gc)
+                                                      None, gc), n % 2)
         for rows in slots.row_buckets:
             for context in slots.context_buckets:
                 state, tok = slots.step(loop.params, state, rows, context)

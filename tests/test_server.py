@@ -371,7 +371,7 @@ def test_vision_cache(tiny):
 
 
 def test_queue_is_bounded():
-    from qwen2vl_jax.batching import Batcher, QueueFull, Request, VisionCache
+    from qwen2vl_jax.serving.scheduler import Batcher, QueueFull, Request, VisionCache
 
     class Slots:  # the batcher's queue never touches the engine before start()
         max_batch = 2
@@ -384,7 +384,7 @@ def test_queue_is_bounded():
 
 
 def test_vision_cache_is_bounded():
-    from qwen2vl_jax.batching import VisionCache
+    from qwen2vl_jax.serving.vision_cache import VisionCache
 
     cache = VisionCache(max_entries=2)
     grid = np.array([[1, 2, 2]])

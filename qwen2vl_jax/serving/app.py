@@ -93,7 +93,7 @@ def create_app(service: Service):
             with contextlib.suppress(RuntimeError):  # the loop is gone: nobody is waiting
                 loop.call_soon_threadsafe(events.put_nowait, event)
 
-        from qwen2vl_jax.batching import QueueFull, Request
+        from qwen2vl_jax.serving.scheduler import QueueFull, Request
 
         job = Request(ids, images, videos, gc, emit, ignore_eos=parsed.ignore_eos)
         try:
@@ -306,12 +306,12 @@ class CountStatus:
 def build_service(model, processor, *, max_batch: int = 16, max_context: int | None = None,
                   settings: Settings | None = None, vision_cache_entries: int = 256, warm_up: bool = True,
                   warm_up_vision: bool = True, progress=None) -> Service:
-    """A Service over a loaded model: its SlotEngine and Batcher (not started), warmed up
+    """A Service over a loaded model: its decode slots and Batcher (not started), warmed up
     (`progress`: called with a line per warm-up stage, e.g. print)."""
-    from qwen2vl_jax.batching import Batcher, SlotEngine, VisionCache
+    from qwen2vl_jax.serving.scheduler import Batcher, Slots, VisionCache
 
     settings = settings or Settings()
-    slots = SlotEngine(model.engine, max_batch=max_batch, max_context=max_context)
+    slots = Slots(model.engine, max_batch=max_batch, max_context=max_context)
     batcher = Batcher(slots, model.params, max_queue=settings.max_queue,
                       vision_cache=VisionCache(max_entries=vision_cache_entries))
     if warm_up:

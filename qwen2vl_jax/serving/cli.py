@@ -246,15 +246,15 @@ def _run(args) -> int:
                             warm_up_vision=not args.no_vision_warm_up,
                             progress=lambda line: print(f"{PROG}: {line}", file=sys.stderr, flush=True))
     if multi:
-        from qwen2vl_jax.batching import Lockstep
+        from qwen2vl_jax.serving.lockstep import follow
 
         if not distributed.is_leader():  # replay process 0's device calls until it stops
             import jax
 
             print(f"{PROG}: process {jax.process_index()} ready, following process 0", file=sys.stderr, flush=True)
-            service.batcher.slots.follow(model.params)
+            follow(model.engine, model.params)
             return 0
-        service.batcher.slots.lockstep = Lockstep()
+        service.batcher.slots.lead()
     from qwen2vl_jax.serving.connections import uvicorn_config
 
     host, port = args.host, sock.getsockname()[1]

@@ -47,7 +47,7 @@ class Metrics:
             ("generation_tokens_total", "counter", self.generated_tokens, "tokens generated"),
             ("queue_depth", "gauge", batcher.queue_depth, "requests waiting for a slot"),
             ("active_slots", "gauge", batcher.active_slots, "slots decoding a request"),
-            ("max_slots", "gauge", batcher.slots.max_batch, "decode slots"),
+            ("max_slots", "gauge", batcher.max_batch, "decode slots"),
             ("decode_steps_total", "counter", batcher.steps, "decode steps run"),
             ("vision_cache_hits_total", "counter", cache.hits, "images whose features came from the cache"),
             ("vision_cache_misses_total", "counter", cache.misses, "images that went through the vision tower"),

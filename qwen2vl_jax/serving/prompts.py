@@ -72,7 +72,7 @@ class Service:
     @property
     def max_context(self) -> int:
         """Cache slots per request: prompt plus generated tokens."""
-        return self.batcher.slots.max_context
+        return self.batcher.max_context
 
     # ------------------------------------------------------------ before any work
     def check_size(self, parsed: Parsed) -> bool:
@@ -110,7 +110,7 @@ class Service:
     def prepare(self, parsed: Parsed, ticket: Ticket | None = None):
         """Reads the media, renders and tokenizes the prompt -> (input_ids, images, videos).
         Runs in a worker thread; stops between steps once `ticket` says the request is over."""
-        from qwen2vl_jax.batching import VisionInput
+        from qwen2vl_jax.serving.scheduler import VisionInput
 
         proc, settings = self.processor, self.settings
         ticket = ticket or Ticket(time.perf_counter(), settings.request_timeout)
@@ -144,12 +144,9 @@ class Service:
                     if counted > room:  # known from the header: refused before decoding
                         raise self._too_long(counted, parsed)
                     key = f"{hashlib.sha256(data).hexdigest()}|{ip.min_pixels}|{ip.max_pixels}|{ip.factor}"
-                    hit = self.batcher.vision_cache.get(key)
-                    if hit is not None:
-                        images.append(VisionInput(None, hit[0], key, hit[1]))
-                    else:
-                        out = self._vision(lambda: self._image(data, ticket), p["where"])
-                        images.append(VisionInput(out["pixel_values"], out["image_grid_thw"], key))
+                    # the scheduler looks the key up in its vision cache before the tower
+                    out = self._vision(lambda: self._image(data, ticket), p["where"])
+                    images.append(VisionInput(out["pixel_values"], out["image_grid_thw"], key))
                     del data
                     content.append({"type": "image", "image": "data"})
                 else:

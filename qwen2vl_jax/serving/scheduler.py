@@ -1,0 +1,384 @@
+"""Continuous batching: many requests decoded together in the rows of one decode state.
+
+The shape is JetStream's: the device sees rows, never requests, so nothing recompiles when
+requests come and go. `Slots` is the server's view of the one runner (`engine.Engine`):
+max_batch rows of max_context cache slots, and the buckets it steps over:
+  prefill  one request's prompt (bucketed as `inputs.build_inputs` buckets it, from 16 tokens,
+           the vision features merged in) into a prefix of its bucket's length, its first token
+           drawn (compiled per (prompt bucket, feature bucket));
+  insert   that prefix into a free row, its prompt moved to slots [0, n) (per prompt bucket);
+  step     one token for the first k rows, k the smallest row bucket (1, 2, 4, ..., max_batch)
+           holding every live row, attending over the first c cache slots, c the smallest
+           context bucket holding every live row's tokens (all compiled at warm-up); each row
+           has its own slot, sampling settings and random key.
+`Batcher` runs them in one thread: it admits queued requests into free rows between steps
+(vision tower through the vision cache, prefill, insert), hands each row's tokens to its
+request, and frees a row the moment its request ends: the runner says when a row is finished
+(an EOS: "stop"; max_tokens: "length"); a cancel (a closed connection, a stop string) ends it
+from the host.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import logging
+import threading
+from typing import Callable, Sequence
+
+import jax
+import numpy as np
+
+from qwen2vl_jax.decode_state import FINISH_REASONS, DecodeState, RowSettings
+from qwen2vl_jax.engine import Engine
+from qwen2vl_jax.errors import InputError
+from qwen2vl_jax.inputs import ModelInputs, bucket, build_inputs, pack_vision
+from qwen2vl_jax.sampling import GenerationConfig
+from qwen2vl_jax.serving.lockstep import Leader, Lockstep, to_host
+from qwen2vl_jax.serving.vision_cache import VisionCache
+
+log = logging.getLogger(__name__)
+
+HEARTBEAT_S = 10.0  # an idle leader tells the followers it is alive this often
+FEATURE_BUCKET_MIN = 16  # the smallest bucket of merged vision features a prompt carries
+CONTEXT_BUCKET_MIN = 256  # the fewest cache slots a decode step attends over
+# The smallest prompt bucket a request is prefilled in (inputs.bucket's ladder from here: 16,
+# 20, 24, 28, 32, 40, ...): a short chat turn pays for its own length, not for 64 tokens.
+PREFILL_BUCKET_MIN = 16
+
+
+def short_prompt_lengths(max_context: int, up_to: int = 64) -> list[int]:
+    """One prompt length per prefill bucket of prompts of 1 .. up_to tokens (buckets 16, 20, ...,
+    64) that leaves room for a new token in `max_context`: what warm-up compiles."""
+    longest = min(up_to, max_context - 1)
+    return sorted({bucket(n, PREFILL_BUCKET_MIN): n for n in range(longest, 0, -1)}.values())
+
+
+# ---------------------------------------------------------------------------- the rows
+class Slots:
+    """max_batch rows of max_context cache slots over the engine's prefill / insert / step.
+
+    The device calls go through `runner`: the engine itself, or in a multi-process run's
+    process 0 a `lockstep.Leader` that first sends each call to the other processes (`lead`)."""
+
+    def __init__(self, engine: Engine, *, max_batch: int = 16, max_context: int | None = None):
+        self.engine = self.runner = engine
+        self.leader: Leader | None = None
+        self.config = engine.config
+        context = self.config.text.max_position_embeddings
+        self.max_batch = int(max_batch)
+        self.max_context = int(max_context or min(context, 4096))
+        if self.max_batch < 1:
+            raise InputError(f"max_batch must be at least 1 (got {max_batch})")
+        if not 2 <= self.max_context <= context:
+            raise InputError(f"max_context must be between 2 and the model's context of {context} "
+                             f"(got {max_context})")
+        # decode runs on the first k rows: k one of these (powers of two, and max_batch)
+        self.row_buckets = tuple(sorted({min(1 << i, self.max_batch) for i in range(self.max_batch.bit_length() + 1)}))
+        # and attends over the first c cache slots: c one of these (CONTEXT_BUCKET_MIN times
+        # powers of four, and max_context), the fewest that hold every live row's tokens. Each
+        # bucket is compiled at warm-up for every row bucket, so they are spaced x4, not x2:
+        # warm-up time grows with their number faster than the steps speed up.
+        self.context_buckets = tuple(sorted({min(CONTEXT_BUCKET_MIN << 2 * i, self.max_context)
+                                             for i in range(max(1, self.max_context.bit_length()))}))
+
+    def lead(self, lockstep: Lockstep | None = None) -> None:
+        """From now on every device call is first sent to the other processes (process 0)."""
+        self.runner = self.leader = Leader(self.engine, lockstep)
+
+    # ------------------------------------------------------------ host side
+    def init_state(self) -> DecodeState:
+        return self.runner.empty(self.max_batch, self.max_context)
+
+    def check_room(self, prompt_tokens: int, max_new_tokens: int) -> None:
+        """InputError unless the prompt and max_new_tokens fit in one row of the cache."""
+        if max_new_tokens < 1:
+            raise InputError(f"max_tokens must be at least 1 (got {max_new_tokens})")
+        if prompt_tokens + max_new_tokens > self.max_context:
+            raise InputError(f"the prompt ({prompt_tokens} tokens) plus max_tokens ({max_new_tokens}) is over the "
+                             f"context of {self.max_context} tokens")
+
+    def prompt_inputs(self, input_ids, image_grid_thw=None, video_grid_thw=None, *, room: int = 0) -> ModelInputs:
+        """One prompt (int[L], placeholders expanded) and its grids -> its bucketed
+        `ModelInputs`, checked as every entry point checks them; no pixels: the features come
+        from the vision tower or the cache."""
+        ids = np.asarray(input_ids).reshape(1, -1)
+        self.check_room(ids.shape[1], room)
+        return build_inputs(self.config, ids, None, None, image_grid_thw, None, video_grid_thw, room=room,
+                            bucket_min=PREFILL_BUCKET_MIN, pixels=False)
+
+    def encode(self, params, pixel_values, grid_thw) -> np.ndarray:
+        """The vision tower over one image (or video): merged features [n, D] on the host."""
+        vision = pack_vision(self.config, pixel_values, grid_thw)
+        n = int(np.prod(np.asarray(grid_thw).reshape(-1, 3), axis=1).sum()) // self.config.vision.merge_unit
+        return to_host(self.runner.encode(params, vision))[:n]
+
+    def prefill(self, params, inputs: ModelInputs, features: np.ndarray | None, gc: GenerationConfig,
+                ignore_eos: bool = False) -> DecodeState:
+        """inputs: one row (`prompt_inputs`); features [F, D]: every image's, then every video's,
+        in placeholder order (padded here to a bucket) -> the prefix (one row). ignore_eos: the
+        row ends at max_new_tokens only."""
+        if features is not None:
+            f = bucket(features.shape[0], FEATURE_BUCKET_MIN)
+            features = np.concatenate([features, np.zeros((f - features.shape[0], features.shape[1]),
+                                                          features.dtype)])
+        batch = {"input_ids": inputs.input_ids, "positions": inputs.positions, "mask": inputs.attention_mask,
+                 "pos_offset": inputs.pos_offset}
+        settings = RowSettings.of([dataclasses.replace(gc, eos_token_ids=()) if ignore_eos else gc])
+        prefix, _ = self.runner.prefill(params, batch, features, settings, inputs.shape[1])
+        return prefix
+
+    def insert(self, state: DecodeState, prefix: DecodeState, slot: int) -> DecodeState:
+        """The state (donated) with row `slot` holding the prefilled request."""
+        return self.runner.insert(state, prefix, slot)
+
+    def rows_for(self, live: int) -> int:
+        """The row bucket that covers slots [0, live)."""
+        return next(b for b in self.row_buckets if b >= live)
+
+    def context_for(self, tokens: int) -> int:
+        """The context bucket that holds `tokens` cache slots (max_context at most)."""
+        return next((c for c in self.context_buckets if c >= tokens), self.max_context)
+
+    def step(self, params, state: DecodeState, rows: int | None = None, context: int | None = None):
+        """One token for each of the first `rows` rows (a row bucket; default every row) ->
+        (the next state, their (token int32[rows], finish int32[rows])); the state passed in is
+        donated. context: the most cache slots a live row will hold after this step (prompt +
+        tokens fed so far; default max_context): attention reads only its bucket's slots."""
+        rows = self.max_batch if rows is None else self.rows_for(rows)
+        context = self.max_context if context is None else self.context_for(context)
+        return self.runner.step(params, state, None, rows, context)
+
+
+# ---------------------------------------------------------------------------- requests
+@dataclasses.dataclass
+class VisionInput:
+    """One image or video of a request: its patches and grid, and the vision cache key (None:
+    do not cache)."""
+
+    pixel_values: np.ndarray
+    grid_thw: np.ndarray  # int[1, 3]
+    key: str | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class Event:
+    """What a request's `emit` receives: a token, or the end ("stop": an EOS, "length":
+    max_tokens, "cancelled", "error" with a message)."""
+
+    token: int | None = None
+    finish: str | None = None
+    message: str | None = None
+
+
+@dataclasses.dataclass(eq=False)
+class Request:
+    """One generation: the expanded prompt, its images (in placeholder order) then videos, and
+    the settings. `emit` is called from the batcher's thread; `cancel` may be called from any."""
+
+    input_ids: np.ndarray  # int[L]
+    images: Sequence[VisionInput]
+    videos: Sequence[VisionInput]
+    config: GenerationConfig  # max_new_tokens, sampling, seed, eos_token_ids
+    emit: Callable[[Event], None]
+    ignore_eos: bool = False
+    cancelled: threading.Event = dataclasses.field(default_factory=threading.Event)
+    generated: int = 0
+
+    def cancel(self) -> None:
+        self.cancelled.set()
+
+
+class QueueFull(Exception):
+    """The batcher's queue holds its maximum of waiting requests."""
+
+
+# ---------------------------------------------------------------------------- the batcher
+class Batcher:
+    """Runs `Slots` in one thread over a bounded queue of `Request`s.
+
+    `submit` queues a request (QueueFull when the queue is full); the thread admits waiting
+    requests into free rows between steps (vision tower with the cache, prefill, insert), steps
+    every active row, and frees a row the moment its request ends."""
+
+    def __init__(self, slots: Slots, params, *, max_queue: int = 64, vision_cache: VisionCache | None = None):
+        self.slots, self.params = slots, params
+        self.max_queue = max_queue
+        self.vision_cache = vision_cache if vision_cache is not None else VisionCache()
+        self._queue: collections.deque[Request] = collections.deque()
+        self._active: list[Request | None] = [None] * slots.max_batch
+        self._cond = threading.Condition()
+        self._closing = False
+        self._state = None
+        self._thread: threading.Thread | None = None
+        self.steps = 0
+
+    # ------------------------------------------------------------ public
+    @property
+    def max_context(self) -> int:
+        """Cache slots per request: prompt plus generated tokens."""
+        return self.slots.max_context
+
+    @property
+    def max_batch(self) -> int:
+        return self.slots.max_batch
+
+    @property
+    def queue_depth(self) -> int:
+        return len(self._queue)
+
+    @property
+    def active_slots(self) -> int:
+        return sum(r is not None for r in self._active)
+
+    def start(self) -> "Batcher":
+        """Starts the thread (once; later calls do nothing)."""
+        if self._thread is not None:
+            return self
+        self._state = self.slots.init_state()
+        self._thread = threading.Thread(target=self._run, name="qwen2vl-batcher", daemon=True)
+        self._thread.start()
+        return self
+
+    def close(self) -> None:
+        with self._cond:
+            self._closing = True
+            self._cond.notify_all()
+        if self._thread is not None:
+            self._thread.join()
+        if self.slots.leader is not None:
+            self.slots.leader.stop()
+        for req in list(self._queue) + [r for r in self._active if r is not None]:
+            req.emit(Event(finish="error", message="the server is shutting down"))
+        self._queue.clear()
+        self._active = [None] * len(self._active)
+
+    def submit(self, request: Request) -> None:
+        with self._cond:
+            if self._closing:
+                raise QueueFull("the server is shutting down")
+            if len(self._queue) >= self.max_queue:
+                raise QueueFull(f"{len(self._queue)} requests are waiting already (the queue holds {self.max_queue})")
+            self._queue.append(request)
+            self._cond.notify_all()
+
+    def warm_up(self, prompt_lengths: Sequence[int] | None = None) -> None:
+        """Compiles the step and the prefill/insert of the given prompt lengths' buckets before
+        the thread starts (call before `start`); by default every bucket up to 64 tokens, where
+        most chat turns fall (longer prompts compile their bucket when one first comes)."""
+        if prompt_lengths is None:
+            prompt_lengths = short_prompt_lengths(self.slots.max_context)
+        state = self.slots.init_state()
+        gc = GenerationConfig(max_new_tokens=2)
+        # insert and step, each on a fresh state and on one a step returned: on a mesh the two
+        # can differ in layout, and each compiles its own variant here rather than later.
+        for _ in range(2):
+            for n in prompt_lengths:
+                inputs = self.slots.prompt_inputs(np.zeros((n,), np.int32), room=1)
+                state = self.slots.insert(state, self.slots.prefill(self.params, inputs, None, gc), 0)
+            for rows in self.slots.row_buckets:  # every bucket, on a state each kind of step returned
+                for context in self.slots.context_buckets:
+                    state, out = self.slots.step(self.params, state, rows, context)
+        jax.block_until_ready(out)
+
+    # ------------------------------------------------------------ the thread
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while not self._closing and not self._queue and self.active_slots == 0:
+                    if not self._cond.wait(HEARTBEAT_S) and self.slots.leader is not None:
+                        self.slots.leader.ping()
+                if self._closing:
+                    return
+            self._release_cancelled()
+            self._admit()
+            if self.active_slots:
+                self._step()
+
+    def _release_cancelled(self) -> None:
+        for slot, req in enumerate(self._active):
+            if req is not None and req.cancelled.is_set():
+                self._finish(slot, Event(finish="cancelled"))
+
+    def _admit(self) -> None:
+        while None in self._active:
+            with self._cond:
+                if not self._queue:
+                    return
+                req = self._queue.popleft()
+            if req.cancelled.is_set():
+                req.emit(Event(finish="cancelled"))
+                continue
+            slot = self._active.index(None)
+            try:
+                prefix = self._prefill(req)
+                self._state = self.slots.insert(self._state, prefix, slot)
+                token, finish = jax.device_get((prefix.token, prefix.finish))
+            except InputError as e:
+                req.emit(Event(finish="error", message=str(e)))
+                continue
+            except Exception as e:  # noqa: BLE001 - one bad request must not stop the others
+                log.exception("prefill failed")
+                req.emit(Event(finish="error", message=f"prefill failed: {type(e).__name__}: {e}"))
+                continue
+            self._active[slot] = req
+            self._deliver(slot, req, int(token[0]), int(finish[0]))
+
+    def _prefill(self, req: Request) -> DecodeState:
+        inputs = self.slots.prompt_inputs(req.input_ids, _grids(req.images), _grids(req.videos),
+                                          room=req.config.max_new_tokens)
+        parts = [self._features(v) for v in (*req.images, *req.videos)]
+        features = np.concatenate(parts) if parts else None
+        return self.slots.prefill(self.params, inputs, features, req.config, req.ignore_eos)
+
+    def _features(self, item: VisionInput) -> np.ndarray:
+        hit = None if item.key is None else self.vision_cache.get(item.key)
+        if hit is not None:
+            return hit[1]
+        features = self.slots.encode(self.params, item.pixel_values, item.grid_thw)
+        if item.key is not None:
+            self.vision_cache.put(item.key, item.grid_thw, features)
+        return features
+
+    def _step(self) -> None:
+        try:
+            live = max(i for i, r in enumerate(self._active) if r is not None) + 1
+            # a row writes its last token at slot prompt + generated - 1 and attends up to it
+            context = max(np.size(r.input_ids) + r.generated for r in self._active if r is not None)
+            self._state, out = self.slots.step(self.params, self._state, live, context)
+            tokens, finish = (np.asarray(x) for x in jax.device_get(out))
+        except Exception as e:  # noqa: BLE001 - fail the rows in flight, keep serving
+            log.exception("decode step failed")
+            for slot, req in enumerate(self._active):
+                if req is not None:
+                    self._finish(slot, Event(finish="error", message=f"decode failed: {type(e).__name__}: {e}"))
+            self._state = self.slots.init_state()
+            return
+        self.steps += 1
+        for slot, req in enumerate(self._active):
+            if req is not None:
+                self._deliver(slot, req, int(tokens[slot]), int(finish[slot]))
+
+    def _deliver(self, slot: int, req: Request, token: int, finish: int) -> None:
+        """Hands the row's token to its request; the runner's finish code says whether it was
+        the last (FINISH_REASONS names it)."""
+        if req.cancelled.is_set():
+            self._finish(slot, Event(finish="cancelled"))
+            return
+        req.generated += 1
+        reason = FINISH_REASONS.get(finish)
+        if reason is not None:
+            self._finish(slot, Event(token=token, finish=reason))
+        else:
+            req.emit(Event(token=token))
+
+    def _finish(self, slot: int, event: Event) -> None:
+        req = self._active[slot]
+        self._active[slot] = None
+        req.emit(event)
+
+
+def _grids(items: Sequence[VisionInput]) -> np.ndarray | None:
+    if not items:
+        return None
+    return np.concatenate([np.asarray(v.grid_thw).reshape(-1, 3) for v in items])
