@@ -27,6 +27,8 @@ from qwen2vl_jax.config import Qwen2VLConfig
 from qwen2vl_jax.engine import Engine, GenerationResult, Token
 from qwen2vl_jax.errors import CheckpointError, InputError
 from qwen2vl_jax.inputs import ModelInputs, build_inputs, pack_vision
+from qwen2vl_jax.lora.peft_format import load_adapter
+from qwen2vl_jax.lora.tree import attach, merge
 from qwen2vl_jax.modules.attention import BACKENDS, KERNELS, MATMULS
 from qwen2vl_jax.modules.qwen2vl import Qwen2VLModule, init_shapes
 from qwen2vl_jax import params as params_lib
@@ -197,7 +199,8 @@ class Qwen2VL:
     def from_pretrained(cls, path: str | Path, dtype=None, mesh: Mesh | None = None,
                         rules: ShardingRules | None = None, *, attention: str | None = None,
                         matmul: str | None = None, scan_layers: bool = False,
-                        fuse_projections: bool = False, backend: str | None = None) -> "Qwen2VL":
+                        fuse_projections: bool = False, backend: str | None = None,
+                        adapter: str | Path | None = None, merge_adapter: bool = False) -> "Qwen2VL":
         """Loads a converted folder (from qwen2vl-convert or training) or an HF-layout folder
         (config.json + safetensors); with a `mesh` the params are placed by the sharding rules
         as they load. generation_config.json gives the generation defaults.
@@ -206,7 +209,12 @@ class Qwen2VL:
         parameter shapes built once, the settings and the mesh checked once, the params restored
         straight into their final shardings and arranged once (`_arrange`). XLA flags are not
         touched here: a program that loads a quantized folder on CPU sets them before JAX starts
-        (`xla_flags.for_model`, which the command-line tools call)."""
+        (`xla_flags.for_model`, which the command-line tools call).
+
+        adapter: a PEFT LoRA adapter folder (written by qwen2vl-train or by peft). Unmerged (the
+        default) its low-rank leaves sit beside the base weights, which stay as stored, packed or
+        not, and each adapted projection adds x @ A @ B * scale; merge_adapter=True adds
+        scale * A @ B into the float kernels once at load (refused for packed weights)."""
         path = Path(path)
         if not path.is_dir():
             raise CheckpointError(f"model folder {path} does not exist")
@@ -218,14 +226,21 @@ class Qwen2VL:
                          quantization=read_scheme(path) if converted else None, scan_layers=scan_layers,
                          fuse_projections=fuse_projections, backend=backend)
         shapes = init_shapes(config)
+        lora = None if adapter is None else load_adapter(adapter, shapes)
+        if lora is not None and not merge_adapter and fuse_projections:
+            raise InputError("fuse_projections joins q/k/v and gate/up, whose adapters differ: load the adapter "
+                             "merged (merge_adapter=True) or without fusing")
+        unmerged = {} if lora is None or merge_adapter else lora  # its leaves are laid out with the rest
         if converted:  # Orbax params, restored straight into their shardings
             stored = check_params(path, config, shapes)
             tree = stored_tree(stored)  # a quantized folder's tree is not the config's: lay out what is stored
-            layout = model._layout(tree)
+            layout = model._layout(with_adapter(tree, unmerged))
             params = load_params(path, config, model.dtype, model._restore_layout(tree, layout), stored=stored)
         else:
-            layout = model._layout(shapes)
+            layout = model._layout(with_adapter(shapes, unmerged))
             params = load_hf_params(path, config, model.dtype, host=mesh is not None, shapes=shapes)
+        if lora is not None:
+            params = merge(params, lora) if merge_adapter else attach(params, lora)
         model.params = model._arrange(params, layout, shapes)
         return model
 
@@ -302,6 +317,13 @@ class Qwen2VL:
         if stream:
             return (t.ids for t in self.stream(inputs, gc))
         return self.generate_result(inputs, gc).tokens
+
+
+def with_adapter(tree: dict, adapter: dict) -> dict:
+    """A tree of parameter shapes with an adapter's leaves attached (as ShapeDtypeStructs)."""
+    if not adapter:
+        return tree
+    return attach(tree, {p: jax.ShapeDtypeStruct(np.shape(v), np.asarray(v).dtype) for p, v in adapter.items()})
 
 
 def _input_keys(inputs: dict) -> dict:

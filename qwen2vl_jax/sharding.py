@@ -126,6 +126,7 @@ PARAM_AXES: tuple[tuple[str, tuple[str | None, ...]], ...] = (
     (r"(mlp/fc1|merger/mlp_0)/kernel$", ("param_embed", "mlp")),
     (r"(mlp/fc1|merger/mlp_0)/bias$", ("mlp",)),
     (r"(mlp/fc2|merger/mlp_2)/kernel$", ("mlp", "param_embed")),
+    (r"/lora_(a|b|scale|dropout)$", (None,)),  # LoRA adapters (lora/): rank-r factors, replicated
     (r"(scale|bias)$", (None,)),  # norms and the remaining biases: small, replicated
     (r"/perm$", (None,)),  # a quantized layer's input permutation (quant/format.py)
 )

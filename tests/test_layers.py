@@ -46,7 +46,8 @@ LAYERS: list[tuple[str, ...]] = [
     ("config",),  # L1
     # L2: distributed: jax + errors; quant: packed weights, a package whose format and quantize
     # modules import no jax (convert/ uses them; tests/test_quant.py checks it)
-    ("params", "sharding", "distributed", "hf_mapping", "safetensors_io", "quant"),
+    # lora: adapters (the traced LoRA term, adapter leaves, PEFT's folder format)
+    ("params", "sharding", "distributed", "hf_mapping", "safetensors_io", "quant", "lora"),
     ("modules", "processing"),  # L3: modules is Flax only; processing is numpy/PIL/tokenizers
     ("positions", "inputs"),  # L4: host side, numpy only
     ("sampling", "decode_state", "engine", "checkpoint"),  # L5: decode_state: the KV cache and decode state the engine runs

@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 
 from qwen2vl_jax.config import TextConfig
+from qwen2vl_jax.lora.layer import A as LORA_A, DROPOUT as LORA_DROPOUT, LEAVES as LORA_LEAVES, lora_delta
 from qwen2vl_jax.modules.attention import attention_kernel, backend_field, dense_dot, fused_attention, masked_softmax
 from qwen2vl_jax.quant.cpu import FEW_ROWS
 from qwen2vl_jax.quant.format import RUNTIME_PARTS
@@ -74,20 +75,31 @@ def read_stacked(cache, layer, slots: int):
 
 class Linear(nn.Dense):
     """nn.Dense that also takes a packed quantized weight (quant/format.py) in place of `kernel`,
-    as stored or in its CPU form (`quant.cpu.cpu_layout`): the params decide, so one module serves
-    float and quantized checkpoints; `backend` picks the packed product's kernel."""
+    as stored or in its CPU form (`quant.cpu.cpu_layout`), and a LoRA adapter beside either
+    (lora/layer.py): the params decide, so one module serves float, quantized and adapted
+    checkpoints; `backend` picks the packed product's kernel."""
 
     backend: str = backend_field()
 
     @nn.compact
     def __call__(self, inputs):
         if not self.has_variable("params", "qweight"):
-            return super().__call__(inputs)
+            return adapted(self, inputs, super().__call__(inputs))
         leaves = {k: self.get_variable("params", k) for k in RUNTIME_PARTS if self.has_variable("params", k)}
         y = matmul(inputs, leaves, self.dtype, self.backend)
         if self.use_bias:
             y = y + self.param("bias", self.bias_init, (self.features,), self.param_dtype).astype(self.dtype)
+        return adapted(self, inputs, y)
+
+
+def adapted(module: nn.Module, x, y):
+    """y plus the LoRA term of x when `module`'s params hold an adapter (lora/layer.py); its
+    dropout runs only when the caller passes a "dropout" rng (training)."""
+    if not module.has_variable("params", LORA_A):
         return y
+    leaves = {k: module.get_variable("params", k) for k in LORA_LEAVES if module.has_variable("params", k)}
+    rng = module.make_rng("dropout") if LORA_DROPOUT in leaves and module.has_rng("dropout") else None
+    return y + lora_delta(x, leaves, module.dtype, rng)
 
 
 class Embed(nn.Embed):
@@ -286,7 +298,7 @@ class TextModel(nn.Module):
                 x, view = layer(x, cos, sin, mask, view, cache_index)
                 return (x, None if view is None else (view.k, view.v, view.layer + 1)), None
 
-            scan = nn.scan(body, variable_axes={"params": 0}, split_rngs={"params": True},
+            scan = nn.scan(body, variable_axes={"params": 0}, split_rngs={"params": True, "dropout": True},
                            in_axes=(nn.broadcast,) * 4, length=cfg.num_hidden_layers)
             start = None if cache is None else (cache.k, cache.v, jnp.zeros((), jnp.int32))
             with jax.named_scope("decoder_layers"):

@@ -17,6 +17,7 @@ import jax.numpy as jnp
 from qwen2vl_jax.config import VisionConfig
 from qwen2vl_jax.modules.attention import attention_kernel, backend_field, dense_dot, fused_attention, masked_softmax
 from qwen2vl_jax.modules.rope import apply_rotary, vision_cos_sin
+from qwen2vl_jax.modules.text import Linear
 from qwen2vl_jax.sharding import shard
 
 
@@ -37,7 +38,7 @@ class VisionAttention(nn.Module):
         cfg = self.config
         n, d = x.shape
         h, hd = cfg.num_heads, cfg.head_dim
-        qkv = nn.Dense(3 * d, dtype=self.dtype, dot_general=dense_dot(self.matmul), name="qkv")(x).reshape(n, 3, h, hd)
+        qkv = Linear(3 * d, dtype=self.dtype, dot_general=dense_dot(self.matmul), name="qkv")(x).reshape(n, 3, h, hd)
         q, k, v = qkv[:, 0], qkv[:, 1], qkv[:, 2]  # [N, H, hd]
         q = apply_rotary(q, cos[:, None], sin[:, None]).astype(self.dtype)
         k = apply_rotary(k, cos[:, None], sin[:, None]).astype(self.dtype)
@@ -51,7 +52,7 @@ class VisionAttention(nn.Module):
             probs = masked_softmax(logits, valid[:, None, None, :], self.dtype)
             out = jnp.einsum("shlm,smhd->slhd", probs, vs)
         out = out.reshape(-1, h * hd)[scatter]  # back to patch order: [N, D]
-        return nn.Dense(d, dtype=self.dtype, dot_general=dense_dot(self.matmul), name="proj")(out)
+        return Linear(d, dtype=self.dtype, dot_general=dense_dot(self.matmul), name="proj")(out)
 
 
 class VisionMlp(nn.Module):
@@ -61,9 +62,9 @@ class VisionMlp(nn.Module):
 
     @nn.compact
     def __call__(self, x):
-        x = nn.Dense(self.config.mlp_dim, dtype=self.dtype, dot_general=dense_dot(self.matmul), name="fc1")(x)
+        x = Linear(self.config.mlp_dim, dtype=self.dtype, dot_general=dense_dot(self.matmul), name="fc1")(x)
         x = shard(x, "patches", "mlp")
-        return nn.Dense(self.config.embed_dim, dtype=self.dtype, dot_general=dense_dot(self.matmul), name="fc2")(quick_gelu(x))
+        return Linear(self.config.embed_dim, dtype=self.dtype, dot_general=dense_dot(self.matmul), name="fc2")(quick_gelu(x))
 
 
 class VisionBlock(nn.Module):
@@ -91,7 +92,7 @@ class PatchEmbed(nn.Module):
 
     @nn.compact
     def __call__(self, patches):
-        return nn.Dense(self.config.embed_dim, use_bias=False, dtype=self.dtype, dot_general=dense_dot(self.matmul),
+        return Linear(self.config.embed_dim, use_bias=False, dtype=self.dtype, dot_general=dense_dot(self.matmul),
                         name="proj")(
             patches.astype(self.dtype)
         )
@@ -110,9 +111,9 @@ class PatchMerger(nn.Module):
         x = nn.LayerNorm(epsilon=cfg.layer_norm_eps, dtype=self.dtype, name="ln_q")(x)
         width = cfg.embed_dim * cfg.merge_unit
         x = x.reshape(-1, width)
-        x = nn.Dense(width, dtype=self.dtype, dot_general=dense_dot(self.matmul), name="mlp_0")(x)
+        x = Linear(width, dtype=self.dtype, dot_general=dense_dot(self.matmul), name="mlp_0")(x)
         x = jax.nn.gelu(x, approximate=False)
-        return nn.Dense(cfg.out_hidden_size, dtype=self.dtype, dot_general=dense_dot(self.matmul), name="mlp_2")(x)
+        return Linear(cfg.out_hidden_size, dtype=self.dtype, dot_general=dense_dot(self.matmul), name="mlp_2")(x)
 
 
 class VisionTransformer(nn.Module):
