@@ -86,6 +86,12 @@ class Slots:
         """From now on every device call is first sent to the other processes (process 0)."""
         self.runner = self.leader = Leader(self.engine, lockstep)
 
+    def stop_leading(self) -> None:
+        """Tells the other processes to stop following (once); calls stay on this process."""
+        if self.leader is not None:
+            self.leader.stop()
+            self.runner, self.leader = self.engine, None
+
     # ------------------------------------------------------------ host side
     def init_state(self) -> DecodeState:
         return self.runner.empty(self.max_batch, self.max_context)
@@ -246,8 +252,7 @@ class Batcher:
             self._cond.notify_all()
         if self._thread is not None:
             self._thread.join()
-        if self.slots.leader is not None:
-            self.slots.leader.stop()
+        self.slots.stop_leading()
         for req in list(self._queue) + [r for r in self._active if r is not None]:
             req.emit(Event(finish="error", message="the server is shutting down"))
         self._queue.clear()
