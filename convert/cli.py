@@ -74,6 +74,9 @@ def _export_parser() -> argparse.ArgumentParser:
                                                     "(see --force), and must not be inside MODEL_DIR")
     p.add_argument("--dtype", choices=("bfloat16", "float32"), default=None,
                    help="dtype of the written weights (default: the dtype the params are stored in)")
+    p.add_argument("--adapter", default=None, metavar="PATH",
+                   help="a PEFT LoRA adapter folder (from qwen2vl-train --lora-rank, or peft) merged into the "
+                        "written weights: W + alpha / r * B A")
     p.add_argument("--max-shard-size", default="5GB",
                    help="largest safetensors file, e.g. 5GB, 500MB, 2GiB (default: 5GB, as transformers); "
                         "bigger checkpoints are split into model-0000i-of-0000n.safetensors plus an index")
@@ -118,7 +121,7 @@ def export_main(argv: list[str] | None = None) -> int:
 
         shard_bytes = parse_size(args.max_shard_size, "--max-shard-size")
         out = export_checkpoint(args.model_dir, args.hf_dir, dtype=args.dtype, force=args.force,
-                                max_shard_size=shard_bytes, progress=not args.quiet)
+                                max_shard_size=shard_bytes, progress=not args.quiet, adapter=args.adapter)
         print(f"wrote {out}")
 
     return shell.run(EXPORT_PROG, go, interrupted=_nothing_written)

@@ -4,7 +4,8 @@ The mirror of `convert.py`: the stored params are checked against config.json fi
 restored one layer at a time (Orbax partial load), transposed back to torch's layout and
 streamed into safetensors shards tensor by tensor; all of it in a temporary sibling that is
 renamed to HF_DIR at the end. `transformers.Qwen2VLForConditionalGeneration.from_pretrained`
-loads the result.
+loads the result. With an adapter (PEFT's LoRA folder) each adapted kernel is written merged,
+W + scale * A @ B, computed in float32 and rounded once to the written dtype.
 """
 
 from __future__ import annotations
@@ -20,6 +21,10 @@ from qwen2vl_jax import interrupts
 from qwen2vl_jax.convert.convert import OUTPUT_DTYPES, check_destination, group_of, staging
 from qwen2vl_jax.hf_mapping import expected_hf_shape, jax_to_hf_name, to_hf
 from qwen2vl_jax.jsonio import read_json
+from qwen2vl_jax.lora.layer import A, B, SCALE
+from qwen2vl_jax.lora.peft_format import load_adapter
+from qwen2vl_jax.lora.tree import merged_kernel
+from qwen2vl_jax.modules.qwen2vl import init_shapes
 from qwen2vl_jax.safetensors_io import DTYPES, save_file_streaming
 from qwen2vl_jax.errors import CheckpointError, InputError
 
@@ -61,11 +66,13 @@ def export_checkpoint(
     force: bool = False,
     max_shard_size: str | int = DEFAULT_SHARD_BYTES,
     progress: bool = True,
+    adapter: str | os.PathLike | None = None,
 ) -> Path:
     """Writes the converted folder `source` as an HF checkpoint folder `out_dir`; returns it.
 
     dtype: 'bfloat16' or 'float32'; None keeps the stored dtype.
     max_shard_size: bytes per safetensors file (str like '5GB' accepted); more -> an index.
+    adapter: a PEFT LoRA adapter folder merged into the weights (`lora.peft_format`).
     """
     src = Path(source).expanduser()
     out = Path(out_dir).expanduser()
@@ -86,6 +93,10 @@ def export_checkpoint(
         raise InputError(f"{src} holds {scheme.method}-quantized params; qwen2vl-export writes float weights "
                          "(export the float model it was converted from)")
     stored = checkpoint.check_params(src, config)
+    lora = {} if adapter is None else load_adapter(adapter, init_shapes(config))
+    unknown = sorted({p.rpartition("/")[0] + "/kernel" for p in lora} - set(stored))
+    if unknown:
+        raise CheckpointError(f"the adapter sits on weights {src} does not hold as float kernels: {unknown[:3]}")
 
     v = config.vision
     conv_shape = (v.embed_dim, v.in_channels, v.temporal_patch_size, v.patch_size, v.patch_size)
@@ -124,7 +135,11 @@ def export_checkpoint(
             paths = [e[3] for e in entries if group_of(e[3]) == group]
             cache["arrays"] = checkpoint.load_numpy(src, paths)
             cache["group"] = group
-        array = to_hf(cache["arrays"].pop(path), transform, hf_shape)
+        array = cache["arrays"].pop(path)
+        head = path.rpartition("/")[0]
+        if path.endswith("/kernel") and f"{head}/{A}" in lora:
+            array = merged_kernel(array, *(lora[f"{head}/{k}"] for k in (A, B, SCALE)), dtype=out_dtype)
+        array = to_hf(array, transform, hf_shape)
         bar.update(1)
         return array.astype(out_dtype, copy=False)
 

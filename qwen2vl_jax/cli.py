@@ -68,6 +68,11 @@ def _parser() -> argparse.ArgumentParser:
                    help="run the decoder's layers as one scanned layer: compiling no longer grows with depth "
                         "(72B compiles about as fast as 2B), for large models on accelerators")
     p.add_argument("--json", action="store_true", help="print one JSON object with text and token_ids")
+    p.add_argument("--adapter", default=None, metavar="PATH",
+                   help="a PEFT LoRA adapter folder (qwen2vl-train --lora-rank's OUT/adapter, or peft's) "
+                        "applied over the model; the base weights stay as stored")
+    p.add_argument("--merge-adapter", action="store_true",
+                   help="add the adapter into the float weights once at load (no per-token cost)")
     distributed.add_arguments(p)
     shell.add_version(p, PROG)
     return p
@@ -110,7 +115,8 @@ def _run(args) -> int:
     mesh = make_mesh(args.mesh) if args.mesh else None
     processor = Processor.from_pretrained(args.model)
     model = Qwen2VL.from_pretrained(args.model, dtype=args.dtype, mesh=mesh, matmul=args.matmul,
-                                    scan_layers=args.scan_layers)
+                                    scan_layers=args.scan_layers, adapter=args.adapter,
+                                    merge_adapter=args.merge_adapter)
     settings = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
                     top_k=args.top_k, repetition_penalty=args.repetition_penalty, seed=args.seed)
     gc = model.generation_settings(names=FLAGS, eos_token_ids=turn_end_ids(model, processor), **settings)

@@ -16,6 +16,15 @@ data: UTF-8 JSONL, one conversation per line in the chat-message format, e.g.
   assistant turn is an image-text pair whose text is the target. Every record is checked
   before the first step: a bad one stops the run naming its line (--skip-bad drops it).
 
+LoRA: --lora-rank R trains low-rank adapters (rank R, scaled by --lora-alpha / R) on the
+  decoder's q/k/v/o and gate/up/down projections, or on the linear layers --lora-targets picks
+  (a regex over parameter paths such as model/layers_3/self_attn/q_proj/kernel,
+  visual/merger/mlp_0/kernel, visual/blocks_5/attn/qkv/kernel); the base weights stay frozen,
+  float or packed (a --quantize'd folder: QLoRA). The stage still sets the labels; the learning
+  rate defaults to 2e-4. --out gets adapter/ (PEFT's adapter_config.json and
+  adapter_model.safetensors) instead of a model folder: `qwen2vl-generate --model BASE --adapter
+  OUT/adapter`, or peft's PeftModel.from_pretrained in transformers.
+
 output: --out becomes a converted model folder that `qwen2vl-generate --model OUT` loads and
   `qwen2vl-export` converts, plus train_state/ (checkpoints), train_log.jsonl, losses.csv and
   loss.png. A fresh run needs a new or empty --out (--force replaces what is there); a
@@ -33,6 +42,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 from qwen2vl_jax import distributed, shell
 
@@ -73,6 +83,17 @@ def build_parser() -> argparse.ArgumentParser:
                    help="loss on the assistant turns or on all caption text (default: caption for stage 1, "
                         "assistant for 2 and 3)")
     g.add_argument("--seed", type=int, default=0, metavar="N", help="data order (default: 0)")
+    lo = p.add_argument_group("LoRA")
+    lo.add_argument("--lora-rank", type=int, default=None, metavar="R",
+                    help="train rank-R LoRA adapters instead of the weights (written to OUT/adapter)")
+    lo.add_argument("--lora-alpha", type=float, default=None, metavar="A",
+                    help="the adapters' scale is A / R (default: 2 R)")
+    lo.add_argument("--lora-dropout", type=float, default=0.0, metavar="P",
+                    help="dropout on the adapters' input while training (default: 0)")
+    lo.add_argument("--lora-targets", default=None, metavar="REGEX",
+                    help="the linear layers to adapt, by parameter path (default: the decoder's "
+                         "self_attn/[qkvo]_proj and mlp/(gate|up|down)_proj), e.g. "
+                         "'^model/.*_proj/kernel$|^visual/merger/'")
     d = p.add_argument_group("data")
     d.add_argument("--max-length", type=int, default=4096, metavar="N",
                    help="longest record, in tokens; longer ones are bad records (default: 4096)")
@@ -123,6 +144,8 @@ def _fit(args) -> dict:
         mesh=args.mesh,
         log_every=args.log_every, save_every=args.save_every, stop_at=args.stop_at, resume=args.resume,
         force=args.force, skip_bad=args.skip_bad, progress=not args.no_progress,
+        lora_rank=args.lora_rank, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
+        lora_targets=args.lora_targets,
     ))
 
 
@@ -144,8 +167,8 @@ def main(argv=None) -> int:
         if not distributed.is_leader():
             return
         loss = "n/a" if result["loss"] is None else f"{result['loss']:.4f}"
-        print(f"stage {args.stage}: {result['steps']} steps, final loss {loss}; model in {result['out']}",
-              file=sys.stderr)
+        what = "adapter in " + str(Path(result["out"]) / "adapter") if args.lora_rank else f"model in {result['out']}"
+        print(f"stage {args.stage}: {result['steps']} steps, final loss {loss}; {what}", file=sys.stderr)
 
     # SIGTERM (a job's time limit) unwinds like Ctrl-C, so a failed start cleans up after itself.
     return shell.run(PROG, go, interrupted=_interrupted)

@@ -13,6 +13,12 @@ layout, as in inference.
 Options: `remat` rematerialises every vision and decoder block; `compute_dtype=bfloat16`
 computes in bf16 while the params (master weights), gradients and optimizer state stay fp32;
 `loss_chunk` is how many tokens' vocabulary logits exist at once (`chunked_token_loss`).
+
+LoRA (qwen2vl_jax/lora) is the same step: the adapters are leaves of the params and the stage's
+pattern names only them (`lora.tree.TRAINABLE`), so the base weights, float or packed, are frozen
+leaves that get no gradient and no optimizer state. Floating leaves are held in float32; packed
+integer leaves stay as stored. Adapter dropout draws its masks from the step number (`seed`), so
+a resumed run draws the same ones.
 """
 
 from __future__ import annotations
@@ -86,17 +92,31 @@ def chunked_token_loss(module: Qwen2VLModule, params, hidden, labels, chunk: int
     return total, count
 
 
-def forward_hidden(module: Qwen2VLModule, params, batch: dict):
+def forward_hidden(module: Qwen2VLModule, params, batch: dict, rng=None):
     """One micro-batch (see data.collate) -> the final hidden states [B, L, D], through the
-    module's own forward (the same vision layout and embedding merge as inference)."""
+    module's own forward (the same vision layout and embedding merge as inference); rng: the
+    key of the adapters' dropout (none: no dropout)."""
     return module.apply({"params": params}, batch["input_ids"], batch["positions"], batch["attention_mask"],
-                        batch.get("vision"), method=Qwen2VLModule.hidden_states)
+                        batch.get("vision"), method=Qwen2VLModule.hidden_states,
+                        rngs=None if rng is None else {"dropout": rng})
 
 
-def batch_loss(module: Qwen2VLModule, params, batch: dict, chunk: int = LOSS_CHUNK):
+def batch_loss(module: Qwen2VLModule, params, batch: dict, chunk: int = LOSS_CHUNK, rng=None):
     """-> (CE sum, label count) of one micro-batch."""
-    hidden = forward_hidden(module, params, batch)
+    hidden = forward_hidden(module, params, batch, rng)
     return chunked_token_loss(module, params, hidden, batch["labels"], chunk)
+
+
+def master_copy(x):
+    """A parameter as the state holds it: floating leaves in float32, packed integers as they are
+    (a copy either way: the step donates its state, and the caller keeps its arrays)."""
+    dtype = jnp.float32 if jnp.issubdtype(x.dtype, jnp.floating) else x.dtype
+    return jnp.array(x, dtype, copy=True)
+
+
+def master_shape(x):
+    """`master_copy` on shapes."""
+    return jax.ShapeDtypeStruct(x.shape, jnp.float32 if jnp.issubdtype(x.dtype, jnp.floating) else x.dtype)
 
 
 # ----------------------------------------------------------------------------- trainer
@@ -107,8 +127,9 @@ class Trainer:
 
     def __init__(self, config: Qwen2VLConfig, stage: st.Stage, total_steps: int, *, mesh=None,
                  rules: ShardingRules | None = None, remat: bool = False, compute_dtype=jnp.float32,
-                 loss_chunk: int = LOSS_CHUNK, scan_layers: bool = False):
+                 loss_chunk: int = LOSS_CHUNK, scan_layers: bool = False, seed: int = 0):
         self.config = config
+        self.seed = int(seed)  # the adapters' dropout masks: a key per step and micro-batch
         self.loss_chunk = loss_chunk
         self.stage = stage
         self.total_steps = int(total_steps)
@@ -124,8 +145,7 @@ class Trainer:
 
     # ---------------------------------------------------------------- state
     def init_state(self, params) -> TrainState:
-        # A copy: the step donates its state, and the caller keeps its arrays.
-        params = jax.tree.map(lambda x: jnp.array(x, jnp.float32, copy=True), params)
+        params = jax.tree.map(master_copy, params)
         self.trainable = st.trainable_paths(params, self.stage)
         train, _ = st.split(params, self.trainable)
         if self.mesh is None:
@@ -140,7 +160,7 @@ class Trainer:
 
     def abstract_state(self, params_shapes) -> TrainState:
         """ShapeDtypeStructs (with shardings on a mesh) of the state, for restoring."""
-        params_shapes = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, jnp.float32), params_shapes)
+        params_shapes = jax.tree.map(master_shape, params_shapes)
         self.trainable = st.trainable_paths(params_shapes, self.stage)
         shapes = jax.eval_shape(lambda p: TrainState(jnp.zeros((), jnp.int32), p,
                                                      self.optimizer.init(st.split(p, self.trainable)[0])),
@@ -189,24 +209,29 @@ class Trainer:
         return jax.tree_util.tree_map_with_path(one, batch)
 
     # ---------------------------------------------------------------- the step
-    def loss_and_grads(self, params, batch: dict):
-        """Mean loss and grads w.r.t. the trainable subtree for one step's arrays ([A, B, ...])."""
+    def loss_and_grads(self, params, batch: dict, step=None):
+        """Mean loss and grads w.r.t. the trainable subtree for one step's arrays ([A, B, ...]);
+        step: the optimizer step, whose key drives the adapters' dropout (None: no dropout)."""
         train, frozen = st.split(params, self.trainable)
+        accum = jax.tree.leaves(batch)[0].shape[0]
+        keys = (None if step is None else
+                jax.random.split(jax.random.fold_in(jax.random.PRNGKey(self.seed), step), accum))
 
-        def micro(carry, mb):
+        def micro(carry, xs):
             grads, total, count = carry
+            mb, key = xs
             (s, n), g = jax.value_and_grad(
-                lambda tp: batch_loss(self.module, st.merge(tp, frozen), mb, self.loss_chunk),
+                lambda tp: batch_loss(self.module, st.merge(tp, frozen), mb, self.loss_chunk, key),
                 has_aux=True)(train)
             return (jax.tree.map(jnp.add, grads, g), total + s, count + n), None
 
         zeros = jax.tree.map(jnp.zeros_like, train)
-        (grads, total, count), _ = jax.lax.scan(micro, (zeros, jnp.float32(0), jnp.int32(0)), batch)
+        (grads, total, count), _ = jax.lax.scan(micro, (zeros, jnp.float32(0), jnp.int32(0)), (batch, keys))
         denom = jnp.maximum(count, 1).astype(jnp.float32)
         return total / denom, jax.tree.map(lambda g: g / denom, grads), count
 
     def _train_step(self, state: TrainState, batch: dict):
-        loss, grads, count = self.loss_and_grads(state.params, batch)
+        loss, grads, count = self.loss_and_grads(state.params, batch, state.step)
         train, frozen = st.split(state.params, self.trainable)
         updates, opt_state = self.optimizer.update(grads, state.opt_state, train)
         train = optax.apply_updates(train, updates)

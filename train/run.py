@@ -12,6 +12,12 @@ writes OUT as a converted folder (config.json, tokenizer and processor files, pa
                               row and before each checkpoint)
     OUT/loss.png              the loss curve, redrawn at each checkpoint and when the run stops
 
+With `lora_rank` the run trains LoRA adapters on the layers `lora_targets` picks (the decoder's
+projections by default), the base weights frozen, float or packed (QLoRA on a `--quantize`d or
+GPTQ/AWQ folder), and OUT gets OUT/adapter/ (PEFT's adapter_config.json +
+adapter_model.safetensors, `lora.peft_format`) in place of a model folder: load it over the
+same --model with `--adapter OUT/adapter`, or in transformers with peft's PeftModel.
+
 Multi-process (`qwen2vl_jax.distributed`): every process runs `fit` with the same options; each
 reads and preprocesses its share of every step's records (`data.Loader`), all take part in the
 Orbax saves (OUT must be a folder every process sees), and only process 0 prints, removes
@@ -47,20 +53,26 @@ from typing import Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from qwen2vl_jax import checkpoint as ck, distributed, interrupts
 from qwen2vl_jax.checkpoint import load_hf_params
 from qwen2vl_jax.config import Qwen2VLConfig
 from qwen2vl_jax.errors import InputError, refuse_inside
 from qwen2vl_jax.jsonio import parse_json
+from qwen2vl_jax.lora.peft_format import save_adapter
+from qwen2vl_jax.lora.tree import DEFAULT_TARGETS, TRAINABLE, LoraSpec, attach, detach, init_adapter
 from qwen2vl_jax.modules.qwen2vl import init_shapes
-from qwen2vl_jax.params import stack_layers, unstack_layers
+from qwen2vl_jax.params import flatten, stack_layers, unflatten, unstack_layers
+from qwen2vl_jax.quant.format import is_quantized
 from qwen2vl_jax.sharding import check_divisible, make_mesh, param_shardings
 from qwen2vl_jax.train import loop, stages as st
 from qwen2vl_jax.train.data import JsonlDataset, Loader, Position
 from qwen2vl_jax.train.plot import plot_losses
 
 STATE_DIR = "train_state"
+ADAPTER_DIR = "adapter"  # a LoRA run's adapter, in PEFT's format
+LORA_LR = 2e-4  # the default peak learning rate of LoRA runs (every stage)
 
 
 @dataclasses.dataclass
@@ -93,12 +105,24 @@ class TrainOptions:
     force: bool = False  # a fresh run may replace the model, checkpoints and logs in a non-empty `out`
     skip_bad: bool = False
     progress: bool = True
+    lora_rank: int | None = None  # LoRA adapters of this rank instead of training the weights
+    lora_alpha: float | None = None  # None: 2 * rank
+    lora_dropout: float = 0.0
+    lora_targets: str | None = None  # None: lora.tree.DEFAULT_TARGETS
+
+    def lora_spec(self) -> LoraSpec | None:
+        if self.lora_rank is None:
+            return None
+        return LoraSpec(self.lora_rank, self.lora_alpha, self.lora_dropout, self.lora_targets or DEFAULT_TARGETS)
 
     def stage_spec(self) -> st.Stage:
-        return st.get_stage(self.stage, learning_rate=self.learning_rate, warmup_steps=self.warmup_steps,
+        train = tuple(self.train) if self.train else None
+        lr = self.learning_rate
+        if self.lora_rank is not None:  # the adapters and nothing else; adapters take a higher rate
+            train, lr = (TRAINABLE,), LORA_LR if lr is None else lr
+        return st.get_stage(self.stage, learning_rate=lr, warmup_steps=self.warmup_steps,
                             end_lr_ratio=self.end_lr_ratio, weight_decay=self.weight_decay,
-                            clip_norm=self.clip_norm, labels=self.labels,
-                            train=tuple(self.train) if self.train else None)
+                            clip_norm=self.clip_norm, labels=self.labels, train=train)
 
 
 class Interrupted(KeyboardInterrupt):
@@ -139,6 +163,13 @@ def check_options(opts: TrainOptions) -> None:
             raise InputError(f"--train {pattern!r} is not a valid regex ({e})") from None
     if opts.compute_dtype not in ("float32", "bfloat16"):
         raise InputError(f"--compute-dtype must be float32 or bfloat16, got {opts.compute_dtype!r}")
+    if opts.lora_rank is not None:
+        if opts.train:
+            raise InputError("--train picks weights to train in full; with --lora-rank the adapters train, "
+                             "on the layers --lora-targets picks")
+        opts.lora_spec().check()
+    elif opts.lora_alpha is not None or opts.lora_dropout or opts.lora_targets is not None:
+        raise InputError("--lora-alpha, --lora-dropout and --lora-targets need --lora-rank")
     opts.stage_spec()  # the stage number
 
 
@@ -154,7 +185,7 @@ def saved_steps(state_dir: Path) -> list[int]:
 def check_out(opts: TrainOptions, model_dir: Path, out: Path) -> int | None:
     """Refuses an --out that would clobber something; -> the checkpoint step to resume from."""
     refuse_inside(out, "--out", model_dir, "--model", what="the model it starts from")
-    for name in (STATE_DIR, ck.PARAMS, STAGING):  # what a run replaces or removes in --out
+    for name in (STATE_DIR, ck.PARAMS, STAGING, ADAPTER_DIR):  # what a run replaces or removes in --out
         if out / name == model_dir or out / name in model_dir.parents:
             raise InputError(f"--model {model_dir} is inside {out / name}, which training into --out {out} "
                              "writes over: choose another --out, or move the model")
@@ -179,8 +210,9 @@ def check_out(opts: TrainOptions, model_dir: Path, out: Path) -> int | None:
 
 # The --resume check names the flags behind the run key's fields (the key is stored as is).
 KEY_FLAGS = {"steps": "--steps", "batch_size": "--batch-size", "accum": "--accum", "seed": "--seed",
-             "data": "--data", "records": "the number of records in --data", "scan_layers": "--scan-layers"}
-KEY_DEFAULTS = {"scan_layers": False}  # what a checkpoint written before the field existed meant
+             "data": "--data", "records": "the number of records in --data", "scan_layers": "--scan-layers",
+             "lora": "--lora-rank/--lora-alpha/--lora-dropout/--lora-targets"}
+KEY_DEFAULTS = {"scan_layers": False, "lora": None}  # what a checkpoint written before the field existed meant
 STAGE_FLAGS = {"train": "--train", "learning_rate": "--lr", "labels": "--labels", "warmup_steps": "--warmup",
                "end_lr_ratio": "--end-lr-ratio", "weight_decay": "--weight-decay", "clip_norm": "--clip"}
 
@@ -216,7 +248,8 @@ def _run_key(opts: TrainOptions, stage: st.Stage, records: int) -> dict:
     """What must not change between a run and its resumption."""
     key = {"stage": dataclasses.asdict(stage), "steps": opts.steps, "batch_size": opts.batch_size,
            "accum": opts.accum, "seed": opts.seed, "records": records, "data": str(Path(opts.data).resolve()),
-           "scan_layers": opts.scan_layers}  # the checkpoints hold stacked layers: resume with the same decoder
+           "scan_layers": opts.scan_layers,  # the checkpoints hold stacked layers: resume with the same decoder
+           "lora": None if opts.lora_rank is None else dataclasses.asdict(opts.lora_spec())}
     return json.loads(json.dumps(key))  # as it reads back from the checkpoint (tuples -> lists)
 
 
@@ -230,6 +263,51 @@ def load_model_params(folder: Path, config: Qwen2VLConfig, shardings=None) -> di
             params = jax.device_put(params, shardings)
         return params
     raise InputError(f"{folder}: no weights (neither a converted folder with params/ nor *.safetensors)")
+
+
+def base_shapes(folder: Path, config: Qwen2VLConfig) -> dict:
+    """The shapes of the weights a run starts from, as stored: a quantized folder's packed tree,
+    else the config's (`init_shapes`)."""
+    if ck.is_converted(folder):
+        return ck.stored_tree(ck.check_params(folder, config))
+    return init_shapes(config)
+
+
+def state_params(opts: TrainOptions, base: dict, config: Qwen2VLConfig, adapter: dict | None = None) -> dict:
+    """The params a run's state holds (arrays or shapes): the base, the run's adapter attached
+    (`adapter`, or ShapeDtypeStructs of a fresh one), the decoder stacked with --scan-layers."""
+    spec = opts.lora_spec()
+    if spec is not None:
+        if adapter is None:
+            fresh = init_adapter(init_shapes(config), spec, opts.seed)
+            adapter = {p: jax.ShapeDtypeStruct(np.shape(v), np.asarray(v).dtype) for p, v in fresh.items()}
+        base = attach(base, adapter)
+    elif is_quantized(base):
+        raise InputError("--model holds packed (quantized) weights, which train only through adapters: "
+                         "pass --lora-rank (QLoRA), or train the float model")
+    return stack_layers(base) if opts.scan_layers else base
+
+
+def write_adapter(params: dict, out: Path, model_dir: Path, spec: LoraSpec, float_shapes: dict) -> None:
+    """Writes the adapters of a LoRA run's params as OUT/adapter (PEFT's format), replaced
+    whole by rename: a staging sibling first, the old folder swapped out after."""
+    if jax.process_index() != 0:
+        return
+    _, adapter = detach(params)  # stacked or not: only the adapters are copied to the host
+    host = {p: np.asarray(x.addressable_data(0) if isinstance(x, jax.Array) else x) for p, x in adapter.items()}
+    host = flatten(unstack_layers(unflatten(host)))
+    staging, final = out / f".{ADAPTER_DIR}.tmp", out / ADAPTER_DIR
+    shutil.rmtree(staging, ignore_errors=True)
+    try:
+        save_adapter(staging, host, float_shapes, dropout=spec.dropout, base_model=str(model_dir))
+        old = out / f".{ADAPTER_DIR}.old"
+        shutil.rmtree(old, ignore_errors=True)
+        if final.exists():
+            os.replace(final, old)
+        os.replace(staging, final)
+        shutil.rmtree(old, ignore_errors=True)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
 
 
 STAGING = ".params.tmp"  # the same name on every host: Orbax saves collectively
@@ -336,7 +414,7 @@ def _fit(opts: TrainOptions, log, model_dir: Path, out: Path, saved: dict, made:
         log(f"skipped: {p}")
     key = _run_key(opts, stage, len(dataset))
     trainer = loop.Trainer(config, stage, opts.steps, mesh=mesh, remat=opts.remat, compute_dtype=dtype,
-                          loss_chunk=opts.loss_chunk, scan_layers=opts.scan_layers)
+                          loss_chunk=opts.loss_chunk, scan_layers=opts.scan_layers, seed=opts.seed)
     if not opts.resume and leader:  # a new run: the old one's checkpoints and log rows must not leak into it
         for path in (state_dir, log_file, loss_file, plot_file):
             shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
@@ -349,7 +427,8 @@ def _fit(opts: TrainOptions, log, model_dir: Path, out: Path, saved: dict, made:
             if changed:
                 raise InputError(f"--resume: the run in {out} was started with other settings: "
                                  f"{'; '.join(changed)}; resume with the same options")
-            state, meta = ckpts.restore(trainer.abstract_state(init_shapes(config, scan_layers=opts.scan_layers)))
+            state, meta = ckpts.restore(trainer.abstract_state(state_params(opts, base_shapes(model_dir, config),
+                                                                            config)))
             position = Position(**meta["position"])
             log(f"resuming stage {opts.stage} at step {int(state.step)} (epoch {position.epoch}, batch {position.index})")
             pending = []
@@ -358,11 +437,11 @@ def _fit(opts: TrainOptions, log, model_dir: Path, out: Path, saved: dict, made:
                 # the steps since the last row: the first row after the resume averages them too
                 pending = [(s, v) for s, v in _read_losses(loss_file) if s > last_row]
         else:
-            shardings = param_shardings(init_shapes(config), mesh) if mesh is not None else None
+            shardings = param_shardings(base_shapes(model_dir, config), mesh) if mesh is not None else None
             loaded = load_model_params(model_dir, config, shardings)
-            if opts.scan_layers:
-                loaded = stack_layers(loaded)
-            state = trainer.init_state(loaded)
+            spec = opts.lora_spec()
+            adapter = None if spec is None else init_adapter(init_shapes(config), spec, opts.seed)
+            state = trainer.init_state(state_params(opts, loaded, config, adapter))
             del loaded  # the state holds its own float32 copy: free these before training
             position, pending = Position(), []
         title = f"stage {opts.stage} ({stage.name}) loss"
@@ -402,7 +481,10 @@ def _fit(opts: TrainOptions, log, model_dir: Path, out: Path, saved: dict, made:
             with interrupts.deferred():
                 ckpts.save(s, {"key": key, "position": dataclasses.asdict(pos)})
                 saved["step"] = int(s.step)
-                export(unstack_layers(s.params), model_dir, out)  # HF paths, whichever the decoder
+                if opts.lora_rank is not None:
+                    write_adapter(s.params, out, model_dir, opts.lora_spec(), init_shapes(config))
+                else:
+                    export(unstack_layers(s.params), model_dir, out)  # HF paths, whichever the decoder
                 plot()  # up to date with every checkpoint, whatever stops the run later
 
         until = opts.steps if opts.stop_at is None else max(int(state.step), min(opts.stop_at, opts.steps))

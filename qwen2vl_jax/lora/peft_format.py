@@ -181,6 +181,13 @@ def load_adapter(folder: str | os.PathLike, float_shapes: dict) -> dict:
     modules: dict[str, str] = {}
     unmapped, bad = [], []
     for name in header:
+        base = re.match(r"^(?:base_model\.model\.)?(.+)\.base_layer\.weight$", name)
+        if base and _head_of(base.group(1)) is not None:
+            # peft saves the output head's own weight beside its adapter (in case the vocabulary
+            # was resized); the model's weight is used, so it must be the same shape
+            n_in, n_out = shapes.get(f"{_head_of(base.group(1))}/kernel", (0, 0))
+            if tuple(header[name]["shape"]) == (n_out, n_in):
+                continue
         m = re.match(r"^(?:base_model\.model\.)?(.+)\.lora_([AB])\.weight$", name)
         head = _head_of(m.group(1)) if m else None
         if head is None or f"{head}/kernel" not in shapes:

@@ -141,13 +141,17 @@ def merge(params: dict, adapter: dict) -> dict:
     if missing:
         raise InputError(f"the adapter sits on {len(missing)} module(s) the model lacks: {listing(missing)}")
     for head in heads(adapter):
-        w = flat[f"{head}/kernel"]
-        a, b, s = adapter[f"{head}/{A}"], adapter[f"{head}/{B}"], adapter[f"{head}/{SCALE}"]
-        if isinstance(w, np.ndarray):
-            delta = (np.asarray(a, np.float32) @ np.asarray(b, np.float32)) * np.float32(s)
-            flat[f"{head}/kernel"] = (w.astype(np.float32) + delta).astype(w.dtype)
-        else:
-            delta = (jnp.asarray(a, jnp.float32) @ jnp.asarray(b, jnp.float32)) * jnp.float32(s)
-            flat[f"{head}/kernel"] = (w.astype(jnp.float32) + delta).astype(w.dtype)
+        flat[f"{head}/kernel"] = merged_kernel(flat[f"{head}/kernel"], *(adapter[f"{head}/{k}"] for k in (A, B, SCALE)))
     return unflatten(flat)
 
+
+
+def merged_kernel(w, a, b, scale, dtype=None):
+    """W [I, O] + scale * A [I, r] @ B [r, O], summed in float32 and rounded once to `dtype`
+    (default: W's); numpy in, numpy out (jax in, jax out)."""
+    dtype = w.dtype if dtype is None else dtype
+    if isinstance(w, np.ndarray):
+        delta = (np.asarray(a, np.float32) @ np.asarray(b, np.float32)) * np.float32(scale)
+        return (w.astype(np.float32) + delta).astype(dtype)
+    delta = (jnp.asarray(a, jnp.float32) @ jnp.asarray(b, jnp.float32)) * jnp.float32(scale)
+    return (w.astype(jnp.float32) + delta).astype(dtype)

@@ -57,6 +57,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--scan-layers", action="store_true",
                    help="run the decoder's layers as one scanned layer: compiling no longer grows with depth "
                         "(72B compiles about as fast as 2B), for large models on accelerators")
+    p.add_argument("--adapter", default=None, metavar="PATH",
+                   help="a PEFT LoRA adapter folder (qwen2vl-train --lora-rank's OUT/adapter, or peft's) "
+                        "applied over the model; the base weights stay as stored")
+    p.add_argument("--merge-adapter", action="store_true",
+                   help="add the adapter into the float weights once at load (no per-token cost)")
     p.add_argument("--max-batch", type=int, default=16, help="decode slots: requests decoded together (default 16)")
     p.add_argument("--max-context", type=int, default=None,
                    help="cache slots per request: prompt + generated tokens (default: the model's context, at most 4096)")
@@ -230,7 +235,8 @@ def _run(args) -> int:
     mesh = make_mesh(args.mesh) if args.mesh else None
     processor = Processor.from_pretrained(args.model, min_pixels=args.min_pixels, max_pixels=args.max_pixels)
     model = Qwen2VL.from_pretrained(args.model, dtype=args.dtype, mesh=mesh, matmul=args.matmul,
-                                    scan_layers=args.scan_layers)
+                                    scan_layers=args.scan_layers, adapter=args.adapter,
+                                    merge_adapter=args.merge_adapter)
     network = network_settings(args)
     name = network["model_name"]
     settings = Settings(api_key=args.api_key,
