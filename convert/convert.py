@@ -28,7 +28,7 @@ import numpy as np
 from qwen2vl_jax import checkpoint, interrupts
 from qwen2vl_jax.config import DEMO_DIR, Qwen2VLConfig
 from qwen2vl_jax.convert import gptq
-from qwen2vl_jax.errors import CheckpointError, InputError, listing, refuse_inside
+from qwen2vl_jax.errors import CheckpointError, InputError, first_line, listing, refuse_inside
 from qwen2vl_jax.hf_mapping import Planned, hf_to_jax_name, load_planned, plan_conversion
 from qwen2vl_jax.quant.format import Scheme
 from qwen2vl_jax.quant.quantize import quantize_leaf
@@ -61,7 +61,7 @@ def resolve_source(source: str | os.PathLike) -> Path:
     except Exception as e:  # offline, unknown repo, gated repo, ... : all one line for the user
         raise CheckpointError(
             f"{source} is not a local folder and could not be fetched from the Hugging Face hub "
-            f"({type(e).__name__}: {checkpoint._first_line(e)})"
+            f"({type(e).__name__}: {first_line(e, 200)})"
         ) from None
 
 

@@ -29,7 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from qwen2vl_jax.config import Qwen2VLConfig
-from qwen2vl_jax.errors import CheckpointError, InputError, listing
+from qwen2vl_jax.errors import CheckpointError, InputError, first_line, listing
 from qwen2vl_jax.hf_mapping import convert_tensors
 from qwen2vl_jax.jsonio import read_json
 from qwen2vl_jax.modules.qwen2vl import init_shapes
@@ -354,7 +354,7 @@ def _reason(error: BaseException | str, path: Path) -> str:
     if status and status[1] == "NOT_FOUND" and files:
         return f"{_relative(files[-1], path)} is missing"
     text = text.split("[tensorstore_spec=")[0].replace(f"{path}/", "").replace(str(path), PARAMS)
-    return _first_line(text)
+    return first_line(text.strip().rstrip("."), 200)
 
 
 def _relative(name: str, path: Path) -> str:
@@ -461,14 +461,6 @@ def load_numpy(folder: str | Path, paths: Iterable[str], dtype=None) -> dict[str
         tree = _restore(Path(folder).resolve() / PARAMS, unflatten(abstract))
     return {p: np.asarray(v) for p, v in flatten(tree).items()}
 
-
-def _first_line(e: BaseException | str) -> str:
-    """The first line of an error's message, at most 200 characters, without what TensorStore
-    appends (its spec, 'See full TensorStore details: <bound method ...>')."""
-    text = str(e).split("See full TensorStore details")[0].strip().rstrip(".")
-    lines = text.splitlines()
-    line = lines[0].strip() if lines else (type(e).__name__ if isinstance(e, BaseException) else "")
-    return line if len(line) <= 200 else line[:197] + "..."
 
 
 def load_hf_params(path: str | Path, config: Qwen2VLConfig, dtype, host: bool = False,

@@ -37,7 +37,7 @@ from typing import Mapping
 
 import numpy as np
 
-from qwen2vl_jax.errors import InputError
+from qwen2vl_jax.errors import InputError, first_line
 
 ENV_COORDINATOR = "JAX_COORDINATOR_ADDRESS"
 ENV_NUM_PROCESSES = "JAX_NUM_PROCESSES"
@@ -175,14 +175,14 @@ def initialize(args: argparse.Namespace, environ: Mapping[str, str] | None = Non
         jax.distributed.initialize(coordinator_address=cluster.coordinator, num_processes=cluster.num_processes,
                                    process_id=cluster.process_id)
     except ValueError as e:  # what a cluster manager could not fill in
-        raise InputError(f"multi-process run: {_first_line(e)} (give --coordinator, --num-processes and "
+        raise InputError(f"multi-process run: {first_line(e)} (give --coordinator, --num-processes and "
                          "--process-id)") from None
     except RuntimeError as e:
         if "before" in str(e) or "already" in str(e):  # a caller's bug: devices used first
             raise
         where = cluster.coordinator or "the cluster's coordinator"
         raise InputError(f"could not join the multi-process run at {where} as process {cluster.process_id} of "
-                         f"{cluster.num_processes}: {_first_line(e)}") from None
+                         f"{cluster.num_processes}: {first_line(e)}") from None
     _initialized = cluster
     _native_stdout_to_stderr()
     return True
@@ -305,8 +305,3 @@ def enable_compile_cache(args: argparse.Namespace, environ: Mapping[str, str] | 
     jax.config.update("jax_compilation_cache_dir", str(folder))
     jax.config.update("jax_persistent_cache_min_compile_time_secs", CACHE_MIN_COMPILE_S)
     return folder
-
-
-def _first_line(e: BaseException) -> str:
-    lines = str(e).strip().splitlines()
-    return lines[0].strip() if lines else type(e).__name__

@@ -36,6 +36,18 @@ def listing(items, limit: int = 4, *, sep: str = ", ", width: int = 200) -> str:
     return f"{sep.join(shown)} and {len(items) - len(shown)} more"
 
 
+def first_line(e: BaseException | str, width: int | None = None) -> str:
+    """The first line of an error's message (or of a text), cut to `width` characters if given, without
+    what TensorStore appends to its errors (its spec and 'See full TensorStore details: ...');
+    an error with an empty message gives its type's name."""
+    text = str(e).split("See full TensorStore details")[0].strip()
+    if "See full TensorStore details" in str(e):
+        text = text.rstrip(".")
+    lines = text.splitlines()
+    line = lines[0].strip() if lines else (type(e).__name__ if isinstance(e, BaseException) else "")
+    return line if width is None else _cut(line, width)
+
+
 def _cut(text: str, width: int) -> str:
     return text if len(text) <= width else text[:max(1, width - 3)] + "..."
 

@@ -26,7 +26,7 @@ import sys
 from typing import Callable
 
 from qwen2vl_jax import interrupts
-from qwen2vl_jax.errors import InputError
+from qwen2vl_jax.errors import InputError, first_line
 
 DISTRIBUTION = "qwen2vl-jax"  # the name pip knows the package by
 EXIT_INPUT = 2  # as argparse exits on a bad flag
@@ -48,7 +48,7 @@ def run(prog: str, main: Callable[[], int | None], *,
                 interrupts.check()  # an error an interrupt caused (inside Orbax, say) is the interrupt
                 raise
     except InputError as e:
-        _say(prog, f"error: {_first_line(e)}")
+        _say(prog, f"error: {first_line(e)}")
         return EXIT_INPUT
     except KeyboardInterrupt as e:
         _quiet_abandoned_work()
@@ -73,7 +73,7 @@ def os_error_line(e: OSError) -> str:
         files = [str(f) for f in (e.filename, e.filename2) if f is not None]
         what = f"{e.strerror}: {' -> '.join(files)}" if files else e.strerror
     else:
-        what = _first_line(e)
+        what = first_line(e)
     return " ".join(what.split()) or type(e).__name__
 
 
@@ -101,10 +101,6 @@ def quiet_libraries() -> None:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     logging.getLogger("absl").setLevel(logging.ERROR)
 
-
-def _first_line(e: BaseException) -> str:
-    lines = str(e).strip().splitlines()
-    return lines[0].strip() if lines else type(e).__name__
 
 
 def _say(prog: str, text: str) -> None:

@@ -19,6 +19,10 @@ Rules:
 - forbidden: pairs of the same layer that must not import each other (DESIGN.md: the Flax
   modules never import processing).
 - unresolved: an import of a project module that does not exist (it would raise ImportError).
+- private: a module (of the package, convert/, train/ or benchmarks/) imports another project
+  module's `_name`, reads `module._name` off an imported project module, or reads `x._name` (x
+  not self/cls) where `_name` is defined in another project module and not in its own: a name
+  with a leading underscore is private to the module that defines it.
 
 "Deferred" imports (inside a function, or under `if TYPE_CHECKING:`) are edges of the graph
 like any other, but they do not run when the importing module is imported, so they do not
@@ -49,7 +53,7 @@ LAYERS: list[tuple[str, ...]] = [
     # lora: adapters (the traced LoRA term, adapter leaves, PEFT's folder format)
     ("params", "sharding", "distributed", "hf_mapping", "safetensors_io", "quant", "lora"),
     ("modules", "processing"),  # L3: modules is Flax only; processing is numpy/PIL/tokenizers
-    ("positions", "inputs"),  # L4: host side, numpy only
+    ("positions", "inputs", "grounding"),  # L4: host side, numpy only (grounding: plain Python)
     ("sampling", "decode_state", "engine", "checkpoint"),  # L5: decode_state: the KV cache and decode state the engine runs
     ("api", "xla_flags"),  # L6: xla_flags: what the CLIs set before JAX starts
     ("chat", "shell"),  # L7
@@ -62,7 +66,7 @@ PACKAGE_DIRS = {PACKAGE: "qwen2vl_jax", f"{PACKAGE}.convert": "convert", f"{PACK
 OUTSIDE = (f"{PACKAGE}.convert", f"{PACKAGE}.train")
 
 JAX_FAMILY = ("jax", "jaxlib", "flax", "optax", "orbax")
-HOST_SIDE = ("positions", "inputs")  # no jax-family import anywhere in them
+HOST_SIDE = ("positions", "inputs", "grounding")  # no jax-family import anywhere in them
 LAZY_JAX = ("processing",)  # jax-family imports only inside functions
 # Same-layer pairs (importer, imported) that are still forbidden.
 FORBIDDEN = [("modules", "processing")]
@@ -352,13 +356,82 @@ def _path_to_jax(start: str, eager: dict, eager_jax: dict, own) -> list[str] | N
     return None
 
 
+def _is_private(name: str) -> bool:
+    return name.startswith("_") and not name.startswith("__")
+
+
+def _defined_names(tree: ast.AST) -> set[str]:
+    """Every name a module defines: functions, classes, assigned names and attributes
+    (`self._x = ...`), arguments, and names it imports."""
+    out = set()
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            out.add(node.name)
+        elif isinstance(node, ast.Name) and isinstance(node.ctx, ast.Store):
+            out.add(node.id)
+        elif isinstance(node, ast.Attribute) and isinstance(node.ctx, ast.Store):
+            out.add(node.attr)
+        elif isinstance(node, ast.arg):
+            out.add(node.arg)
+        elif isinstance(node, ast.alias):
+            out.add((node.asname or node.name).split(".")[0])
+    return out
+
+
+def private_uses(root: Path, modules: dict[str, Path], extra_dirs=("benchmarks",)) -> list[Offence]:
+    """The `private` rule over the project's modules and the scripts in extra_dirs."""
+    files = dict(modules)
+    for folder in extra_dirs:
+        for path in sorted((root / folder).glob("*.py")) if (root / folder).is_dir() else ():
+            files[f"{folder}.{path.stem}"] = path
+    trees = {m: ast.parse(p.read_text(encoding="utf-8"), filename=str(p)) for m, p in files.items()}
+    defined = {m: _defined_names(t) for m, t in trees.items()}
+    owners: dict[str, set[str]] = {}
+    for m, names in defined.items():
+        for name in names:
+            if _is_private(name) and m in modules:
+                owners.setdefault(name, set()).add(m)
+    off = []
+    for m, tree in trees.items():
+        file = files[m].relative_to(root).as_posix()
+        module_aliases = {}  # a local name bound to a project module
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and not node.level and node.module and _is_project(node.module):
+                for alias in node.names:
+                    if _is_private(alias.name):
+                        off.append(Offence("private", file, node.lineno,
+                                           f"{_short(m)} imports {alias.name} from {_short(node.module)}"))
+                    elif f"{node.module}.{alias.name}" in modules:
+                        module_aliases[alias.asname or alias.name] = f"{node.module}.{alias.name}"
+            elif isinstance(node, ast.Import):
+                for alias in node.names:
+                    if _is_project(alias.name) and alias.asname:
+                        module_aliases[alias.asname] = alias.name
+        for node in ast.walk(tree):
+            if not (isinstance(node, ast.Attribute) and _is_private(node.attr)):
+                continue
+            base = node.value
+            if isinstance(base, ast.Name) and base.id in module_aliases:
+                off.append(Offence("private", file, node.lineno,
+                                   f"{_short(m)} uses {_short(module_aliases[base.id])}.{node.attr}"))
+            elif isinstance(base, ast.Name) and base.id in ("self", "cls"):
+                continue
+            elif isinstance(base, ast.Call) and isinstance(base.func, ast.Name) and base.func.id == "super":
+                continue
+            elif node.attr not in defined[m] and owners.get(node.attr, set()) - {m}:
+                where = ", ".join(sorted(_short(o) for o in owners[node.attr]))
+                off.append(Offence("private", file, node.lineno,
+                                   f"{_short(m)} uses .{node.attr}, private to {where}"))
+    return off
+
+
 @functools.lru_cache(maxsize=None)
 def repo_offences() -> tuple[Offence, ...]:
-    return tuple(check(REPO))
+    return tuple(sorted(set(check(REPO)) | set(private_uses(REPO, discover(REPO)))))
 
 
 # ----------------------------------------------------------------------------- the repository
-RULES = ["unplaced", "upward", "cycle", "outside", "host-jax", "forbidden", "unresolved"]
+RULES = ["unplaced", "upward", "cycle", "outside", "host-jax", "forbidden", "unresolved", "private"]
 
 
 @pytest.mark.parametrize("rule", RULES)
@@ -520,3 +593,21 @@ def test_checker_resolves_imports(tmp_path):
 def test_checker_catches(tmp_path, case, rule, expected):
     root = fake_tree(tmp_path, case)
     assert offences(root, rule) == expected
+
+
+@pytest.mark.parametrize("case,expected", [
+    ({"qwen2vl_jax/cli.py": "from qwen2vl_jax.config import _helper\n"},
+     ["qwen2vl_jax/cli.py:1: cli imports _helper from config"]),
+    ({"qwen2vl_jax/config.py": "def _helper():\n    pass\n",
+      "qwen2vl_jax/cli.py": "from qwen2vl_jax import config\ndef main():\n    config._helper()\n"},
+     ["qwen2vl_jax/cli.py:3: cli uses config._helper"]),
+    ({"qwen2vl_jax/config.py": "class C:\n    def _expand(self):\n        return self._expand\n",
+      "qwen2vl_jax/cli.py": "def main(c):\n    return c._expand()\n"},
+     ["qwen2vl_jax/cli.py:2: cli uses ._expand, private to config"]),
+    # its own private names, self/super, and private names of other libraries are fine
+    ({"qwen2vl_jax/config.py": "class C:\n    def _f(self, o):\n        return o._f() + self._g + super()._h\n",
+      "qwen2vl_jax/cli.py": "import os\ndef main():\n    return os._exit\n"}, []),
+])
+def test_checker_catches_private_names(tmp_path, case, expected):
+    root = fake_tree(tmp_path, case)
+    assert [str(o) for o in private_uses(root, discover(root))] == expected

@@ -333,7 +333,6 @@ class Processor:
             out.append(np.repeat(a, reps))
         return out
 
-    _expand = expand_placeholders  # the former private name, until its last caller moves
 
     def _pad(
         self, ids: list[np.ndarray], padding: bool | str, padding_side: str | None, max_length: int | None

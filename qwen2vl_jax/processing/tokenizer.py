@@ -15,7 +15,7 @@ from typing import Iterable, Sequence
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, normalizers, pre_tokenizers
 from tokenizers.models import BPE
 
-from ..errors import InputError
+from ..errors import InputError, first_line
 from ..jsonio import read_json
 
 # Qwen2's pre-tokenizer split (the same regex its tokenizer.json carries).
@@ -126,13 +126,13 @@ class Qwen2Tokenizer:
             try:
                 tok = Tokenizer.from_file(str(d / "tokenizer.json"))
             except Exception as e:  # the tokenizers library raises a bare Exception
-                raise InputError(f"{d / 'tokenizer.json'}: cannot read the tokenizer ({_first_line(e)})") from None
+                raise InputError(f"{d / 'tokenizer.json'}: cannot read the tokenizer ({first_line(e)})") from None
         elif cls.present(d):
             added = _added_tokens(cfg, cfg_file)
             try:
                 tok = _build_from_vocab(str(d / "vocab.json"), str(d / "merges.txt"), added)
             except Exception as e:
-                raise InputError(f"{d}: cannot read vocab.json + merges.txt ({_first_line(e)})") from None
+                raise InputError(f"{d}: cannot read vocab.json + merges.txt ({first_line(e)})") from None
         else:
             raise InputError(f"{d}: no tokenizer.json, nor vocab.json + merges.txt")
         return cls(tok, cfg)
@@ -168,8 +168,3 @@ class Qwen2Tokenizer:
 
     def __len__(self) -> int:
         return self.vocab_size
-
-
-def _first_line(e: BaseException) -> str:
-    lines = str(e).strip().splitlines()
-    return lines[0] if lines else type(e).__name__

@@ -8,7 +8,7 @@ import sys
 import time
 from pathlib import Path
 
-from qwen2vl_jax import distributed, shell
+from qwen2vl_jax import distributed, shell, xla_flags
 from qwen2vl_jax.config import DEMO_DIR as DEFAULT_MODEL
 from qwen2vl_jax.errors import InputError
 from qwen2vl_jax.serving.settings import Settings
@@ -215,6 +215,7 @@ def _run(args) -> int:
     shell.quiet_libraries()
     _check_args(args)
     _check_context(args)
+    xla_flags.for_model(args.model)  # before JAX starts its backend, which reads XLA_FLAGS once
     multi = distributed.initialize(args)
     try:
         import starlette  # noqa: F401

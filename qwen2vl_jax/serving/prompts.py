@@ -168,7 +168,7 @@ class Service:
             merge = ip.merge_size ** 2
             counts = [np.asarray([int(np.prod(v.grid_thw)) // merge for v in items], np.int64)
                       for items in (images, videos)]
-            ids = proc._expand(proc.tokenizer.encode_batch([text]), *counts)[0]
+            ids = proc.expand_placeholders(proc.tokenizer.encode_batch([text]), *counts)[0]
         except InputError as e:
             raise ApiError(400, str(e), "messages") from None
         return ids.astype(np.int32), images, videos
