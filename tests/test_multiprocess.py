@@ -239,7 +239,7 @@ def _serve(model_dir: Path, flags: list[str], process_id: int) -> dict:
                      {"type": "text", "text": "What shape is this?"}], "What colour is the shape?"]
 
             def ask(content):
-                r = api.chat.completions.create(model="m", max_tokens=NEW_TOKENS, extra_body={"return_token_ids": True},
+                r = api.chat.completions.create(model="model", max_tokens=NEW_TOKENS, extra_body={"return_token_ids": True},
                                                 messages=[{"role": "user", "content": content}])
                 return r.choices[0].model_extra["token_ids"]
 

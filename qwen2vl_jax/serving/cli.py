@@ -211,6 +211,10 @@ def _access_logging(enabled: bool) -> None:
         logger.propagate = False
 
 
+def _say(line: str) -> None:
+    print(f"{PROG}: {line}", file=sys.stderr, flush=True)
+
+
 def _run(args) -> int:
     shell.quiet_libraries()
     _check_args(args)
@@ -251,7 +255,7 @@ def _run(args) -> int:
     service = build_service(model, processor, max_batch=args.max_batch, max_context=args.max_context,
                             settings=settings, vision_cache_entries=args.vision_cache,
                             warm_up_vision=not args.no_vision_warm_up,
-                            progress=lambda line: print(f"{PROG}: {line}", file=sys.stderr, flush=True))
+                            progress=_say if not multi or distributed.is_leader() else None)
     if multi:
         from qwen2vl_jax.serving.lockstep import follow
 
