@@ -21,6 +21,7 @@ from typing import Any, Sequence, TextIO
 import numpy as np
 
 from qwen2vl_jax.errors import InputError
+from qwen2vl_jax.processing.detokenize import Detokenizer
 from qwen2vl_jax.sampling import GenerationConfig
 
 
@@ -56,25 +57,21 @@ class Reply:
 
 
 class TextStream:
-    """Decodes a growing token list and writes only the new, complete characters."""
+    """Writes each token's new, complete characters as it comes (`Detokenizer`: control tokens
+    left out, grounding markup kept)."""
 
     def __init__(self, processor, out: TextIO | None):
-        self.processor, self.out = processor, out
+        self.out = out
         self.ids: list[int] = []
-        self.shown = 0
+        self.detokenizer = Detokenizer(processor.tokenizer)
 
     def push(self, token: int) -> None:
         self.ids.append(int(token))
-        text = self.processor.decode(self.ids, skip_special_tokens=True)
-        if text.endswith("\ufffd"):  # an incomplete UTF-8 sequence: wait for the rest
-            return
-        self._write(text[self.shown:])
-        self.shown = len(text)
+        self._write(self.detokenizer.push(token))
 
     def close(self) -> str:
-        text = self.processor.decode(self.ids, skip_special_tokens=True)
-        self._write(text[self.shown:] + "\n")
-        return text
+        self._write(self.detokenizer.flush() + "\n")
+        return self.detokenizer.text
 
     def _write(self, s: str) -> None:
         if self.out is not None and s:

@@ -18,6 +18,8 @@ import time
 import numpy as np
 import pytest
 
+from qwen2vl_jax.processing.detokenize import reply_text
+
 pytest.importorskip("starlette")
 pytest.importorskip("uvicorn")
 openai = pytest.importorskip("openai")
@@ -190,7 +192,7 @@ def check_reply(served, messages, max_tokens: int, stream: bool) -> list[int]:
     assert ids == want
     ended = bool(want) and want[-1] in served.service.eos_ids
     assert info["finish"] == ("stop" if ended else "length")
-    assert text == served.processor.decode(want[:-1] if ended else want, skip_special_tokens=True)
+    assert text == reply_text(served.processor.tokenizer, want[:-1] if ended else want)
     assert info["usage"]["completion_tokens"] == len(want)
     prompt = served.processor.apply_chat_template(offline_messages(messages), add_generation_prompt=True,
                                                   tokenize=True, return_dict=True)["input_ids"]

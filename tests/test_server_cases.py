@@ -25,6 +25,8 @@ import re
 import numpy as np
 import pytest
 
+from qwen2vl_jax.processing.detokenize import reply_text
+
 pytest.importorskip("starlette")
 pytest.importorskip("uvicorn")
 openai = pytest.importorskip("openai")
@@ -117,7 +119,7 @@ class Served:
         return tokens
 
     def text(self, tokens: list[int]) -> str:
-        return self.processor.decode(tokens, skip_special_tokens=True)
+        return reply_text(self.processor.tokenizer, tokens)
 
     def body(self, messages, max_tokens: int, **extra) -> dict:
         return {"model": "cases", "messages": messages, "max_tokens": max_tokens, "return_token_ids": True, **extra}

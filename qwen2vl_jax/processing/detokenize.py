@@ -24,6 +24,12 @@ def skipped_ids(tokenizer, keep_grounding: bool = True) -> frozenset[int]:
     return frozenset(special)
 
 
+def reply_text(tokenizer, ids, keep_grounding: bool = True) -> str:
+    """The text of a whole reply's tokens, as `Detokenizer` gives it token by token."""
+    skip = skipped_ids(tokenizer, keep_grounding)
+    return tokenizer.decode([int(i) for i in ids if int(i) not in skip])
+
+
 class Detokenizer:
     """`push` one token id at a time and get the text it completes; `text` is everything so far
     and equals a decode of every kept token at once once `flush` has been called."""

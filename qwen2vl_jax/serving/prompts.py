@@ -11,6 +11,7 @@ import time
 
 import numpy as np
 
+from qwen2vl_jax.chat import turn_end_ids
 from qwen2vl_jax.errors import InputError
 from qwen2vl_jax.serving import media
 from qwen2vl_jax.serving.metrics import Metrics
@@ -62,9 +63,7 @@ class Service:
         self.model, self.processor, self.batcher, self.settings = model, processor, batcher, settings
         self.metrics = Metrics()
         self.created = int(time.time())
-        eos = list(model.generation_config.eos_token_ids)
-        im_end = processor.tokenizer.token_to_id("<|im_end|>")
-        self.eos_ids = tuple(dict.fromkeys([*eos, im_end]))
+        self.eos_ids = turn_end_ids(model, processor)  # what ends a turn offline ends it here
         self.max_chars = self.max_context * longest_token(processor.tokenizer) * CHARS_MARGIN
         self.preprocessor = Preprocessor(settings.preprocess_workers, settings.max_queue,
                                          lambda: self.batcher.queue_depth)

@@ -9,6 +9,7 @@ import json
 import time
 import uuid
 
+from qwen2vl_jax.processing.detokenize import Detokenizer
 from qwen2vl_jax.serving.schema import Parsed
 from qwen2vl_jax.serving.settings import ApiError
 
@@ -33,7 +34,7 @@ class Reply:
         self.id = f"chatcmpl-{uuid.uuid4().hex}"
         self.created = int(time.time())
         self.ids: list[int] = []  # every generated token, the EOS included
-        self.text_ids: list[int] = []  # the tokens that make the text
+        self.detokenizer = Detokenizer(service.processor.tokenizer)  # control tokens out, grounding kept
         self.text = ""
         self.sent = 0  # characters of self.text already streamed
         self.finish: str | None = None
@@ -69,11 +70,12 @@ class Reply:
             metrics.generated_tokens += 1
             self.ids.append(event.token)
             if event.finish != "stop":  # an EOS ends the text without being part of it
-                self.text_ids.append(event.token)
-                self.text = self.service.processor.decode(self.text_ids, skip_special_tokens=True)
+                self.detokenizer.push(event.token)
+                self.text = self.detokenizer.text
                 if self._apply_stop():
                     return
         if event.finish is not None:
+            self.text += self.detokenizer.flush()
             self.finish = event.finish
 
     def _apply_stop(self) -> bool:
