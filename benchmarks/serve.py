@@ -102,7 +102,7 @@ def rss_gb(pid: int) -> float:
 def start_server(args, folder: Path, port: int) -> tuple[subprocess.Popen, float]:
     argv = [sys.executable, "-m", "qwen2vl_jax.serving.cli", "--model", str(folder), "--port", str(port),
             "--max-batch", str(args.max_batch), "--max-context", str(args.max_context),
-            "--max-queue", "1024", "--request-timeout", "3600", "--vision-cache", "0"]
+            "--max-queue", "1024", "--request-timeout", "3600", "--vision-cache", "0", "--served-model-name", "bench"]
     if args.dtype:
         argv += ["--dtype", args.dtype]
     if args.matmul:

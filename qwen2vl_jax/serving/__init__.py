@@ -9,24 +9,30 @@ Endpoints: POST /v1/chat/completions (OpenAI's schema; images as image_url parts
 video/video_url parts naming local files; `stream: true` gives server-sent events ending in
 `data: [DONE]`), GET /v1/models, GET /health, GET /metrics (Prometheus text).
 
-Flow: the HTTP side (Starlette on uvicorn's event loop) checks the request, reads the media and
-renders the prompt with the package's chat template and processor (in a worker thread), looks
-each image up in the vision cache, and queues a `batching.Request`; one thread runs the
-`batching.Batcher` (vision tower, prefill, one decode step for all slots) and hands tokens back
-to the event loop, where they are detokenized, checked against stop strings and sent.
+Flow: the HTTP side (Starlette on uvicorn's event loop) checks the request, then reads its media
+and renders and tokenizes the prompt on a pool of its own, and queues a `scheduler.Request`; one
+thread runs the `scheduler.Batcher`, which takes vision features from its vision cache or the
+vision tower, prefills the prompt, inserts it into a free row and steps every live row with the
+engine's one decode step (the same compiled step offline generation runs), and hands tokens
+back to the event loop, where they are detokenized, checked against stop strings and sent.
 
 Past one host, run it once per process with the multi-process flags (`distributed`): process
-0 serves HTTP and runs the batcher, the others replay its device calls (`batching.Lockstep`).
+0 serves HTTP and runs the batcher, the others replay its device calls (`lockstep`).
 
 The modules, one job each (a request passes through them in this order):
-  settings  the flags' settings and `ApiError` (the OpenAI error object);
-  schema    the JSON body checked field by field into `Parsed`;
-  media     images and videos read from data: URIs, --media-dir or remote URLs;
-  prompts   `Service`: media, chat template and tokenizer -> the prompt and its vision inputs;
-  app       the Starlette routes and the checks every request passes (Host, Origin, content
-            type), `build_service`, `ServerThread`;
   connections  the listening socket (bound before the model loads) and uvicorn's h11 protocol
             with a read deadline per request and a cap on open connections;
+  app       the Starlette routes and the checks every request passes (Host, Origin, content
+            type), `build_service`, `ServerThread`;
+  schema    the JSON body checked field by field into `Parsed` (`settings`: what the flags
+            set, and `ApiError`, the OpenAI error object);
+  preprocess  the pools media and text-only requests are prepared on, counted by the queue,
+            under the request's deadline;
+  prompts   `Service`: media (`media`, `remote`), chat template and tokenizer -> the prompt and
+            its vision inputs;
+  scheduler  `Slots` over the engine (row and context buckets), `Batcher`, `Request`;
+            `vision_cache` beside it, read and written by the batcher's thread only;
+            `lockstep` for multi-process runs; `warmup` compiles what requests will run;
   stream    events -> text with stop strings, whole replies and server-sent events;
   metrics   /metrics;
   cli       the command line.

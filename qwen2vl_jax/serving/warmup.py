@@ -2,11 +2,15 @@
 then the vision tower at every size the server's pixel budget can give an image, so that no image
 request pays for a compile. What still compiles on first use: prompts longer than the warmed
 prefill buckets (one bucket each), images whose features come with more segments than one (a
-video: one segment per two frames), and a new bucket of merged features in a prefill."""
+video: one segment per two frames), a new bucket of merged features in a prefill, and image sizes
+whose vision tower would hold more than a quarter of the machine's memory at once (its attention
+scores grow with the square of the patch count: running them here could end the server before
+it starts; such an image compiles, and needs that memory, when one comes)."""
 
 from __future__ import annotations
 
 import math
+import os
 import threading
 import time
 from typing import Callable
@@ -14,6 +18,21 @@ from typing import Callable
 import numpy as np
 
 HEARTBEAT_S = 10.0  # a line this often while one stage compiles
+MEMORY_SHARE = 4  # warm-up runs the vision tower only on sizes needing under 1/MEMORY_SHARE of the RAM
+
+
+def vision_bytes(patches: int, heads: int) -> int:
+    """What the vision tower's attention holds for one segment of `patches` patches: the float32
+    scores of every head, about three times over (scores, softmax, its temporaries)."""
+    return 3 * heads * patches * patches * 4
+
+
+def memory_bytes() -> int:
+    """The machine's physical memory (0 when it cannot be read)."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return 0
 
 
 def _pair(n: int) -> tuple[int, int]:
@@ -77,6 +96,14 @@ def warm_up(batcher, processor, progress: Callable[[str], None] | None = None, v
         return
     merge_unit = slots.config.vision.merge_unit
     buckets = vision_buckets(processor, merge_unit)
+    budget = memory_bytes() // MEMORY_SHARE
+    heads = slots.config.vision.num_heads
+    if budget:
+        large = [n for n in buckets if vision_bytes(n, heads) > budget]
+        buckets = [n for n in buckets if vision_bytes(n, heads) <= budget]
+        if large:
+            say(f"warm-up: {len(large)} image sizes of {large[0]} patches or more are left to compile on first use "
+                f"(each needs over {budget / 2**30:.1f} GB for its attention)")
     dim = slots.config.vision.patch_dim
     t0 = time.perf_counter()
     for i, n in enumerate(buckets, 1):
