@@ -26,59 +26,19 @@ peak. Timings are the best of --repeat runs after one warm-up.
 from __future__ import annotations
 
 import argparse
-import functools
 import json
 import os
 import resource
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import numpy as np
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))  # runnable from a checkout without installing
-IMAGE_TOKEN, VSTART, VEND = 151655, 151652, 151653
-# Dense bf16 peak FLOP/s of common accelerators (no sparsity), for the MFU column.
-PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12, "A10": 125e12}
+from common import IMAGE_TOKEN, PEAK_BF16, best_of, make_inputs, model_config, random_params, vit_flops
 
 
-# ------------------------------------------------------------------ inputs and FLOPs
-def model_config(size: str):
-    from qwen2vl_jax.config import QWEN2_VL_2B, QWEN2_VL_7B, Qwen2VLConfig, TextConfig, VisionConfig
-
-    if size in ("2b", "7b"):
-        return {"2b": QWEN2_VL_2B, "7b": QWEN2_VL_7B}[size]
-    # A reduced model for trying the script: 2B's vocabulary and widths, few layers.
-    return Qwen2VLConfig(vision=VisionConfig(depth=4, out_hidden_size=1536),
-                         text=TextConfig(vocab_size=151936, hidden_size=1536, intermediate_size=8960,
-                                         num_hidden_layers=4, num_attention_heads=12, num_key_value_heads=2),
-                         tie_word_embeddings=True)
-
-
-def make_inputs(image: int, prompt_words: int = 24, seed: int = 0) -> dict:
-    """Token ids of a chat-shaped prompt around one image, and its random patches."""
-    rng = np.random.RandomState(seed)
-    g = image // 14
-    grid = np.array([[1, g, g]])
-    n_img = g * g // 4
-    text = lambda n: rng.randint(100, 150000, n).tolist()  # noqa: E731
-    ids = [151644] + text(3) + [VSTART] + [IMAGE_TOKEN] * n_img + [VEND] + text(prompt_words) + [151645] + text(3)
-    return {"input_ids": np.array([ids], np.int64), "attention_mask": np.ones((1, len(ids)), np.int64),
-            "pixel_values": rng.randn(g * g, 1176).astype(np.float32), "image_grid_thw": grid}
-
-
-def vit_flops(config, n_patches: int) -> float:
-    """Matmul FLOPs (2 per multiply-add) of the vision tower and merger over one image of
-    n_patches patches, attention included."""
-    v, t = config.vision, config.text
-    e = v.embed_dim
-    vit = n_patches * (2 * v.patch_dim * e + v.depth * (2 * e * 3 * e + 2 * e * e + 2 * 2 * e * v.mlp_dim))
-    vit += v.depth * 2 * 2 * n_patches * n_patches * e  # QK^T and PV (one segment)
-    return float(vit + (n_patches // 4) * (2 * (4 * e) ** 2 + 2 * 4 * e * t.hidden_size))
-
-
+# ------------------------------------------------------------------ FLOPs and memory
 def prefill_flops(config, n_tokens: int, n_patches: int, with_vit: bool = True) -> float:
     """Matmul FLOPs of the ViT over n_patches (`vit_flops`) and the decoder over n_tokens,
     attention included; the LM head counts once (only the last token)."""
@@ -95,62 +55,7 @@ def peak_rss_gb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
 
 
-def best_of(fn, repeat: int) -> float:
-    best = float("inf")
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t0)
-    return best
-
-
 # ------------------------------------------------------------------ ours
-def random_params(config, dtype, quantize: str | None = None) -> dict:
-    """Random parameters of the config's shapes in `dtype`, made on the default device one leaf
-    at a time in their final dtype; quantize ("int8" / "int4") makes the packed tree the way
-    `qwen2vl-convert --quantize` stores it (random integers, scales, int4's zero points)."""
-    import jax
-    import jax.numpy as jnp
-
-    from qwen2vl_jax.modules.qwen2vl import init_shapes
-    from qwen2vl_jax.quant.format import Scheme
-    from qwen2vl_jax.quant.tree import abstract
-
-    dtype = jnp.dtype(dtype)
-    shapes = init_shapes(config, dtype)
-    if quantize:  # the packed tree's shapes: integers, scales (and int4's zero points)
-        shapes = abstract(shapes, Scheme.of(quantize))
-
-    @functools.partial(jax.jit, static_argnums=(1, 2, 3))
-    def normal(key, shape, kind, leaf_dtype):  # one leaf at a time, made on the device in its final dtype
-        if kind == "ones":
-            return jnp.ones(shape, dtype)
-        if kind == "zeros":
-            return jnp.zeros(shape, dtype)
-        if kind == "ints":  # packed weights: any byte; zero points mid-range
-            low, high = (-127, 128) if leaf_dtype == jnp.int8 else (0, 256)
-            return jax.random.randint(key, shape, low, high).astype(leaf_dtype)
-        if kind == "zero_points":
-            return jnp.full(shape, 8, leaf_dtype)
-        if kind == "quant_scales":  # random ints times these: weights of std near 0.02
-            return jnp.full(shape, 0.02 / 64, leaf_dtype)
-        return (jax.random.normal(key, shape, jnp.float32) * 0.02).astype(dtype)
-
-    def fill(key):
-        leaves, treedef = jax.tree_util.tree_flatten_with_path(shapes)
-        out = []
-        for i, (path, leaf) in enumerate(leaves):
-            name = str(path[-1].key)
-            kind = {"qweight": "ints", "zeros": "zero_points", "scales": "quant_scales"}.get(name)
-            kind = kind or ("ones" if "scale" in name else "zeros" if "bias" in name else "normal")
-            out.append(jax.block_until_ready(normal(jax.random.fold_in(key, i), tuple(leaf.shape), kind,
-                                                    jnp.dtype(leaf.dtype))))
-        return jax.tree_util.tree_unflatten(treedef, out)
-
-    params = fill(jax.random.PRNGKey(0))
-    return jax.block_until_ready(params)
-
-
 def run_ours(args, dtype_name: str, quantize: str | None = None, scan: bool = False) -> dict:
     import jax
     import jax.numpy as jnp
@@ -367,7 +272,7 @@ def main(argv: list[str] | None = None) -> int:
     results: dict[str, dict] = {}
     for r in range(rounds):
         for v in variants:
-            env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+            env = dict(os.environ)
             flags = [args.xla_flags or ""] if v.startswith("ours") else []
             flags += [FLAG_SETS[f] for f in v.split("+")[1:] if f in FLAG_SETS]
             if v.startswith("ours"):

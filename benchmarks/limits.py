@@ -8,7 +8,7 @@ The ceilings are measured in the same run, on the same device:
   read     bytes read per second by a sum over it and a vector times it (the better of the
            two): the decode ceilings use the higher of copy and read;
   matmul   FLOP/s of one large square matmul in the compute dtype; on a GPU whose name is in
-           generate.PEAK_BF16 the datasheet's dense bf16 peak is printed beside it, and the
+           common.PEAK_BF16 the datasheet's dense bf16 peak is printed beside it, and the
            shares of compute figures are of that peak.
 The figures (random weights of each size's shapes, greedy, EOS ignored):
   decode b1    tokens/s of one row after an image and a prompt, against that bandwidth
@@ -44,9 +44,8 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from qwen2vl_jax.params import param_bytes as tree_bytes  # noqa: E402 - arrays or shapes
-from generate import PEAK_BF16, best_of, make_inputs, model_config, random_params, vit_flops  # noqa: E402
+from common import PEAK_BF16, best_of, make_inputs, model_config, random_params, vit_flops
+from qwen2vl_jax.params import param_bytes as tree_bytes  # arrays or shapes
 
 
 # ------------------------------------------------------------------ ceilings

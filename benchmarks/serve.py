@@ -25,8 +25,6 @@ import asyncio
 import base64
 import io
 import json
-import os
-import shutil
 import socket
 import subprocess
 import sys
@@ -36,53 +34,11 @@ from pathlib import Path
 
 import numpy as np
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))  # runnable from a checkout without installing
-ASSETS = Path(os.environ.get("QWEN2VL_REFERENCE_ASSETS", REPO.parent / "shared" / "assets"))
+from common import REPO, model_folder
+
 # vLLM's CPU build, Qwen2-VL-2B shapes, 448x448 image per request, 32 tokens, on a 2-core CPU machine.
 VLLM_2B = {1: {"tok_s": 1.55, "ttft_p50": 13.4}, 4: {"tok_s": 2.10}, 16: {"tok_s": 2.24, "ttft_p50": 167.0},
            "rss_gb": 15.0, "startup_s": 195.0}
-
-
-# ------------------------------------------------------------------ the model folder
-def model_folder(size: str, work: Path) -> Path:
-    """The demo folder, or a folder with random weights of the asked shapes."""
-    from qwen2vl_jax.config import DEMO_DIR, QWEN2_VL_2B, Qwen2VLConfig, TextConfig, VisionConfig
-
-    if size == "demo":
-        return DEMO_DIR
-    import jax
-    import jax.numpy as jnp
-
-    from qwen2vl_jax import checkpoint as ck
-    from qwen2vl_jax.modules.qwen2vl import init_shapes
-
-    side = ASSETS / "qwen2-vl-7b-instruct"
-    if not (side / "vocab.json").is_file():
-        sys.exit(f"serve.py: --size {size} needs the Qwen2-VL tokenizer files in {side} "
-                 "(set QWEN2VL_REFERENCE_ASSETS)")
-    if size == "2b":
-        config = QWEN2_VL_2B
-    else:
-        config = Qwen2VLConfig(vision=VisionConfig(depth=4, out_hidden_size=1536),
-                               text=TextConfig(vocab_size=151936, hidden_size=1536, intermediate_size=8960,
-                                               num_hidden_layers=4, num_attention_heads=12, num_key_value_heads=2),
-                               tie_word_embeddings=True)
-    folder = work / f"model-{size}"
-    folder.mkdir(parents=True)
-    for name in ("vocab.json", "merges.txt", "tokenizer.json", "tokenizer_config.json", "chat_template.json",
-                 "preprocessor_config.json", "generation_config.json"):
-        if (side / name).is_file():
-            shutil.copyfile(side / name, folder / name)
-    (folder / "config.json").write_text(json.dumps(config.to_hf(), indent=2) + "\n")
-    dtype = jnp.bfloat16 if size == "2b" else jnp.float32
-    shapes = init_shapes(config)
-    leaves, treedef = jax.tree_util.tree_flatten(shapes)
-    keys = jax.random.split(jax.random.PRNGKey(0), len(leaves))
-    params = [np.asarray(0.02 * jax.random.normal(k, s.shape, jnp.float32)).astype(dtype)
-              for k, s in zip(keys, leaves)]
-    ck.save_params(jax.tree_util.tree_unflatten(treedef, params), folder)
-    return folder
 
 
 # ------------------------------------------------------------------ the server process
@@ -209,7 +165,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.size == "demo":
             folder = model_folder(args.size, Path(tmp))
         else:  # in a child process: making 2B's weights would leave this one holding ~9 GB
-            code = "import sys; from serve import model_folder; model_folder(sys.argv[1], __import__('pathlib').Path(sys.argv[2]))"
+            # `python -c` puts its working folder, this one, first on sys.path: common is importable.
+            code = "import sys; from common import model_folder; model_folder(sys.argv[1], sys.argv[2])"
             made = subprocess.run([sys.executable, "-c", code, args.size, tmp], cwd=Path(__file__).resolve().parent)
             if made.returncode:
                 return made.returncode

@@ -10,7 +10,7 @@ start-up), then one decode step of `--rows` rows attending
 over each context bucket: the step a server takes while every live row holds at most that many
 tokens. The peer is the last row, the whole `--max-context` cache, which is what every step read
 before the context buckets existed. Each figure is the mean of `--steps` steps after one untimed.
-  small  Qwen2-VL-2B's widths and vocabulary, 4 decoder layers (as benchmarks/generate.py)
+  small  Qwen2-VL-2B's widths and vocabulary, 4 decoder layers (common.model_config, as benchmarks/generate.py)
   2b     Qwen2-VL-2B's shapes
 """
 
@@ -19,13 +19,10 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+import jax
 
-import jax  # noqa: E402
-
-from generate import model_config  # noqa: E402 - the same two model shapes
+from common import model_config  # the shapes generate.py and limits.py time
 
 
 def main(argv=None) -> int:

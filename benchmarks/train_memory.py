@@ -15,9 +15,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runnable from a checkout
 
 
 def scratch_gib(module, head, hidden, labels, chunk: int) -> float:

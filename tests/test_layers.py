@@ -611,3 +611,109 @@ def test_checker_catches(tmp_path, case, rule, expected):
 def test_checker_catches_private_names(tmp_path, case, expected):
     root = fake_tree(tmp_path, case)
     assert [str(o) for o in private_uses(root, discover(root))] == expected
+
+
+# ----------------------------------------------------------------------------- benchmarks/
+# The scripts in benchmarks/ run as `python benchmarks/X.py` against the installed package
+# (`pip install -e .`): none patches sys.path (nor a child's PYTHONPATH), and none imports
+# another script; what they share lives in the one module benchmarks/common.py. Imports are
+# found anywhere in a file (inside functions too) and in string constants that parse as Python
+# with imports in them (code run by `python -c` in a child process).
+BENCH_SHARED = "common"
+_PATH_METHODS = {"insert", "append", "extend", "remove", "pop", "clear", "__setitem__", "__iadd__"}
+
+
+def _is_sys_path(node: ast.AST, sys_names: set[str]) -> bool:
+    return (isinstance(node, ast.Attribute) and node.attr == "path" and isinstance(node.value, ast.Name)
+            and node.value.id in sys_names)
+
+
+def _bench_imports(tree: ast.AST, line0: int = 0):
+    """(line, imported top-level name) of every import in tree, string-held code included."""
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            for alias in node.names:
+                yield line0 + node.lineno, alias.name.split(".")[0]
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:  # `from . import x` / `from .x import y`: x is a sibling
+                for name in [node.module] if node.module else [a.name for a in node.names]:
+                    yield line0 + node.lineno, name.split(".")[0]
+            elif node.module:
+                yield line0 + node.lineno, node.module.split(".")[0]
+        elif isinstance(node, ast.Constant) and isinstance(node.value, str) and "import" in node.value:
+            try:
+                inner = ast.parse(node.value)
+            except SyntaxError:
+                continue
+            yield from _bench_imports(inner, line0 + node.lineno - 1)
+
+
+def benchmark_offences(root: Path) -> list[str]:
+    """file:line: what, for every sys.path / PYTHONPATH patch and every import of another
+    script in root/benchmarks/*.py."""
+    folder = root / "benchmarks"
+    scripts = {p.stem for p in folder.glob("*.py")} - {BENCH_SHARED}
+    out = []
+    for path in sorted(folder.glob("*.py")):
+        file = path.relative_to(root).as_posix()
+        tree = ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
+        sys_names = {a.asname or a.name for n in ast.walk(tree) if isinstance(n, ast.Import)
+                     for a in n.names if a.name == "sys"}
+        found = set()
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and node.module == "sys" and any(a.name == "path" for a in node.names):
+                found.add((node.lineno, "imports sys.path by name (from sys import path)"))
+            elif (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
+                  and node.func.attr in _PATH_METHODS and _is_sys_path(node.func.value, sys_names)):
+                found.add((node.lineno, f"patches sys.path (sys.path.{node.func.attr})"))
+            elif isinstance(node, (ast.Assign, ast.AugAssign, ast.AnnAssign, ast.Delete)):
+                targets = node.targets if isinstance(node, (ast.Assign, ast.Delete)) else [node.target]
+                for t in targets:
+                    if _is_sys_path(t, sys_names) or (isinstance(t, ast.Subscript) and _is_sys_path(t.value, sys_names)):
+                        found.add((node.lineno, "patches sys.path (assignment)"))
+            elif isinstance(node, ast.keyword) and node.arg == "PYTHONPATH":
+                found.add((node.value.lineno, "patches a child's PYTHONPATH"))
+            elif isinstance(node, ast.Constant) and node.value == "PYTHONPATH":
+                found.add((node.lineno, "patches a child's PYTHONPATH"))
+        for line, name in _bench_imports(tree):
+            if name in scripts:
+                found.add((line, f"imports the script {name} (shared code belongs in benchmarks/{BENCH_SHARED}.py)"))
+        out += [f"{file}:{line}: {what}" for line, what in sorted(found)]
+    return out
+
+
+def test_benchmarks_patch_no_path_and_import_no_script():
+    assert (REPO / "benchmarks" / f"{BENCH_SHARED}.py").is_file()
+    bad = benchmark_offences(REPO)
+    assert not bad, f"{len(bad)} offence(s) in benchmarks/:\n" + "\n".join(bad)
+
+
+def test_benchmark_checker_catches(tmp_path):
+    bench = tmp_path / "benchmarks"
+    bench.mkdir()
+    (bench / "common.py").write_text("import sys\n\ndef helper():\n    return sys.path[0]\n")
+    (bench / "gen.py").write_text("import numpy as np\nfrom common import helper\n")
+    (bench / "bad.py").write_text(
+        "import os\nimport sys as system\nfrom pathlib import Path\n"
+        "system.path.insert(0, str(Path(__file__).parent))\n"          # 4
+        "system.path.append('x')\n"                                     # 5
+        "system.path += ['y']\n"                                        # 6
+        "system.path[0] = 'z'\n"                                        # 7
+        "from gen import helper\n"                                      # 8
+        "def main():\n"
+        "    import gen.sub\n"                                          # 10
+        "    env = dict(os.environ, PYTHONPATH='.')\n"                  # 11
+        "    code = 'import sys; from gen import x; x()'\n"             # 12
+        "    return code, env\n"
+        "from sys import path\n")                                       # 14
+    assert benchmark_offences(tmp_path) == [
+        "benchmarks/bad.py:4: patches sys.path (sys.path.insert)",
+        "benchmarks/bad.py:5: patches sys.path (sys.path.append)",
+        "benchmarks/bad.py:6: patches sys.path (assignment)",
+        "benchmarks/bad.py:7: patches sys.path (assignment)",
+        "benchmarks/bad.py:8: imports the script gen (shared code belongs in benchmarks/common.py)",
+        "benchmarks/bad.py:10: imports the script gen (shared code belongs in benchmarks/common.py)",
+        "benchmarks/bad.py:11: patches a child's PYTHONPATH",
+        "benchmarks/bad.py:12: imports the script gen (shared code belongs in benchmarks/common.py)",
+        "benchmarks/bad.py:14: imports sys.path by name (from sys import path)",
+    ]
