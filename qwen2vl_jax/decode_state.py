@@ -152,7 +152,7 @@ class DecodeState:
     pos: jax.Array  # int32[B]: the slot `token` is written to by the next step
     pos_offset: jax.Array  # int32[B]: the M-RoPE position of slot j is j + pos_offset
     token: jax.Array  # int32[B]: the last token drawn (the row's pad once it is finished)
-    logits: jax.Array  # f32[B, V]: the logits it was drawn from
+    logits: jax.Array  # f32[B, V]: the logits it was drawn from; f32[B, 0] in a state that keeps none (the server's)
     seen: jax.Array  # bool[B, V]: tokens of the prompt or drawn (repetition penalty)
     generated: jax.Array  # int32[B]: tokens drawn while the row was running
     finish: jax.Array  # int32[B]: RUNNING, STOP or LENGTH
@@ -213,5 +213,6 @@ def advance(state: DecodeState, logits, greedy: bool | None) -> DecodeState:
     finish = jnp.where(~running, state.finish,
                        jnp.where(is_eos, STOP, jnp.where(generated >= state.max_new, LENGTH, RUNNING)))
     seen = state.seen.at[jnp.arange(tok.shape[0]), tok].set(True)
-    return state.replace(token=tok, logits=logits, seen=seen, generated=generated, finish=finish.astype(jnp.int32),
+    keep = logits if state.logits.shape[-1] else state.logits  # a state without logits stays without: no copy per step
+    return state.replace(token=tok, logits=keep, seen=seen, generated=generated, finish=finish.astype(jnp.int32),
                          rng=rng)

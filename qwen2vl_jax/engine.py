@@ -179,6 +179,9 @@ class Engine:
         if lb > s:  # only possible when the whole prompt still fits: keep its first S slots
             prefix = prefix.replace(cache=prefix.cache.map(lambda x: jax.lax.slice_in_dim(x, 0, s, axis=ax + 1)))
 
+        if not state.logits.shape[-1]:  # a state that keeps no logits takes none from the prefix
+            prefix = prefix.replace(logits=prefix.logits[:, :0])
+
         def put(big, axis, small):
             return jax.lax.dynamic_update_slice_in_dim(big, small.astype(big.dtype), row, axis=axis)
 
@@ -187,7 +190,9 @@ class Engine:
             return (out.replace(rng=prefix.rng) if state.shared_key else out).constrain()
 
     def _empty_impl(self, rows: int, slots: int) -> DecodeState:
-        """`rows` free rows of `slots` slots (finished, so they draw only pads)."""
+        """`rows` free rows of `slots` slots (finished, so they draw only pads). It keeps no logits
+        (f32[rows, 0]): a served state is stepped for its tokens, and carrying [rows, V] floats
+        through every step would cost a copy of them each time."""
         cfg = self.config.text
         one = Sampling.of(GenerationConfig())
         zeros = jnp.zeros((rows,), jnp.int32)
@@ -195,7 +200,7 @@ class Engine:
             return DecodeState(
                 cache=KVCache.zeros(cfg, rows, slots, self.module.dtype, self.module.scan_layers),
                 kv_valid=jnp.zeros((rows, slots), bool), pos=zeros, pos_offset=zeros, token=zeros,
-                logits=jnp.zeros((rows, cfg.vocab_size), jnp.float32), seen=jnp.zeros((rows, cfg.vocab_size), bool),
+                logits=jnp.zeros((rows, 0), jnp.float32), seen=jnp.zeros((rows, cfg.vocab_size), bool),
                 generated=zeros, finish=jnp.full((rows,), LENGTH, jnp.int32), greedy=jnp.ones((rows,), bool),
                 max_new=zeros, rng=jnp.zeros((rows, 2), jnp.uint32),
                 sampling=jax.tree.map(lambda x: jnp.broadcast_to(jnp.asarray(x), (rows, *np.shape(x))), one),
