@@ -74,22 +74,22 @@ def run_ours(args, dtype_name: str, quantize: str | None = None, scan: bool = Fa
     del params  # the model holds its own (stacked) copy with scan
     engine = Engine(model.module, loop_options=json.loads(args.loop_options) if args.loop_options else None)
     inputs = make_inputs(args.image)
-    gc = GenerationConfig(max_new_tokens=args.new_tokens, eos_token_ids=())
-    built = model.inputs(**inputs, room=gc.max_new_tokens)
+    generation = GenerationConfig(max_new_tokens=args.new_tokens, eos_token_ids=())
+    built = model.inputs(**inputs, max_new_tokens=generation.max_new_tokens)
 
     def vit():
         jax.block_until_ready(engine.encode(model.params, built.vision))
 
     def start():
-        return jax.block_until_ready(engine.start(model.params, built, gc)[2])
+        return jax.block_until_ready(engine.start(model.params, built, generation)[2])
 
     def loop():
-        result = engine.generate(model.params, built, gc)
+        result = engine.generate(model.params, built, generation)
         assert result.tokens.shape[1] == args.new_tokens, result.tokens.shape
         return (args.new_tokens - 1) / (result.total_s - result.first_token_s)
 
     def stream():
-        times = [time.perf_counter() for _ in engine.stream(model.params, built, gc)]
+        times = [time.perf_counter() for _ in engine.stream(model.params, built, generation)]
         assert len(times) == args.new_tokens, len(times)
         return (args.new_tokens - 1) / (times[-1] - times[0])
 
@@ -119,7 +119,7 @@ def run_ours(args, dtype_name: str, quantize: str | None = None, scan: bool = Fa
         big = {"input_ids": np.random.RandomState(1).randint(100, 150000, (rows, length)),
                "attention_mask": np.ones((rows, length), np.int64)}
         big_gc = GenerationConfig(max_new_tokens=1, eos_token_ids=())
-        big_inputs = model.inputs(**big, room=1)
+        big_inputs = model.inputs(**big, max_new_tokens=1)
         big_start = lambda: jax.block_until_ready(engine.start(model.params, big_inputs, big_gc)[2])  # noqa: E731
         big_start()
         out["big_prefill_s"] = best_of(big_start, args.repeat)

@@ -157,7 +157,7 @@ class Figures:
         from qwen2vl_jax.sampling import GenerationConfig
 
         gconf = GenerationConfig(max_new_tokens=new_tokens, eos_token_ids=())
-        built = self.model.inputs(**inputs, room=new_tokens)
+        built = self.model.inputs(**inputs, max_new_tokens=new_tokens)
         return built, gconf
 
     def decode(self, inputs: dict, new_tokens: int, lever: str) -> tuple[float, int]:

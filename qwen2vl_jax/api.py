@@ -264,11 +264,11 @@ class Qwen2VL:
 
     # ---------------------------------------------------------------- inputs
     def inputs(self, input_ids, attention_mask=None, pixel_values=None, image_grid_thw=None,
-               pixel_values_videos=None, video_grid_thw=None, *, room: int = 0, **ignored) -> ModelInputs:
+               pixel_values_videos=None, video_grid_thw=None, *, max_new_tokens: int = 0, **ignored) -> ModelInputs:
         """The processor's keys -> checked, bucketed `ModelInputs` (extra keys such as
         mm_token_type_ids are ignored: placeholders are found from input_ids)."""
         return build_inputs(self.config, input_ids, attention_mask, pixel_values, image_grid_thw,
-                            pixel_values_videos, video_grid_thw, room=room)
+                            pixel_values_videos, video_grid_thw, max_new_tokens=max_new_tokens)
 
     # ---------------------------------------------------------------- forward
     def logits(self, input_ids, attention_mask=None, pixel_values=None, image_grid_thw=None,
@@ -295,12 +295,12 @@ class Qwen2VL:
 
     def generate_result(self, inputs: dict, config: GenerationConfig) -> GenerationResult:
         """One batch through the decode loop: tokens and timings (see `engine.GenerationResult`)."""
-        model_inputs = self.inputs(**_input_keys(inputs), room=config.max_new_tokens)
+        model_inputs = self.inputs(**_input_keys(inputs), max_new_tokens=config.max_new_tokens)
         return self.engine.generate(self.params, model_inputs, config)
 
     def stream(self, inputs: dict, config: GenerationConfig) -> Iterator[Token]:
         """One batch decoded step by step: a `engine.Token` per step."""
-        model_inputs = self.inputs(**_input_keys(inputs), room=config.max_new_tokens)
+        model_inputs = self.inputs(**_input_keys(inputs), max_new_tokens=config.max_new_tokens)
         return self.engine.stream(self.params, model_inputs, config)
 
     def generate(self, input_ids, attention_mask=None, pixel_values=None, image_grid_thw=None,
@@ -310,13 +310,13 @@ class Qwen2VL:
         EOS, pad_token_id after it). `settings` override `config` or the model's
         generation_config. With stream=True, an iterator of int32[B] per step."""
         settings.pop("mm_token_type_ids", None)
-        gc = self.generation_settings(config, **settings)
+        generation = self.generation_settings(config, **settings)
         inputs = {"input_ids": input_ids, "attention_mask": attention_mask, "pixel_values": pixel_values,
                   "image_grid_thw": image_grid_thw, "pixel_values_videos": pixel_values_videos,
                   "video_grid_thw": video_grid_thw}
         if stream:
-            return (t.ids for t in self.stream(inputs, gc))
-        return self.generate_result(inputs, gc).tokens
+            return (t.ids for t in self.stream(inputs, generation))
+        return self.generate_result(inputs, generation).tokens
 
 
 def with_adapter(tree: dict, adapter: dict) -> dict:

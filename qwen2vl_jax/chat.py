@@ -103,13 +103,13 @@ def chat(model, processor, messages: Sequence[dict[str, Any]], *, out: TextIO | 
     vision = int(np.isin(ids, [model.config.image_token_id, model.config.video_token_id]).sum())
     if settings.get("eos_token_ids") is None and config is None:
         settings["eos_token_ids"] = turn_end_ids(model, processor)
-    gc = model.generation_settings(config, **settings)
+    generation = model.generation_settings(config, **settings)
     stream = TextStream(processor, out)
     t1 = time.perf_counter()
     first = t1
     finish, end = "length", None
     vision_s = 0.0
-    for step in model.stream(inputs, gc):
+    for step in model.stream(inputs, generation):
         token = int(step.ids[0])
         if step.index == 0:
             first, vision_s = time.perf_counter(), step.vision_s

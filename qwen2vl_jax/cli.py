@@ -119,14 +119,14 @@ def _run(args) -> int:
                                     merge_adapter=args.merge_adapter)
     settings = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
                     top_k=args.top_k, repetition_penalty=args.repetition_penalty, seed=args.seed)
-    gc = model.generation_settings(names=FLAGS, eos_token_ids=turn_end_ids(model, processor), **settings)
+    generation = model.generation_settings(names=FLAGS, eos_token_ids=turn_end_ids(model, processor), **settings)
     leader = distributed.is_leader()
     ignored = [FLAGS[k] for k in ("top_k", "top_p", "seed") if getattr(args, k) is not None]
-    if gc.greedy and ignored and leader:
+    if generation.greedy and ignored and leader:
         print(f"note: {', '.join(ignored)} only act when sampling, and these settings decode greedily "
               "(sampling needs --temperature > 0 and a --top-k other than 1)", file=sys.stderr)
     messages = build_messages(args.prompt, args.image, args.video, args.system)
-    reply = chat(model, processor, messages, out=sys.stdout if leader and not args.json else None, config=gc)
+    reply = chat(model, processor, messages, out=sys.stdout if leader and not args.json else None, config=generation)
     if args.json and leader:
         print(json.dumps({
             "text": reply.text,

@@ -124,14 +124,14 @@ class RowSettings:
         at once, which is what a seed has always meant for an offline batch; otherwise each row
         draws from its own seed's key, so a served request's tokens do not depend on its
         neighbours."""
-        rows = [Sampling.of(gc) for gc in configs]
+        rows = [Sampling.of(generation) for generation in configs]
         sampling = jax.tree.map(lambda *x: np.stack(x), *rows)
         if shared_key:
             rng = np.asarray(jax.random.PRNGKey(configs[0].seed))
         else:
-            rng = np.stack([np.asarray(jax.random.PRNGKey(gc.seed)) for gc in configs])
-        return cls(sampling, np.array([gc.greedy for gc in configs]),
-                   np.array([gc.max_new_tokens for gc in configs], np.int32), rng)
+            rng = np.stack([np.asarray(jax.random.PRNGKey(generation.seed)) for generation in configs])
+        return cls(sampling, np.array([generation.greedy for generation in configs]),
+                   np.array([generation.max_new_tokens for generation in configs], np.int32), rng)
 
     @classmethod
     def repeat(cls, config: GenerationConfig, rows: int) -> "RowSettings":

@@ -326,7 +326,7 @@ class Engine:
     def cache_slots(self, inputs: ModelInputs, max_new_tokens: int) -> int:
         return inputs.shape[1] + round_up(max_new_tokens, CACHE_ROOM_MULTIPLE)
 
-    def start(self, params, inputs: ModelInputs, gc: GenerationConfig):
+    def start(self, params, inputs: ModelInputs, generation: GenerationConfig):
         """Dispatches the vision tower and the prefill of the whole batch into its own rows ->
         (features or None, the decode state, its first readout)."""
         features = None
@@ -336,9 +336,9 @@ class Engine:
                            "mask": inputs.attention_mask, "pos_offset": inputs.pos_offset},
                           {"input_ids": ("batch",), "positions": (None, "batch"), "mask": ("batch",),
                            "pos_offset": ("batch",)})
-        settings = RowSettings.repeat(gc, inputs.shape[0])
-        state, first = self.prefill(params, batch, features, settings, self.cache_slots(inputs, gc.max_new_tokens),
-                                    gc.greedy)
+        settings = RowSettings.repeat(generation, inputs.shape[0])
+        state, first = self.prefill(params, batch, features, settings, self.cache_slots(inputs, generation.max_new_tokens),
+                                    generation.greedy)
         return features, state, first
 
     @staticmethod
@@ -349,12 +349,12 @@ class Engine:
         jax.block_until_ready(features)
         return time.perf_counter() - t0
 
-    def generate(self, params, inputs: ModelInputs, gc: GenerationConfig) -> GenerationResult:
+    def generate(self, params, inputs: ModelInputs, generation: GenerationConfig) -> GenerationResult:
         """The whole decode as one while_loop that stops when every row is finished."""
         t0 = time.perf_counter()
-        features, state, first = self.start(params, inputs, gc)
+        features, state, first = self.start(params, inputs, generation)
         length = state.kv_valid.shape[1] - inputs.shape[1]
-        state, tokens, n = self._loop(params, state, length, gc.greedy)
+        state, tokens, n = self._loop(params, state, length, generation.greedy)
         vision_s = self._vision_time(features, t0)
         jax.block_until_ready(first)
         t_first = time.perf_counter() - t0
@@ -363,17 +363,17 @@ class Engine:
         return GenerationResult(np.asarray(tokens)[:, :int(n)], finish == STOP, finish, vision_s, t_first,
                                 time.perf_counter() - t0)
 
-    def stream(self, params, inputs: ModelInputs, gc: GenerationConfig) -> Iterator[Token]:
+    def stream(self, params, inputs: ModelInputs, generation: GenerationConfig) -> Iterator[Token]:
         """Yields a `Token` per step as soon as it is drawn; the next step is already queued
         when a token is read back (one step past the end may be computed and dropped)."""
         t0 = time.perf_counter()
-        features, state, pending = self.start(params, inputs, gc)
+        features, state, pending = self.start(params, inputs, generation)
         vision_s = self._vision_time(features, t0)
         index = 0
         while True:
             ahead = None
-            if index + 1 < gc.max_new_tokens:
-                state, ahead = self.step(params, state, gc.greedy)
+            if index + 1 < generation.max_new_tokens:
+                state, ahead = self.step(params, state, generation.greedy)
             ids, finish = (np.asarray(x) for x in jax.device_get(pending))
             done = finish != RUNNING
             yield Token(ids, done, index, vision_s, finish)

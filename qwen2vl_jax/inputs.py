@@ -217,7 +217,7 @@ def build_inputs(
     video_grid_thw=None,
     *,
     labels=None,
-    room: int = 0,
+    max_new_tokens: int = 0,
     length: int | None = None,
     vision_sizes: tuple[int, int, int] | None = None,
     bucket_min: int = PROMPT_BUCKET_MIN,
@@ -227,7 +227,7 @@ def build_inputs(
     """Checks the HF processor's arrays and packs them into a `ModelInputs`.
 
     input_ids int[B, L] or int[L]; attention_mask (1 = real token; either padding side);
-    labels int[B, L] (training targets, in the caller's layout). `room`: tokens that will be
+    labels int[B, L] (training targets, in the caller's layout). `max_new_tokens`: tokens that will be
     generated after the prompt (checked against the context). `length` and `vision_sizes` fix
     the padded shapes (training keeps them equal across a step's micro-batches); otherwise they
     come from the ladder. `empty_rows` lets a row have no tokens (a training filler row).
@@ -255,8 +255,8 @@ def build_inputs(
     check_placeholders(cfg, ids[mask], image_grid_thw, video_grid_thw)
     longest = int(lengths.max())
     context = cfg.text.max_position_embeddings
-    if longest + room > context:
-        extra = f" plus {room} new tokens" if room else ""
+    if longest + max_new_tokens > context:
+        extra = f" plus {max_new_tokens} new tokens" if max_new_tokens else ""
         raise InputError(f"the prompt ({longest} tokens){extra} is longer than the model's context of {context} tokens")
 
     b = ids.shape[0]

@@ -142,11 +142,11 @@ class Sampling:
     pad: jax.Array  # int32[]
 
     @classmethod
-    def of(cls, gc: GenerationConfig) -> "Sampling":
+    def of(cls, generation: GenerationConfig) -> "Sampling":
         eos = np.full((MAX_EOS,), -1, np.int32)
-        eos[: len(gc.eos_token_ids)] = gc.eos_token_ids
-        return cls(np.float32(gc.temperature), np.int32(gc.top_k), np.float32(gc.top_p),
-                   np.float32(gc.repetition_penalty), eos, np.int32(gc.pad_token_id))
+        eos[: len(generation.eos_token_ids)] = generation.eos_token_ids
+        return cls(np.float32(generation.temperature), np.int32(generation.top_k), np.float32(generation.top_p),
+                   np.float32(generation.repetition_penalty), eos, np.int32(generation.pad_token_id))
 
 
 def sample_token(logits, seen, sampling: Sampling, key, greedy):

@@ -167,8 +167,8 @@ def test_sample_token_respects_top_k_and_top_p():
     keys = jax.random.split(jax.random.PRNGKey(0), 400)
 
     def draws(**kw):
-        gc = GenerationConfig(do_sample=True, **kw)
-        s = Sampling.of(gc)
+        generation = GenerationConfig(do_sample=True, **kw)
+        s = Sampling.of(generation)
         return set(np.asarray(jax.vmap(lambda k: sample_token(logits, seen, s, k, False))(keys)).ravel().tolist())
 
     assert draws(top_k=2) == {1, 2}
@@ -192,11 +192,11 @@ def test_generation_config_defaults_from_folder():
     from qwen2vl_jax.config import Qwen2VLConfig
 
     folder = hf_utils.reference_folder("qwen2-vl-7b-instruct")
-    gc = GenerationConfig.from_pretrained(folder, Qwen2VLConfig.from_hf(folder))
-    assert gc.eos_token_ids == (151645, 151643)
-    assert gc.pad_token_id == 151643 and gc.top_k == 1 and gc.do_sample and gc.greedy
-    assert gc.replace(temperature=0.7, top_k=0).greedy is False
-    assert gc.replace(temperature=0).greedy
+    generation = GenerationConfig.from_pretrained(folder, Qwen2VLConfig.from_hf(folder))
+    assert generation.eos_token_ids == (151645, 151643)
+    assert generation.pad_token_id == 151643 and generation.top_k == 1 and generation.do_sample and generation.greedy
+    assert generation.replace(temperature=0.7, top_k=0).greedy is False
+    assert generation.replace(temperature=0).greedy
 
 
 def test_bad_input_is_one_line(tiny_ours):
@@ -217,29 +217,29 @@ def test_no_recompile_within_a_bucket(tiny_ours):
     model = tiny_ours["tied"]
     engine = Engine(model.module)  # fresh jits, so the counts are this test's own
 
-    def generate(case, gc):
-        return engine.generate(model.params, model.inputs(**case.inputs(), room=gc.max_new_tokens), gc)
+    def generate(case, generation):
+        return engine.generate(model.params, model.inputs(**case.inputs(), max_new_tokens=generation.max_new_tokens), generation)
 
-    gc = GenerationConfig(max_new_tokens=6, eos_token_ids=())
+    generation = GenerationConfig(max_new_tokens=6, eos_token_ids=())
     small = hf_utils.make_case("a", [[5, ("img", (1, 4, 6)), 7]], [(1, 4, 6)], seed=1)
     other = hf_utils.make_case("b", [[9, 8, ("img", (1, 2, 4)), 7, 6, 5, 4]], [(1, 2, 4)], seed=2)
     text_a = hf_utils.make_case("c", [[5, 6, 7]])
     text_b = hf_utils.make_case("d", [list(range(1, 41))])
     assert bucket(9) == bucket(13) == bucket(40) == 64
-    generate(small, gc)
-    generate(text_a, gc)
+    generate(small, generation)
+    generate(text_a, generation)
     with count_compiles() as c:
-        generate(other, gc)  # another image size and prompt length, same buckets
-        generate(text_b, gc)  # another prompt length, same bucket
-        list(engine.stream(model.params, model.inputs(**text_b.inputs(), room=6), gc))  # step: one more function
-        list(engine.stream(model.params, model.inputs(**small.inputs(), room=6), gc))
+        generate(other, generation)  # another image size and prompt length, same buckets
+        generate(text_b, generation)  # another prompt length, same bucket
+        list(engine.stream(model.params, model.inputs(**text_b.inputs(), max_new_tokens=6), generation))  # step: one more function
+        list(engine.stream(model.params, model.inputs(**small.inputs(), max_new_tokens=6), generation))
     assert c["n"] == 1, c
-    generate(text_b, gc.replace(temperature=0.9, top_k=5, seed=4))  # sampling: its own variant
+    generate(text_b, generation.replace(temperature=0.9, top_k=5, seed=4))  # sampling: its own variant
     with count_compiles() as c:  # other sampling values, seed and max_new_tokens are traced values
-        generate(text_a, gc.replace(temperature=0.5, top_p=0.9, seed=7, max_new_tokens=12))
+        generate(text_a, generation.replace(temperature=0.5, top_p=0.9, seed=7, max_new_tokens=12))
     assert c["n"] == 0, c
     with count_compiles() as c:  # the counter does see a new bucket
-        generate(hf_utils.make_case("e", [list(range(1, 80))]), gc)
+        generate(hf_utils.make_case("e", [list(range(1, 80))]), generation)
     assert c["n"] >= 1
 
 
@@ -320,15 +320,15 @@ def test_bf16_matmul_rounds_only_the_large_products(tiny_ours, monkeypatch):
 def test_generation_result_and_stream_timings(tiny_ours):
     model = tiny_ours["tied"]
     case = CASES["one_image"]
-    gc = model.generation_settings(max_new_tokens=5, eos_token_ids=())
-    result = model.generate_result(case.inputs(), gc)
+    generation = model.generation_settings(max_new_tokens=5, eos_token_ids=())
+    result = model.generate_result(case.inputs(), generation)
     assert result.tokens.shape == (1, 5) and not result.finished.any()
     assert 0 < result.vision_s <= result.first_token_s <= result.total_s
-    steps = list(model.stream(case.inputs(), gc))
+    steps = list(model.stream(case.inputs(), generation))
     assert [s.index for s in steps] == list(range(5))
     np.testing.assert_array_equal(np.stack([s.ids for s in steps], axis=1), result.tokens)
     assert steps[0].vision_s > 0
-    text_only = list(model.stream(hf_utils.make_case("t", [[5, 6, 7]]).inputs(), gc))
+    text_only = list(model.stream(hf_utils.make_case("t", [[5, 6, 7]]).inputs(), generation))
     assert text_only[0].vision_s == 0.0
 
 

@@ -86,9 +86,9 @@ def test_engine_prefill(params):
     first-token logits are as close to f32 as the XLA kernel's."""
     def first_logits(dtype, kernel):
         model = Qwen2VL(CONFIG, jax.tree.map(lambda x: x.astype(dtype), params), dtype, attention=kernel)
-        gc = GenerationConfig(max_new_tokens=1, eos_token_ids=())
+        generation = GenerationConfig(max_new_tokens=1, eos_token_ids=())
         engine = model.engine
-        _, state, _ = engine.start(model.params, model.inputs(**CASE.inputs(), room=1), gc)
+        _, state, _ = engine.start(model.params, model.inputs(**CASE.inputs(), max_new_tokens=1), generation)
         return np.asarray(state.logits, np.float32)
 
     ref = first_logits(jnp.float32, "xla")

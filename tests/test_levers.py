@@ -129,12 +129,12 @@ def test_steps_per_iteration_gives_the_same_tokens(pair, eos):
     multiple of either), also when every row stops on an EOS before max_new_tokens."""
     plain, _ = pair
     ids = np.random.default_rng(0).integers(0, 190, size=(2, 9))
-    inputs = plain.inputs(ids, room=13)
-    gc = GenerationConfig(max_new_tokens=13, eos_token_ids=())
-    free = Engine(plain.module).generate(plain.params, inputs, gc).tokens
+    inputs = plain.inputs(ids, max_new_tokens=13)
+    generation = GenerationConfig(max_new_tokens=13, eos_token_ids=())
+    free = Engine(plain.module).generate(plain.params, inputs, generation).tokens
     if eos == "early":  # row 0's 4th token and row 1's 6th as EOS ids: every row ends before 13
-        gc = GenerationConfig(max_new_tokens=13, eos_token_ids=(int(free[0, 3]), int(free[1, 5])))
-    results = [Engine(plain.module, steps_per_iteration=k).generate(plain.params, inputs, gc) for k in (1, 3, 4)]
+        generation = GenerationConfig(max_new_tokens=13, eos_token_ids=(int(free[0, 3]), int(free[1, 5])))
+    results = [Engine(plain.module, steps_per_iteration=k).generate(plain.params, inputs, generation) for k in (1, 3, 4)]
     want = results[0].tokens
     if eos == "early":
         assert want.shape[1] < 13 and results[0].finished.all()

@@ -253,7 +253,7 @@ def _serve(model_dir: Path, flags: list[str], process_id: int) -> dict:
     if process_id == 0:
         threading.Thread(target=client, daemon=True).start()
     got["exit"] = serve_main(["--model", str(model_dir), "--mesh", GENERATE_MESH, "--port", str(port), "--max-batch", "2",
-                              "--max-context", "256", *flags])
+                              "--max-context", "256", "--no-vision-warm-up", *flags])
     return got
 
 

@@ -383,12 +383,12 @@ cfg = Qwen2VLConfig(vision=VisionConfig(depth=1, embed_dim=32, num_heads=2, out_
 scheme = qformat.Scheme.of("int8")
 params = tree.quantize_params(jax.tree_util.tree_map(np.asarray, init_params(cfg, jax.random.PRNGKey(0))), scheme)
 model = Qwen2VL(cfg, params, "float32", quantization=scheme)
-built = model.inputs(input_ids=np.ones((1, 200), np.int64), attention_mask=np.ones((1, 200), np.int64), room=1)
+built = model.inputs(input_ids=np.ones((1, 200), np.int64), attention_mask=np.ones((1, 200), np.int64), max_new_tokens=1)
 slots = model.engine.cache_slots(built, 1)
 batch = {"input_ids": built.input_ids, "positions": built.positions, "pos_offset": built.pos_offset,
          "mask": built.attention_mask}
-gc = GenerationConfig(max_new_tokens=1, eos_token_ids=())
-compiled = model.engine.program("prefill").lower(model.params, batch, None, RowSettings.repeat(gc, 1), slots, True).compile()
+generation = GenerationConfig(max_new_tokens=1, eos_token_ids=())
+compiled = model.engine.program("prefill").lower(model.params, batch, None, RowSettings.repeat(generation, 1), slots, True).compile()
 print(json.dumps({"temp": compiled.memory_analysis().temp_size_in_bytes}))
 """
 

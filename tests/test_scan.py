@@ -63,7 +63,7 @@ def test_continuous_batching_equals_offline(pair, which):
     loop, scanned = pair
     model = scanned if which == "scanned" else loop
     n = 8
-    gc = GenerationConfig(max_new_tokens=n, eos_token_ids=())
+    generation = GenerationConfig(max_new_tokens=n, eos_token_ids=())
     rng = np.random.default_rng(0)
     prompts = [rng.integers(0, 190, size=k) for k in (5, 13, 30)]
     want = [loop.generate(p[None], max_new_tokens=n, eos_token_ids=())[0].tolist() for p in prompts]
@@ -74,14 +74,14 @@ def test_continuous_batching_equals_offline(pair, which):
     got = [[] for _ in prompts]
     context = lambda live: max(len(prompts[i]) + len(got[i]) for i in live)  # noqa: E731 - as Batcher._step
     for i, p in enumerate(prompts[:2]):
-        prefix = slots.prefill(model.params, slots.prompt_inputs(p, room=n), None, gc)
+        prefix = slots.prefill(model.params, slots.prompt_inputs(p, max_new_tokens=n), None, generation)
         got[i].append(int(prefix.token[0]))
         state = slots.insert(state, prefix, i)
     for _ in range(3):  # rows 0-1 alone: the 2-row bucket, written back into the 4-row state
         state, (tok, _) = slots.step(model.params, state, 2, context((0, 1)))
         for i in range(2):
             got[i].append(int(tok[i]))
-    prefix = slots.prefill(model.params, slots.prompt_inputs(prompts[2], room=n), None, gc)
+    prefix = slots.prefill(model.params, slots.prompt_inputs(prompts[2], max_new_tokens=n), None, generation)
     got[2].append(int(prefix.token[0]))
     state = slots.insert(state, prefix, 2)
     while min(len(g) for g in got) < n:
@@ -106,12 +106,12 @@ def test_warm_up_compiles_short_prompts_within_a_small_context(pair):
     loop, _ = pair
     slots = Slots(loop.engine, max_batch=2, max_context=30)
     Batcher(slots, loop.params).warm_up()
-    gc = GenerationConfig(max_new_tokens=1)
+    generation = GenerationConfig(max_new_tokens=1)
     state = slots.init_state()
     with count_compiles() as c:  # any prompt that fits, then a step on every bucket: nothing new
         for n in (1, 2, 9, 16, 17, 23, 29):
-            state = slots.insert(state, slots.prefill(loop.params, slots.prompt_inputs(np.ones((n,), np.int32), room=1),
-                                                      None, gc), n % 2)
+            state = slots.insert(state, slots.prefill(loop.params, slots.prompt_inputs(np.ones((n,), np.int32), max_new_tokens=1),
+                                                      None, generation), n % 2)
         for rows in slots.row_buckets:
             for context in slots.context_buckets:
                 state, tok = slots.step(loop.params, state, rows, context)

@@ -127,7 +127,8 @@ def _serve(tmp_path_factory, model, name: str):
     processor = Processor.from_pretrained(DEMO_DIR)
     settings = Settings(model_name=name, api_key=KEY, media_dir=media, max_images=3, max_image_pixels=512 * 512,
                         max_body_bytes=1 << 20)
-    service = build_service(model, processor, max_batch=MAX_BATCH, max_context=MAX_CONTEXT, settings=settings)
+    service = build_service(model, processor, max_batch=MAX_BATCH, max_context=MAX_CONTEXT, settings=settings,
+                            warm_up_vision=False)  # the images sent compile their own sizes
     server = ServerThread(create_app(service))
     url = server.__enter__()
     return server, Served(url, model, processor, service, media)

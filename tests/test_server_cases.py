@@ -190,8 +190,8 @@ def served():
     inputs = probe.inputs(user(text=EOS_PROMPT))
     tokens = model.generate(**inputs, max_new_tokens=12, eos_token_ids=())[0].tolist()
     end = next(t for i, t in enumerate(tokens) if i >= 2 and t not in tokens[:i])
-    gc = model.generation_config
-    model.generation_config = gc.replace(eos_token_ids=(*gc.eos_token_ids, end))
+    generation = model.generation_config
+    model.generation_config = generation.replace(eos_token_ids=(*generation.eos_token_ids, end))
 
     Settings, build_service = serving("Settings"), serving("build_service")
     create_app, ServerThread = serving("create_app"), serving("ServerThread")

@@ -51,12 +51,12 @@ def _worker() -> dict:
     rows = [[5, ("img", g1), 7, 8], [3, 4, 9], [5, ("vid", v1), 6], [11, 12, 13, 14, 15],
             [2, ("img", g2), 8], [7, 7, 7], [9, 1], [4, ("img", g2), 6, 10]]
     case = hf_utils.make_case("batch8", rows, [g1, g2, g2], [v1], seed=7)
-    gc = GenerationConfig(max_new_tokens=STEPS + 1, eos_token_ids=())
+    generation = GenerationConfig(max_new_tokens=STEPS + 1, eos_token_ids=())
 
     def run(model):
         engine = model.engine
-        inputs = model.inputs(**case.inputs(), room=gc.max_new_tokens)
-        _, state, _ = engine.start(model.params, inputs, gc)
+        inputs = model.inputs(**case.inputs(), max_new_tokens=generation.max_new_tokens)
+        _, state, _ = engine.start(model.params, inputs, generation)
         logits, tokens = [np.asarray(state.logits)], [np.asarray(state.token)]
         for _ in range(STEPS):
             state, _ = engine.step(model.params, state, True)  # the state is donated: read it first

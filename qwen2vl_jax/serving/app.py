@@ -85,7 +85,7 @@ def create_app(service: Service):
             check_model(body, settings)  # an unknown model is a 404 before any 400 about the fields
         parsed = parse_body(body, settings)
         ids, images, videos = await service.preprocess(parsed, arrived, gone=client_gone(request))
-        gc = service.generation_config(parsed, len(ids))
+        generation = service.generation_config(parsed, len(ids))
         loop = asyncio.get_running_loop()
         events: asyncio.Queue = asyncio.Queue()
 
@@ -95,7 +95,7 @@ def create_app(service: Service):
 
         from qwen2vl_jax.serving.scheduler import QueueFull, Request
 
-        job = Request(ids, images, videos, gc, emit, ignore_eos=parsed.ignore_eos)
+        job = Request(ids, images, videos, generation, emit, ignore_eos=parsed.ignore_eos)
         try:
             service.batcher.submit(job)
         except QueueFull as e:

@@ -19,7 +19,7 @@ from qwen2vl_jax.serving.preprocess import Preprocessor, Ticket
 from qwen2vl_jax.serving.schema import Parsed
 from qwen2vl_jax.serving.settings import ApiError, Settings
 
-# Text is counted in pieces this long, stopping once the count is over the room: a huge prompt
+# Text is counted in pieces this long, stopping once the count is over the tokens left: a huge prompt
 # costs one piece, not a tokenization of the whole text (the tokenizer's memory grows with its
 # input many times over).
 COUNT_CHARS = 1 << 15
@@ -114,15 +114,15 @@ class Service:
         proc, settings = self.processor, self.settings
         ticket = ticket or Ticket(time.perf_counter(), settings.request_timeout)
         self.check_size(parsed)
-        room = self.max_context - (parsed.max_tokens or 1)
+        left = self.max_context - (parsed.max_tokens or 1)
         encode = proc.tokenizer.encode
         counted = 0
         for m in parsed.messages:
             texts = [m["content"]] if isinstance(m["content"], str) else \
                 [p["text"] for p in m["content"] if p["type"] == "text"]
             for text in texts:
-                counted += tokens_over(encode, text, room - counted)
-                if counted > room:
+                counted += tokens_over(encode, text, left - counted)
+                if counted > left:
                     raise self._too_long(counted, parsed)
                 ticket.check()
         hf_messages, images, videos = [], [], []
@@ -140,7 +140,7 @@ class Service:
                     data = media.image_bytes(p["url"], p["where"], settings, ticket)
                     w, h = media.image_size(data, p["where"], settings)
                     counted += self._image_tokens(h, w, p["where"])
-                    if counted > room:  # known from the header: refused before decoding
+                    if counted > left:  # known from the header: refused before decoding
                         raise self._too_long(counted, parsed)
                     key = f"{hashlib.sha256(data).hexdigest()}|{ip.min_pixels}|{ip.max_pixels}|{ip.factor}"
                     # the scheduler looks the key up in its vision cache before the tower
@@ -219,14 +219,14 @@ class Service:
             raise ApiError(400, f"{where}: {e}", where) from None
 
     def generation_config(self, parsed: Parsed, prompt_tokens: int):
-        room = self.max_context - prompt_tokens
+        left = self.max_context - prompt_tokens
         max_tokens = parsed.max_tokens
         if max_tokens is None:
-            if room < 1:
+            if left < 1:
                 raise ApiError(400, f"the prompt ({prompt_tokens} tokens) fills the context of "
                                     f"{self.max_context} tokens", "messages")
-            max_tokens = min(self.settings.default_max_tokens, room)
-        elif max_tokens > room:
+            max_tokens = min(self.settings.default_max_tokens, left)
+        elif max_tokens > left:
             raise ApiError(400, f"the prompt ({prompt_tokens} tokens) plus max_tokens ({max_tokens}) is over the "
                                 f"context of {self.max_context} tokens", "max_tokens")
         try:

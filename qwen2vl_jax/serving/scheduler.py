@@ -104,13 +104,13 @@ class Slots:
             raise InputError(f"the prompt ({prompt_tokens} tokens) plus max_tokens ({max_new_tokens}) is over the "
                              f"context of {self.max_context} tokens")
 
-    def prompt_inputs(self, input_ids, image_grid_thw=None, video_grid_thw=None, *, room: int = 0) -> ModelInputs:
+    def prompt_inputs(self, input_ids, image_grid_thw=None, video_grid_thw=None, *, max_new_tokens: int = 0) -> ModelInputs:
         """One prompt (int[L], placeholders expanded) and its grids -> its bucketed
         `ModelInputs`, checked as every entry point checks them; no pixels: the features come
         from the vision tower or the cache."""
         ids = np.asarray(input_ids).reshape(1, -1)
-        self.check_room(ids.shape[1], room)
-        return build_inputs(self.config, ids, None, None, image_grid_thw, None, video_grid_thw, room=room,
+        self.check_room(ids.shape[1], max_new_tokens)
+        return build_inputs(self.config, ids, None, None, image_grid_thw, None, video_grid_thw, max_new_tokens=max_new_tokens,
                             bucket_min=PREFILL_BUCKET_MIN, pixels=False)
 
     def encode(self, params, pixel_values, grid_thw) -> np.ndarray:
@@ -119,7 +119,7 @@ class Slots:
         n = int(np.prod(np.asarray(grid_thw).reshape(-1, 3), axis=1).sum()) // self.config.vision.merge_unit
         return to_host(self.runner.encode(params, vision))[:n]
 
-    def prefill(self, params, inputs: ModelInputs, features: np.ndarray | None, gc: GenerationConfig,
+    def prefill(self, params, inputs: ModelInputs, features: np.ndarray | None, generation: GenerationConfig,
                 ignore_eos: bool = False) -> DecodeState:
         """inputs: one row (`prompt_inputs`); features [F, D]: every image's, then every video's,
         in placeholder order (padded here to a bucket) -> the prefix (one row). ignore_eos: the
@@ -130,7 +130,7 @@ class Slots:
                                                           features.dtype)])
         batch = {"input_ids": inputs.input_ids, "positions": inputs.positions, "mask": inputs.attention_mask,
                  "pos_offset": inputs.pos_offset}
-        settings = RowSettings.of([dataclasses.replace(gc, eos_token_ids=()) if ignore_eos else gc])
+        settings = RowSettings.of([dataclasses.replace(generation, eos_token_ids=()) if ignore_eos else generation])
         prefix, _ = self.runner.prefill(params, batch, features, settings, inputs.shape[1])
         return prefix
 
@@ -274,13 +274,13 @@ class Batcher:
         if prompt_lengths is None:
             prompt_lengths = short_prompt_lengths(self.slots.max_context)
         state = self.slots.init_state()
-        gc = GenerationConfig(max_new_tokens=2)
+        generation = GenerationConfig(max_new_tokens=2)
         # insert and step, each on a fresh state and on one a step returned: on a mesh the two
         # can differ in layout, and each compiles its own variant here rather than later.
         for _ in range(2):
             for n in prompt_lengths:
-                inputs = self.slots.prompt_inputs(np.zeros((n,), np.int32), room=1)
-                state = self.slots.insert(state, self.slots.prefill(self.params, inputs, None, gc), 0)
+                inputs = self.slots.prompt_inputs(np.zeros((n,), np.int32), max_new_tokens=1)
+                state = self.slots.insert(state, self.slots.prefill(self.params, inputs, None, generation), 0)
             for rows in self.slots.row_buckets:  # every bucket, on a state each kind of step returned
                 for context in self.slots.context_buckets:
                     state, out = self.slots.step(self.params, state, rows, context)
@@ -331,7 +331,7 @@ class Batcher:
 
     def _prefill(self, req: Request) -> DecodeState:
         inputs = self.slots.prompt_inputs(req.input_ids, _grids(req.images), _grids(req.videos),
-                                          room=req.config.max_new_tokens)
+                                          max_new_tokens=req.config.max_new_tokens)
         parts = [self._features(v) for v in (*req.images, *req.videos)]
         features = np.concatenate(parts) if parts else None
         return self.slots.prefill(self.params, inputs, features, req.config, req.ignore_eos)
