@@ -127,3 +127,24 @@ def _stdout_to_devnull() -> None:
         os.close(devnull)
     except (OSError, ValueError, AttributeError):  # stdout is not a real file (captured, closed)
         pass
+
+
+def add_model_arguments(p) -> None:
+    """The flags every tool that loads a model for inference takes (qwen2vl-generate, -serve):
+    mesh, dtype, matmul precision, the scanned decoder, a LoRA adapter."""
+    p.add_argument("--mesh", default=None, metavar="data=D,fsdp=F,tensor=T",
+                   help="shard over a device mesh (axes left out are 1; data takes the rest)")
+    p.add_argument("--dtype", choices=["float32", "bfloat16"], default=None,
+                   help="compute dtype (default: float32 on CPU, bfloat16 on GPU/TPU)")
+    p.add_argument("--matmul", choices=["f32", "bf16"], default=None,
+                   help="products of 64 rows or more (vision tower, prefill): f32, or bf16 inputs with f32 "
+                        "accumulation, about 2x faster on CPUs with bf16 dot instructions "
+                        "(default: $QWEN2VL_MATMUL, else f32)")
+    p.add_argument("--scan-layers", action="store_true",
+                   help="run the decoder's layers as one scanned layer: compiling no longer grows with depth "
+                        "(72B compiles about as fast as 2B), for large models on accelerators")
+    p.add_argument("--adapter", default=None, metavar="PATH",
+                   help="a PEFT LoRA adapter folder (qwen2vl-train --lora-rank's OUT/adapter, or peft's) "
+                        "applied over the model; the base weights stay as stored")
+    p.add_argument("--merge-adapter", action="store_true",
+                   help="add the adapter into the float weights once at load (no per-token cost)")

@@ -46,22 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "localhost, 127.0.0.1, ::1 and --host (against DNS rebinding); otherwise any")
     p.add_argument("--no-access-log", action="store_true",
                    help="do not log a line per request (method, path, status, milliseconds) on stderr")
-    p.add_argument("--mesh", default=None, metavar="data=D,fsdp=F,tensor=T",
-                   help="shard over a device mesh (axes left out are 1; data takes the rest)")
-    p.add_argument("--dtype", choices=["float32", "bfloat16"], default=None,
-                   help="compute dtype (default: float32 on CPU, bfloat16 on GPU/TPU)")
-    p.add_argument("--matmul", choices=["f32", "bf16"], default=None,
-                   help="products of 64 rows or more (vision tower, prefill): f32, or bf16 inputs with f32 "
-                        "accumulation, about 2x faster on CPUs with bf16 dot instructions "
-                        "(default: $QWEN2VL_MATMUL, else f32)")
-    p.add_argument("--scan-layers", action="store_true",
-                   help="run the decoder's layers as one scanned layer: compiling no longer grows with depth "
-                        "(72B compiles about as fast as 2B), for large models on accelerators")
-    p.add_argument("--adapter", default=None, metavar="PATH",
-                   help="a PEFT LoRA adapter folder (qwen2vl-train --lora-rank's OUT/adapter, or peft's) "
-                        "applied over the model; the base weights stay as stored")
-    p.add_argument("--merge-adapter", action="store_true",
-                   help="add the adapter into the float weights once at load (no per-token cost)")
+    shell.add_model_arguments(p)
     p.add_argument("--max-batch", type=int, default=16, help="decode slots: requests decoded together (default 16)")
     p.add_argument("--max-context", type=int, default=None,
                    help="cache slots per request: prompt + generated tokens (default: the model's context, at most 4096)")
