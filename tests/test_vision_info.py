@@ -31,7 +31,8 @@ from qwen2vl_jax.processing import (
     process_vision_info,
     resize_frames_float,
 )
-from qwen2vl_jax.processing.video import _fma32, linspace_indices
+from qwen2vl_jax.processing.resample import _fma32
+from qwen2vl_jax.processing.video import linspace_indices
 
 RNG = np.random.default_rng(20240)
 VERSION = "0.0.14"

@@ -8,7 +8,8 @@ from .chat_template import render as render_chat_template
 from .image import ImageProcessor, fetch_image, load_image, smart_resize, to_rgb
 from .processor import BatchFeature, Processor, extract_vision_info, process_vision_info
 from .tokenizer import Qwen2Tokenizer
-from .video import VideoProcessor, decode_video, fetch_video, read_video, resize_frames, resize_frames_float, smart_nframes
+from .resample import resize_frames, resize_frames_float
+from .video import VideoProcessor, decode_video, fetch_video, read_video, smart_nframes
 
 __all__ = [
     "BatchFeature",
