@@ -2,12 +2,13 @@
 
     qwen2vl-generate [--model DIR] [--image PATH]... [--video PATH]... --prompt TEXT
         [--max-new-tokens N] [--temperature T] [--top-p P] [--top-k K] [--seed S]
-        [--mesh data=D,fsdp=F,tensor=T] [--json]
+        [--mesh data=D,fsdp=F,tensor=T] [--json] [--draw-boxes OUT.png]
         [--coordinator ADDR:PORT --num-processes N --process-id I] [--compile-cache DIR | --no-compile-cache]
 
 Streams the answer as it is generated (through `chat.chat`, as Python callers do); with --json
-prints one JSON object instead (`text`, `token_ids`, ...). Bad input prints
-`qwen2vl-generate: error: <one line>` and exits with status 2 (`shell.run`). The sampling
+prints one JSON object instead (`text`, `token_ids`, `boxes`, ...): the answer's grounding boxes
+(`grounding.boxes_for_images`) in pixels of the last image as it was given; `--draw-boxes` draws
+them on it. Bad input prints `qwen2vl-generate: error: <one line>` and exits with status 2 (`shell.run`). The sampling
 defaults come from the model's generation_config.json; the flags override them. Run once per
 process for a multi-process mesh (`distributed`: the flags or JAX_COORDINATOR_ADDRESS,
 JAX_NUM_PROCESSES, JAX_PROCESS_ID); only process 0 prints. Compiled programs are kept in the
@@ -21,7 +22,9 @@ import json
 import sys
 from pathlib import Path
 
-from qwen2vl_jax import distributed, shell, xla_flags
+from PIL import Image
+
+from qwen2vl_jax import distributed, grounding, shell, xla_flags
 from qwen2vl_jax.config import DEMO_DIR as DEFAULT_MODEL  # served when --model is left out
 from qwen2vl_jax.errors import InputError
 
@@ -56,7 +59,11 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--top-k", type=int, default=None, help="sample from the k likeliest tokens (0 = all)")
     p.add_argument("--repetition-penalty", type=float, default=None, help="HF's repetition penalty (1 = off)")
     p.add_argument("--seed", type=int, default=None, help="random seed for sampling, 0 .. 2**32-1 (default 0, so a run repeats itself)")
-    p.add_argument("--json", action="store_true", help="print one JSON object with text and token_ids")
+    p.add_argument("--json", action="store_true",
+                   help="print one JSON object: text, token_ids, and boxes (the answer's grounding boxes in pixels "
+                        "of the last image)")
+    p.add_argument("--draw-boxes", default=None, metavar="OUT.png",
+                   help="write the last image with the answer's grounding boxes and labels drawn on it")
     shell.add_model_arguments(p)
     distributed.add_arguments(p)
     shell.add_version(p, PROG)
@@ -74,6 +81,38 @@ def _check_files(args) -> None:
         raise InputError(f"--model {args.model}: no such folder")
     if not args.prompt.strip():
         raise InputError("--prompt is empty")
+    if args.draw_boxes is not None:
+        _check_drawing(args.draw_boxes, args.image)
+
+
+def _check_drawing(out: str, images) -> None:
+    """--draw-boxes OUT: an image to draw on, a folder to write into, a format PIL writes."""
+    if not images:
+        raise InputError(f"--draw-boxes {out}: needs an --image to draw the boxes on")
+    path = Path(out)
+    if path.is_dir():
+        raise InputError(f"--draw-boxes {out}: is a folder; give a file name such as boxes.png")
+    if not path.parent.is_dir():
+        raise InputError(f"--draw-boxes {out}: no such folder {str(path.parent)!r}")
+    Image.init()
+    fmt = Image.registered_extensions().get(path.suffix.lower())
+    if fmt is None or fmt not in Image.SAVE:
+        raise InputError(f"--draw-boxes {out}: cannot write images of type {path.suffix or '(no extension)'!r}; "
+                         "use .png or .jpg")
+
+
+def _write_drawing(out: str, image_path: str, found: list[dict]) -> None:
+    """The image with the boxes drawn, written whole or not at all."""
+    from qwen2vl_jax.processing.image import load_image
+
+    drawn = grounding.draw(load_image(image_path, "--image"), found)
+    path = Path(out)
+    tmp = path.with_name(f".{path.name}.partial")
+    try:
+        drawn.save(tmp, format=Image.registered_extensions()[path.suffix.lower()])
+        tmp.replace(path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def build_messages(prompt: str, images=(), videos=(), system: str | None = None) -> list[dict]:
@@ -112,14 +151,29 @@ def _run(args) -> int:
               "(sampling needs --temperature > 0 and a --top-k other than 1)", file=sys.stderr)
     messages = build_messages(args.prompt, args.image, args.video, args.system)
     reply = chat(model, processor, messages, out=sys.stdout if leader and not args.json else None, config=generation)
-    if args.json and leader:
+    if not leader:
+        return 0
+    found, problems = grounding.boxes_for_images(reply.text, [image_size(p) for p in args.image])
+    if args.draw_boxes is not None:
+        _write_drawing(args.draw_boxes, args.image[-1], found)
+        print(f"note: drew {sum('box' in b for b in found)} boxes on {args.image[-1]} -> {args.draw_boxes}",
+              file=sys.stderr)
+    if args.json:
         print(json.dumps({
             "text": reply.text,
             "token_ids": reply.token_ids + ([reply.eos_token_id] if reply.eos_token_id is not None else []),
             "prompt_tokens": reply.prompt_tokens,
             "finish_reason": reply.finish_reason,
+            "boxes": found,
+            "box_problems": problems,
         }, ensure_ascii=False))
     return 0
+
+
+def image_size(path: str) -> tuple[int, int]:
+    """(width, height) of an image file, from its header."""
+    with Image.open(path) as img:
+        return img.size
 
 
 def generate_main(argv: list[str] | None = None) -> int:

@@ -171,3 +171,64 @@ def strip_markup(text: str) -> str:
     text = re.sub(re.escape(BOX_START) + r".*?" + re.escape(BOX_END), "", text, flags=re.S)
     text = re.sub(re.escape(QUAD_START) + r".*?" + re.escape(QUAD_END), "", text, flags=re.S)
     return text.replace(REF_START, "").replace(REF_END, "")
+
+
+def boxes_for_images(text: str, sizes: Sequence[tuple[int, int]]) -> tuple[list[dict], list[str]]:
+    """The regions of `text` for a conversation that showed images of these (width, height)
+    sizes, in order: [{"label", "grid": [x1, y1, x2, y2] as the model wrote it, "box": the same
+    in pixels, "image": index into sizes}] (and "quad" for a quad), and the problems as lines.
+
+    Qwen2-VL's coordinates do not say which image they are on; they are read against the last
+    image shown (the one a question is usually about; give the image asked about last). Without
+    an image there are no pixels: entries carry the grid only."""
+    g = parse(text)
+    out = []
+    for r in g.regions:
+        xs, ys = [p[0] for p in r.points], [p[1] for p in r.points]
+        entry: dict = {"label": r.label, "grid": [min(xs), min(ys), max(xs), max(ys)]}
+        entry["grid"] = [int(v) if float(v).is_integer() else v for v in entry["grid"]]
+        if sizes:
+            index = len(sizes) - 1
+            width, height = sizes[index]
+            entry["box"] = [round(v, 1) for v in r.box_pixels(width, height)]
+            entry["image"] = index
+            if r.kind == "quad":
+                entry["quad"] = [[round(x, 1), round(y, 1)] for x, y in r.to_pixels(width, height)]
+        out.append(entry)
+    return out, [f"at character {p.at}: {p.message}" for p in g.problems]
+
+
+# Outline colours, one per label in turn (distinct on photos and on flat synthetic images).
+PALETTE = ((230, 25, 75), (60, 180, 75), (0, 130, 200), (245, 130, 48), (145, 30, 180), (70, 240, 240),
+           (240, 50, 230), (128, 128, 0))
+
+
+def draw(image, found: Sequence[dict]):
+    """A copy of the PIL `image` (RGB) with each entry of `found` ({"label", "box" in pixels})
+    outlined and labelled; one colour per label."""
+    from PIL import ImageDraw, ImageFont
+
+    out = image.convert("RGB")
+    pen = ImageDraw.Draw(out)
+    line = max(2, round(min(out.size) / 160))
+    try:
+        font = ImageFont.load_default(size=max(11, round(min(out.size) / 28)))
+    except TypeError:  # Pillow < 10.1: one bitmap size
+        font = ImageFont.load_default()
+    colours: dict = {}
+    for entry in found:
+        if "box" not in entry:
+            continue
+        colour = colours.setdefault(entry.get("label"), PALETTE[len(colours) % len(PALETTE)])
+        x1, y1, x2, y2 = entry["box"]
+        if "quad" in entry:
+            pen.polygon([tuple(p) for p in entry["quad"]], outline=colour, width=line)
+        else:
+            pen.rectangle([x1, y1, x2, y2], outline=colour, width=line)
+        if entry.get("label"):
+            left, top, right, bottom = pen.textbbox((0, 0), entry["label"], font=font)
+            tw, th = right - left + 2 * line, bottom - top + 2 * line
+            ty = y1 - th if y1 - th >= 0 else min(y1 + line, max(0, out.height - th))
+            pen.rectangle([x1, ty, x1 + tw, ty + th], fill=colour)
+            pen.text((x1 + line - left, ty + line - top), entry["label"], fill=(255, 255, 255), font=font)
+    return out

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import random
 
 import pytest
@@ -82,3 +83,101 @@ def test_box_markup_checks_its_box():
 def test_strip_markup():
     text = "See " + REF.format("the dog") + BOX.format(1, 2, 3, 4) + " there."
     assert g.strip_markup(text) == "See the dog there."
+
+
+def test_boxes_for_images_reads_the_last_image():
+    text = REF.format("dot") + BOX.format(100, 200, 300, 400) + " and also " + "<|quad_start|>(0,0),(10,0),(10,10),(0,10)<|quad_end|>"
+    found, problems = g.boxes_for_images(text, [(50, 50), (2000, 1000)])
+    assert problems == []
+    assert found[0] == {"label": "dot", "grid": [100, 200, 300, 400], "box": [200.0, 200.0, 600.0, 400.0], "image": 1}
+    assert found[1]["label"] is None and found[1]["quad"][2] == [20.0, 10.0] and found[1]["image"] == 1
+    # no image: the model's grid only
+    assert g.boxes_for_images(text, [])[0][0] == {"label": "dot", "grid": [100, 200, 300, 400]}
+
+
+def test_draw_outlines_and_labels_each_box():
+    from PIL import Image
+    import numpy as np
+
+    found = [{"label": "a", "box": [10, 20, 60, 70]}, {"label": "b", "box": [70, 70, 95, 95]}]
+    out = np.asarray(g.draw(Image.new("RGB", (100, 100), "white"), found))
+    first, second = g.PALETTE[0], g.PALETTE[1]
+    assert tuple(out[45, 10]) == first and tuple(out[45, 60]) == first  # left and right edges
+    assert tuple(out[45, 35]) == (255, 255, 255)  # the inside stays as it was
+    assert tuple(out[85, 70]) == second  # a second label gets the next colour
+    assert (out[:20, 10:40] != 255).any()  # the label's tag sits above its box
+
+
+# ---------------------------------------------------------------------------- qwen2vl-generate
+def run_generate(argv) -> tuple[int, str, str]:
+    import io
+    from contextlib import redirect_stderr, redirect_stdout
+
+    from qwen2vl_jax.cli import generate_main
+
+    out, err = io.StringIO(), io.StringIO()
+    with redirect_stdout(out), redirect_stderr(err):
+        code = generate_main([str(a) for a in argv])
+    return code, out.getvalue(), err.getvalue()
+
+
+@pytest.fixture(scope="module")
+def demo_dir():
+    from qwen2vl_jax.config import DEMO_DIR
+
+    if not (DEMO_DIR / "config.json").is_file():
+        pytest.skip("the demo model is not shipped in this checkout")
+    return DEMO_DIR
+
+
+def test_generate_json_and_drawing_give_boxes_in_the_images_pixels(demo_dir, tmp_path, monkeypatch):
+    """The demo model loads and the prompt runs as usual; the answer is one with grounding
+    markup (the demo model does not ground), so the boxes are known."""
+    import json
+
+    import numpy as np
+    from PIL import Image
+
+    from qwen2vl_jax import chat as chat_module
+
+    small, wide = tmp_path / "small.png", tmp_path / "wide.png"
+    Image.new("RGB", (40, 30), "white").save(small)
+    Image.new("RGB", (300, 150), "white").save(wide)
+    answer = "Here: " + REF.format("the circle") + BOX.format(100, 200, 500, 600) + "."
+    real_chat = chat_module.chat
+
+    replies = []
+
+    def grounding_chat(*args, **kw):
+        replies.append(real_chat(*args, **kw))
+        return dataclasses.replace(replies[-1], text=answer)
+
+    monkeypatch.setattr(chat_module, "chat", grounding_chat)
+    drawn = tmp_path / "drawn.png"
+    code, out, err = run_generate(["--model", demo_dir, "--image", small, "--image", wide, "--prompt",
+                                   "Where is the circle?", "--max-new-tokens", 4, "--json", "--draw-boxes", drawn])
+    assert code == 0, err
+    result = json.loads(out)
+    assert result["text"] == answer  # the markup stays in the text
+    assert result["boxes"] == [{"label": "the circle", "grid": [100, 200, 500, 600],
+                                "box": [30.0, 30.0, 150.0, 90.0], "image": 1}]
+    assert result["box_problems"] == []
+    pixels = np.asarray(Image.open(drawn))
+    assert pixels.shape == (150, 300, 3)  # the last image, at its own size
+    assert tuple(pixels[60, 30]) == g.PALETTE[0] and tuple(pixels[60, 90]) == (255, 255, 255)
+    assert "drew 1 boxes" in err
+    assert g.boxes_for_images(replies[0].text, [(300, 150)]) == ([], [])  # the demo model's own answer: none
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--draw-boxes", "{tmp}/out.png"], "--draw-boxes {tmp}/out.png: needs an --image"),
+    (["--image", "{img}", "--draw-boxes", "{tmp}/no/out.png"], "no such folder"),
+    (["--image", "{img}", "--draw-boxes", "{tmp}"], "is a folder"),
+    (["--image", "{img}", "--draw-boxes", "{tmp}/out.boxes"], "cannot write images of type '.boxes'"),
+])
+def test_generate_bad_drawing_flags(demo_dir, tmp_path, argv, message):
+    fill = {"tmp": tmp_path, "img": demo_dir / "example.png"}
+    code, out, err = run_generate(["--model", demo_dir, "--prompt", "Hi", *[a.format(**fill) for a in argv]])
+    assert code == 2 and out == ""
+    assert err.startswith("qwen2vl-generate: error: ") and message.format(**fill) in err and err.count("\n") == 1, err
+    assert list(tmp_path.iterdir()) == []  # nothing written
