@@ -13,6 +13,7 @@ import time
 from typing import Any
 
 from qwen2vl_jax.errors import InputError
+from qwen2vl_jax.serving import page
 from qwen2vl_jax.serving.metrics import Metrics
 from qwen2vl_jax.serving.prompts import Service
 from qwen2vl_jax.serving.schema import check_model, load_json, parse_body, quote
@@ -84,7 +85,7 @@ def create_app(service: Service):
         if isinstance(body, dict):
             check_model(body, settings)  # an unknown model is a 404 before any 400 about the fields
         parsed = parse_body(body, settings)
-        ids, images, videos = await service.preprocess(parsed, arrived, gone=client_gone(request))
+        ids, images, videos, sizes = await service.preprocess(parsed, arrived, gone=client_gone(request))
         generation = service.generation_config(parsed, len(ids))
         loop = asyncio.get_running_loop()
         events: asyncio.Queue = asyncio.Queue()
@@ -101,7 +102,7 @@ def create_app(service: Service):
         except QueueFull as e:
             raise ApiError(429, f"the server is busy: {e}; retry later", code="queue_full") from None
         metrics.prompt_tokens += len(ids)
-        reply = Reply(service, parsed, job, events, arrived, len(ids))
+        reply = Reply(service, parsed, job, events, arrived, len(ids), image_sizes=sizes)
         watcher = asyncio.create_task(watch_disconnect(request, job))
         if parsed.stream:
             return StreamingResponse(reply.sse(watcher), media_type="text/event-stream",
@@ -137,7 +138,8 @@ def create_app(service: Service):
         routes=[Route("/v1/chat/completions", chat_completions, methods=["POST"]),
                 Route("/v1/models", models, methods=["GET"]),
                 Route("/health", health, methods=["GET"]),
-                Route("/metrics", metrics_endpoint, methods=["GET"])],
+                Route("/metrics", metrics_endpoint, methods=["GET"]),
+                *page.routes()],  # the chat page at /
         # No handler for Exception: Starlette gives that one to its outermost middleware, which
         # re-raises after answering and so ends the connection; CatchAll answers and returns.
         exception_handlers={ApiError: on_api_error, InputError: on_input_error, HTTPException: on_http_error},
@@ -195,7 +197,8 @@ class CatchAll:
 class Guard:
     """What a request must carry before anything reads it: a Host this server answers to
     (a web page that rebinds its own name to 127.0.0.1 still sends that name), no Origin
-    unless --allowed-origins lists it (a browser sends Origin on every cross-site POST), and a
+    unless --allowed-origins lists it or it is this server's own chat page under a Host check
+    (a browser sends Origin on every cross-site POST, and on its own page's POSTs), and a
     JSON content type on POST (a page may send text/plain without asking the server first)."""
 
     def __init__(self, app, settings: Settings):
@@ -219,7 +222,8 @@ class Guard:
             return ApiError(400, f"the Host header {quote(headers.get('host', ''))} is not a name of this server "
                                  "(--allowed-hosts)", code="host_not_allowed")
         origin = headers.get("origin")
-        if origin is not None and self.origins is not None and origin not in self.origins:
+        if origin is not None and self.origins is not None and origin not in self.origins \
+                and not (self.hosts is not None and _same_origin(origin, headers.get("host", ""))):
             return ApiError(403, f"requests from the web page {quote(origin)} are refused (--allowed-origins lists "
                                  "the pages allowed)", code="origin_not_allowed")
         if scope["method"] == "POST":
@@ -228,6 +232,14 @@ class Guard:
                 return ApiError(415, f"the request body must be sent as 'Content-Type: application/json' "
                                      f"(got {quote(kind) if kind else 'none'})", code="unsupported_media_type")
         return None
+
+
+def _same_origin(origin: str, host: str) -> bool:
+    """Whether a browser's Origin is this server's own page (the chat page at /): its host and
+    port are the Host the request was sent to. Trusted only when the Host check is on: a page
+    that rebinds its own name to this server is same-origin with itself too."""
+    scheme, sep, rest = origin.partition("://")
+    return bool(sep) and scheme in ("http", "https") and bool(host) and rest.lower() == host.strip().lower()
 
 
 def _host_name(host: str) -> str:

@@ -100,15 +100,16 @@ class Service:
 
     async def preprocess(self, parsed: Parsed, arrived: float, gone=None):
         """`prepare` on the preprocessing pools under the request's deadline (from `arrived`);
-        `gone()` returns when the client leaves. -> (input_ids, images, videos)."""
+        `gone()` returns when the client leaves. -> (input_ids, images, videos, image sizes)."""
         has_media = self.check_size(parsed)
         ticket = Ticket(arrived, self.settings.request_timeout)
         return await self.preprocessor.run(lambda t: self.prepare(parsed, t), ticket, media=has_media, gone=gone)
 
     # ------------------------------------------------------------ the work (a pool thread)
     def prepare(self, parsed: Parsed, ticket: Ticket | None = None):
-        """Reads the media, renders and tokenizes the prompt -> (input_ids, images, videos).
-        Runs in a worker thread; stops between steps once `ticket` says the request is over."""
+        """Reads the media, renders and tokenizes the prompt -> (input_ids, images, videos, each
+        image's (width, height) as sent: what grounding boxes are given in). Runs in a worker
+        thread; stops between steps once `ticket` says the request is over."""
         from qwen2vl_jax.serving.scheduler import VisionInput
 
         proc, settings = self.processor, self.settings
@@ -125,7 +126,7 @@ class Service:
                 if counted > left:
                     raise self._too_long(counted, parsed)
                 ticket.check()
-        hf_messages, images, videos = [], [], []
+        hf_messages, images, videos, sizes = [], [], [], []
         ip = proc.image_processor
         for m in parsed.messages:
             if isinstance(m["content"], str):
@@ -139,6 +140,7 @@ class Service:
                     ticket.check()
                     data = media.image_bytes(p["url"], p["where"], settings, ticket)
                     w, h = media.image_size(data, p["where"], settings)
+                    sizes.append((w, h))
                     counted += self._image_tokens(h, w, p["where"])
                     if counted > left:  # known from the header: refused before decoding
                         raise self._too_long(counted, parsed)
@@ -170,7 +172,7 @@ class Service:
             ids = proc.expand_placeholders(proc.tokenizer.encode_batch([text]), *counts)[0]
         except InputError as e:
             raise ApiError(400, str(e), "messages") from None
-        return ids.astype(np.int32), images, videos
+        return ids.astype(np.int32), images, videos, sizes
 
     def _too_long(self, counted: int, parsed: Parsed) -> ApiError:
         if parsed.max_tokens is None:

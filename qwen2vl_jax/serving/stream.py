@@ -9,6 +9,7 @@ import json
 import time
 import uuid
 
+from qwen2vl_jax import grounding
 from qwen2vl_jax.processing.detokenize import Detokenizer
 from qwen2vl_jax.serving.schema import Parsed
 from qwen2vl_jax.serving.settings import ApiError
@@ -28,9 +29,11 @@ async def watch_disconnect(request, job) -> None:
 class Reply:
     """Turns a job's events into the reply: text with stop strings applied, usage, timings."""
 
-    def __init__(self, service, parsed: Parsed, job, events: asyncio.Queue, arrived: float, prompt_tokens: int):
+    def __init__(self, service, parsed: Parsed, job, events: asyncio.Queue, arrived: float, prompt_tokens: int,
+                 image_sizes=()):
         self.service, self.parsed, self.job, self.events = service, parsed, job, events
         self.arrived, self.prompt_tokens = arrived, prompt_tokens
+        self.image_sizes = list(image_sizes)  # (width, height) of the request's images: the boxes' pixels
         self.id = f"chatcmpl-{uuid.uuid4().hex}"
         self.created = int(time.time())
         self.ids: list[int] = []  # every generated token, the EOS included
@@ -101,6 +104,11 @@ class Reply:
         out, self.sent = self.text[self.sent:end], end
         return out
 
+    def boxes(self) -> list[dict]:
+        """The reply's grounding boxes in pixels of the request's last image (markup that does not
+        parse is left out; the text keeps it)."""
+        return grounding.boxes_for_images(self.text, self.image_sizes)[0]
+
     def usage(self) -> dict:
         n = len(self.ids)
         return {"prompt_tokens": self.prompt_tokens, "completion_tokens": n, "total_tokens": self.prompt_tokens + n}
@@ -109,7 +117,7 @@ class Reply:
     async def whole(self) -> dict:
         while self.finish is None:
             self._take(await self._next())
-        choice = {"index": 0, "message": {"role": "assistant", "content": self.text},
+        choice = {"index": 0, "message": {"role": "assistant", "content": self.text, "boxes": self.boxes()},
                   "finish_reason": self.finish, "logprobs": None}
         if self.parsed.return_token_ids:
             choice["token_ids"] = list(self.ids)
@@ -145,7 +153,7 @@ class Reply:
                 if text or new_ids:
                     yield self._chunk({"content": text}, token_ids=new_ids)
             if self.finish is not None:
-                yield self._chunk({}, self.finish)
+                yield self._chunk({"boxes": self.boxes()}, self.finish)  # the whole text's boxes, once
                 if self.parsed.include_usage:
                     body = {"id": self.id, "object": "chat.completion.chunk", "created": self.created,
                             "model": self.service.settings.model_name, "choices": [], "usage": self.usage()}
