@@ -232,3 +232,12 @@ def draw(image, found: Sequence[dict]):
             pen.rectangle([x1, ty, x1 + tw, ty + th], fill=colour)
             pen.text((x1 + line - left, ty + line - top), entry["label"], fill=(255, 255, 255), font=font)
     return out
+
+
+def label_markup(label: str | None, boxes: Sequence[Sequence[float]], width: int, height: int) -> str:
+    """One label and its boxes, each [x1, y1, x2, y2] in pixels of a width x height image, as
+    the model writes them (the label once, then every box): a training target."""
+    if not boxes:
+        raise ValueError("no box given")
+    ref = "" if label is None else f"{REF_START}{label}{REF_END}"
+    return ref + "".join(box_markup(None, box, width, height) for box in boxes)

@@ -181,3 +181,73 @@ def test_generate_bad_drawing_flags(demo_dir, tmp_path, argv, message):
     assert code == 2 and out == ""
     assert err.startswith("qwen2vl-generate: error: ") and message.format(**fill) in err and err.count("\n") == 1, err
     assert list(tmp_path.iterdir()) == []  # nothing written
+
+
+# ---------------------------------------------------------------------------- training data
+def write_jsonl(tmp_path, *records) -> "Path":
+    import json
+
+    from PIL import Image
+
+    Image.new("RGB", (200, 100), "white").save(tmp_path / "wide.png")
+    Image.new("RGB", (50, 50), "white").save(tmp_path / "square.png")
+    path = tmp_path / "data.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return path
+
+
+def box_record(*parts, images=("wide.png",), role="assistant"):
+    user = {"role": "user", "content": [*({"type": "image", "image": i} for i in images),
+                                        {"type": "text", "text": "Where is the cat?"}]}
+    return {"messages": [user, {"role": role, "content": list(parts)}]}
+
+
+def test_training_boxes_in_pixels_become_grounding_tokens(tmp_path):
+    from qwen2vl_jax.config import DEMO_DIR
+    from qwen2vl_jax.processing import Processor
+    from qwen2vl_jax.train.data import process_record, read_jsonl
+
+    path = write_jsonl(
+        tmp_path,
+        box_record({"type": "text", "text": "It is "}, {"type": "box", "label": "the cat", "box": [20, 10, 100, 90]},
+                   {"type": "text", "text": "."}),
+        # several boxes for one label; measured on the first image (50 x 50) by index
+        box_record({"type": "box", "label": "cats", "box": [[0, 0, 25, 25], [25, 25, 50, 50]], "image": 0},
+                   images=("square.png", "wide.png")),
+    )
+    records, problems = read_jsonl(path)
+    assert problems == []
+    first = records[0].messages[1]["content"]
+    assert "".join(p["text"] for p in first) == (
+        "It is <|object_ref_start|>the cat<|object_ref_end|><|box_start|>(100,100),(500,900)<|box_end|>.")
+    second = records[1].messages[1]["content"]
+    assert second == [{"type": "text", "text": "<|object_ref_start|>cats<|object_ref_end|>"
+                       "<|box_start|>(0,0),(500,500)<|box_end|><|box_start|>(500,500),(999,999)<|box_end|>"}]
+    # and back: the markup read against the same image gives the pixels again
+    assert g.boxes_for_images(first[1]["text"], [(200, 100)])[0][0]["box"] == [20.0, 10.0, 100.0, 90.0]
+
+    processor = Processor.from_pretrained(DEMO_DIR)
+    example = process_record(records[0].messages, processor)
+    tokens = processor.tokenizer
+    learned = example.labels[example.labels >= 0].tolist()
+    markers = [tokens.token_to_id(m) for m in (g.REF_START, g.REF_END, g.BOX_START, g.BOX_END)]
+    assert all(m is not None and learned.count(m) == 1 for m in markers)  # one token each, in the targets
+    assert tokens.decode(learned, skip_special_tokens=False).startswith(first[0]["text"] + first[1]["text"])
+
+
+@pytest.mark.parametrize("record, message", [
+    (box_record({"type": "box", "label": "x", "box": [0, 0, 10, 10]}, role="user"), "belongs in an assistant turn"),
+    (box_record({"type": "box", "label": "x", "box": [0, 0, 10, 10]}, images=()), "needs an image before it"),
+    (box_record({"type": "box", "label": "x", "box": [0, 0, 10]}), "must be [x1, y1, x2, y2]"),
+    (box_record({"type": "box", "label": "x", "box": [0, 0, 10, "9"]}), "must be [x1, y1, x2, y2]"),
+    (box_record({"type": "box", "label": "x", "box": [0, 0, 300, 10]}), "not inside a 200x100 image"),
+    (box_record({"type": "box", "label": "x", "box": [50, 0, 10, 10]}), "not inside a 200x100 image"),
+    (box_record({"type": "box", "label": "x", "box": [0, 0, 10, 10], "image": 1}), "index of one of the 1 images"),
+    (box_record({"type": "box", "label": "", "box": [0, 0, 10, 10]}), "label must be a non-empty string"),
+])
+def test_training_box_items_are_checked(tmp_path, record, message):
+    from qwen2vl_jax.train.data import read_jsonl
+
+    records, problems = read_jsonl(write_jsonl(tmp_path, record))
+    assert records == [] and len(problems) == 1 and message in problems[0], problems
+    assert "line 1" in problems[0] and "message 1 item 0" in problems[0]

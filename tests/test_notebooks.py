@@ -9,6 +9,7 @@ raises fails the test. The kernel sees two simulated CPU devices, so the mesh co
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -121,6 +122,8 @@ def test_inference_notebook(demo, kernel_env, tmp_path):
     assert text.count("tokens/s") >= 4  # image, again compiled, images, video
     assert "mesh {'data': 1, 'fsdp': 1, 'tensor': 2}" in text
     assert "answers checked" in text
+    iou = re.search(r"IoU with the drawn circle: ([0-9.]+)", text)  # the grounding cell's box, read and drawn
+    assert iou and float(iou.group(1)) >= 0.5, text
 
 
 def test_finetune_notebook(demo, kernel_env, tmp_path):

@@ -8,7 +8,10 @@ One record per line, in the chat-message format users already write for Qwen2-VL
 
 (a bare list of messages is accepted too). Image and video paths are relative to the JSONL
 file; a video is a file or a list of frame images, and an item may carry qwen-vl-utils keys
-(min_pixels, max_pixels, fps, nframes, resized_height/width).
+(min_pixels, max_pixels, fps, nframes, resized_height/width). An assistant item
+{"type": "box", "label": "the cat", "box": [x1, y1, x2, y2]} gives a box in pixels of the last
+image before it (or of image "image": k), written as Qwen2-VL's grounding markup on its
+0..1000 grid (`box_item_text`).
 
 Labels (`labels` mode):
   assistant  the content of each assistant turn and its <|im_end|>. A record with no
@@ -32,7 +35,9 @@ single process's, and places only the parts its devices hold.
 
 from __future__ import annotations
 
+import base64
 import dataclasses
+import io
 import math
 import os
 import queue
@@ -43,8 +48,9 @@ from typing import Any, Callable, Iterator, Sequence
 
 import jax
 import numpy as np
+from PIL import Image
 
-from qwen2vl_jax import distributed
+from qwen2vl_jax import distributed, grounding
 from qwen2vl_jax.config import Qwen2VLConfig
 from qwen2vl_jax.errors import InputError
 from qwen2vl_jax.jsonio import parse_json
@@ -85,7 +91,7 @@ def check_record(obj: Any, base: Path) -> list[dict]:
     messages = obj.get("messages") if isinstance(obj, dict) else obj
     if not isinstance(messages, list) or not messages:
         raise InputError("expected {\"messages\": [...]} or a non-empty list of messages")
-    out = []
+    out, images = [], []  # images: the conversation's images so far, what a box part is measured on
     for i, msg in enumerate(messages):
         if not isinstance(msg, dict) or "role" not in msg or "content" not in msg:
             raise InputError(f"message {i}: expected an object with 'role' and 'content'")
@@ -106,8 +112,13 @@ def check_record(obj: Any, base: Path) -> list[dict]:
             if kind == "image_url" or "image_url" in item:
                 kind = "image"
                 item.setdefault("image", item.pop("image_url"))
+            if kind == "box":  # grounding in pixels -> the model's markup, as a text item
+                if msg["role"] != "assistant":
+                    raise InputError(f"message {i} item {j}: a box item belongs in an assistant turn")
+                items.append({"type": "text", "text": box_item_text(item, images, f"message {i} item {j}")})
+                continue
             if kind not in ("image", "video", "text"):
-                raise InputError(f"message {i} item {j}: type must be text, image or video")
+                raise InputError(f"message {i} item {j}: type must be text, image, video or box")
             if kind == "text" and not isinstance(item.get("text"), str):
                 raise InputError(f"message {i} item {j}: text item without a 'text' string")
             if kind in ("image", "video"):
@@ -119,10 +130,46 @@ def check_record(obj: Any, base: Path) -> list[dict]:
                 for p in _media_paths(item[kind]):
                     if not p.startswith(("http://", "https://", "data:")) and not os.path.isfile(p):
                         raise InputError(f"{kind} file {p} not found")
+                if kind == "image":
+                    images.append(item["image"])
             item["type"] = kind
             items.append(item)
         out.append({"role": msg["role"], "content": items})
     return out
+
+
+def box_item_text(item: dict, images: Sequence[Any], where: str) -> str:
+    """An assistant's {"type": "box", "label": ..., "box": [x1, y1, x2, y2] or a list of them,
+    "image": k (optional)} in pixels of image k of the conversation (default: the last one
+    before it) -> Qwen2-VL's grounding markup on its 0..1000 grid."""
+    label, boxes = item.get("label"), item.get("box")
+    if label is not None and (not isinstance(label, str) or not label.strip()):
+        raise InputError(f"{where}: a box's label must be a non-empty string (or left out)")
+    if isinstance(boxes, list) and boxes and not isinstance(boxes[0], list):
+        boxes = [boxes]
+    if not isinstance(boxes, list) or not boxes or any(
+            not isinstance(b, list) or len(b) != 4 or not all(isinstance(v, (int, float)) and not isinstance(v, bool)
+                                                               and math.isfinite(v) for v in b) for b in boxes):
+        raise InputError(f"{where}: 'box' must be [x1, y1, x2, y2] in pixels, or a list of them")
+    index = item.get("image", len(images) - 1)
+    if not images:
+        raise InputError(f"{where}: a box needs an image before it in the conversation")
+    if not isinstance(index, int) or isinstance(index, bool) or not 0 <= index < len(images):
+        raise InputError(f"{where}: 'image' must be the index of one of the {len(images)} images before it")
+    source = images[index]
+    if not isinstance(source, str) or source.startswith(("http://", "https://")):
+        raise InputError(f"{where}: a box is measured on its image, which must be a local file or a data: URI")
+    try:
+        if source.startswith("data:"):
+            source = io.BytesIO(base64.b64decode(source.partition(",")[2]))
+        with Image.open(source) as img:
+            width, height = img.size
+    except Exception:  # noqa: BLE001 - anything PIL cannot open
+        raise InputError(f"{where}: cannot read the size of image {index}") from None
+    try:
+        return grounding.label_markup(label, boxes, width, height)
+    except ValueError as e:
+        raise InputError(f"{where}: {e}") from None
 
 
 def read_jsonl(path: str | Path) -> tuple[list[Record], list[str]]:
