@@ -13,7 +13,7 @@ from qwen2vl_jax.errors import InputError
 
 pytest.importorskip("llguidance", reason="structured output needs llguidance (the serve extra)")
 
-from qwen2vl_jax.serving.grammar import allowed  # noqa: E402
+from qwen2vl_jax.serving.grammar import allowed, response_format_spec  # noqa: E402
 
 # Every value bounded: a random model must finish it within a bounded number of tokens.
 SCHEMA = {
@@ -124,8 +124,7 @@ def test_mask_never_allows_ids_past_the_tokenizer_or_specials(engine):
     for _ in range(MAX_TOKENS):
         matcher.fill(words)
         bits = np.unpackbits(words.view(np.uint8), bitorder="little").astype(bool)
-        assert not bits[tok.vocab_size:].any() or set(np.flatnonzero(bits[tok.vocab_size:]) + tok.vocab_size) <= set(grammars.eos_ids)
-        assert not bits[grammars.vocab_size:].any()  # the last word's padding bits
+        assert not bits[tok.vocab_size:].any()  # the model's padded ids, and the last word's spare bits
         ids = set(np.flatnonzero(bits))
         assert not ids & specials
         logits = rng.standard_normal(grammars.vocab_size)
@@ -202,3 +201,11 @@ def test_bad_specs_raise_input_error(engine, spec, words):
         grammars.compile(spec)
     message = str(e.value)
     assert words in message and "\n" not in message
+
+
+def test_response_format_spec():
+    assert response_format_spec(None) is None
+    assert response_format_spec({"type": "text"}) is None
+    assert response_format_spec({"type": "json_object"}) == {"type": "json_object"}
+    with pytest.raises(InputError):
+        response_format_spec("json")

@@ -8,7 +8,8 @@
            token = sample(logits masked by words)
            if not matcher.accept(token): end the row (cannot happen when sampling within the mask)
 
-`spec` is OpenAI's `response_format` or a tool-call spec:
+`spec` is OpenAI's `response_format` (`response_format_spec` gives None for none or `text`) or a
+tool-call spec:
 - `{"type": "json_object"}`: any JSON object;
 - `{"type": "json_schema", "json_schema": {"name": ..., "schema": {...}, "strict": ...}}`;
 - `{"type": "tool_calls", "tools": [{"name", "parameters"}], "choice": "required" | name,
@@ -56,6 +57,18 @@ CACHE_SIZE = 128
 def mask_words(vocab_size: int) -> int:
     """int32 words of one row's bitmask."""
     return (vocab_size + 31) // 32
+
+
+def response_format_spec(response_format: Any) -> dict | None:
+    """A request's `response_format` -> the spec to compile, or None when it asks for nothing
+    (absent, or OpenAI's default `{"type": "text"}`). Checked by `Grammars.compile`."""
+    if response_format is None:
+        return None
+    if isinstance(response_format, Mapping) and response_format.get("type") == "text":
+        return None
+    if not isinstance(response_format, Mapping):
+        raise InputError("response_format must be an object")
+    return dict(response_format)
 
 
 def _canonical(spec: Any) -> str:
@@ -179,7 +192,7 @@ class Grammars:
             where = "tools"
             text = llguidance.LLMatcher.grammar_from_lark(tool_grammar.tool_calls_lark(spec, JSON_OPTIONS))
         elif kind == "text":
-            raise InputError("response_format text needs no grammar (send no response_format)")
+            raise InputError("response_format text needs no grammar (response_format_spec gives None for it)")
         else:
             raise InputError(f"response_format type {kind!r} is not supported (json_object, json_schema)")
         matcher = llguidance.LLMatcher(self._tok, text, log_level=0)
