@@ -98,6 +98,12 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--max-length", type=int, default=4096, metavar="N",
                    help="longest record, in tokens; longer ones are bad records (default: 4096)")
     d.add_argument("--skip-bad", action="store_true", help="skip bad records (listed) instead of stopping")
+    d.add_argument("--pack", action="store_true",
+                   help="pack each step's records into as few rows as fit its length bucket (attention and "
+                        "M-RoPE positions stay per record; --batch-size still counts records)")
+    d.add_argument("--workers", type=int, default=0, metavar="N",
+                   help="worker processes that read and preprocess records (Grain); 0: threads in the "
+                        "training process (default: 0)")
     r = p.add_argument_group("run")
     r.add_argument("--remat", action="store_true", help="rematerialise vision and decoder blocks (less memory)")
     r.add_argument("--scan-layers", action="store_true",
@@ -145,7 +151,7 @@ def _fit(args) -> dict:
         log_every=args.log_every, save_every=args.save_every, stop_at=args.stop_at, resume=args.resume,
         force=args.force, skip_bad=args.skip_bad, progress=not args.no_progress,
         lora_rank=args.lora_rank, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
-        lora_targets=args.lora_targets,
+        lora_targets=args.lora_targets, pack=args.pack, workers=args.workers,
     ))
 
 

@@ -25,6 +25,15 @@ crashes an epoch halfway. Batches come from a deterministic plan (seed, epoch): 
 grouped by bucketed length, so a step's shapes come from a short ladder and jit compiles
 each shape once; a position (epoch, index) is all that is needed to resume exactly.
 
+Packing (`Loader(pack=True)`, `--pack`): a step's records, drawn without grouping by length,
+go into as few rows of the step's length bucket as first-fit decreasing finds
+(`pack_records`, `collate_packed`); segment ids keep attention inside each record, each
+record's M-RoPE positions are those it has alone, its images and videos stay with it, and
+the loss counts the same tokens, so a packed step computes what the unpacked one would.
+
+The pipeline runs on Grain (`Loader.pipeline`): reading, preprocessing, bucketing, packing
+and batching in worker processes (`workers`) or a background thread.
+
 In a multi-process run every process follows the same plan, reads and preprocesses only its
 share of each step's records (a contiguous part of every micro-batch's rows: the rows its
 devices hold when the mesh lists devices process by process), and the processed rows are
@@ -37,16 +46,18 @@ from __future__ import annotations
 
 import base64
 import dataclasses
+import functools
 import io
 import math
 import os
-import queue
-import threading
+import sys
 import warnings
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
+import grain
 import jax
+from absl import flags as absl_flags
 import numpy as np
 from PIL import Image
 
@@ -54,7 +65,7 @@ from qwen2vl_jax import distributed, grounding
 from qwen2vl_jax.config import Qwen2VLConfig
 from qwen2vl_jax.errors import InputError
 from qwen2vl_jax.jsonio import parse_json
-from qwen2vl_jax.inputs import LABEL_PAD, bucket, build_inputs, vision_sizes
+from qwen2vl_jax.inputs import LABEL_PAD, bucket, build_inputs, pack_vision, vision_sizes
 
 IGNORE = LABEL_PAD
 LABEL_MODES = ("assistant", "caption")
@@ -242,6 +253,7 @@ def make_labels(input_ids: np.ndarray, tokenizer, mode: str) -> np.ndarray:
             if role in wanted:
                 keep[j:e + 1] = True
     keep &= ~vision
+    keep[:1] = False  # no token before it predicts a record's first token, whatever shares its row
     return np.where(keep, ids, IGNORE).astype(np.int32)
 
 
@@ -365,6 +377,73 @@ def collate(examples: Sequence[Example | None], config: Qwen2VLConfig, length: i
     return batch
 
 
+# ----------------------------------------------------------------------------- packing
+def pack_records(lengths: Sequence[int], capacity: int) -> list[list[int]]:
+    """Record lengths -> rows of record indices whose lengths add up to at most `capacity`,
+    first-fit decreasing (longest record first, each into the first row it fits; ties by
+    index, so the same lengths always give the same rows)."""
+    rows: list[list[int]] = []
+    room: list[int] = []
+    for i in sorted(range(len(lengths)), key=lambda i: (-lengths[i], i)):
+        if lengths[i] > capacity:
+            raise ValueError(f"a record of {lengths[i]} tokens does not fit a row of {capacity}")
+        for r, left in enumerate(room):
+            if lengths[i] <= left:
+                rows[r].append(i)
+                room[r] -= lengths[i]
+                break
+        else:
+            rows.append([i])
+            room.append(capacity - lengths[i])
+    return rows
+
+
+def collate_packed(rows: Sequence[Sequence[Example]], config: Qwen2VLConfig, length: int,
+                   vision_sizes: tuple[int, int, int] | None = None, num_rows: int | None = None) -> dict:
+    """Rows of examples (several records per row) -> one micro-batch of packed rows, the same
+    keys as `collate`, where attention_mask holds segment ids:
+
+      input_ids int32[R, L], labels int32[R, L]: each row's records one after another from slot 0,
+        padding after them; a record's first label is IGNORE (in a row of its own nothing
+        predicts its first token; here the previous record's last token would);
+      attention_mask int32[R, L]: k for the k-th record of the row (from 1), 0 at padding, so
+        attention stays inside each record (modules/text.py);
+      positions int32[3, R, L]: each record's M-RoPE ids as if it were alone (they restart at 0);
+      vision: the images, then the videos, of all records in row-major order (the order their
+        placeholders appear, which is how the features are placed).
+
+    R = num_rows (default len(rows); extra rows are padding)."""
+    n = len(rows) if num_rows is None else num_rows
+    ids = np.zeros((n, length), np.int32)
+    segments = np.zeros((n, length), np.int32)
+    labels = np.full((n, length), IGNORE, np.int32)
+    positions = np.zeros((3, n, length), np.int32)
+    order = []
+    for r, row in enumerate(rows):
+        at = 0
+        for k, e in enumerate(row, start=1):
+            m = len(e.input_ids)
+            if at + m > length:
+                raise InputError(f"records on lines {', '.join(str(x.line) for x in row)} have "
+                                 f"{sum(len(x.input_ids) for x in row)} tokens, more than the row length {length}")
+            alone = build_inputs(config, e.input_ids, None, None, e.image_grid_thw, None, e.video_grid_thw,
+                                 length=m, pixels=False)
+            ids[r, at:at + m], segments[r, at:at + m] = e.input_ids, k
+            labels[r, at:at + m] = e.labels
+            labels[r, at] = IGNORE
+            positions[:, r, at:at + m] = alone.positions[:, 0]
+            at += m
+            order.append(e)
+    cat = lambda key: (np.concatenate([getattr(e, key) for e in order if getattr(e, key) is not None])  # noqa: E731
+                       if any(getattr(e, key) is not None for e in order) else None)
+    batch = {"input_ids": ids, "attention_mask": segments, "labels": labels, "positions": positions}
+    vision = pack_vision(config, cat("pixel_values"), cat("image_grid_thw"), cat("pixel_values_videos"),
+                         cat("video_grid_thw"), sizes=vision_sizes)
+    if vision is not None:
+        batch["vision"] = vision
+    return batch
+
+
 def vision_bucket(examples: Sequence[Example | None], unit: int = 4) -> tuple[int, int, int] | None:
     """Bucketed (patches, segments, segment length) that fit all the examples' images and
     videos in one layout, or None without any."""
@@ -445,14 +524,17 @@ class Position:
 
 
 class BatchPlan:
-    """Deterministic batches of record indices: per epoch, shuffle, group by bucketed length,
-    cut into steps of `per_step` records (a short last batch is filled with None), shuffle the
-    steps. The same (seed, epoch) always gives the same plan."""
+    """Deterministic batches of record indices: per epoch, shuffle, group by bucketed length
+    (`by_length`; packed runs mix lengths, which is what lets records share a row), cut into
+    steps of `per_step` records (a short last batch is filled with None), shuffle the steps.
+    The same (seed, epoch) always gives the same plan, and every epoch has the same number of
+    steps (`steps_per_epoch`)."""
 
-    def __init__(self, lengths: Sequence[int], per_step: int, seed: int = 0):
+    def __init__(self, lengths: Sequence[int], per_step: int, seed: int = 0, by_length: bool = True):
         self.lengths = np.asarray(lengths)
         self.per_step = per_step
         self.seed = seed
+        self.by_length = by_length
         self._cache: dict[int, list[list[int | None]]] = {}
 
     def epoch(self, e: int) -> list[list[int | None]]:
@@ -461,7 +543,7 @@ class BatchPlan:
             order = rng.permutation(len(self.lengths))
             groups: dict[int, list[int]] = {}
             for i in order:
-                groups.setdefault(bucket(int(self.lengths[i])), []).append(int(i))
+                groups.setdefault(bucket(int(self.lengths[i])) if self.by_length else 0, []).append(int(i))
             steps = []
             for key in sorted(groups):
                 g = groups[key]
@@ -471,6 +553,11 @@ class BatchPlan:
             self._cache = {e: [steps[i] for i in rng.permutation(len(steps))]}
         return self._cache[e]
 
+    @functools.cached_property
+    def steps_per_epoch(self) -> int:
+        """The same in every epoch: the groups' sizes do not depend on the shuffle."""
+        return len(self.epoch(0))
+
     def advance(self, pos: Position) -> Position:
         nxt = Position(pos.epoch, pos.index + 1)
         return nxt if nxt.index < len(self.epoch(pos.epoch)) else Position(pos.epoch + 1, 0)
@@ -478,21 +565,35 @@ class BatchPlan:
 
 class Loader:
     """Steps of batches from a dataset: arrays [A, B, ...] (A micro-batches of B rows, equal
-    shapes within a step) with the position after them. A background thread reads and
-    preprocesses the next steps' records while the current step runs.
+    shapes within a step; with `pack`, R <= B rows that hold several records each) with the
+    position after them.
+
+    The input pipeline is a Grain dataset indexed by the run's global step (`pipeline`): the
+    step's record indices come from the plan, `read_step` reads and preprocesses this
+    process's share of them (images decoded and resized, videos sampled, text tokenized and
+    labelled), and in a single-process run `assemble_step` buckets, packs and batches them
+    too. With `workers` > 0 these run in that many Grain worker processes; with 0, in a thread
+    of this process. Either way the next `prefetch` steps are made while the current one
+    trains, in order, and a step's arrays depend only on (seed, step), so a run resumed at
+    a position (the Orbax checkpoint holds it) reads exactly what an uninterrupted one would,
+    with any number of workers.
 
     processes: (this process's index, the process count), default JAX's; each process reads
     its share of every step (`share`) and `exchange` (default `distributed.allgather_bytes`,
-    called from the consuming thread, once per step in every process) brings the others'."""
+    called from the consuming thread, once per step in every process) brings the others',
+    before the step is assembled the same way in every process."""
 
     def __init__(self, dataset: JsonlDataset, config: Qwen2VLConfig, batch_size: int, accum: int = 1,
-                 seed: int = 0, prefetch: int = 2, *, processes: tuple[int, int] | None = None,
+                 seed: int = 0, prefetch: int = 2, *, pack: bool = False, workers: int = 0,
+                 processes: tuple[int, int] | None = None,
                  exchange: Callable[[bytes], list[bytes]] | None = None):
         self.dataset = dataset
         self.config = config
         self.batch_size = batch_size
         self.accum = accum
-        self.plan = BatchPlan(dataset.lengths, batch_size * accum, seed)
+        self.pack = pack
+        self.workers = workers
+        self.plan = BatchPlan(dataset.lengths, batch_size * accum, seed, by_length=not pack)
         self.prefetch = prefetch
         self.processes = processes or (jax.process_index(), jax.process_count())
         self.exchange = exchange or distributed.allgather_bytes
@@ -514,10 +615,24 @@ class Loader:
         """A step's examples (None: a filler row) -> (arrays [A, B, ...], real tokens)."""
         real = [e for e in exs if e is not None]
         length = bucket(max((len(e.input_ids) for e in real), default=1))
+        if self.pack:
+            return self.assemble_packed(real, length)
         rows = [exs[k * self.batch_size:(k + 1) * self.batch_size] for k in range(self.accum)]
         sizes = [vision_bucket(r, self.config.vision.merge_unit) for r in rows]
         sizes = None if all(z is None for z in sizes) else tuple(max(z[i] for z in sizes if z) for i in range(3))
         micro = [collate(r, self.config, length, sizes) for r in rows]
+        return stack_micro(micro), sum(len(e.input_ids) for e in real)
+
+    def assemble_packed(self, real: Sequence[Example], length: int) -> tuple[dict, int]:
+        """The step's records packed into rows of `length` (`pack_records`), the rows split over
+        the A micro-batches, R rows each: R on the ladder 1, 2, 3 ... 8, 10, 12 ... (`bucket`),
+        at most B, so a step has a few shapes and never more rows than unpacked."""
+        rows = [[real[i] for i in row] for row in pack_records([len(e.input_ids) for e in real], length)]
+        per = min(self.batch_size, bucket(-(-len(rows) // self.accum), 1))
+        groups = [rows[k * per:(k + 1) * per] for k in range(self.accum)]
+        sizes = [vision_bucket([e for row in g for e in row], self.config.vision.merge_unit) for g in groups]
+        sizes = None if all(z is None for z in sizes) else tuple(max(z[i] for z in sizes if z) for i in range(3))
+        micro = [collate_packed(g, self.config, length, sizes, per) for g in groups]
         return stack_micro(micro), sum(len(e.input_ids) for e in real)
 
     def read_share(self, indices: Sequence[int | None]) -> dict[int, Example]:
@@ -551,41 +666,51 @@ class Loader:
             warnings.warn(f"{self.dataset.path.name} line {rec.line}: {e}; skipped this time", stacklevel=2)
             return None
 
+    # ---------------------------------------------------------------- the Grain pipeline
+    def position(self, step: int) -> Position:
+        """The run's global data step -> (epoch, batch); every epoch has the same steps."""
+        return Position(*divmod(step, self.plan.steps_per_epoch))
+
+    def read_step(self, step: int) -> tuple[int, dict[int, Example], Position]:
+        """Global data step -> (its record slots, this process's examples, the position after it)."""
+        pos = self.position(step)
+        indices = self.plan.epoch(pos.epoch)[pos.index]
+        return len(indices), self.read_share(indices), self.position(step + 1)
+
+    def assemble_step(self, item: tuple[int, dict[int, Example], Position]) -> tuple[dict, int, Position]:
+        """`read_step`'s output of a single-process run -> (step arrays, real tokens, position after)."""
+        n, mine, pos = item
+        return (*self.assemble(self.gather(n, mine)), pos)
+
+    def pipeline(self, start: Position) -> grain.IterDataset:
+        """The Grain dataset of steps from `start` on (endless): (step arrays, tokens, position
+        after) in a single-process run, else `read_step`'s output."""
+        first = self.plan.steps_per_epoch * start.epoch + start.index
+        steps = grain.MapDataset.range(first, sys.maxsize).map(self.read_step)
+        if self.processes[1] == 1:
+            steps = steps.map(self.assemble_step)
+        stream = steps.to_iter_dataset(grain.ReadOptions(num_threads=1, prefetch_buffer_size=max(1, self.prefetch)))
+        if self.workers:
+            if not absl_flags.FLAGS.is_parsed():  # Grain's worker pool reads its absl flags (defaults here)
+                absl_flags.FLAGS.mark_as_parsed()
+            stream = stream.mp_prefetch(grain.MultiprocessingOptions(
+                num_workers=self.workers, per_worker_buffer_size=max(1, self.prefetch)))
+        return stream
+
     def __call__(self, start: Position) -> Iterator[tuple[dict, int, Position]]:
         """Yields (step arrays, real tokens, position after this step) forever from `start`."""
-        q: queue.Queue = queue.Queue(maxsize=max(1, self.prefetch))
-        stop = threading.Event()
-
-        def work():
-            pos = start
-            try:
-                while not stop.is_set():
-                    indices = self.plan.epoch(pos.epoch)[pos.index]
-                    mine = self.read_share(indices)
-                    pos = self.plan.advance(pos)
-                    while not stop.is_set():
-                        try:
-                            q.put((len(indices), mine, pos), timeout=0.1)
-                            break
-                        except queue.Full:
-                            continue
-            except BaseException as e:  # surfaces in the consumer
-                q.put(e)
-
-        thread = threading.Thread(target=work, daemon=True)
-        thread.start()
+        steps = iter(self.pipeline(start))
         try:
-            while True:
-                item = q.get()
-                if isinstance(item, BaseException):
-                    raise item
-                n, mine, pos = item
-                # Here, not in the reading thread: the exchange is a collective that every
-                # process must reach in the same order relative to the train steps.
-                arrays, tokens = self.assemble(self.gather(n, mine))
-                yield arrays, tokens, pos
+            for item in steps:
+                if self.processes[1] == 1:
+                    yield item
+                else:
+                    # Here, not in a reader: the exchange is a collective that every process must
+                    # reach in the same order relative to the train steps.
+                    n, mine, pos = item
+                    yield (*self.assemble(self.gather(n, mine)), pos)
         finally:
-            stop.set()
+            steps.close()  # stops the workers (or the reading thread)
 
 
 _EXAMPLE_ARRAYS = ("input_ids", "labels", "pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw")

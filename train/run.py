@@ -109,6 +109,8 @@ class TrainOptions:
     lora_alpha: float | None = None  # None: 2 * rank
     lora_dropout: float = 0.0
     lora_targets: str | None = None  # None: lora.tree.DEFAULT_TARGETS
+    pack: bool = False  # several records per row (data.Loader.assemble_packed); batch_size still counts records
+    workers: int = 0  # Grain worker processes that read and preprocess records (0: threads in this process)
 
     def lora_spec(self) -> LoraSpec | None:
         if self.lora_rank is None:
@@ -140,7 +142,7 @@ def check_options(opts: TrainOptions) -> None:
     ints = {"--steps": (opts.steps, 1), "--batch-size": (opts.batch_size, 1), "--accum": (opts.accum, 1),
             "--log-every": (opts.log_every, 1), "--save-every": (opts.save_every, 0), "--seed": (opts.seed, 0),
             "--stop-at": (opts.stop_at, 1), "--max-length": (opts.max_length, 1),
-            "--loss-chunk": (opts.loss_chunk, 1)}
+            "--loss-chunk": (opts.loss_chunk, 1), "--workers": (opts.workers, 0)}
     for flag, (value, low) in ints.items():
         if value is None and flag in ("--stop-at", "--max-length"):
             continue
@@ -211,8 +213,8 @@ def check_out(opts: TrainOptions, model_dir: Path, out: Path) -> int | None:
 # The --resume check names the flags behind the run key's fields (the key is stored as is).
 KEY_FLAGS = {"steps": "--steps", "batch_size": "--batch-size", "accum": "--accum", "seed": "--seed",
              "data": "--data", "records": "the number of records in --data", "scan_layers": "--scan-layers",
-             "lora": "--lora-rank/--lora-alpha/--lora-dropout/--lora-targets"}
-KEY_DEFAULTS = {"scan_layers": False, "lora": None}  # what a checkpoint written before the field existed meant
+             "lora": "--lora-rank/--lora-alpha/--lora-dropout/--lora-targets", "pack": "--pack"}
+KEY_DEFAULTS = {"scan_layers": False, "lora": None, "pack": False}  # what a checkpoint written before the field existed meant
 STAGE_FLAGS = {"train": "--train", "learning_rate": "--lr", "labels": "--labels", "warmup_steps": "--warmup",
                "end_lr_ratio": "--end-lr-ratio", "weight_decay": "--weight-decay", "clip_norm": "--clip"}
 
@@ -249,7 +251,8 @@ def _run_key(opts: TrainOptions, stage: st.Stage, records: int) -> dict:
     key = {"stage": dataclasses.asdict(stage), "steps": opts.steps, "batch_size": opts.batch_size,
            "accum": opts.accum, "seed": opts.seed, "records": records, "data": str(Path(opts.data).resolve()),
            "scan_layers": opts.scan_layers,  # the checkpoints hold stacked layers: resume with the same decoder
-           "lora": None if opts.lora_rank is None else dataclasses.asdict(opts.lora_spec())}
+           "lora": None if opts.lora_rank is None else dataclasses.asdict(opts.lora_spec()),
+           "pack": opts.pack}  # packed runs draw their steps without grouping by length
     return json.loads(json.dumps(key))  # as it reads back from the checkpoint (tuples -> lists)
 
 
@@ -488,7 +491,8 @@ def _fit(opts: TrainOptions, log, model_dir: Path, out: Path, saved: dict, made:
                 plot()  # up to date with every checkpoint, whatever stops the run later
 
         until = opts.steps if opts.stop_at is None else max(int(state.step), min(opts.stop_at, opts.steps))
-        batches = Loader(dataset, config, opts.batch_size, opts.accum, opts.seed)(position)
+        batches = Loader(dataset, config, opts.batch_size, opts.accum, opts.seed, pack=opts.pack,
+                         workers=opts.workers)(position)
         try:
             state, position, losses = loop.run_steps(
                 trainer, state, batches, until, log_every=opts.log_every, on_log=on_log, on_save=on_save,
@@ -498,6 +502,8 @@ def _fit(opts: TrainOptions, log, model_dir: Path, out: Path, saved: dict, made:
             with interrupts.deferred(), contextlib.suppress(OSError):
                 plot()  # the steps logged so far (a resume drops those after its checkpoint)
             raise
+        finally:
+            batches.close()  # the input pipeline's workers stop with the run
         plot()
         return {"loss": last.get("loss"), "steps": int(state.step), "out": str(out), "skipped": dataset.skipped}
     finally:

@@ -83,7 +83,8 @@ class Qwen2VLModule(nn.Module):
 
     def hidden_states(self, input_ids, positions, attention_mask, vision: dict | None = None):
         """Plain forward to the final hidden states [B, L, D]: input_ids int[B, L], positions
-        int[3, B, L], attention_mask bool[B, L]; vision: 'patches' plus the layout arrays."""
+        int[3, B, L], attention_mask bool[B, L] or int segment ids [B, L] (packed rows, see
+        TextModel); vision: 'patches' plus the layout arrays."""
         features = self.encode_vision(**vision) if vision is not None else None
         hidden, _ = self.decode(self.embed(input_ids, features), positions, attention_mask)
         return hidden

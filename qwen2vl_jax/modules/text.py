@@ -278,7 +278,9 @@ class TextModel(nn.Module):
 
     def __call__(self, embeds, positions, kv_valid, cache=None, cache_index=0):
         """embeds [B, L, D]; positions int[3, B, L]; kv_valid bool[B, C] (C <= S: attention
-        reads the cache's first C slots, new keys are written wherever cache_index says);
+        reads the cache's first C slots, new keys are written wherever cache_index says), or,
+        without a cache, int segment ids [B, L] (packed training rows: a token sees the earlier
+        tokens of its own segment only; 0 is padding);
         cache: tuple of LayerCache (one per layer), with scan_layers one LayerCache of
         [n, B, S, K, hd] arrays, or None -> (hidden [B, L, D], the new cache in the same form)."""
         cfg = self.config
@@ -287,7 +289,11 @@ class TextModel(nn.Module):
         index = jnp.asarray(cache_index)
         q_slot = (index[:, None] if index.ndim else index) + jnp.arange(l)  # [L], or [B, L] per row
         k_slot = jnp.arange(kv_valid.shape[1])
-        mask = (k_slot <= q_slot[..., None]) & kv_valid[:, None, :]  # [B, L, S]
+        if jnp.issubdtype(kv_valid.dtype, jnp.integer):  # segment ids: records packed in a row
+            mask = ((k_slot <= q_slot[..., None]) & (kv_valid[:, None, :] == kv_valid[:, :, None])
+                    & (kv_valid[:, None, :] > 0))  # [B, L, L]
+        else:
+            mask = (k_slot <= q_slot[..., None]) & kv_valid[:, None, :]  # [B, L, S]
         x = shard(embeds.astype(self.dtype), "batch", "seq", "embed")
         if self.scan_layers:
             # The stacked cache [n, B, S, K, hd] rides in the carry: each layer writes its new
