@@ -106,6 +106,11 @@ def test_draw_outlines_and_labels_each_box():
     assert tuple(out[45, 35]) == (255, 255, 255)  # the inside stays as it was
     assert tuple(out[85, 70]) == second  # a second label gets the next colour
     assert (out[:20, 10:40] != 255).any()  # the label's tag sits above its box
+    quad = g.boxes_for_images("<|quad_start|>(500,100),(900,500),(500,900),(100,500)<|quad_end|>",
+                              [(100, 100)])[0]
+    drawn = np.asarray(g.draw(Image.new("RGB", (100, 100), "white"), quad))
+    assert tuple(drawn[30, 30]) == first  # on the diamond's edge from (50, 10) to (10, 50)
+    assert tuple(drawn[12, 12]) == (255, 255, 255)  # its bounding box's corner stays blank
 
 
 # ---------------------------------------------------------------------------- qwen2vl-generate

@@ -7,7 +7,8 @@
 
 Endpoints: POST /v1/chat/completions (OpenAI's schema; images as image_url parts, videos as
 video/video_url parts naming local files; `stream: true` gives server-sent events ending in
-`data: [DONE]`), GET /v1/models, GET /health, GET /metrics (Prometheus text).
+`data: [DONE]`; a reply's grounding boxes come in pixels as `boxes` on its message), GET
+/v1/models, GET /health, GET /metrics (Prometheus text), and a chat page at GET / (`page`).
 
 Flow: the HTTP side (Starlette on uvicorn's event loop) checks the request, then reads its media
 and renders and tokenizes the prompt on a pool of its own, and queues a `scheduler.Request`; one
@@ -34,6 +35,7 @@ The modules, one job each (a request passes through them in this order):
             `vision_cache` beside it, read and written by the batcher's thread only;
             `lockstep` for multi-process runs; `warmup` compiles what requests will run;
   stream    events -> text with stop strings, whole replies and server-sent events;
+  page      the chat page (static/: HTML, CSS, plain JavaScript) over the same API;
   metrics   /metrics;
   cli       the command line.
 
