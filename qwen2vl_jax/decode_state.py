@@ -200,11 +200,38 @@ def split_keys(rng):
     return both[:, 0], both[:, 1]
 
 
-def advance(state: DecodeState, logits, greedy: bool | None) -> DecodeState:
+def unpack_mask(words, vocab: int):
+    """An allowed-token bitmask int32[B, W] (bit j of word i: token 32 i + j may be drawn, the
+    layout grammar engines fill) -> bool[B, vocab]."""
+    bits = (words[:, :, None] >> jnp.arange(32, dtype=words.dtype)) & 1
+    return bits.reshape(words.shape[0], -1)[:, :vocab].astype(bool)
+
+
+def mask_words(vocab: int) -> int:
+    """The int32 words of one row's allowed-token bitmask."""
+    return -(-vocab // 32)
+
+
+def token_logprobs(logits, tokens, k: int):
+    """The model's own distribution (log-softmax of the float32 logits, before any penalty,
+    temperature, top-k/top-p or grammar mask): (logprob of `tokens` f32[B], the k most likely
+    ids int32[B, k] and their logprobs f32[B, k])."""
+    lsm = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+    chosen = jnp.take_along_axis(lsm, tokens[:, None], axis=-1)[:, 0]
+    top_lp, top_ids = jax.lax.top_k(lsm, k)
+    return chosen, top_ids.astype(jnp.int32), top_lp
+
+
+def advance(state: DecodeState, logits, greedy: bool | None, allow=None) -> DecodeState:
     """Draws every row's next token from `logits` f32[B, V] and records it; the one place a row
     is found finished. greedy: True when every row is argmax, False when every row samples
-    (both fixed when compiled), None to follow each row's flag. A finished row draws its pad."""
+    (both fixed when compiled), None to follow each row's flag. allow: None, or each row's
+    allowed tokens as a bitmask int32[B, W] (`unpack_mask`; a row with every bit set is
+    unconstrained), applied before the penalty and the draw. A finished row draws its pad."""
     rng, keys = split_keys(state.rng)
+    raw = logits
+    if allow is not None:
+        logits = jnp.where(unpack_mask(allow, logits.shape[-1]), logits, -jnp.inf)
     tok = sample_token(logits, state.seen, state.sampling, keys, state.greedy if greedy is None else greedy)
     running = state.finish == RUNNING
     tok = jnp.where(running, tok, state.sampling.pad)
@@ -213,6 +240,6 @@ def advance(state: DecodeState, logits, greedy: bool | None) -> DecodeState:
     finish = jnp.where(~running, state.finish,
                        jnp.where(is_eos, STOP, jnp.where(generated >= state.max_new, LENGTH, RUNNING)))
     seen = state.seen.at[jnp.arange(tok.shape[0]), tok].set(True)
-    keep = logits if state.logits.shape[-1] else state.logits  # a state without logits stays without: no copy per step
+    keep = raw if state.logits.shape[-1] else state.logits  # a state without logits stays without: no copy per step
     return state.replace(token=tok, logits=keep, seen=seen, generated=generated, finish=finish.astype(jnp.int32),
                          rng=rng)

@@ -31,7 +31,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 
-from qwen2vl_jax.decode_state import FINISH_REASONS, LENGTH, RUNNING, STOP, DecodeState, KVCache, RowSettings, advance
+from qwen2vl_jax.decode_state import (FINISH_REASONS, LENGTH, RUNNING, STOP, DecodeState, KVCache, RowSettings, advance,
+                                       token_logprobs)
 from qwen2vl_jax.inputs import ModelInputs, round_up
 from qwen2vl_jax.modules.qwen2vl import Qwen2VLModule, init_shapes
 from qwen2vl_jax.sampling import GenerationConfig, Sampling
@@ -40,6 +41,7 @@ from qwen2vl_jax.sharding import ShardingRules, named_sharding, param_shardings,
 __all__ = ["Engine", "GenerationResult", "Token", "DecodeState", "KVCache", "RowSettings", "FINISH_REASONS"]
 
 CACHE_ROOM_MULTIPLE = 64  # max_new_tokens is rounded up to this for the cache's extra slots
+TOP_LOGPROBS = 20  # the most likely tokens a readout with logprobs carries per row (OpenAI's maximum)
 
 
 # ---------------------------------------------------------------------------- results
@@ -112,10 +114,10 @@ class Engine:
 
         self._encode = jit(self._encode_impl, 2)
         self._forward = jit(self._forward_impl, 5)
-        self._prefill = jit(self._prefill_impl, 4, static_argnums=(4, 5))
+        self._prefill = jit(self._prefill_impl, 4, static_argnums=(4, 5, 6))
         self._insert = jax.jit(self._insert_impl, donate_argnums=0, static_argnums=3)
         self._empty = jax.jit(self._empty_impl, static_argnums=(0, 1))
-        self._step = jit(self._step_impl, 2, static_argnums=(2, 3, 4), donate_argnums=1)
+        self._step = jit(self._step_impl, 2, static_argnums=(2, 3, 4, 5), donate_argnums=1)
         self._loop = jit(self._loop_impl, 2, static_argnums=(2, 3), donate_argnums=1,
                          **({"compiler_options": loop_options} if loop_options else {}))
 
@@ -139,12 +141,23 @@ class Engine:
         logits = self._apply(params, hidden[:, -1], method=Qwen2VLModule.lm_logits).astype(jnp.float32)
         return logits, KVCache.of_layers(layers)
 
-    def _prefill_impl(self, params, batch, features, settings: RowSettings, slots: int, greedy: bool | None):
+    @staticmethod
+    def _readout(state: DecodeState, logits, logprobs: bool):
+        """What the host reads after a draw: (token, finish), and with logprobs the drawn
+        token's logprob and the TOP_LOGPROBS most likely (ids, logprobs) per row."""
+        out = state.readout()
+        return (*out, *token_logprobs(logits, state.token, TOP_LOGPROBS)) if logprobs else out
+
+    def _prefill_impl(self, params, batch, features, settings: RowSettings, slots: int, greedy: bool | None,
+                      logprobs: bool = False, allow=None):
         """batch: input_ids int32[P, Lb], positions int32[3, P, Lb], mask bool[P, Lb],
-        pos_offset int32[P]; features [F, D] or None -> (the prefix, its readout)."""
+        pos_offset int32[P]; features [F, D] or None -> (the prefix, its readout). With R > P
+        rows of settings (P = 1), the one prompt is prefilled once and its R rows draw apart
+        (OpenAI's n)."""
         cfg = self.config.text
         ids, mask = batch["input_ids"], batch["mask"]
         p, lb = ids.shape
+        r = settings.greedy.shape[0]
         # Slots after the prompt are open to the queries that will sit there (causal masking
         # keeps the prompt's own queries off them).
         kv_valid = jnp.concatenate([mask, jnp.ones((p, slots - lb), bool)], axis=1)
@@ -152,16 +165,24 @@ class Engine:
             cache = KVCache.zeros(cfg, p, slots, self.module.dtype, self.module.scan_layers)
             logits, cache = self._logits(params, ids, features, batch["positions"], kv_valid, cache, 0)
             seen = jnp.zeros((p, cfg.vocab_size), bool).at[jnp.arange(p)[:, None], ids].max(mask)
-            zeros = jnp.zeros((p,), jnp.int32)
+            pos_offset = batch["pos_offset"]
+            if r != p:  # one prompt, r rows
+                many = lambda x, axis=0: jnp.repeat(x, r, axis=axis)  # noqa: E731
+                cache = cache.map(lambda x: many(x, cache.batch_axis))
+                logits, kv_valid, seen, pos_offset = many(logits), many(kv_valid), many(seen), many(pos_offset)
+            zeros = jnp.zeros((r,), jnp.int32)
             state = DecodeState(
-                cache=cache, kv_valid=kv_valid, pos=jnp.full((p,), lb, jnp.int32), pos_offset=batch["pos_offset"],
+                cache=cache, kv_valid=kv_valid, pos=jnp.full((r,), lb, jnp.int32), pos_offset=pos_offset,
                 token=zeros, logits=logits, seen=seen, generated=zeros, finish=zeros, greedy=settings.greedy,
                 max_new=settings.max_new, rng=settings.rng, sampling=settings.sampling)
-            state = advance(state, logits, greedy).constrain()
-            return state, state.readout()
+            state = advance(state, logits, greedy, allow).constrain()
+            return state, self._readout(state, logits, logprobs)
 
-    def _insert_impl(self, state: DecodeState, prefix: DecodeState, row, pack: bool) -> DecodeState:
-        """Rows [row, row + P) of the state <- the prefix's P rows (see `insert`)."""
+    def _insert_impl(self, state: DecodeState, prefix: DecodeState, row, pack: bool, source=None) -> DecodeState:
+        """Rows [row, row + P) of the state <- the prefix's P rows (see `insert`); with a
+        `source` index, row `row` <- the prefix's row `source` alone."""
+        if source is not None:
+            prefix = prefix.rows(lambda a, ax: jax.lax.dynamic_slice_in_dim(a, source, 1, axis=ax))
         lb, s = prefix.cache.slots, state.kv_valid.shape[1]
         ax = prefix.cache.batch_axis  # 1 for a scanned decoder's stacked cache
         if pack:
@@ -206,27 +227,31 @@ class Engine:
                 sampling=jax.tree.map(lambda x: jnp.broadcast_to(jnp.asarray(x), (rows, *np.shape(x))), one),
             ).constrain()
 
-    def _decode_one(self, params, state: DecodeState, context: int, greedy: bool | None) -> DecodeState:
+    def _decode_one(self, params, state: DecodeState, context: int, greedy: bool | None, allow=None):
         """One token for every row: each row's last token fed at its own slot `pos`; attention
-        reads slots [0, context) only (every live row's tokens are there)."""
+        reads slots [0, context) only (every live row's tokens are there) -> (the state, the
+        logits it drew from)."""
         b, s = state.kv_valid.shape
         pos = jnp.minimum(state.pos, s - 1)  # a free row may run past its end: its result is discarded
         kv_valid = state.kv_valid.at[jnp.arange(b), pos].set(True)
         positions = jnp.broadcast_to((pos + state.pos_offset)[None, :, None], (3, b, 1))
         logits, cache = self._logits(params, state.token[:, None], None, positions, kv_valid[:, :context],
                                      state.cache, pos)
-        return advance(state.replace(cache=cache, kv_valid=kv_valid, pos=pos + 1), logits, greedy).constrain()
+        state = advance(state.replace(cache=cache, kv_valid=kv_valid, pos=pos + 1), logits, greedy, allow)
+        return state.constrain(), logits
 
-    def _step_impl(self, params, state: DecodeState, rows: int, context: int, greedy: bool | None):
+    def _step_impl(self, params, state: DecodeState, rows: int, context: int, greedy: bool | None,
+                   logprobs: bool = False, allow=None):
         with use_mesh(self.mesh, self.rules), jax.named_scope("decode_step"):
             if rows == state.kv_valid.shape[0]:
-                state = self._decode_one(params, state, context, greedy)
-                return state, state.readout()
+                state, logits = self._decode_one(params, state, context, greedy, allow)
+                return state, self._readout(state, logits, logprobs)
             # rows past `rows` are free: step the first ones and write them back in place (donated)
             head = state.rows(lambda a, ax: jax.lax.slice_in_dim(a, 0, rows, axis=ax))
-            head = self._decode_one(params, head, context, greedy)
+            head, logits = self._decode_one(params, head, context, greedy, allow)
             out = state.rows(lambda a, ax, h: jax.lax.dynamic_update_slice_in_dim(a, h, 0, axis=ax), head)
-            return (out.replace(rng=head.rng) if state.shared_key else out).constrain(), head.readout()
+            out = out.replace(rng=head.rng) if state.shared_key else out
+            return out.constrain(), self._readout(head, logits, logprobs)
 
     def _loop_impl(self, params, state: DecodeState, length: int, greedy: bool):
         """Steps until every row is finished -> (the state, tokens int32[B, length] with the
@@ -239,7 +264,7 @@ class Engine:
 
         def one(carry):
             st, toks, n = carry
-            st = self._decode_one(params, st, s, greedy)
+            st, _ = self._decode_one(params, st, s, greedy)
             return st, jax.lax.dynamic_update_slice_in_dim(toks, st.token[:, None], n, axis=1), n + 1
 
         def masked(before, after):
@@ -283,28 +308,34 @@ class Engine:
         return self._encode(params, self._put(vision, {}))
 
     def prefill(self, params, batch: dict, features, settings: RowSettings, slots: int,
-                greedy: bool | None = None) -> tuple[DecodeState, tuple[jax.Array, jax.Array]]:
+                greedy: bool | None = None, *, logprobs: bool = False, allow=None) -> tuple[DecodeState, tuple]:
         """P prompts (batch: input_ids int32[P, Lb], positions int32[3, P, Lb], mask bool[P, Lb],
         pos_offset int32[P]) with their merged features [F, D] (or None) into a prefix of
-        `slots` >= Lb cache slots, each row's first token drawn -> (the prefix, its (token,
-        finish) readout). greedy: True/False when every row is greedy/sampling, None to follow
-        each row's flag (a served batch)."""
-        return self._prefill(params, batch, features, settings, slots, greedy)
+        `slots` >= Lb cache slots, each row's first token drawn -> (the prefix, its readout:
+        (token, finish), and with `logprobs` the token's logprob and the TOP_LOGPROBS most
+        likely (ids, logprobs)). greedy: True/False when every row is greedy/sampling, None to
+        follow each row's flag (a served batch). settings of R rows for one prompt: the prompt
+        is prefilled once into R rows that draw apart. allow: None or an allowed-token bitmask
+        int32[R, W] per row (`decode_state.unpack_mask`)."""
+        return self._prefill(params, batch, features, settings, slots, greedy, logprobs, allow)
 
-    def insert(self, state: DecodeState, prefix: DecodeState, row: int, pack: bool = True) -> DecodeState:
-        """The state (donated) with rows [row, row + P) holding the prefix's rows. pack: each
-        row's real prompt tokens move from the end of its bucket to slots [0, n) and the rest of
-        the row is masked off (a served row holds no padding); else the rows keep the prefix's
-        layout."""
-        return self._insert(state, prefix, np.int32(row), pack)
+    def insert(self, state: DecodeState, prefix: DecodeState, row: int, pack: bool = True,
+               source: int | None = None) -> DecodeState:
+        """The state (donated) with rows [row, row + P) holding the prefix's rows, or with
+        `source`, row `row` holding the prefix's row `source`. pack: each row's real prompt
+        tokens move from the end of its bucket to slots [0, n) and the rest of the row is masked
+        off (a served row holds no padding); else the rows keep the prefix's layout."""
+        return self._insert(state, prefix, np.int32(row), pack, None if source is None else np.int32(source))
 
     def step(self, params, state: DecodeState, greedy: bool | None = None, rows: int | None = None,
-             context: int | None = None) -> tuple[DecodeState, tuple[jax.Array, jax.Array]]:
+             context: int | None = None, *, logprobs: bool = False, allow=None) -> tuple[DecodeState, tuple]:
         """One token for each of the first `rows` rows (default every row), attending over the
-        first `context` cache slots (default all) -> (the next state, the (token, finish)
-        readout of those rows); the state passed in is donated (read what you need first)."""
+        first `context` cache slots (default all) -> (the next state, the readout of those rows,
+        as `prefill` gives it); the state passed in is donated (read what you need first).
+        allow: None or a bitmask int32[rows, W] of each stepped row's allowed tokens."""
         b, s = state.kv_valid.shape
-        return self._step(params, state, b if rows is None else rows, s if context is None else context, greedy)
+        return self._step(params, state, b if rows is None else rows, s if context is None else context, greedy,
+                          logprobs, allow)
 
     # ------------------------------------------------------------ offline generation
     def _put(self, tree: dict, axes: dict) -> dict:

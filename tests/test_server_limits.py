@@ -193,7 +193,7 @@ def test_text_requests_pass_image_work_and_queue_counts_preprocessing(served, mo
     release, started, stopped = threading.Event(), threading.Event(), threading.Event()
     stopped_at = []
 
-    def slow_image(data, ticket):  # stands for a long decode: waits until released or stopped
+    def slow_image(data, ticket, *budget):  # stands for a long decode: waits until released or stopped
         started.set()
         while not release.is_set():
             if ticket.stopped:
@@ -201,7 +201,7 @@ def test_text_requests_pass_image_work_and_queue_counts_preprocessing(served, mo
                 stopped.set()
                 ticket.check()
             time.sleep(0.01)
-        return type(service)._image(service, data, ticket)
+        return type(service)._image(service, data, ticket, *budget)
 
     monkeypatch.setattr(service, "_image", slow_image)
     monkeypatch.setattr(service.preprocessor, "max_queue", 2)

@@ -96,13 +96,17 @@ def create_app(service: Service):
 
         from qwen2vl_jax.serving.scheduler import QueueFull, Request
 
-        job = Request(ids, images, videos, generation, emit, ignore_eos=parsed.ignore_eos)
+        grammar = service.grammar(parsed)
+        # a grammar ends its rows on EOS once complete, ignore_eos or not
+        job = Request(ids, images, videos, generation, emit, ignore_eos=parsed.ignore_eos and grammar is None,
+                      choices=parsed.n, top_logprobs=parsed.top_logprobs, grammar=grammar)
         try:
             service.batcher.submit(job)
         except QueueFull as e:
             raise ApiError(429, f"the server is busy: {e}; retry later", code="queue_full") from None
         metrics.prompt_tokens += len(ids)
-        reply = Reply(service, parsed, job, events, arrived, len(ids), image_sizes=sizes)
+        reply = Reply(service, parsed, job, events, arrived, len(ids), image_sizes=sizes,
+                      tool_parser=service.tool_parser(parsed))
         watcher = asyncio.create_task(watch_disconnect(request, job))
         if parsed.stream:
             return StreamingResponse(reply.sse(watcher), media_type="text/event-stream",

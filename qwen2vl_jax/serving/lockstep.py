@@ -70,18 +70,24 @@ class Leader:
         self.lockstep.send("encode", vision)
         return self.engine.encode(params, vision)
 
-    def prefill(self, params, batch: dict, features, settings: RowSettings, slots: int, greedy: bool | None = None):
+    def prefill(self, params, batch: dict, features, settings: RowSettings, slots: int, greedy: bool | None = None,
+                *, logprobs: bool = False, allow=None):
         extra = {} if features is None else {"features": np.asarray(features)}
-        self.lockstep.send("prefill", {**batch, **extra, **_flat("settings", settings)}, slots=slots, greedy=greedy)
-        return self.engine.prefill(params, batch, features, settings, slots, greedy)
+        if allow is not None:
+            extra["allow"] = allow
+        self.lockstep.send("prefill", {**batch, **extra, **_flat("settings", settings)}, slots=slots, greedy=greedy,
+                           logprobs=logprobs)
+        return self.engine.prefill(params, batch, features, settings, slots, greedy, logprobs=logprobs, allow=allow)
 
-    def insert(self, state, prefix, row: int, pack: bool = True):
-        self.lockstep.send("insert", row=int(row), pack=pack)
-        return self.engine.insert(state, prefix, row, pack)
+    def insert(self, state, prefix, row: int, pack: bool = True, source: int | None = None):
+        self.lockstep.send("insert", row=int(row), pack=pack, source=None if source is None else int(source))
+        return self.engine.insert(state, prefix, row, pack, source)
 
-    def step(self, params, state, greedy: bool | None = None, rows: int | None = None, context: int | None = None):
-        self.lockstep.send("step", greedy=greedy, rows=rows, context=context)
-        return self.engine.step(params, state, greedy, rows, context)
+    def step(self, params, state, greedy: bool | None = None, rows: int | None = None, context: int | None = None,
+             *, logprobs: bool = False, allow=None):
+        self.lockstep.send("step", None if allow is None else {"allow": allow}, greedy=greedy, rows=rows,
+                           context=context, logprobs=logprobs)
+        return self.engine.step(params, state, greedy, rows, context, logprobs=logprobs, allow=allow)
 
     def ping(self) -> None:
         """Followers wait inside a collective: an idle leader keeps it short."""
@@ -107,10 +113,12 @@ def follow(engine, params, lockstep: Lockstep | None = None) -> None:
             to_host(engine.encode(params, a))
         elif op == "prefill":
             prefix, _ = engine.prefill(params, {k: a[k] for k in _BATCH_KEYS}, a.get("features"),
-                                       _unflat("settings", a, like), meta["slots"], meta["greedy"])
+                                       _unflat("settings", a, like), meta["slots"], meta["greedy"],
+                                       logprobs=meta["logprobs"], allow=a.get("allow"))
         elif op == "insert":
-            state = engine.insert(state, prefix, meta["row"], meta["pack"])
+            state = engine.insert(state, prefix, meta["row"], meta["pack"], meta["source"])
         elif op == "step":
-            state, _ = engine.step(params, state, meta["greedy"], meta["rows"], meta["context"])
+            state, _ = engine.step(params, state, meta["greedy"], meta["rows"], meta["context"],
+                                   logprobs=meta["logprobs"], allow=a.get("allow"))
         elif op != "ping":
             raise RuntimeError(f"process 0 sent an unknown call {op!r}")

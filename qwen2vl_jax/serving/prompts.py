@@ -67,6 +67,40 @@ class Service:
         self.max_chars = self.max_context * longest_token(processor.tokenizer) * CHARS_MARGIN
         self.preprocessor = Preprocessor(settings.preprocess_workers, settings.max_queue,
                                          lambda: self.batcher.queue_depth)
+        self._grammars = None
+
+    @property
+    def token_texts(self):
+        """Token id -> its text and bytes (logprobs)."""
+        from qwen2vl_jax.serving.logprobs import TokenTexts
+
+        if getattr(self, "_token_texts", None) is None:
+            self._token_texts = TokenTexts(self.processor.tokenizer)
+        return self._token_texts
+
+    def grammar(self, parsed: Parsed):
+        """The compiled grammar the request's tokens must follow (response_format, or forced tool
+        calls), or None."""
+        spec = parsed.grammar_spec
+        if spec is None:
+            return None
+        if self._grammars is None:
+            from qwen2vl_jax.serving.grammar import Grammars
+
+            self._grammars = Grammars(self.processor.tokenizer, self.model.config.text.vocab_size,
+                                      eos_ids=self.eos_ids)  # built once: a few seconds
+        try:
+            return self._grammars.compile(spec)
+        except InputError as e:
+            raise ApiError(400, str(e), "tools" if parsed.tool_call_grammar else "response_format") from None
+
+    def tool_parser(self, parsed: Parsed):
+        """A factory of per-choice tool-call parsers when the request offers tools (else None)."""
+        if not parsed.tools or parsed.tool_choice == "none":
+            return None
+        from qwen2vl_jax.serving.tools import ToolCallStream
+
+        return ToolCallStream
 
     @property
     def max_context(self) -> int:
@@ -118,7 +152,15 @@ class Service:
         left = self.max_context - (parsed.max_tokens or 1)
         encode = proc.tokenizer.encode
         counted = 0
-        for m in parsed.messages:
+        messages = parsed.messages
+        if parsed.renders_tools:  # tools in the system turn, tool calls and answers as Qwen2 writes them
+            from qwen2vl_jax.serving.tools import render_messages
+
+            try:
+                messages = render_messages(messages, parsed.tools)
+            except InputError as e:
+                raise ApiError(400, str(e), "messages") from None
+        for m in messages:
             texts = [m["content"]] if isinstance(m["content"], str) else \
                 [p["text"] for p in m["content"] if p["type"] == "text"]
             for text in texts:
@@ -128,7 +170,7 @@ class Service:
                 ticket.check()
         hf_messages, images, videos, sizes = [], [], [], []
         ip = proc.image_processor
-        for m in parsed.messages:
+        for m in messages:
             if isinstance(m["content"], str):
                 hf_messages.append(m)
                 continue
@@ -141,12 +183,13 @@ class Service:
                     data = media.image_bytes(p["url"], p["where"], settings, ticket)
                     w, h = media.image_size(data, p["where"], settings)
                     sizes.append((w, h))
-                    counted += self._image_tokens(h, w, p["where"])
+                    lo, hi = self.pixel_budget(parsed, p)
+                    counted += self._image_tokens(h, w, p["where"], lo, hi)
                     if counted > left:  # known from the header: refused before decoding
                         raise self._too_long(counted, parsed)
-                    key = f"{hashlib.sha256(data).hexdigest()}|{ip.min_pixels}|{ip.max_pixels}|{ip.factor}"
+                    key = f"{hashlib.sha256(data).hexdigest()}|{lo}|{hi}|{ip.factor}"
                     # the scheduler looks the key up in its vision cache before the tower
-                    out = self._vision(lambda: self._image(data, ticket), p["where"])
+                    out = self._vision(lambda: self._image(data, ticket, lo, hi), p["where"])
                     images.append(VisionInput(out["pixel_values"], out["image_grid_thw"], key))
                     del data
                     content.append({"type": "image", "image": "data"})
@@ -156,9 +199,7 @@ class Service:
                     if importlib.util.find_spec("av") is None:
                         raise ApiError(400, f"{p['where']}: this server cannot read videos (PyAV is not installed: "
                                             "pip install 'qwen2vl-jax[serve]')", p["where"])
-                    ele = {"video": str(path)}
-                    if settings.max_video_frames:
-                        ele["max_frames"] = settings.max_video_frames
+                    ele = {"video": str(path), **self.video_options(parsed, p)}
                     out = self._vision(lambda: self._video(ele, ticket), p["where"])
                     videos.append(VisionInput(out["pixel_values_videos"], out["video_grid_thw"]))
                     content.append({"type": "video", "video": str(path)})
@@ -181,19 +222,47 @@ class Service:
         return ApiError(400, f"the prompt (at least {counted} tokens) plus max_tokens ({parsed.max_tokens}) is over "
                              f"the context of {self.max_context} tokens", "max_tokens")
 
-    def _image_tokens(self, height: int, width: int, where: str) -> int:
+    def pixel_budget(self, parsed: Parsed, part: dict) -> tuple[int, int]:
+        """An image's (min_pixels, max_pixels): the part's own, else the request's
+        mm_processor_kwargs, else the processor's; a max over the server's --max-image-pixels is
+        refused."""
+        ip = self.processor.image_processor
+        asked = {**{k: v for k, v in parsed.vision.items() if k in ("min_pixels", "max_pixels")}, **part["vision"]}
+        lo, hi = int(asked.get("min_pixels", ip.min_pixels)), int(asked.get("max_pixels", ip.max_pixels))
+        limit = self.settings.max_image_pixels
+        for name, value in (("min_pixels", lo), ("max_pixels", hi)):
+            if name in asked and value > limit:
+                raise ApiError(400, f"{part['where']}: {name} {value} is over the server's limit of {limit} pixels "
+                                    "(--max-image-pixels)", "mm_processor_kwargs")
+        if lo > hi:
+            raise ApiError(400, f"{part['where']}: min_pixels {lo} is over max_pixels {hi}", "mm_processor_kwargs")
+        return lo, hi
+
+    def video_options(self, parsed: Parsed, part: dict) -> dict:
+        """A video's qwen-vl-utils element options (fps, max_frames, total_pixels, min/max_pixels)
+        from the part and the request, max_frames bounded by --max-video-frames."""
+        ele = {**parsed.vision, **part["vision"]}
+        cap = self.settings.max_video_frames
+        if cap:
+            if ele.get("max_frames", 0) > cap:
+                raise ApiError(400, f"{part['where']}: max_frames {ele['max_frames']} is over the server's limit of "
+                                    f"{cap} (--max-video-frames)", "mm_processor_kwargs")
+            ele.setdefault("max_frames", cap)
+        return ele
+
+    def _image_tokens(self, height: int, width: int, where: str, min_pixels: int, max_pixels: int) -> int:
         """Placeholder tokens an image of this size becomes (the processor's resize rule)."""
         from qwen2vl_jax.processing.image import element_size, smart_resize
 
         ip = self.processor.image_processor
         try:
             h, w = element_size({}, height, width, ip.factor)
-            h, w = smart_resize(h, w, ip.factor, ip.min_pixels, ip.max_pixels)
+            h, w = smart_resize(h, w, ip.factor, min_pixels, max_pixels)
         except InputError as e:
             raise ApiError(400, f"{where}: {e}", where) from None
         return (h // ip.factor) * (w // ip.factor)
 
-    def _image(self, data: bytes, ticket: Ticket) -> dict:
+    def _image(self, data: bytes, ticket: Ticket, min_pixels: int, max_pixels: int) -> dict:
         """The image processor's steps for one image, the request checked between them: decode,
         resize, cut into patches (as `image_processor([{"image": data}])`)."""
         from qwen2vl_jax.processing.image import load_image
@@ -201,7 +270,7 @@ class Service:
         ip = self.processor.image_processor
         img = load_image(data, "image")  # decoded, RGB, checked
         ticket.check()
-        img = ip.prepare({"image": img})  # the element's resize, then the processor's
+        img = ip.prepare({"image": img}, min_pixels, max_pixels)  # the element's resize, then the processor's
         ticket.check()
         pixel_values, grid = ip.patches(img)
         return {"pixel_values": pixel_values, "image_grid_thw": np.asarray([grid], np.int64)}

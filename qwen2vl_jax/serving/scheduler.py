@@ -29,7 +29,7 @@ from typing import Callable, Sequence
 import jax
 import numpy as np
 
-from qwen2vl_jax.decode_state import FINISH_REASONS, DecodeState, RowSettings
+from qwen2vl_jax.decode_state import FINISH_REASONS, DecodeState, RowSettings, mask_words
 from qwen2vl_jax.engine import Engine
 from qwen2vl_jax.errors import InputError
 from qwen2vl_jax.inputs import ModelInputs, bucket, build_inputs, pack_vision
@@ -124,19 +124,27 @@ class Slots:
         """inputs: one row (`prompt_inputs`); features [F, D]: every image's, then every video's,
         in placeholder order (padded here to a bucket) -> the prefix (one row). ignore_eos: the
         row ends at max_new_tokens only."""
+        return self.start(params, inputs, features, generation, ignore_eos)[0]
+
+    def start(self, params, inputs: ModelInputs, features: np.ndarray | None, generation: GenerationConfig,
+              ignore_eos: bool = False, *, choices: int = 1, logprobs: bool = False, allow=None):
+        """`prefill` with its readout -> (the prefix: `choices` rows that draw apart, the readout
+        as `Engine.prefill` gives it). allow: the rows' allowed-token bitmasks int32[choices, W]
+        or None."""
         if features is not None:
             f = bucket(features.shape[0], FEATURE_BUCKET_MIN)
             features = np.concatenate([features, np.zeros((f - features.shape[0], features.shape[1]),
                                                           features.dtype)])
         batch = {"input_ids": inputs.input_ids, "positions": inputs.positions, "mask": inputs.attention_mask,
                  "pos_offset": inputs.pos_offset}
-        settings = RowSettings.of([dataclasses.replace(generation, eos_token_ids=()) if ignore_eos else generation])
-        prefix, _ = self.runner.prefill(params, batch, features, settings, inputs.shape[1])
-        return prefix
+        settings = choice_settings(dataclasses.replace(generation, eos_token_ids=()) if ignore_eos else generation,
+                                   choices)
+        return self.runner.prefill(params, batch, features, settings, inputs.shape[1], logprobs=logprobs, allow=allow)
 
-    def insert(self, state: DecodeState, prefix: DecodeState, slot: int) -> DecodeState:
-        """The state (donated) with row `slot` holding the prefilled request."""
-        return self.runner.insert(state, prefix, slot)
+    def insert(self, state: DecodeState, prefix: DecodeState, slot: int, source: int | None = None) -> DecodeState:
+        """The state (donated) with row `slot` holding the prefilled request (with `source`: its
+        choice `source`)."""
+        return self.runner.insert(state, prefix, slot, source=source)
 
     def rows_for(self, live: int) -> int:
         """The row bucket that covers slots [0, live)."""
@@ -146,14 +154,29 @@ class Slots:
         """The context bucket that holds `tokens` cache slots (max_context at most)."""
         return next((c for c in self.context_buckets if c >= tokens), self.max_context)
 
-    def step(self, params, state: DecodeState, rows: int | None = None, context: int | None = None):
+    def step(self, params, state: DecodeState, rows: int | None = None, context: int | None = None, *,
+             logprobs: bool = False, allow=None):
         """One token for each of the first `rows` rows (a row bucket; default every row) ->
-        (the next state, their (token int32[rows], finish int32[rows])); the state passed in is
-        donated. context: the most cache slots a live row will hold after this step (prompt +
-        tokens fed so far; default max_context): attention reads only its bucket's slots."""
+        (the next state, their readout: token int32[rows], finish int32[rows], and with
+        logprobs each token's logprob and the most likely (ids, logprobs)); the state passed in
+        is donated. context: the most cache slots a live row will hold after this step (prompt +
+        tokens fed so far; default max_context): attention reads only its bucket's slots.
+        allow: None, or the allowed-token bitmasks of the bucket's rows int32[bucket, W]."""
         rows = self.max_batch if rows is None else self.rows_for(rows)
         context = self.max_context if context is None else self.context_for(context)
-        return self.runner.step(params, state, None, rows, context)
+        return self.runner.step(params, state, None, rows, context, logprobs=logprobs, allow=allow)
+
+
+def choice_settings(generation: GenerationConfig, choices: int) -> RowSettings:
+    """The rows of one request's `choices` (OpenAI's n): the same settings, and keys that draw
+    apart: choice 0 draws as a lone request with that seed would, choice i from the seed's key
+    folded with i."""
+    settings = RowSettings.of([generation] * choices)
+    if choices > 1:
+        key = jax.random.PRNGKey(generation.seed)
+        settings = settings.replace(rng=np.stack([np.asarray(key)] + [
+            np.asarray(jax.random.fold_in(key, i)) for i in range(1, choices)]))
+    return settings
 
 
 # ---------------------------------------------------------------------------- requests
@@ -169,12 +192,16 @@ class VisionInput:
 
 @dataclasses.dataclass(frozen=True)
 class Event:
-    """What a request's `emit` receives: a token, or the end ("stop": an EOS, "length":
-    max_tokens, "cancelled", "error" with a message)."""
+    """What a request's `emit` receives: a token of choice `index`, or its end ("stop": an EOS,
+    "length": max_tokens, "cancelled", "error" with a message; cancelled and error end every
+    choice). With logprobs: the token's logprob and the most likely (id, logprob) pairs."""
 
     token: int | None = None
     finish: str | None = None
     message: str | None = None
+    index: int = 0
+    logprob: float | None = None
+    top: tuple[tuple[int, float], ...] | None = None
 
 
 @dataclasses.dataclass(eq=False)
@@ -189,10 +216,34 @@ class Request:
     emit: Callable[[Event], None]
     ignore_eos: bool = False
     cancelled: threading.Event = dataclasses.field(default_factory=threading.Event)
-    generated: int = 0
+    choices: int = 1  # OpenAI's n: rows prefilled once that draw apart
+    top_logprobs: int | None = None  # None: no logprobs; else how many of the most likely tokens
+    grammar: object | None = None  # a compiled grammar (`grammar.Grammar`): each choice's tokens follow it
+    stopped: set = dataclasses.field(default_factory=set)  # choices the reply has ended (stop strings)
 
     def cancel(self) -> None:
         self.cancelled.set()
+
+    def stop_choice(self, index: int) -> None:
+        """Ends one choice from the host (any thread); the request is cancelled once all are."""
+        self.stopped.add(index)
+        if len(self.stopped) >= self.choices:
+            self.cancel()
+
+    @property
+    def logprobs(self) -> bool:
+        return self.top_logprobs is not None
+
+
+@dataclasses.dataclass(eq=False)
+class Row:
+    """One choice of a request in a row of the decode state."""
+
+    request: Request
+    index: int
+    matcher: object | None = None  # the choice's grammar state (`grammar.Matcher`)
+    generated: int = 0
+    done: bool = False
 
 
 class QueueFull(Exception):
@@ -212,7 +263,8 @@ class Batcher:
         self.max_queue = max_queue
         self.vision_cache = vision_cache if vision_cache is not None else VisionCache()
         self._queue: collections.deque[Request] = collections.deque()
-        self._active: list[Request | None] = [None] * slots.max_batch
+        self._active: list[Row | None] = [None] * slots.max_batch
+        self._words = mask_words(slots.config.text.vocab_size)
         self._cond = threading.Condition()
         self._closing = False
         self._state = None
@@ -253,12 +305,16 @@ class Batcher:
         if self._thread is not None:
             self._thread.join()
         self.slots.stop_leading()
-        for req in list(self._queue) + [r for r in self._active if r is not None]:
+        live = dict.fromkeys(r.request for r in self._active if r is not None)
+        for req in list(self._queue) + list(live):
             req.emit(Event(finish="error", message="the server is shutting down"))
         self._queue.clear()
         self._active = [None] * len(self._active)
 
     def submit(self, request: Request) -> None:
+        if not 1 <= request.choices <= self.slots.max_batch:
+            raise InputError(f"n must be between 1 and the server's --max-batch of {self.slots.max_batch} "
+                             f"(got {request.choices})")
         with self._cond:
             if self._closing:
                 raise QueueFull("the server is shutting down")
@@ -301,24 +357,35 @@ class Batcher:
                 self._step()
 
     def _release_cancelled(self) -> None:
-        for slot, req in enumerate(self._active):
-            if req is not None and req.cancelled.is_set():
-                self._finish(slot, Event(finish="cancelled"))
+        ended = set()
+        for slot, row in enumerate(self._active):
+            if row is None:
+                continue
+            req = row.request
+            if row.index in req.stopped:  # the reply ended this choice (a stop string): nothing to say
+                self._active[slot] = None
+            elif req.cancelled.is_set():
+                self._active[slot] = None
+                if req not in ended:  # one event for the whole request
+                    ended.add(req)
+                    req.emit(Event(finish="cancelled"))
 
     def _admit(self) -> None:
-        while None in self._active:
+        while True:
             with self._cond:
-                if not self._queue:
+                free = [i for i, row in enumerate(self._active) if row is None]
+                if not self._queue or len(free) < self._queue[0].choices:
                     return
                 req = self._queue.popleft()
             if req.cancelled.is_set():
                 req.emit(Event(finish="cancelled"))
                 continue
-            slot = self._active.index(None)
+            rows = [Row(req, i, None if req.grammar is None else req.grammar.matcher()) for i in range(req.choices)]
             try:
-                prefix = self._prefill(req)
-                self._state = self.slots.insert(self._state, prefix, slot)
-                token, finish = jax.device_get((prefix.token, prefix.finish))
+                prefix, out = self._prefill(req, rows)
+                for row, slot in zip(rows, free):
+                    self._state = self.slots.insert(self._state, prefix, slot, None if req.choices == 1 else row.index)
+                out = [np.asarray(x) for x in jax.device_get(out)]
             except InputError as e:
                 req.emit(Event(finish="error", message=str(e)))
                 continue
@@ -326,15 +393,28 @@ class Batcher:
                 log.exception("prefill failed")
                 req.emit(Event(finish="error", message=f"prefill failed: {type(e).__name__}: {e}"))
                 continue
-            self._active[slot] = req
-            self._deliver(slot, req, int(token[0]), int(finish[0]))
+            for i, (row, slot) in enumerate(zip(rows, free)):
+                self._active[slot] = row
+                self._deliver(slot, row, out, i)
 
-    def _prefill(self, req: Request) -> DecodeState:
+    def _prefill(self, req: Request, rows: list[Row]):
         inputs = self.slots.prompt_inputs(req.input_ids, _grids(req.images), _grids(req.videos),
                                           max_new_tokens=req.config.max_new_tokens)
         parts = [self._features(v) for v in (*req.images, *req.videos)]
         features = np.concatenate(parts) if parts else None
-        return self.slots.prefill(self.params, inputs, features, req.config, req.ignore_eos)
+        return self.slots.start(self.params, inputs, features, req.config, req.ignore_eos, choices=req.choices,
+                                logprobs=req.logprobs, allow=self._allow(rows))
+
+    def _allow(self, rows: Sequence[Row | None]) -> np.ndarray | None:
+        """The rows' allowed-token bitmasks (every bit set for a row without a grammar), or
+        None when no row has one (the step compiled without a mask)."""
+        if not any(row is not None and row.matcher is not None for row in rows):
+            return None
+        allow = np.full((len(rows), self._words), -1, np.int32)
+        for i, row in enumerate(rows):
+            if row is not None and row.matcher is not None:
+                row.matcher.fill(allow[i])
+        return allow
 
     def _features(self, item: VisionInput) -> np.ndarray:
         hit = None if item.key is None else self.vision_cache.get(item.key)
@@ -348,39 +428,46 @@ class Batcher:
     def _step(self) -> None:
         try:
             live = max(i for i, r in enumerate(self._active) if r is not None) + 1
+            rows = self.slots.rows_for(live)
             # a row writes its last token at slot prompt + generated - 1 and attends up to it
-            context = max(np.size(r.input_ids) + r.generated for r in self._active if r is not None)
-            self._state, out = self.slots.step(self.params, self._state, live, context)
-            tokens, finish = (np.asarray(x) for x in jax.device_get(out))
+            context = max(np.size(r.request.input_ids) + r.generated for r in self._active if r is not None)
+            logprobs = any(r is not None and r.request.logprobs for r in self._active)
+            allow = self._allow(self._active[:rows] + [None] * (rows - len(self._active[:rows])))
+            self._state, out = self.slots.step(self.params, self._state, rows, context, logprobs=logprobs,
+                                               allow=allow)
+            out = [np.asarray(x) for x in jax.device_get(out)]
         except Exception as e:  # noqa: BLE001 - fail the rows in flight, keep serving
             log.exception("decode step failed")
-            for slot, req in enumerate(self._active):
-                if req is not None:
-                    self._finish(slot, Event(finish="error", message=f"decode failed: {type(e).__name__}: {e}"))
+            failed = dict.fromkeys(r.request for r in self._active if r is not None)
+            self._active = [None] * len(self._active)
+            for req in failed:
+                req.emit(Event(finish="error", message=f"decode failed: {type(e).__name__}: {e}"))
             self._state = self.slots.init_state()
             return
         self.steps += 1
-        for slot, req in enumerate(self._active):
-            if req is not None:
-                self._deliver(slot, req, int(tokens[slot]), int(finish[slot]))
+        for slot, row in enumerate(self._active):
+            if row is not None:
+                self._deliver(slot, row, out, slot)
 
-    def _deliver(self, slot: int, req: Request, token: int, finish: int) -> None:
-        """Hands the row's token to its request; the runner's finish code says whether it was
-        the last (FINISH_REASONS names it)."""
-        if req.cancelled.is_set():
-            self._finish(slot, Event(finish="cancelled"))
+    def _deliver(self, slot: int, row: Row, out: list[np.ndarray], i: int) -> None:
+        """Hands row i of a readout (token, finish[, logprob, top ids, top logprobs]) to the
+        choice in `slot`; the runner's finish code says whether it was the last (FINISH_REASONS
+        names it)."""
+        req = row.request
+        if req.cancelled.is_set() or row.index in req.stopped:
+            self._release_cancelled()
             return
-        req.generated += 1
-        reason = FINISH_REASONS.get(finish)
+        token, reason = int(out[0][i]), FINISH_REASONS.get(int(out[1][i]))
+        row.generated += 1
+        if row.matcher is not None and reason is None:
+            row.matcher.accept(token)
+        logprob = top = None
+        if req.logprobs:
+            logprob = float(out[2][i])
+            top = tuple((int(t), float(lp)) for t, lp in zip(out[3][i][:req.top_logprobs], out[4][i][:req.top_logprobs]))
         if reason is not None:
-            self._finish(slot, Event(token=token, finish=reason))
-        else:
-            req.emit(Event(token=token))
-
-    def _finish(self, slot: int, event: Event) -> None:
-        req = self._active[slot]
-        self._active[slot] = None
-        req.emit(event)
+            self._active[slot] = None
+        req.emit(Event(token=token, finish=reason, index=row.index, logprob=logprob, top=top))
 
 
 def _grids(items: Sequence[VisionInput]) -> np.ndarray | None:

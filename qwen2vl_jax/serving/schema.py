@@ -11,7 +11,13 @@ from typing import Any
 
 from qwen2vl_jax.serving.settings import ApiError, Settings
 
-ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
+ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant", "tool": "tool"}
+MAX_N = 16  # choices per request (each takes a row of the batch; --max-batch bounds it too)
+MAX_TOP_LOGPROBS = 20  # as OpenAI allows
+MAX_TOOLS = 64
+# Per-request preprocessing (vLLM's mm_processor_kwargs; qwen-vl-utils' names on a part).
+IMAGE_PIXEL_KEYS = ("min_pixels", "max_pixels")
+VIDEO_KEYS = ("fps", "max_frames", "total_pixels", "min_pixels", "max_pixels")
 MAX_STOP = 4  # stop strings per request, as OpenAI allows
 QUOTE_CHARS = 100  # the most of a client's value an error message repeats
 
@@ -19,16 +25,15 @@ QUOTE_CHARS = 100  # the most of a client's value an error message repeats
 # rather than ignored: a client that asks for tools, logprobs or a JSON schema and gets plain
 # text back would take the reply for something it is not.
 IMPLEMENTED = {"model", "messages", "max_tokens", "max_completion_tokens", "stop", "stream", "stream_options",
-               "temperature", "top_p", "top_k", "repetition_penalty", "seed", "n", "ignore_eos", "return_token_ids"}
+               "temperature", "top_p", "top_k", "repetition_penalty", "seed", "n", "ignore_eos", "return_token_ids",
+               "logprobs", "top_logprobs", "response_format", "tools", "tool_choice", "parallel_tool_calls",
+               "mm_processor_kwargs"}
 IGNORED = {"user": str, "metadata": dict, "store": bool, "service_tier": str, "prompt_cache_key": str,
            "safety_identifier": str}  # bookkeeping for OpenAI's platform: no effect on the reply
 # Not implemented: accepted only at the value that means "not asked for".
 NEUTRAL = {
-    "frequency_penalty": lambda v: v == 0, "presence_penalty": lambda v: v == 0, "logprobs": lambda v: v is False,
-    "top_logprobs": lambda v: v == 0, "tools": lambda v: v == [], "functions": lambda v: v == [],
-    "tool_choice": lambda v: v in ("none", "auto"), "function_call": lambda v: v in ("none", "auto"),
-    "parallel_tool_calls": lambda v: isinstance(v, bool), "logit_bias": lambda v: v == {},
-    "response_format": lambda v: v == {"type": "text"}, "best_of": lambda v: v == 1,
+    "frequency_penalty": lambda v: v == 0, "presence_penalty": lambda v: v == 0, "functions": lambda v: v == [],
+    "function_call": lambda v: v in ("none", "auto"), "logit_bias": lambda v: v == {}, "best_of": lambda v: v == 1,
 }
 STREAM_OPTIONS = {"include_usage"}
 _SURROGATE = re.compile("[\ud800-\udfff]")
@@ -74,6 +79,32 @@ class Parsed:
     include_usage: bool
     ignore_eos: bool
     return_token_ids: bool
+    n: int = 1
+    top_logprobs: int | None = None  # None: no logprobs
+    response_format: dict | None = None  # json_object / json_schema (None: text)
+    tools: list[dict] | None = None  # OpenAI function tools offered (None: none)
+    tool_choice: str | dict = "auto"  # "none", "auto", "required" or {"type": "function", "function": {"name"}}
+    parallel_tool_calls: bool = True
+    vision: dict = dataclasses.field(default_factory=dict)  # mm_processor_kwargs: min/max_pixels, video settings
+
+    @property
+    def tool_call_grammar(self) -> dict | None:
+        """The grammar spec that forces tool calls (tool_choice "required" or a named function)."""
+        from qwen2vl_jax.serving.tools import tool_choice_spec
+
+        if not self.tools:
+            return None
+        return tool_choice_spec(self.tools, self.tool_choice, self.parallel_tool_calls)
+
+    @property
+    def grammar_spec(self) -> dict | None:
+        """What the reply's tokens must follow: forced tool calls win over a response_format."""
+        return self.tool_call_grammar or self.response_format
+
+    @property
+    def renders_tools(self) -> bool:
+        """Whether the prompt needs the tool rendering (tools offered, or tool turns in the history)."""
+        return bool(self.tools) or any(m["role"] == "tool" or m.get("tool_calls") for m in self.messages)
 
 
 def _number(body: dict, name: str, kind=float, lo=None, hi=None):
@@ -156,8 +187,11 @@ def parse_body(body: Any, settings: Settings) -> Parsed:
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
         raise ApiError(400, "'messages' must be a non-empty list", "messages")
-    if _number(body, "n", int) not in (None, 1):
-        raise ApiError(400, "only n=1 is supported", "n")
+    n = _number(body, "n", int, 1, MAX_N) or 1
+    want_logprobs = _bool(body, "logprobs")
+    top_logprobs = _number(body, "top_logprobs", int, 0, MAX_TOP_LOGPROBS)
+    if top_logprobs is not None and not want_logprobs:
+        raise ApiError(400, "'top_logprobs' needs 'logprobs': true", "top_logprobs")
     max_tokens = _number(body, "max_completion_tokens", int, 1)
     if max_tokens is None:
         max_tokens = _number(body, "max_tokens", int, 1)
@@ -188,12 +222,113 @@ def parse_body(body: Any, settings: Settings) -> Parsed:
         values["top_k"] = 0
     if values["top_p"] == 0:
         raise ApiError(400, "'top_p' must be in (0, 1]", "top_p")
+    tools, tool_choice = _tools(body)
+    parallel = body.get("parallel_tool_calls")
     return Parsed(
         messages=[_message(m, i, settings) for i, m in enumerate(messages)],
         max_tokens=max_tokens, settings=values, stop=stop, stream=stream,
         include_usage=_bool(options, "include_usage", "stream_options.include_usage"),
         ignore_eos=_bool(body, "ignore_eos"), return_token_ids=_bool(body, "return_token_ids"),
+        n=n, top_logprobs=(top_logprobs or 0) if want_logprobs else None,
+        response_format=_response_format(body.get("response_format")), tools=tools, tool_choice=tool_choice,
+        parallel_tool_calls=True if parallel is None else _bool(body, "parallel_tool_calls"),
+        vision=_vision_kwargs(body.get("mm_processor_kwargs"), "mm_processor_kwargs", VIDEO_KEYS),
     )
+
+
+def _response_format(value: Any) -> dict | None:
+    """OpenAI's response_format -> the grammar spec (None for plain text)."""
+    where = "response_format"
+    if value is None:
+        return None
+    if not isinstance(value, dict) or not isinstance(value.get("type"), str):
+        raise ApiError(400, f"'{where}' must be an object with a 'type'", where)
+    kind = value["type"]
+    if kind == "text":
+        return None
+    if kind == "json_object":
+        return {"type": "json_object"}
+    if kind == "json_schema":
+        spec = value.get("json_schema")
+        if not isinstance(spec, dict):
+            raise ApiError(400, f"'{where}.json_schema' must be an object with 'name' and 'schema'", f"{where}.json_schema")
+        schema = spec.get("schema", {})
+        if not isinstance(schema, (dict, bool)):
+            raise ApiError(400, f"'{where}.json_schema.schema' must be a JSON schema object", f"{where}.json_schema.schema")
+        name = spec.get("name", "response")
+        if not isinstance(name, str):
+            raise ApiError(400, f"'{where}.json_schema.name' must be a string", f"{where}.json_schema.name")
+        return {"type": "json_schema", "json_schema": {"name": name, "schema": schema,
+                                                        "strict": bool(spec.get("strict", False))}}
+    raise ApiError(400, f"'{where}.type' {quote(kind)} is not one of text, json_object, json_schema", f"{where}.type")
+
+
+def _tools(body: dict) -> tuple[list[dict] | None, str | dict]:
+    """tools and tool_choice, checked (function tools only)."""
+    tools = body.get("tools")
+    if tools is not None:
+        if not isinstance(tools, list) or len(tools) > MAX_TOOLS:
+            raise ApiError(400, f"'tools' must be a list of at most {MAX_TOOLS} tools", "tools")
+        names = set()
+        for i, tool in enumerate(tools):
+            where = f"tools[{i}]"
+            if not isinstance(tool, dict) or tool.get("type", "function") != "function" \
+                    or not isinstance(tool.get("function"), dict):
+                raise ApiError(400, f"{where} must be {{'type': 'function', 'function': {{...}}}}", where)
+            fn = tool["function"]
+            name = fn.get("name")
+            if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9_.\-]{1,64}", name):
+                raise ApiError(400, f"{where}.function.name must be 1-64 letters, digits, '_', '.' or '-'",
+                               f"{where}.function.name")
+            if name in names:
+                raise ApiError(400, f"{where}.function.name {quote(name)} is given twice", f"{where}.function.name")
+            names.add(name)
+            params = fn.get("parameters", {"type": "object", "properties": {}})
+            if not isinstance(params, dict):
+                raise ApiError(400, f"{where}.function.parameters must be a JSON schema object",
+                               f"{where}.function.parameters")
+            if fn.get("description") is not None:
+                _text(fn["description"], f"{where}.function.description")
+        tools = tools or None
+    choice = body.get("tool_choice")
+    if choice is None:
+        choice = "auto"
+    if isinstance(choice, str):
+        if choice not in ("none", "auto", "required"):
+            raise ApiError(400, f"'tool_choice' {quote(choice)} is not one of none, auto, required, or a function",
+                           "tool_choice")
+    elif isinstance(choice, dict) and isinstance(choice.get("function"), dict) \
+            and isinstance(choice["function"].get("name"), str):
+        if not tools or choice["function"]["name"] not in {t["function"]["name"] for t in tools}:
+            raise ApiError(400, f"'tool_choice' names the function {quote(choice['function']['name'])}, which "
+                                "'tools' does not offer", "tool_choice")
+        choice = {"type": "function", "function": {"name": choice["function"]["name"]}}
+    else:
+        raise ApiError(400, "'tool_choice' must be none, auto, required or {'type': 'function', 'function': "
+                            "{'name': ...}}", "tool_choice")
+    if choice == "required" and not tools:
+        raise ApiError(400, "'tool_choice' is 'required' but no 'tools' are given", "tool_choice")
+    return tools, choice
+
+
+def _vision_kwargs(value: Any, where: str, keys: tuple[str, ...]) -> dict:
+    """Per-request preprocessing settings (positive numbers; fps may be fractional)."""
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise ApiError(400, f"'{where}' must be an object", where)
+    out = {}
+    for key, v in value.items():
+        if key not in keys:
+            raise ApiError(400, f"{where}.{_safe(key)} is not supported (it takes: {', '.join(keys)})",
+                           f"{where}.{_safe(key)}", "unsupported_parameter")
+        kind = float if key == "fps" else int
+        out[key] = _number(value, key, kind, 1 if kind is int else 0.01)
+        if out[key] is None:
+            del out[key]
+    if "min_pixels" in out and "max_pixels" in out and out["min_pixels"] > out["max_pixels"]:
+        raise ApiError(400, f"{where}.min_pixels ({out['min_pixels']}) is over max_pixels ({out['max_pixels']})", where)
+    return out
 
 
 def _message(m: Any, i: int, settings: Settings) -> dict:
@@ -203,18 +338,45 @@ def _message(m: Any, i: int, settings: Settings) -> dict:
     role = m.get("role")
     if role not in ROLES:
         raise ApiError(400, f"{where}.role {quote(role)} is not one of {', '.join(ROLES)}", f"{where}.role")
-    for key in ("tool_calls", "function_call", "audio"):
+    for key in ("function_call", "audio"):
         if m.get(key):
             raise ApiError(400, f"{where}.{key} is not supported by this server", f"{where}.{key}",
                            "unsupported_parameter")
+    extra = {}
+    if m.get("tool_calls"):
+        if role != "assistant":
+            raise ApiError(400, f"{where}.tool_calls is only taken on an assistant message", f"{where}.tool_calls")
+        extra["tool_calls"] = _tool_calls(m["tool_calls"], f"{where}.tool_calls")
     content = m.get("content")
     if content is None and role == "assistant":
         content = ""
+    if role == "tool" and isinstance(content, list):  # the text parts of a tool's answer
+        content = "".join(_text(p.get("text") if isinstance(p, dict) else None, f"{where}.content[{j}].text")
+                          for j, p in enumerate(content))
     if isinstance(content, str):
-        return {"role": ROLES[role], "content": _text(content, f"{where}.content")}
+        return {"role": ROLES[role], "content": _text(content, f"{where}.content"), **extra}
     if not isinstance(content, list):
         raise ApiError(400, f"{where}.content must be a string or a list of content parts", f"{where}.content")
     return {"role": ROLES[role], "content": [_part(p, f"{where}.content[{j}]") for j, p in enumerate(content)]}
+
+
+def _tool_calls(calls: Any, where: str) -> list[dict]:
+    """An assistant message's earlier tool calls, checked (arguments as a JSON string)."""
+    if not isinstance(calls, list):
+        raise ApiError(400, f"{where} must be a list", where)
+    out = []
+    for i, call in enumerate(calls):
+        fn = call.get("function") if isinstance(call, dict) else None
+        if not isinstance(fn, dict) or not isinstance(fn.get("name"), str):
+            raise ApiError(400, f"{where}[{i}] must be {{'type': 'function', 'function': {{'name', 'arguments'}}}}",
+                           f"{where}[{i}]")
+        args = fn.get("arguments", "{}")
+        if not isinstance(args, str):
+            args = json.dumps(args)
+        out.append({"id": call.get("id"), "type": "function",
+                    "function": {"name": _text(fn["name"], f"{where}[{i}].function.name"),
+                                 "arguments": _text(args, f"{where}[{i}].function.arguments")}})
+    return out
 
 
 def _url(value: Any, where: str) -> str:
@@ -225,6 +387,15 @@ def _url(value: Any, where: str) -> str:
     return _text(value, where)
 
 
+def _part_vision(p: dict, kind: str, where: str, keys: tuple[str, ...]) -> dict:
+    """qwen-vl-utils' per-part settings: beside the part's type or inside its URL object."""
+    found = {k: p[k] for k in keys if k in p}
+    inner = p.get(kind)
+    if isinstance(inner, dict):
+        found.update({k: inner[k] for k in keys if k in inner})
+    return _vision_kwargs(found, where, keys) if found else {}
+
+
 def _part(p: Any, where: str) -> dict:
     if not isinstance(p, dict) or not isinstance(p.get("type"), str):
         raise ApiError(400, f"{where} must be an object with a 'type'", where)
@@ -232,8 +403,10 @@ def _part(p: Any, where: str) -> dict:
     if kind == "text":
         return {"type": "text", "text": _text(p.get("text"), f"{where}.text")}
     if kind in ("image_url", "image"):
-        return {"type": "image", "url": _url(p.get(kind), f"{where}.{kind}"), "where": where}
+        return {"type": "image", "url": _url(p.get(kind), f"{where}.{kind}"), "where": where,
+                "vision": _part_vision(p, kind, where, IMAGE_PIXEL_KEYS)}
     if kind in ("video_url", "video"):
-        return {"type": "video", "url": _url(p.get(kind), f"{where}.{kind}"), "where": where}
+        return {"type": "video", "url": _url(p.get(kind), f"{where}.{kind}"), "where": where,
+                "vision": _part_vision(p, kind, where, VIDEO_KEYS)}
     raise ApiError(400, f"{where}: content part type {quote(kind)} is not supported (text, image_url, video_url)",
                    f"{where}.type")
