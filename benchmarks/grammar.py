@@ -65,7 +65,7 @@ class Llguidance:
     def compile(self, schema, fresh):
         spec = {"type": "json_schema", "json_schema": {"name": "x", "schema": schema}}
         if fresh:
-            self.g._cache.clear()
+            self.g.clear_cache()
         return self.g.compile(spec)
 
     def start(self, grammar):

@@ -292,3 +292,35 @@ def test_tool_turns_are_rendered_and_fed_back(server, client):
     none = client.chat.completions.create(model="demo", messages=QUESTION, max_tokens=3, tools=TOOLS,
                                           tool_choice="none")
     assert none.choices[0].message.tool_calls is None
+
+
+def test_completions_endpoint_text_and_token_prompts(server, client):
+    url, model, processor, service = server
+    prompt = "A red circle and a blue"
+    ids = processor.tokenizer.encode(prompt)
+    offline = model.generate(np.asarray([ids]), max_new_tokens=6, eos_token_ids=())[0].tolist()
+    reply = client.completions.create(model="demo", prompt=prompt, max_tokens=6, temperature=0, logprobs=2,
+                                      extra_body={"ignore_eos": True, "return_token_ids": True})
+    choice = reply.choices[0]
+    assert reply.object == "text_completion" and choice.token_ids == offline
+    assert choice.text == processor.tokenizer.decode(offline)
+    lp = choice.logprobs
+    assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.top_logprobs) == 6
+    assert "".join(lp.tokens) == choice.text and lp.text_offset[0] == 0
+    assert all(len(top) <= 2 and max(top.values()) >= lp_i - 1e-6 for top, lp_i in zip(lp.top_logprobs, lp.token_logprobs))
+    assert reply.usage.prompt_tokens == len(ids) and reply.usage.completion_tokens == 6
+
+    by_ids = client.completions.create(model="demo", prompt=ids, max_tokens=6, temperature=0,
+                                       extra_body={"ignore_eos": True})
+    assert by_ids.choices[0].text == choice.text
+    streamed = "".join(c.choices[0].text for c in client.completions.create(
+        model="demo", prompt=prompt, max_tokens=6, temperature=0, stream=True, extra_body={"ignore_eos": True})
+        if c.choices)
+    assert streamed == choice.text
+    assert client.completions.create(model="demo", prompt=prompt).usage.completion_tokens <= 16  # OpenAI's default
+
+    for bad, param in [({"prompt": ""}, "prompt"), ({"prompt": [10**9]}, "prompt"), ({"prompt": 3}, "prompt"),
+                       ({"prompt": "x", "echo": True}, "echo"), ({"prompt": "x", "logprobs": 21}, "logprobs"),
+                       ({"prompt": "x", "messages": []}, "messages")]:
+        r = httpx.post(f"{url}/v1/completions", json={"model": "demo", **bad}, timeout=60)
+        assert r.status_code == 400 and r.json()["error"]["param"] == param, (bad, r.text)

@@ -16,7 +16,7 @@ from qwen2vl_jax.errors import InputError
 from qwen2vl_jax.serving import page
 from qwen2vl_jax.serving.metrics import Metrics
 from qwen2vl_jax.serving.prompts import Service
-from qwen2vl_jax.serving.schema import check_model, load_json, parse_body, quote
+from qwen2vl_jax.serving.schema import check_model, load_json, parse_body, parse_completion_body, quote
 from qwen2vl_jax.serving.settings import ApiError, Settings
 from qwen2vl_jax.serving.stream import Reply, watch_disconnect
 
@@ -79,12 +79,19 @@ def create_app(service: Service):
         return PlainTextResponse(metrics.render(service.batcher), media_type="text/plain; version=0.0.4")
 
     async def chat_completions(request: HttpRequest):
+        return await complete(request, parse_body)
+
+    async def completions(request: HttpRequest):
+        vocab = service.model.config.text.vocab_size
+        return await complete(request, lambda body, settings: parse_completion_body(body, settings, vocab))
+
+    async def complete(request: HttpRequest, parse):
         arrived = time.perf_counter()  # the deadline counts from here: reading, preprocessing, generating
         check_key(request)
         body = await read_body(request)
         if isinstance(body, dict):
             check_model(body, settings)  # an unknown model is a 404 before any 400 about the fields
-        parsed = parse_body(body, settings)
+        parsed = parse(body, settings)
         ids, images, videos, sizes = await service.preprocess(parsed, arrived, gone=client_gone(request))
         generation = service.generation_config(parsed, len(ids))
         loop = asyncio.get_running_loop()
@@ -140,6 +147,7 @@ def create_app(service: Service):
 
     app = Starlette(
         routes=[Route("/v1/chat/completions", chat_completions, methods=["POST"]),
+                Route("/v1/completions", completions, methods=["POST"]),
                 Route("/v1/models", models, methods=["GET"]),
                 Route("/health", health, methods=["GET"]),
                 Route("/metrics", metrics_endpoint, methods=["GET"]),
@@ -307,7 +315,7 @@ class CountStatus:
         self.app, self.metrics = app, metrics
 
     async def __call__(self, scope, receive, send):
-        if scope["type"] != "http" or scope["path"] != "/v1/chat/completions":
+        if scope["type"] != "http" or scope["path"] not in ("/v1/chat/completions", "/v1/completions"):
             return await self.app(scope, receive, send)
 
         async def counting_send(message):

@@ -231,6 +231,11 @@ class Grammars:
         with self._lock:
             return {"size": len(self._cache), "limit": self.cache_size}
 
+    def clear_cache(self) -> None:
+        """Forgets every compiled grammar (the next compile of a spec builds it anew)."""
+        with self._lock:
+            self._cache.clear()
+
 
 def allowed(words: np.ndarray, vocab_size: int) -> np.ndarray:
     """bool[vocab_size] from a row's bitmask (for tests and host-side masking)."""

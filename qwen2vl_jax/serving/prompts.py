@@ -148,6 +148,8 @@ class Service:
 
         proc, settings = self.processor, self.settings
         ticket = ticket or Ticket(time.perf_counter(), settings.request_timeout)
+        if parsed.prompt is not None:
+            return self._plain_prompt(parsed), [], [], []
         self.check_size(parsed)
         left = self.max_context - (parsed.max_tokens or 1)
         encode = proc.tokenizer.encode
@@ -214,6 +216,24 @@ class Service:
         except InputError as e:
             raise ApiError(400, str(e), "messages") from None
         return ids.astype(np.int32), images, videos, sizes
+
+    def _plain_prompt(self, parsed: Parsed) -> np.ndarray:
+        """A /v1/completions prompt: token ids as given, or the text tokenized as it is (no chat
+        template), bounded by the context."""
+        left = self.max_context - (parsed.max_tokens or 1)
+        if isinstance(parsed.prompt, list):
+            ids = np.asarray(parsed.prompt, np.int64)
+        else:
+            if len(parsed.prompt) > self.max_chars:
+                raise ApiError(400, f"the prompt ({len(parsed.prompt)} characters) cannot fit the context of "
+                                    f"{self.max_context} tokens", "prompt")
+            counted = tokens_over(self.processor.tokenizer.encode, parsed.prompt, left)
+            if counted > left:
+                raise self._too_long(counted, parsed)
+            ids = np.asarray(self.processor.tokenizer.encode(parsed.prompt), np.int64)
+        if len(ids) > left:
+            raise self._too_long(len(ids), parsed)
+        return ids.astype(np.int32)
 
     def _too_long(self, counted: int, parsed: Parsed) -> ApiError:
         if parsed.max_tokens is None:

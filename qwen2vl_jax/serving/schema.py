@@ -86,6 +86,7 @@ class Parsed:
     tool_choice: str | dict = "auto"  # "none", "auto", "required" or {"type": "function", "function": {"name"}}
     parallel_tool_calls: bool = True
     vision: dict = dataclasses.field(default_factory=dict)  # mm_processor_kwargs: min/max_pixels, video settings
+    prompt: str | list[int] | None = None  # /v1/completions: the prompt as text or token ids (no chat template)
 
     @property
     def tool_call_grammar(self) -> dict | None:
@@ -234,6 +235,52 @@ def parse_body(body: Any, settings: Settings) -> Parsed:
         parallel_tool_calls=True if parallel is None else _bool(body, "parallel_tool_calls"),
         vision=_vision_kwargs(body.get("mm_processor_kwargs"), "mm_processor_kwargs", VIDEO_KEYS),
     )
+
+
+# /v1/completions: the fields it shares with chat, and its own
+COMPLETION_SHARED = {"model", "max_tokens", "stop", "stream", "stream_options", "temperature", "top_p", "top_k",
+                     "repetition_penalty", "seed", "n", "ignore_eos", "return_token_ids", "response_format",
+                     "user", "metadata", "store", "service_tier", "safety_identifier", "frequency_penalty",
+                     "presence_penalty", "logit_bias"}
+COMPLETION_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
+
+
+def parse_completion_body(body: Any, settings: Settings, vocab_size: int) -> Parsed:
+    """A /v1/completions body -> Parsed with `prompt` set (no messages); the fields it shares
+    with chat are checked as there. `logprobs` is the legacy number of alternatives (0-20)."""
+    if not isinstance(body, dict):
+        raise ApiError(400, "the request body must be a JSON object")
+    check_model(body, settings)
+    own = {"prompt", "logprobs", "echo", "suffix", "best_of"}
+    for name, value in body.items():
+        if name not in COMPLETION_SHARED and name not in own and value is not None:
+            raise ApiError(400, f"unknown field {quote(name)} (this endpoint takes: "
+                                f"{', '.join(sorted(COMPLETION_SHARED | own))})", _safe(name), "unsupported_parameter")
+    if body.get("echo"):
+        raise ApiError(400, "'echo' is not supported by this server", "echo", "unsupported_parameter")
+    if body.get("suffix"):
+        raise ApiError(400, "'suffix' is not supported by this server", "suffix", "unsupported_parameter")
+    if _number(body, "best_of", int, 1, MAX_N) not in (None, 1):
+        raise ApiError(400, "'best_of' other than 1 is not supported by this server", "best_of",
+                       "unsupported_parameter")
+    prompt = body.get("prompt")
+    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
+        prompt = prompt[0]  # one prompt given as a batch of one
+    if isinstance(prompt, str):
+        if not prompt:
+            raise ApiError(400, "'prompt' must not be empty", "prompt")
+        _text(prompt, "prompt")
+    elif isinstance(prompt, list) and prompt and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+        bad = next((t for t in prompt if not 0 <= t < vocab_size), None)
+        if bad is not None:
+            raise ApiError(400, f"'prompt' holds the token id {bad}, outside the vocabulary of {vocab_size}", "prompt")
+    else:
+        raise ApiError(400, "'prompt' must be a non-empty string or a list of token ids (one prompt)", "prompt")
+    logprobs = _number(body, "logprobs", int, 0, MAX_TOP_LOGPROBS)
+    shared = {k: v for k, v in body.items() if k in COMPLETION_SHARED}
+    parsed = parse_body({**shared, "messages": [{"role": "user", "content": ""}]}, settings)
+    return dataclasses.replace(parsed, messages=[], prompt=prompt, top_logprobs=logprobs,
+                               max_tokens=parsed.max_tokens or COMPLETION_DEFAULT_MAX_TOKENS)
 
 
 def _response_format(value: Any) -> dict | None:

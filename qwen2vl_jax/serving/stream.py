@@ -53,12 +53,15 @@ class Reply:
         self.service, self.parsed, self.job, self.events = service, parsed, job, events
         self.arrived, self.prompt_tokens = arrived, prompt_tokens
         self.image_sizes = list(image_sizes)  # (width, height) of the request's images: the boxes' pixels
-        self.id = f"chatcmpl-{uuid.uuid4().hex}"
+        self.completion = parsed.prompt is not None  # /v1/completions: text choices, legacy logprobs
+        self.id = f"{'cmpl' if self.completion else 'chatcmpl'}-{uuid.uuid4().hex}"
+        self.object = "text_completion" if self.completion else "chat.completion"
         self.created = int(time.time())
         tokenizer = service.processor.tokenizer
         self.choices = [Choice(i, tokenizer, None if tool_parser is None else tool_parser())
                         for i in range(parsed.n)]
         self.last = None
+        self._offsets: dict[int, int] = {}  # streamed completions: each choice's text offset so far
         self.deadline = arrived + service.settings.request_timeout
         self.token_texts = service.token_texts if parsed.top_logprobs is not None else None
 
@@ -141,13 +144,37 @@ class Reply:
         n = sum(len(c.ids) for c in self.choices)
         return {"prompt_tokens": self.prompt_tokens, "completion_tokens": n, "total_tokens": self.prompt_tokens + n}
 
-    def _logprobs(self, entries: list[dict]) -> dict | None:
-        return None if self.token_texts is None else {"content": entries}
+    def _logprobs(self, entries: list[dict], offset: int = 0) -> dict | None:
+        """OpenAI's logprobs object of these entries: chat's {"content": [...]}, or the
+        completions endpoint's columns (tokens, token_logprobs, top_logprobs, text_offset, the
+        first token's offset `offset`)."""
+        if self.token_texts is None:
+            return None
+        if not self.completion:
+            return {"content": entries}
+        offsets = []
+        for e in entries:
+            offsets.append(offset)
+            offset += len(e["token"])
+        return {"tokens": [e["token"] for e in entries], "token_logprobs": [e["logprob"] for e in entries],
+                "top_logprobs": [{a["token"]: a["logprob"] for a in e["top_logprobs"]} for e in entries],
+                "text_offset": offsets}
+
+    def _completion_whole(self) -> dict:
+        choices = [{"index": c.index, "text": c.text, "finish_reason": c.finish, "logprobs": self._logprobs(c.logprobs)}
+                   for c in self.choices]
+        if self.parsed.return_token_ids:
+            for choice, c in zip(choices, self.choices):
+                choice["token_ids"] = list(c.ids)
+        return {"id": self.id, "object": self.object, "created": self.created,
+                "model": self.service.settings.model_name, "choices": choices, "usage": self.usage()}
 
     # ------------------------------------------------------------ whole replies
     async def whole(self) -> dict:
         while not self.finished:
             self._take(await self._next())
+        if self.completion:
+            return self._completion_whole()
         choices = []
         for c in self.choices:
             message, finish = {"role": "assistant", "content": c.text}, c.finish
@@ -168,12 +195,16 @@ class Reply:
     # ------------------------------------------------------------ streams
     def _chunk(self, index: int, delta: dict, finish: str | None = None, token_ids: list[int] | None = None,
                logprobs: list[dict] | None = None) -> str:
-        choice = {"index": index, "delta": delta, "finish_reason": finish,
-                  "logprobs": None if logprobs is None else self._logprobs(logprobs)}
+        lp = None if logprobs is None else self._logprobs(logprobs, self._offsets.get(index, 0))
+        if self.completion:  # the legacy endpoint's chunk: the text itself, no delta
+            choice = {"index": index, "text": delta.get("content", ""), "finish_reason": finish, "logprobs": lp}
+            self._offsets[index] = self._offsets.get(index, 0) + sum(len(e["token"]) for e in logprobs or ())
+        else:
+            choice = {"index": index, "delta": delta, "finish_reason": finish, "logprobs": lp}
         if token_ids is not None:
             choice["token_ids"] = token_ids
-        body = {"id": self.id, "object": "chat.completion.chunk", "created": self.created,
-                "model": self.service.settings.model_name, "choices": [choice]}
+        body = {"id": self.id, "object": self.object if self.completion else "chat.completion.chunk",
+                "created": self.created, "model": self.service.settings.model_name, "choices": [choice]}
         if self.parsed.include_usage:
             body["usage"] = None
         return f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
@@ -204,13 +235,14 @@ class Reply:
             finish = c.finish
             if c.tools is not None and c.tools.calls and finish == "stop":
                 finish = "tool_calls"
-            out.append(self._chunk(c.index, {"boxes": self.boxes(c)}, finish))  # the whole text's boxes, once
+            last = {} if self.completion else {"boxes": self.boxes(c)}  # the whole text's boxes, once
+            out.append(self._chunk(c.index, last, finish))
         return out
 
     async def sse(self, watcher):
         want_ids = self.parsed.return_token_ids
         try:
-            for c in self.choices:
+            for c in self.choices if not self.completion else ():
                 yield self._chunk(c.index, {"role": "assistant", "content": ""}, token_ids=[] if want_ids else None)
             while not self.finished:
                 try:
@@ -224,7 +256,8 @@ class Reply:
                     for chunk in self._progress(choice):
                         yield chunk
             if self.finished and self.parsed.include_usage:
-                body = {"id": self.id, "object": "chat.completion.chunk", "created": self.created,
+                body = {"id": self.id, "object": self.object if self.completion else "chat.completion.chunk",
+                        "created": self.created,
                         "model": self.service.settings.model_name, "choices": [], "usage": self.usage()}
                 yield f"data: {json.dumps(body)}\n\n"
             yield "data: [DONE]\n\n"
