@@ -126,14 +126,17 @@ def inference(name: str, batch: int, prompt: int, new: int, parts: set[str], wei
     settings = jax.tree_util.tree_map(lambda x: put(np.shape(x), np.asarray(x).dtype),
                                       RowSettings.repeat(GenerationConfig(max_new_tokens=new), batch))
     rows = []
-    compiled, seconds = compile_timed(engine.program("prefill"), params, inputs, None, settings, slots, True)
+    # (..., slots, greedy, logprobs, allow): greedy rows, no logprobs, no token mask
+    compiled, seconds = compile_timed(engine.program("prefill"), params, inputs, None, settings, slots, True, False,
+                                      None)
     if "prefill" in parts:
         rows.append({**base, "part": f"prefill {batch}x{prompt}", **memory(compiled), "compile_s": seconds})
     if "decode" in parts:
         state = jax.tree_util.tree_map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                                       engine.program("prefill").eval_shape(params, inputs, None, settings, slots, True)[0],
+                                       engine.program("prefill").eval_shape(params, inputs, None, settings, slots,
+                                                                            True, False, None)[0],
                                        compiled.output_shardings[0])
-        step, seconds = compile_timed(engine.program("step"), params, state, batch, slots, True)
+        step, seconds = compile_timed(engine.program("step"), params, state, batch, slots, True, False, None)
         rows.append({**base, "part": f"decode step {batch}x{slots}", **memory(step), "compile_s": seconds})
     return rows
 

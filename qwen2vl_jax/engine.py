@@ -114,10 +114,10 @@ class Engine:
 
         self._encode = jit(self._encode_impl, 2)
         self._forward = jit(self._forward_impl, 5)
-        self._prefill = jit(self._prefill_impl, 4, static_argnums=(4, 5, 6))
+        self._prefill = jit(self._prefill_impl, 5, static_argnums=(4, 5, 6))
         self._insert = jax.jit(self._insert_impl, donate_argnums=0, static_argnums=3)
         self._empty = jax.jit(self._empty_impl, static_argnums=(0, 1))
-        self._step = jit(self._step_impl, 2, static_argnums=(2, 3, 4, 5), donate_argnums=1)
+        self._step = jit(self._step_impl, 3, static_argnums=(2, 3, 4, 5), donate_argnums=1)
         self._loop = jit(self._loop_impl, 2, static_argnums=(2, 3), donate_argnums=1,
                          **({"compiler_options": loop_options} if loop_options else {}))
 
@@ -291,7 +291,8 @@ class Engine:
     def program(self, name: str):
         """The jitted program `name` (one of PROGRAMS), for ahead-of-time work:
         `.lower(*args)` / `.eval_shape(*args)` with arrays or jax.ShapeDtypeStruct in the
-        argument order of its traced body (`_<name>_impl`), static arguments as plain values."""
+        argument order of its traced body (`_<name>_impl`), static arguments as plain values;
+        on a mesh every argument is given (prefill's and step's logprobs and allow too)."""
         if name not in self.PROGRAMS:
             raise ValueError(f"no program {name!r} (one of {', '.join(self.PROGRAMS)})")
         return getattr(self, f"_{name}")

@@ -416,7 +416,7 @@ def _tool_calls(calls: Any, where: str) -> list[dict]:
         fn = call.get("function") if isinstance(call, dict) else None
         if not isinstance(fn, dict) or not isinstance(fn.get("name"), str):
             raise ApiError(400, f"{where}[{i}] must be {{'type': 'function', 'function': {{'name', 'arguments'}}}}",
-                           f"{where}[{i}]")
+                           where)
         args = fn.get("arguments", "{}")
         if not isinstance(args, str):
             args = json.dumps(args)
