@@ -149,7 +149,10 @@ class Trainer:
         self.trainable = st.trainable_paths(params, self.stage)
         train, _ = st.split(params, self.trainable)
         if self.mesh is None:
-            return TrainState(jnp.zeros((), jnp.int32), params, self.optimizer.init(train))
+            # Committed to the device like the states the step returns (the counters would not be),
+            # so the second step does not compile the program again.
+            return jax.device_put(TrainState(jnp.zeros((), jnp.int32), params, self.optimizer.init(train)),
+                                  jax.sharding.SingleDeviceSharding(jax.devices()[0]))
         shapes = jax.eval_shape(lambda p: TrainState(jnp.zeros((), jnp.int32), p,
                                                      self.optimizer.init(st.split(p, self.trainable)[0])), params)
         shardings = self.state_shardings(shapes)
