@@ -1,0 +1,69 @@
+"""The resident training state of full fine-tuning, LoRA and QLoRA per model size, from the
+parameter shapes alone (nothing is allocated or compiled).
+
+    python benchmarks/train_state.py [--models 2b,7b,72b] [--rank 16]
+                                     [--targets DEFAULT|REGEX] [--merger]
+
+What the trainer holds between steps (train/loop.py): every floating parameter as a float32
+master copy, packed integer weights as stored (QLoRA on a `qwen2vl-convert --quantize` folder),
+and for each trained parameter AdamW's two float32 moments; a step adds its gradients (float32,
+trained parameters only) and the activations, which depend on the batch, --remat and the
+mesh and are not counted here (benchmarks/scale.py compiles whole steps). The LoRA adapters are
+rank --rank on the decoder's q/k/v/o and gate/up/down projections, plus the merger with
+--merger. Prints one table, GiB over all chips (divide by the chips of an FSDP mesh).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+GiB = 2**30
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--models", default="2b,7b,72b")
+    p.add_argument("--rank", type=int, default=16)
+    p.add_argument("--targets", default=None, help="the adapted kernels' regex (default: the decoder's projections)")
+    p.add_argument("--merger", action="store_true", help="adapt the merger's two linears too")
+    args = p.parse_args(argv)
+
+    import numpy as np
+
+    from qwen2vl_jax.config import PRESETS
+    from qwen2vl_jax.lora.tree import DEFAULT_TARGETS, target_kernels
+    from qwen2vl_jax.modules.qwen2vl import init_shapes
+    from qwen2vl_jax.params import flatten
+    from qwen2vl_jax.quant.format import Scheme
+    from qwen2vl_jax.quant.tree import abstract as packed_shapes
+
+    pattern = (args.targets or DEFAULT_TARGETS) + ("|^visual/merger/mlp_[02]/kernel$" if args.merger else "")
+
+    def held(tree) -> int:  # bytes as the trainer holds them: floats in float32, packed integers as stored
+        return sum(int(np.prod(x.shape)) * (4 if np.issubdtype(x.dtype, np.floating) else np.dtype(x.dtype).itemsize)
+                   for x in flatten(tree).values())
+
+    print(f"resident training state, GiB over all chips (activations and gradients not counted); "
+          f"LoRA rank {args.rank} on {pattern}")
+    head = f"{'model':6} {'params':>8} {'method':14} {'trained':>9} {'weights':>8} {'AdamW':>8} {'state':>8}"
+    print(head)
+    print("-" * len(head))
+    for name in args.models.split(","):
+        shapes = init_shapes(PRESETS[name])
+        flat = flatten(shapes)
+        total = sum(int(np.prod(x.shape)) for x in flat.values())
+        lora = sum(args.rank * sum(flat[k].shape) for k in target_kernels(shapes, pattern))
+        rows = [("full", total, held(shapes))]
+        rows.append(("LoRA", lora, held(shapes) + 4 * lora))
+        for w in ("int8", "int4"):
+            rows.append((f"QLoRA {w}", lora, held(packed_shapes(shapes, Scheme.of(w))) + 4 * lora))
+        for method, trained, weights in rows:
+            opt = 8 * trained
+            print(f"{name:6} {total / 1e9:7.2f}B {method:14} {trained / 1e6:8.1f}M {weights / GiB:8.1f} "
+                  f"{opt / GiB:8.1f} {(weights + opt) / GiB:8.1f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
