@@ -45,17 +45,23 @@ from qwen2vl_jax.config import PRESETS  # noqa: E402
 from qwen2vl_jax.errors import InputError  # noqa: E402
 from qwen2vl_jax.engine import Engine, KVCache, RowSettings  # noqa: E402
 from qwen2vl_jax.modules.qwen2vl import Qwen2VLModule, init_shapes  # noqa: E402
-from qwen2vl_jax.params import stack_layers  # noqa: E402
+from qwen2vl_jax.params import flatten, stack_layers  # noqa: E402
 from qwen2vl_jax.quant.format import Scheme  # noqa: E402
 from qwen2vl_jax.quant.tree import abstract as packed_shapes  # noqa: E402
 from qwen2vl_jax.sampling import GenerationConfig  # noqa: E402
 from qwen2vl_jax.sharding import ShardingRules, check_groups, make_mesh, named_sharding, param_shardings  # noqa: E402
+from qwen2vl_jax.lora.layer import A as LORA_A, B as LORA_B, SCALE as LORA_SCALE  # noqa: E402
+from qwen2vl_jax.lora.tree import DEFAULT_TARGETS, TRAINABLE as LORA_TRAINABLE, attach, target_kernels  # noqa: E402
 from qwen2vl_jax.train import loop, stages  # noqa: E402
 
 GiB = 1024 ** 3
 CHIPS = {"v5e": 16 * GiB, "v4": 32 * GiB, "v5p": 95 * GiB}
 INFER_MESH = {"2b": "fsdp=4,tensor=2", "7b": "fsdp=2,tensor=4", "72b": "tensor=8"}
 TRAIN_MESH = {"2b": "fsdp=8", "7b": "fsdp=8", "72b": "fsdp=8"}
+# --train-methods lora: (method, mesh) rows; fsdp=1 is one chip (a v5e core, or one core of a v2-8/v3-8)
+LORA_ROWS = {"2b": (("lora", "fsdp=1"),),
+             "7b": (("lora", "fsdp=1"), ("qlora-int8", "fsdp=1"), ("qlora-int4", "fsdp=1"), ("lora", "fsdp=8")),
+             "72b": (("qlora-int8", "fsdp=8"), ("qlora-int4", "fsdp=8"))}
 
 
 def per_device_bytes(tree) -> int:
@@ -142,19 +148,46 @@ def inference(name: str, batch: int, prompt: int, new: int, parts: set[str], wei
 
 
 # ---------------------------------------------------------------------------- training
-def training(name: str, batch: int, length: int, scan: bool = True) -> dict:
+def lora_shapes(config, rank: int = 16) -> dict:
+    """ShapeDtypeStructs of a fresh adapter (as lora.tree.init_adapter makes it) on the decoder's
+    projections and the merger."""
+    shapes = init_shapes(config)
+    flat = flatten(shapes)
+    out = {}
+    for path in target_kernels(shapes, DEFAULT_TARGETS + "|^visual/merger/mlp_[02]/kernel$"):
+        head = path.rpartition("/")[0]
+        n_in, n_out = flat[path].shape
+        out[f"{head}/{LORA_A}"] = jax.ShapeDtypeStruct((n_in, rank), jnp.float32)
+        out[f"{head}/{LORA_B}"] = jax.ShapeDtypeStruct((rank, n_out), jnp.float32)
+        out[f"{head}/{LORA_SCALE}"] = jax.ShapeDtypeStruct((), jnp.float32)
+    return out
+
+
+def training(name: str, batch: int, length: int, scan: bool = True, method: str = "full",
+             mesh_spec: str | None = None) -> dict:
+    """method: full (stage 2, every weight), lora (rank-16 adapters on the decoder and merger over
+    the float base), qlora-int8 / qlora-int4 (the same over the packed base)."""
     config = PRESETS[name]
-    mesh = make_mesh(TRAIN_MESH[name])
-    trainer = loop.Trainer(config, stages.get_stage(2), 1000, mesh=mesh, remat=True, compute_dtype=jnp.bfloat16,
-                           scan_layers=scan)
-    state = trainer.abstract_state(init_shapes(config, scan_layers=scan))
+    mesh_spec = mesh_spec or TRAIN_MESH[name]
+    chips = int(np.prod([int(x.split("=")[1]) for x in mesh_spec.split(",")]))
+    mesh = make_mesh(mesh_spec, devices=jax.devices()[:chips])
+    params, stage = init_shapes(config), stages.get_stage(2)
+    if method != "full":
+        if method.startswith("qlora-"):
+            params = packed_shapes(params, Scheme.of(method.split("-")[1]))
+        params, stage = attach(params, lora_shapes(config)), stages.get_stage(3, train=(LORA_TRAINABLE,))
+    if scan:
+        params = stack_layers(params)
+    trainer = loop.Trainer(config, stage, 1000, mesh=mesh, remat=True, compute_dtype=jnp.bfloat16,
+                           scan_layers=scan, backend="tpu")
+    state = trainer.abstract_state(params)
     arrays = {"input_ids": np.zeros((1, batch, length), np.int32), "attention_mask": np.zeros((1, batch, length), bool),
               "labels": np.zeros((1, batch, length), np.int32), "positions": np.zeros((1, 3, batch, length), np.int32)}
     placed = abstract(jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), arrays),
                       trainer.batch_shardings(arrays))
     compiled, seconds = compile_timed(trainer.step_function(state), state, placed)
-    return {"model": name, "mesh": TRAIN_MESH[name], "layers": config.text.num_hidden_layers,
-            "decoder": "scan" if scan else "loop",
+    return {"model": name if method == "full" else f"{name} {method}", "mesh": mesh_spec,
+            "layers": config.text.num_hidden_layers, "decoder": "scan" if scan else "loop",
             "part": f"train step {batch}x{length}", "params": per_device_bytes(state.params),
             "opt_state": per_device_bytes(state.opt_state), "kv_cache": 0, **memory(compiled), "compile_s": seconds}
 
@@ -179,6 +212,9 @@ def main(argv=None) -> int:
                         "independent of depth) and loop (one traced copy per layer)")
     p.add_argument("--train-batch", type=int, default=8)
     p.add_argument("--train-length", type=int, default=2048)
+    p.add_argument("--train-methods", default="full",
+                   help="comma list of full (stage 2 on TRAIN_MESH) and lora (the LoRA and QLoRA rows of "
+                        "LORA_ROWS: 2B/7B on one chip, 7B on 8, 72B QLoRA on 8)")
     args = p.parse_args(argv)
     parts = set(args.parts.split(","))
     decoders = args.decoder.split(",")
@@ -191,9 +227,13 @@ def main(argv=None) -> int:
             for weights in args.weights.split(",") if parts & {"prefill", "decode"} else ():
                 rows += inference(name, args.batch, args.prompt, args.new, parts, weights, scan)
                 print(f"# {name} {weights} {decoder} inference compiled", file=sys.stderr, flush=True)
-            if "train" in parts:
+            if "train" in parts and "full" in args.train_methods.split(","):
                 rows.append(training(name, args.train_batch, args.train_length, scan))
                 print(f"# {name} {decoder} training compiled", file=sys.stderr, flush=True)
+            if "train" in parts and "lora" in args.train_methods.split(","):
+                for method, mesh_spec in LORA_ROWS.get(name, ()):
+                    rows.append(training(name, args.train_batch, args.train_length, scan, method, mesh_spec))
+                    print(f"# {name} {method} {mesh_spec} {decoder} training compiled", file=sys.stderr, flush=True)
     print(f"per device, GiB, on 8 simulated devices (jax {jax.__version__}, XLA CPU); floor = params + opt + kv; "
           f"peak = arguments + temporaries + outputs - donated; fits: floor/peak")
     head = (f"{'model':8} {'layers':>6} {'decoder':7} {'mesh':16} {'program':24} {'params':>7} {'opt':>7} {'kv':>7} {'floor':>7} "

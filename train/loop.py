@@ -127,7 +127,7 @@ class Trainer:
 
     def __init__(self, config: Qwen2VLConfig, stage: st.Stage, total_steps: int, *, mesh=None,
                  rules: ShardingRules | None = None, remat: bool = False, compute_dtype=jnp.float32,
-                 loss_chunk: int = LOSS_CHUNK, scan_layers: bool = False, seed: int = 0):
+                 loss_chunk: int = LOSS_CHUNK, scan_layers: bool = False, seed: int = 0, backend: str | None = None):
         self.config = config
         self.seed = int(seed)  # the adapters' dropout masks: a key per step and micro-batch
         self.loss_chunk = loss_chunk
@@ -136,7 +136,10 @@ class Trainer:
         self.mesh = mesh
         self.rules = rules or ShardingRules()
         # scan_layers: the decoder scanned, its params (and so the state) stacked (params.stack_layers)
-        self.module = Qwen2VLModule(config, jnp.dtype(compute_dtype), remat, scan_layers=scan_layers)
+        # backend: the platform the step is built for (default: this one's), e.g. "tpu" to compile
+        # a slice's program ahead of time on a CPU host
+        self.module = Qwen2VLModule(config, jnp.dtype(compute_dtype), remat, scan_layers=scan_layers,
+                                    **({} if backend is None else {"backend": backend}))
         self.optimizer = st.make_optimizer(stage, self.total_steps)
         self.schedule = st.schedule(stage, self.total_steps)
         self.trainable: frozenset[str] | None = None
