@@ -3,6 +3,7 @@
     python benchmarks/scale.py [--models 2b,7b,72b] [--parts prefill,decode,train]
                                [--batch 1] [--prompt 2048] [--new 512] [--weights bf16,int8,int4]
                                [--decoder scan,loop] [--train-batch 8] [--train-length 2048]
+                               [--train-methods full,lora]
 
 Nothing is allocated: the parameters, cache, decode state, train state and batches are
 abstract shapes with their shardings, and each program is lowered and compiled by XLA for 8
@@ -17,7 +18,10 @@ and the CPU time of the process, which a busy machine does not inflate).
 The meshes are what a v5e-8 / v4-8 user picks: inference tensor-parallel as far as the KV heads
 allow (2B: 2 KV heads, 7B: 4, 72B: 8), with fsdp over the rest; training FSDP over all 8 chips
 (params, gradients and AdamW state in float32, the forward in bfloat16, every block
-rematerialised, the vocabulary logits made 2048 tokens at a time). Bytes are XLA's CPU
+rematerialised, the vocabulary logits made 2048 tokens at a time); `--train-methods lora` adds
+LoRA rows (rank-16 adapters on the decoder's projections and the merger, stage 3's labels, the
+base frozen and held as the trainer holds it: float32, or packed int8/int4 for QLoRA) on the
+meshes of LORA_ROWS, one chip included. Bytes are XLA's CPU
 figures: a TPU compile lays out (and fuses) differently, so read them as the size of the
 problem per chip, not as a TPU's exact peak. In particular XLA:CPU has no bfloat16 matrix
 multiply: it converts bf16 weights to float32 copies, which its temporaries include (a TPU
