@@ -11,11 +11,23 @@ import os
 
 import pytest
 
-# The CLIs keep compiled programs in the user's compile cache; under test they compile afresh
-# (counted compilations stay exact) and write nothing into the user's cache folder.
+# The CLIs keep compiled programs in the user's compile cache; under test they write nothing
+# into the user's cache folder.
 os.environ["QWEN2VL_COMPILE_CACHE"] = "0"
 
 import hf_utils
+from compile_counter import persistent_compile_cache
+
+
+@pytest.fixture(scope="session", autouse=True)
+def session_compile_cache(tmp_path_factory):
+    """JAX's persistent compilation cache in a folder of this session only: a program compiled
+    once (a train step, a generate loop) is read back, not compiled again, when another object
+    builds the same program (each Trainer, fit, CLI run and loaded model jits its own functions).
+    A counted block (compile_counter.count_compiles) runs with it off, so what it counts is
+    compiled there and then."""
+    with persistent_compile_cache(tmp_path_factory.mktemp("jax_compile_cache")):
+        yield
 
 
 @pytest.fixture(scope="session")
