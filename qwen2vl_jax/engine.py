@@ -36,7 +36,7 @@ from qwen2vl_jax.decode_state import (FINISH_REASONS, LENGTH, RUNNING, STOP, Dec
 from qwen2vl_jax.inputs import ModelInputs, round_up
 from qwen2vl_jax.modules.qwen2vl import Qwen2VLModule, init_shapes
 from qwen2vl_jax.sampling import GenerationConfig, Sampling
-from qwen2vl_jax.sharding import ShardingRules, named_sharding, param_shardings, to_global, use_mesh
+from qwen2vl_jax.sharding import ShardingRules, named_sharding, param_shardings, shard, to_global, use_mesh
 
 __all__ = ["Engine", "GenerationResult", "Token", "DecodeState", "KVCache", "RowSettings", "FINISH_REASONS"]
 
@@ -146,7 +146,10 @@ class Engine:
         """What the host reads after a draw: (token, finish), and with logprobs the drawn
         token's logprob and the TOP_LOGPROBS most likely (ids, logprobs) per row."""
         out = state.readout()
-        return (*out, *token_logprobs(logits, state.token, TOP_LOGPROBS)) if logprobs else out
+        if not logprobs:
+            return out
+        # replicated, as the token and finish are: every process reads them back
+        return (*out, *(shard(x, *(None,) * x.ndim) for x in token_logprobs(logits, state.token, TOP_LOGPROBS)))
 
     def _prefill_impl(self, params, batch, features, settings: RowSettings, slots: int, greedy: bool | None,
                       logprobs: bool = False, allow=None):

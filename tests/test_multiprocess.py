@@ -245,6 +245,16 @@ def _serve(model_dir: Path, flags: list[str], process_id: int) -> dict:
 
             with concurrent.futures.ThreadPoolExecutor(2) as pool:
                 got["token_ids"] = list(pool.map(ask, asks))
+            # two choices of one prefill, under a schema's token masks, with logprobs: the
+            # follower replays the masks, the logprobs variant and the per-choice inserts
+            schema = {"type": "object", "properties": {"shape": {"enum": ["circle", "square"]}},
+                      "required": ["shape"], "additionalProperties": False}
+            r = api.chat.completions.create(
+                model="model", max_tokens=40, n=2, temperature=1.0, seed=3, logprobs=True, top_logprobs=2,
+                response_format={"type": "json_schema", "json_schema": {"name": "s", "schema": schema}},
+                messages=[{"role": "user", "content": "Which shape? Answer in JSON."}])
+            got["structured"] = [{"content": c.message.content, "finish": c.finish_reason,
+                                  "logprobs": len(c.logprobs.content)} for c in r.choices]
         except Exception as e:  # noqa: BLE001 - reported to the test
             got["error"] = repr(e)
         finally:
@@ -380,6 +390,11 @@ def test_server_over_two_processes_answers_as_one_process(runs):
         want = [int(t) for t in model.generate(**inputs, max_new_tokens=NEW_TOKENS, eos_token_ids=eos)[0]]
         end = next((i + 1 for i, t in enumerate(want) if t in eos), len(want))  # through the first EOS
         assert answer == want[:end]
+    # n, logprobs and a JSON schema's masks over two processes
+    assert len(served["structured"]) == 2, served
+    for choice in served["structured"]:
+        assert json.loads(choice["content"])["shape"] in ("circle", "square") and choice["finish"] == "stop"
+        assert choice["logprobs"] > 0
 
 
 def test_training_equals_one_process_and_each_process_reads_its_share(runs):
