@@ -2,6 +2,13 @@
 
     python benchmarks/serve.py [--size demo|small|2b] [--clients 1,4,16] [--requests N]
         [--new-tokens 32] [--image 448 | --image 0] [--max-batch 16] [--max-context 512] [--dtype float32|bfloat16]
+        [--turns 3] [--compare FLAG=ON,OFF [--rounds 2]] [--server-flags "..."]
+
+--turns T: each request is a chat of T turns, each resending the history (and the first turn's
+image) with a new question; TTFT is reported for the first turn and for the later ones.
+--compare FLAG=ON,OFF (e.g. prefill-chunk=512,0 or prefix-cache-gb=1,0): two servers that
+differ in that one qwen2vl-serve flag, the workload run on each in turn, --rounds times
+(alternating, so a busy machine slows both alike), one table with a row per setting.
 
 The server runs in its own process (`python -m qwen2vl_jax.serving.cli`), started here; the clients
 are asyncio tasks in this process, each sending its next request as soon as the last one ends.
@@ -55,10 +62,11 @@ def rss_gb(pid: int) -> float:
     return float("nan")
 
 
-def start_server(args, folder: Path, port: int) -> tuple[subprocess.Popen, float]:
+def start_server(args, folder: Path, port: int, extra: list[str] = ()) -> tuple[subprocess.Popen, float]:
     argv = [sys.executable, "-m", "qwen2vl_jax.serving.cli", "--model", str(folder), "--port", str(port),
             "--max-batch", str(args.max_batch), "--max-context", str(args.max_context),
-            "--max-queue", "1024", "--request-timeout", "3600", "--vision-cache", "0", "--served-model-name", "bench"]
+            "--max-queue", "1024", "--request-timeout", "3600", "--vision-cache", "0", "--served-model-name", "bench",
+            *args.server_flags.split(), *extra]
     if args.dtype:
         argv += ["--dtype", args.dtype]
     if args.matmul:
@@ -88,16 +96,34 @@ def image_uri(size: int, seed: int) -> str:
     return "data:image/png;base64," + base64.b64encode(out.getvalue()).decode()
 
 
-async def one_request(client, url: str, args, seed: int) -> dict:
+QUESTIONS = ("Describe this picture in detail.", "What colours stand out most?", "Summarise your answers in one line.")
+
+
+async def one_request(client, url: str, args, seed: int) -> dict | list[dict]:
     if args.image:
         content = [{"type": "image_url", "image_url": {"url": image_uri(args.image, seed)}},
-                   {"type": "text", "text": "Describe this picture in detail."}]
+                   {"type": "text", "text": QUESTIONS[0]}]
     else:  # text only: a short question, different per request
         content = f"Write story number {seed} about a red square and a blue circle."
+    messages = [{"role": "user", "content": content}]
+    if args.turns <= 1:
+        return await one_turn(client, url, args, messages)
+    out = []
+    for turn in range(args.turns):
+        if turn:
+            messages += [{"role": "assistant", "content": out[-1].get("text", "")},
+                         {"role": "user", "content": QUESTIONS[turn % len(QUESTIONS)]}]
+        out.append({**await one_turn(client, url, args, messages), "turn": turn})
+        if not out[-1]["ok"]:
+            break
+    return out
+
+
+async def one_turn(client, url: str, args, messages: list[dict]) -> dict:
     body = {"model": "bench", "max_tokens": args.new_tokens, "ignore_eos": True, "stream": True,
-            "return_token_ids": True, "messages": [{"role": "user", "content": content}]}
+            "return_token_ids": True, "messages": messages}
     t0 = time.perf_counter()
-    times, n = [], 0
+    times, n, text = [], 0, []
     try:
         async with client.stream("POST", f"{url}/v1/chat/completions", json=body) as r:
             if r.status_code != 200:
@@ -109,6 +135,7 @@ async def one_request(client, url: str, args, seed: int) -> dict:
                 if "error" in chunk:
                     return {"ok": False}
                 got = sum(len(c.get("token_ids") or []) for c in chunk["choices"])
+                text += [c["delta"].get("content") or "" for c in chunk["choices"]]
                 if got:
                     times.append(time.perf_counter())
                     n += got
@@ -118,7 +145,7 @@ async def one_request(client, url: str, args, seed: int) -> dict:
         return {"ok": False}
     ttft = times[0] - t0
     tpot = (times[-1] - times[0]) / (n - 1) if n > 1 else float("nan")
-    return {"ok": True, "ttft": ttft, "tpot": tpot, "tokens": n}
+    return {"ok": True, "ttft": ttft, "tpot": tpot, "tokens": n, "text": "".join(text)}
 
 
 async def level(url: str, args, clients: int, requests: int, first_seed: int) -> dict:
@@ -129,19 +156,32 @@ async def level(url: str, args, clients: int, requests: int, first_seed: int) ->
 
     async def worker(client):
         while queue:
-            results.append(await one_request(client, url, args, queue.pop()))
+            got = await one_request(client, url, args, queue.pop())
+            results.extend(got if isinstance(got, list) else [got])
 
     limits = httpx.Limits(max_connections=clients + 4)
     async with httpx.AsyncClient(timeout=None, limits=limits) as client:
         t0 = time.perf_counter()
         await asyncio.gather(*(worker(client) for _ in range(clients)))
         wall = time.perf_counter() - t0
+    return summary(results, clients, wall)
+
+
+def summary(results: list[dict], clients: int, wall: float) -> dict:
+    """One level's figures from its requests (chat turns: each turn a request)."""
     ok = [r for r in results if r["ok"]]
-    pct = lambda key, q: float(np.percentile([r[key] for r in ok], q)) if ok else float("nan")  # noqa: E731
+    later = [r for r in ok if r.get("turn", 0) > 0]
+
+    def pct(key, q, rows=ok):
+        return float(np.percentile([r[key] for r in rows], q)) if rows else float("nan")
+
     return {"clients": clients, "requests": len(results), "failed": len(results) - len(ok),
             "req_s": len(ok) / wall, "tok_s": sum(r["tokens"] for r in ok) / wall,
             "ttft_p50": pct("ttft", 50), "ttft_p99": pct("ttft", 99),
-            "tpot_p50": pct("tpot", 50), "tpot_p99": pct("tpot", 99)}
+            "tpot_p50": pct("tpot", 50), "tpot_p99": pct("tpot", 99),
+            "first_ttft_p50": pct("ttft", 50, [r for r in ok if r.get("turn", 0) == 0]),
+            "later_ttft_p50": pct("ttft", 50, later), "later_ttft_p99": pct("ttft", 99, later),
+            "results": results, "wall": wall}
 
 
 # ------------------------------------------------------------------ main
@@ -158,8 +198,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--dtype", choices=["float32", "bfloat16"], default=None)
     ap.add_argument("--matmul", choices=["f32", "bf16"], default=None,
                     help="the server's --matmul: bf16 runs the vision tower and prefill with bf16 inputs")
+    ap.add_argument("--turns", type=int, default=1, help="turns per chat, each resending the history (default 1)")
+    ap.add_argument("--compare", default=None, metavar="FLAG=ON,OFF",
+                    help="two servers differing in one qwen2vl-serve flag, measured alternately (one table)")
+    ap.add_argument("--rounds", type=int, default=2, help="with --compare: runs of each setting, alternating")
+    ap.add_argument("--server-flags", default="", help="more qwen2vl-serve flags for every server (one string)")
     args = ap.parse_args(argv)
     levels = [int(c) for c in args.clients.split(",")]
+    if args.compare:
+        return compare(args, levels)
 
     with tempfile.TemporaryDirectory() as tmp:
         if args.size == "demo":
@@ -200,6 +247,62 @@ def main(argv: list[str] | None = None) -> int:
           f"({100 * (rss_end / rss_warm - 1):+.1f}%)", flush=True)
     if args.size == "2b":
         print(f"vLLM CPU: about {VLLM_2B['rss_gb']:.0f} GB server memory, {VLLM_2B['startup_s']:.0f} s launch to healthy")
+    return 0
+
+
+def compare(args, levels: list[int]) -> int:
+    """Two servers, one flag apart: each level run on each in turn, --rounds times; a row per
+    (level, setting) over all its rounds."""
+    flag, values = args.compare.split("=", 1)
+    settings = values.split(",")
+    with tempfile.TemporaryDirectory() as tmp:
+        if args.size == "demo":
+            folder = model_folder(args.size, Path(tmp))
+        else:
+            code = "import sys; from common import model_folder; model_folder(sys.argv[1], sys.argv[2])"
+            made = subprocess.run([sys.executable, "-c", code, args.size, tmp], cwd=Path(__file__).resolve().parent)
+            if made.returncode:
+                return made.returncode
+            folder = Path(tmp) / f"model-{args.size}"
+        servers = []
+        try:
+            for value in settings:
+                port = free_port()
+                proc, _ = start_server(args, folder, port, [f"--{flag}", value])
+                servers.append((value, proc, f"http://127.0.0.1:{port}"))
+                asyncio.run(level(servers[-1][2], args, max(levels), max(levels), 10**6))  # warm-up
+            what = f"{args.image}x{args.image} image" if args.image else "a text question"
+            turns = f", chats of {args.turns} turns" if args.turns > 1 else ""
+            print(f"\nqwen2vl-serve --{flag} {' vs '.join(settings)}, --size {args.size}, {what} per request{turns}, "
+                  f"{args.new_tokens} tokens (EOS ignored), --max-batch {args.max_batch}, {args.rounds} rounds "
+                  f"alternating {args.server_flags}")
+            head = ("clients", f"--{flag}", "requests", "failed", "out tok/s", "TTFT p50 s", "TTFT p99 s",
+                    "TPOT p50 ms", "TPOT p99 ms")
+            if args.turns > 1:
+                head += ("turn 1 TTFT p50 s", "turns 2+ TTFT p50 s", "turns 2+ TTFT p99 s")
+            print("| " + " | ".join(head) + " |")
+            print("|" + "---|" * len(head), flush=True)
+            seed = 0
+            for clients in levels:
+                n = args.requests or max(8, 4 * clients)
+                runs = {value: [] for value in settings}
+                for _ in range(args.rounds):
+                    for value, _, url in servers:  # the same requests on each
+                        runs[value].append(asyncio.run(level(url, args, clients, n, seed)))
+                    seed += n
+                for value in settings:
+                    r = summary([x for run in runs[value] for x in run["results"]], clients,
+                                sum(run["wall"] for run in runs[value]))
+                    cells = [clients, value, r["requests"], r["failed"], f"{r['tok_s']:.1f}", f"{r['ttft_p50']:.2f}",
+                             f"{r['ttft_p99']:.2f}", f"{1e3 * r['tpot_p50']:.0f}", f"{1e3 * r['tpot_p99']:.0f}"]
+                    if args.turns > 1:
+                        cells += [f"{r['first_ttft_p50']:.2f}", f"{r['later_ttft_p50']:.2f}",
+                                  f"{r['later_ttft_p99']:.2f}"]
+                    print("| " + " | ".join(str(c) for c in cells) + " |", flush=True)
+        finally:
+            for _, proc, _ in servers:
+                proc.terminate()
+                proc.wait(60)
     return 0
 
 

@@ -1,5 +1,5 @@
-"""The one decode runner: a jitted vision tower and forward, and three device programs that
-every way of generating drives.
+"""The one decode runner: a jitted vision tower and forward, and the device programs that every
+way of generating drives.
 
   `prefill`  P rows of prompts (`inputs.ModelInputs`: each row right-aligned in a prompt bucket
              Lb), the vision features merged in, through the decoder into a cache of its own
@@ -8,14 +8,20 @@ every way of generating drives.
   `insert`   a prefix's rows into rows of a decode state (with `pack`, each row's prompt moved
              to slots [0, n) so a row holds no padding) (jitted per shapes);
   `step`     every live row one token: the first `rows` rows, attending over the first
-             `context` slots, the state donated (jitted per (B, S, rows, context)).
+             `context` slots, the state donated (jitted per (B, S, rows, context));
+  `extend`   C prompt tokens of one row of a served state written at its slots [start,
+             start + C) (a prompt prefilled chunk by chunk between steps; its last chunk starts
+             the row and draws its first token) (jitted per (C, context, feature bucket));
+  `save` / `restore`  a copy of a row's first slots out of the state / into a row (a prompt
+             prefix whose keys and values are reused: prefix caching).
 
 Offline generation (`generate`, `stream`) prefills a batch straight into its own rows of
 S = Lb + round_up(max_new_tokens, 64) slots (the prefix is the whole state, so its insert is the
 identity) and runs `step` inside one `jax.lax.while_loop` (`generate`) or one call at a time
 (`stream`, the next step always queued before the current token is read back). The server's
 scheduler (`serving.scheduler`) prefills one request at a time, inserts it into a free row and
-steps every live row, through the same three programs. Whether a row is finished is decided in
+steps every live row, through the same programs (or fills the row with `extend`, chunk by chunk,
+after `restore` of a cached prefix). Whether a row is finished is decided in
 one place (`decode_state.advance`). Nothing here mutates the model: params are an argument of
 every call, results come back as values (`GenerationResult`, `Token`).
 """
@@ -32,7 +38,7 @@ import numpy as np
 from jax.sharding import Mesh
 
 from qwen2vl_jax.decode_state import (FINISH_REASONS, LENGTH, RUNNING, STOP, DecodeState, KVCache, RowSettings, advance,
-                                       token_logprobs)
+                                       token_logprobs, unpack_mask)
 from qwen2vl_jax.inputs import ModelInputs, round_up
 from qwen2vl_jax.modules.qwen2vl import Qwen2VLModule, init_shapes
 from qwen2vl_jax.sampling import GenerationConfig, Sampling
@@ -118,6 +124,9 @@ class Engine:
         self._insert = jax.jit(self._insert_impl, donate_argnums=0, static_argnums=3)
         self._empty = jax.jit(self._empty_impl, static_argnums=(0, 1))
         self._step = jit(self._step_impl, 3, static_argnums=(2, 3, 4, 5), donate_argnums=1)
+        self._extend = jit(self._extend_impl, 6, static_argnums=(5, 6, 7), donate_argnums=1)
+        self._save = jax.jit(self._save_impl, static_argnums=2)
+        self._restore = jax.jit(self._restore_impl, donate_argnums=0)
         self._loop = jit(self._loop_impl, 2, static_argnums=(2, 3), donate_argnums=1,
                          **({"compiler_options": loop_options} if loop_options else {}))
 
@@ -133,12 +142,14 @@ class Engine:
         with use_mesh(self.mesh, self.rules), jax.named_scope("forward"):
             return self.module.apply({"params": params}, input_ids, positions, mask, vision).astype(jnp.float32)
 
-    def _logits(self, params, ids, features, positions, kv_valid, cache: KVCache, index):
+    def _logits(self, params, ids, features, positions, kv_valid, cache: KVCache, index, at=None):
         """The one model call of every program: tokens in, their keys into the cache from slot
-        `index`, the last position's logits out -> (f32[B, V], the new cache)."""
+        `index`, the logits of position `at` (default the last) out -> (f32[B, V], the new
+        cache)."""
         x = self._apply(params, ids, features, method=Qwen2VLModule.embed)
         hidden, layers = self._apply(params, x, positions, kv_valid, cache.layers, index, method=Qwen2VLModule.decode)
-        logits = self._apply(params, hidden[:, -1], method=Qwen2VLModule.lm_logits).astype(jnp.float32)
+        hidden = hidden[:, -1] if at is None else jax.lax.dynamic_index_in_dim(hidden, at, axis=1, keepdims=False)
+        logits = self._apply(params, hidden, method=Qwen2VLModule.lm_logits).astype(jnp.float32)
         return logits, KVCache.of_layers(layers)
 
     @staticmethod
@@ -230,6 +241,68 @@ class Engine:
                 sampling=jax.tree.map(lambda x: jnp.broadcast_to(jnp.asarray(x), (rows, *np.shape(x))), one),
             ).constrain()
 
+    def _extend_impl(self, params, state: DecodeState, chunk: dict, features, settings: RowSettings, context: int,
+                     greedy: bool | None, logprobs: bool = False, allow=None):
+        """Row `row` of the served state (donated) <- C prompt tokens at slots [start, start + C),
+        `length` of them real (the rest padding at the end, written past the prompt and masked
+        off) -> (the state, the row's readout). The row attends over its first `context` slots.
+        A row being filled is finished and parked at its last slot: the decode steps between
+        two chunks draw only pads for it and write only there, and this call masks off whatever
+        they wrote. On the `last` chunk the row is started: its pos, pos_offset, the prompt's
+        tokens as `seen` (a bitmask), settings and key, and its first token drawn from the
+        logits of the chunk's last real token.
+
+        chunk: input_ids int32[1, C], positions int32[3, 1, C], and scalars row, start, length,
+        last, with pos_offset int32[1] and seen int32[1, W] (the whole prompt's); features
+        [F, D] of the placeholders in this chunk (in `merge_vision`'s order) or None; settings
+        of one row; allow None or int32[1, W]."""
+        b, s = state.kv_valid.shape
+        row, start, length, last = chunk["row"], chunk["start"], chunk["length"], chunk["last"]
+        with use_mesh(self.mesh, self.rules), jax.named_scope("extend"):
+            one = state.rows(lambda a, ax: jax.lax.dynamic_slice_in_dim(a, row, 1, axis=ax))
+            end = start + length
+            kv_valid = (jnp.arange(s) < end)[None]
+            logits, cache = self._logits(params, chunk["input_ids"], features, chunk["positions"],
+                                         kv_valid[:, :context], one.cache, start, length - 1)
+            one = one.replace(kv_valid=kv_valid)
+            zeros = jnp.zeros((1,), jnp.int32)
+            started = one.replace(
+                pos=end[None].astype(jnp.int32), pos_offset=chunk["pos_offset"], token=zeros, generated=zeros,
+                seen=unpack_mask(chunk["seen"], self.config.text.vocab_size), finish=zeros + RUNNING,
+                greedy=settings.greedy, max_new=settings.max_new, rng=settings.rng, sampling=settings.sampling)
+            started = advance(started, logits, greedy, allow)
+            parked = one.replace(pos=jnp.full((1,), s - 1, jnp.int32), finish=jnp.full((1,), LENGTH, jnp.int32))
+            new = jax.tree.map(lambda a, p: jnp.where(last, a, p).astype(p.dtype), started.replace(cache=None),
+                               parked.replace(cache=None)).replace(cache=cache).constrain()
+            out = state.rows(lambda a, ax, n: jax.lax.dynamic_update_slice_in_dim(a, n.astype(a.dtype), row, axis=ax),
+                             new)
+            return out.constrain(), self._readout(new, logits, logprobs)
+
+    def _save_impl(self, state: DecodeState, row, slots: int) -> KVCache:
+        """A copy of row `row`'s first `slots` cache slots: a KVCache of one row."""
+        ax = state.cache.batch_axis
+        with use_mesh(self.mesh, self.rules), jax.named_scope("save_prefix"):
+            return state.cache.map(lambda x: jax.lax.slice_in_dim(
+                jax.lax.dynamic_slice_in_dim(x, row, 1, axis=ax), 0, slots, axis=ax + 1))
+
+    def _restore_impl(self, state: DecodeState, saved: KVCache | None, row, length) -> DecodeState:
+        """The state (donated) with `saved` (one row of F slots, `_save_impl`) in row `row`'s
+        slots [0, F), the first `length` of them valid; the row finished and parked at its last
+        slot, as `_extend_impl` leaves a row it has not started (saved None: only that)."""
+        ax, s = state.cache.batch_axis, state.kv_valid.shape[1]
+
+        def put(big, small):
+            at = [jnp.zeros((), jnp.int32)] * big.ndim
+            at[ax] = row
+            return jax.lax.dynamic_update_slice(big, small.astype(big.dtype), at)
+
+        with use_mesh(self.mesh, self.rules), jax.named_scope("restore_prefix"):
+            cache = state.cache if saved is None else state.cache.replace(
+                k=tuple(map(put, state.cache.k, saved.k)), v=tuple(map(put, state.cache.v, saved.v)))
+            return state.replace(
+                cache=cache, kv_valid=state.kv_valid.at[row].set(jnp.arange(s) < length),
+                pos=state.pos.at[row].set(s - 1), finish=state.finish.at[row].set(LENGTH)).constrain()
+
     def _decode_one(self, params, state: DecodeState, context: int, greedy: bool | None, allow=None):
         """One token for every row: each row's last token fed at its own slot `pos`; attention
         reads slots [0, context) only (every live row's tokens are there) -> (the state, the
@@ -289,7 +362,7 @@ class Engine:
             return jax.lax.while_loop(keep_going, body, (state, tokens, jnp.int32(1)))
 
     # ------------------------------------------------------------ ahead of time
-    PROGRAMS = ("encode", "forward", "prefill", "insert", "empty", "step", "loop")
+    PROGRAMS = ("encode", "forward", "prefill", "insert", "empty", "step", "extend", "save", "restore", "loop")
 
     def program(self, name: str):
         """The jitted program `name` (one of PROGRAMS), for ahead-of-time work:
@@ -302,7 +375,7 @@ class Engine:
 
     # ------------------------------------------------------------ the device calls
     # Host arrays in, device values out: what a multi-process leader replays on every process
-    # (serving.lockstep wraps exactly these five).
+    # (serving.lockstep wraps exactly these).
     def empty(self, rows: int, slots: int) -> DecodeState:
         """A decode state of `rows` free rows of `slots` cache slots."""
         return self._empty(rows, slots)
@@ -340,6 +413,22 @@ class Engine:
         b, s = state.kv_valid.shape
         return self._step(params, state, b if rows is None else rows, s if context is None else context, greedy,
                           logprobs, allow)
+
+    def extend(self, params, state: DecodeState, chunk: dict, features, settings: RowSettings, context: int,
+               greedy: bool | None = None, *, logprobs: bool = False, allow=None) -> tuple[DecodeState, tuple]:
+        """One chunk of one row's prompt into the served state (donated; see `_extend_impl`) ->
+        (the state, the row's readout as `prefill` gives it; read it after the last chunk)."""
+        return self._extend(params, state, chunk, features, settings, context, greedy, logprobs, allow)
+
+    def save(self, state: DecodeState, row: int, slots: int) -> KVCache:
+        """A copy of row `row`'s first `slots` cache slots (a prompt prefix to reuse)."""
+        return self._save(state, np.int32(row), slots)
+
+    def restore(self, state: DecodeState, saved: KVCache | None, row: int, length: int) -> DecodeState:
+        """The state (donated) with a saved prefix in row `row`, its first `length` slots valid;
+        `extend` goes on from slot `length`. saved None: the row is only parked (finished, its
+        slots masked off) for the `extend` calls that will fill it."""
+        return self._restore(state, saved, np.int32(row), np.int32(length))
 
     # ------------------------------------------------------------ offline generation
     def _put(self, tree: dict, axes: dict) -> dict:

@@ -329,15 +329,21 @@ class CountStatus:
 # ---------------------------------------------------------------------------- building it
 def build_service(model, processor, *, max_batch: int = 16, max_context: int | None = None,
                   settings: Settings | None = None, vision_cache_entries: int = 256, warm_up: bool = True,
-                  warm_up_vision: bool = True, progress=None) -> Service:
+                  warm_up_vision: bool = True, progress=None, prefill_chunk: int = 0,
+                  prefix_cache_gb: float = 0.0) -> Service:
     """A Service over a loaded model: its decode slots and Batcher (not started), warmed up
-    (`progress`: called with a line per warm-up stage, e.g. print)."""
+    (`progress`: called with a line per warm-up stage, e.g. print). prefill_chunk: prompt tokens
+    written per iteration between decode steps (0: whole prompts); prefix_cache_gb: memory for
+    reused prompt prefixes (0: off)."""
+    from qwen2vl_jax.serving.prefix_cache import PrefixCache
     from qwen2vl_jax.serving.scheduler import Batcher, Slots, VisionCache
 
     settings = settings or Settings()
     slots = Slots(model.engine, max_batch=max_batch, max_context=max_context)
+    prefix_cache = PrefixCache(int(prefix_cache_gb * 2**30)) if prefix_cache_gb > 0 else None
     batcher = Batcher(slots, model.params, max_queue=settings.max_queue,
-                      vision_cache=VisionCache(max_entries=vision_cache_entries))
+                      vision_cache=VisionCache(max_entries=vision_cache_entries), prefill_chunk=prefill_chunk,
+                      prefix_cache=prefix_cache)
     if warm_up:
         from qwen2vl_jax.serving.warmup import warm_up as warm
 

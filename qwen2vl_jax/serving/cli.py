@@ -62,6 +62,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--request-timeout", type=float, default=600.0, help="seconds a request may take (default 600)")
     p.add_argument("--max-body-mb", type=float, default=64.0, help="largest request body in MiB (default 64)")
     p.add_argument("--vision-cache", type=int, default=256, help="images whose features are cached (default 256; 0: off)")
+    p.add_argument("--prefill-chunk", type=int, default=512, metavar="TOKENS",
+                   help="write a prompt into its decode slot at most this many tokens (and one image or video's "
+                        "vision tower) between two decode steps, so a long or image-heavy prompt does not stall the "
+                        "requests being decoded (default %(default)s; 0: a whole prompt at once)")
+    p.add_argument("--prefix-cache-gb", type=float, default=1.0, metavar="GB",
+                   help="device memory for the keys and values of prompt prefixes reused by later requests with the "
+                        "same tokens and images (multi-turn chats, shared system prompts), evicted least recently "
+                        "used first (default %(default)g; 0: off)")
     p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1 endpoints")
     p.add_argument("--media-dir", default=None, help="folder that file:// images and videos may come from")
     p.add_argument("--allow-remote-media", action="store_true", help="let image_url parts fetch http(s) URLs")
@@ -90,6 +98,7 @@ def _check_args(args) -> None:
     for flag, value, lo in (("--port", args.port, 0), ("--max-batch", args.max_batch, 1), ("--max-queue", args.max_queue, 0),
                             ("--max-images", args.max_images, 0), ("--max-tokens", args.max_tokens, 1),
                             ("--max-image-pixels", args.max_image_pixels, 1), ("--vision-cache", args.vision_cache, 0),
+                            ("--prefill-chunk", args.prefill_chunk, 0), ("--prefix-cache-gb", args.prefix_cache_gb, 0),
                             ("--preprocess-workers", 1 if args.preprocess_workers is None else args.preprocess_workers, 1)):
         if value < lo:
             raise InputError(f"{flag} must be at least {lo} (got {value})")
@@ -239,6 +248,7 @@ def _run(args) -> int:
                         max_queue=args.max_queue, default_max_tokens=args.max_tokens, **network)
     service = build_service(model, processor, max_batch=args.max_batch, max_context=args.max_context,
                             settings=settings, vision_cache_entries=args.vision_cache,
+                            prefill_chunk=args.prefill_chunk, prefix_cache_gb=args.prefix_cache_gb,
                             warm_up_vision=not args.no_vision_warm_up,
                             progress=_say if not multi or distributed.is_leader() else None)
     if multi:

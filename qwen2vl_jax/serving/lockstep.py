@@ -2,9 +2,11 @@
 
 Each jitted call must run on every process of the mesh as one program, in the same order. The
 `Leader` wraps the runner's device calls (`engine.Engine`: empty, encode, prefill, insert,
-step) on process 0: each is first sent to the others (its name, a few numbers as JSON, its host
+step, extend, save, restore) on process 0: each is first sent to the others (its name, a few numbers as JSON, its host
 arrays as .npz, through an all-gather of bytes), then made. The others `follow`: they receive
-each call and make it on their own runner with the same arguments.
+each call and make it on their own runner with the same arguments. A saved prompt prefix
+(prefix caching) is known by a name: every process keeps its own part of it under that name
+until process 0 says it is dropped.
 """
 
 from __future__ import annotations
@@ -89,6 +91,28 @@ class Leader:
                            context=context, logprobs=logprobs)
         return self.engine.step(params, state, greedy, rows, context, logprobs=logprobs, allow=allow)
 
+    def extend(self, params, state, chunk: dict, features, settings: RowSettings, context: int,
+               greedy: bool | None = None, *, logprobs: bool = False, allow=None):
+        extra = {} if features is None else {"features": np.asarray(features)}
+        if allow is not None:
+            extra["allow"] = allow
+        chunk_arrays = {f"chunk_{k}": np.asarray(v) for k, v in chunk.items()}
+        self.lockstep.send("extend", {**chunk_arrays, **extra, **_flat("settings", settings)}, context=context,
+                           greedy=greedy, logprobs=logprobs)
+        return self.engine.extend(params, state, chunk, features, settings, context, greedy, logprobs=logprobs,
+                                  allow=allow)
+
+    def save(self, state, row: int, slots: int, name: int):
+        self.lockstep.send("save", row=int(row), slots=int(slots), name=int(name))
+        return self.engine.save(state, row, slots)
+
+    def restore(self, state, saved, row: int, length: int, name: int | None):
+        self.lockstep.send("restore", row=int(row), length=int(length), name=name)
+        return self.engine.restore(state, saved, row, length)
+
+    def drop(self, names: list[int]) -> None:
+        self.lockstep.send("drop", names=[int(n) for n in names])
+
     def ping(self) -> None:
         """Followers wait inside a collective: an idle leader keeps it short."""
         self.lockstep.send("ping")
@@ -103,6 +127,7 @@ def follow(engine, params, lockstep: Lockstep | None = None) -> None:
     lockstep = lockstep or Lockstep()
     like = RowSettings.of([GenerationConfig()])
     state = prefix = None
+    saved: dict[int, object] = {}  # the prompt prefixes process 0 keeps, by name
     while True:
         op, meta, a = lockstep.receive()
         if op == "stop":
@@ -120,5 +145,17 @@ def follow(engine, params, lockstep: Lockstep | None = None) -> None:
         elif op == "step":
             state, _ = engine.step(params, state, meta["greedy"], meta["rows"], meta["context"],
                                    logprobs=meta["logprobs"], allow=a.get("allow"))
+        elif op == "extend":
+            chunk = {k[len("chunk_"):]: v for k, v in a.items() if k.startswith("chunk_")}
+            state, _ = engine.extend(params, state, chunk, a.get("features"), _unflat("settings", a, like),
+                                     meta["context"], meta["greedy"], logprobs=meta["logprobs"], allow=a.get("allow"))
+        elif op == "save":
+            saved[meta["name"]] = engine.save(state, meta["row"], meta["slots"])
+        elif op == "restore":
+            name = meta["name"]
+            state = engine.restore(state, None if name is None else saved[name], meta["row"], meta["length"])
+        elif op == "drop":
+            for name in meta["names"]:
+                saved.pop(name, None)
         elif op != "ping":
             raise RuntimeError(f"process 0 sent an unknown call {op!r}")

@@ -27,6 +27,18 @@ class Histogram:
         return out + [f"{name}_sum {self.sum}", f"{name}_count {total}"]
 
 
+def _prefix_lines(cache) -> tuple:
+    """The prefix cache's counters (none when it is off)."""
+    if cache is None:
+        return ()
+    return (("prefix_cache_hits_total", "counter", cache.hits, "requests that reused a cached prompt prefix"),
+            ("prefix_cache_cached_tokens_total", "counter", cache.cached_tokens,
+             "prompt tokens whose keys and values came from the prefix cache"),
+            ("prefix_cache_evictions_total", "counter", cache.evictions, "prefixes evicted for room"),
+            ("prefix_cache_entries", "gauge", len(cache), "prompt prefixes held"),
+            ("prefix_cache_bytes", "gauge", cache.nbytes, "device memory the held prefixes take"))
+
+
 class Metrics:
     """Counters and histograms for /metrics (updated from the event loop only)."""
 
@@ -52,6 +64,7 @@ class Metrics:
             ("vision_cache_hits_total", "counter", cache.hits, "images whose features came from the cache"),
             ("vision_cache_misses_total", "counter", cache.misses, "images that went through the vision tower"),
             ("vision_cache_entries", "gauge", len(cache), "images in the vision cache"),
+            *_prefix_lines(batcher.prefix_cache),
         ):
             lines += [f"# HELP {p}_{name} {doc}", f"# TYPE {p}_{name} {kind}", f"{p}_{name} {value}"]
         lines += [f"# TYPE {p}_time_to_first_token_seconds histogram", *self.ttft.lines(f"{p}_time_to_first_token_seconds")]

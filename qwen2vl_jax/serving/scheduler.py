@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import hashlib
 import logging
 import threading
 from typing import Callable, Sequence
@@ -35,6 +36,7 @@ from qwen2vl_jax.errors import InputError
 from qwen2vl_jax.inputs import ModelInputs, bucket, build_inputs, pack_vision
 from qwen2vl_jax.sampling import GenerationConfig
 from qwen2vl_jax.serving.lockstep import Leader, Lockstep, to_host
+from qwen2vl_jax.serving.prefix_cache import PrefixCache, block_hashes, placeholder_spans
 from qwen2vl_jax.serving.vision_cache import VisionCache
 
 log = logging.getLogger(__name__)
@@ -146,6 +148,31 @@ class Slots:
         choice `source`)."""
         return self.runner.insert(state, prefix, slot, source=source)
 
+    def extend(self, params, state: DecodeState, chunk: dict, features, settings: RowSettings, context: int, *,
+               logprobs: bool = False, allow=None):
+        """One chunk of one row's prompt into the state (donated; `Engine.extend`) -> (the state,
+        the row's readout)."""
+        return self.runner.extend(params, state, chunk, features, settings, context, None, logprobs=logprobs,
+                                  allow=allow)
+
+    def save(self, state: DecodeState, row: int, slots: int, name: int):
+        """A copy of row `row`'s first `slots` cache slots, known to the device calls as `name`."""
+        if self.leader is not None:
+            return self.leader.save(state, row, slots, name)
+        return self.engine.save(state, row, slots)
+
+    def restore(self, state: DecodeState, saved, row: int, length: int, name: int | None = None) -> DecodeState:
+        """The state (donated) with a saved prefix (`name`; None: none, the row only parked) in
+        row `row`, its first `length` slots valid."""
+        if self.leader is not None:
+            return self.leader.restore(state, saved, row, length, name)
+        return self.engine.restore(state, saved, row, length)
+
+    def drop(self, names: Sequence[int]) -> None:
+        """Saved prefixes no longer kept (the other processes free theirs)."""
+        if self.leader is not None and names:
+            self.leader.drop(list(names))
+
     def rows_for(self, live: int) -> int:
         """The row bucket that covers slots [0, live)."""
         return next(b for b in self.row_buckets if b >= live)
@@ -180,6 +207,37 @@ def choice_settings(generation: GenerationConfig, choices: int) -> RowSettings:
 
 
 # ---------------------------------------------------------------------------- requests
+def chunk_bucket(tokens: int) -> int:
+    """The chunk sizes `extend` is compiled for: 16, 24, 32, 48, 64, 96, ... (two per octave:
+    at most a third of a chunk is padding, and three sizes cover the prompts up to 64 tokens
+    that warm-up compiles)."""
+    rung = PREFILL_BUCKET_MIN
+    while True:
+        for size in (rung, rung * 3 // 2):
+            if size >= tokens:
+                return size
+        rung *= 2
+
+
+def chunk_shape(start: int, tokens: int, slots: int) -> tuple[int, int]:
+    """The chunk that writes up to `tokens` prompt tokens from slot `start` of a row of `slots`
+    -> (its size C, the real tokens m in it): C a `chunk_bucket`, and start + C within the row
+    (else the largest power of two that fits, holding fewer tokens)."""
+    c = chunk_bucket(tokens)
+    if start + c <= slots:
+        return c, tokens
+    c = 1 << (slots - start).bit_length() - 1  # the largest power of two that fits
+    return c, min(tokens, c)
+
+
+def seen_words(ids: np.ndarray, vocab: int) -> np.ndarray:
+    """The prompt's tokens as a bitmask int32[1, W] (`decode_state.unpack_mask`'s layout)."""
+    words = np.zeros((1, mask_words(vocab)), np.uint32)
+    ids = np.unique(np.asarray(ids, np.int64))
+    np.bitwise_or.at(words[0], ids >> 5, (np.uint32(1) << (ids & 31).astype(np.uint32)))
+    return words.view(np.int32)
+
+
 @dataclasses.dataclass
 class VisionInput:
     """One image or video of a request: its patches and grid, and the vision cache key (None:
@@ -188,6 +246,14 @@ class VisionInput:
     pixel_values: np.ndarray
     grid_thw: np.ndarray  # int[1, 3]
     key: str | None = None
+
+    def content_key(self) -> str:
+        """`key`, or without one a hash of the pixels and grid (what the prefix cache keys on)."""
+        if self.key is not None:
+            return self.key
+        d = hashlib.sha256(np.ascontiguousarray(self.pixel_values).tobytes())
+        d.update(np.asarray(self.grid_thw, np.int64).tobytes())
+        return d.hexdigest()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -220,6 +286,7 @@ class Request:
     top_logprobs: int | None = None  # None: no logprobs; else how many of the most likely tokens
     grammar: object | None = None  # a compiled grammar (`grammar.Grammar`): each choice's tokens follow it
     stopped: set = dataclasses.field(default_factory=set)  # choices the reply has ended (stop strings)
+    cached_tokens: int = 0  # prompt tokens whose keys and values came from the prefix cache (set before any event)
 
     def cancel(self) -> None:
         self.cancelled.set()
@@ -244,6 +311,23 @@ class Row:
     matcher: object | None = None  # the choice's grammar state (`grammar.Matcher`)
     generated: int = 0
     done: bool = False
+    ready: bool = True  # False while its prompt is still being written (`Fill`): steps pass it by
+
+
+@dataclasses.dataclass(eq=False)
+class Fill:
+    """A request whose prompt is written into its row chunk by chunk (`Engine.extend`)."""
+
+    row: Row
+    slot: int
+    ids: np.ndarray  # int32[n]: the prompt
+    positions: np.ndarray  # int32[3, n]: its M-RoPE positions
+    pos_offset: int  # slot j's position for decoding is j + pos_offset
+    media: list  # VisionInput: images then videos
+    spans: list  # prefix_cache.Span of each, in the same order
+    hashes: list | None  # the prompt's block hashes (prefix caching on)
+    start: int = 0  # the next slot to write
+    features: dict = dataclasses.field(default_factory=dict)  # media index -> merged features [n, D]
 
 
 class QueueFull(Exception):
@@ -258,13 +342,23 @@ class Batcher:
     requests into free rows between steps (vision tower with the cache, prefill, insert), steps
     every active row, and frees a row the moment its request ends."""
 
-    def __init__(self, slots: Slots, params, *, max_queue: int = 64, vision_cache: VisionCache | None = None):
+    def __init__(self, slots: Slots, params, *, max_queue: int = 64, vision_cache: VisionCache | None = None,
+                 prefill_chunk: int = 0, prefix_cache: PrefixCache | None = None):
+        """prefill_chunk: prompts are written into their row at most this many tokens per
+        iteration, between decode steps (0: a whole prompt at once). prefix_cache: prompt
+        prefixes kept and reused (None: off). With either, a request of one choice is filled
+        into its row by `Engine.extend`; otherwise (and for n > 1) it is prefilled whole and
+        inserted."""
         self.slots, self.params = slots, params
         self.max_queue = max_queue
         self.vision_cache = vision_cache if vision_cache is not None else VisionCache()
+        if prefill_chunk < 0:
+            raise InputError(f"prefill_chunk must be 0 (off) or a number of tokens (got {prefill_chunk})")
+        self.prefill_chunk = int(prefill_chunk)
+        self.prefix_cache = prefix_cache
+        self._fill: Fill | None = None
         self._queue: collections.deque[Request] = collections.deque()
         self._active: list[Row | None] = [None] * slots.max_batch
-        self._words = mask_words(slots.config.text.vocab_size)
         self._cond = threading.Condition()
         self._closing = False
         self._state = None
@@ -282,12 +376,22 @@ class Batcher:
         return self.slots.max_batch
 
     @property
+    def _words(self) -> int:
+        """int32 words of a row's allowed-token bitmask."""
+        return mask_words(self.slots.config.text.vocab_size)
+
+    @property
     def queue_depth(self) -> int:
         return len(self._queue)
 
     @property
     def active_slots(self) -> int:
+        """Rows held by a request (decoding, or being filled)."""
         return sum(r is not None for r in self._active)
+
+    def _fills(self, req: Request) -> bool:
+        """The request is written into its row by `extend` (chunked prefill or prefix caching)."""
+        return req.choices == 1 and (self.prefill_chunk > 0 or self.prefix_cache is not None)
 
     def start(self) -> "Batcher":
         """Starts the thread (once; later calls do nothing)."""
@@ -331,10 +435,19 @@ class Batcher:
             prompt_lengths = short_prompt_lengths(self.slots.max_context)
         state = self.slots.init_state()
         generation = GenerationConfig(max_new_tokens=2)
-        # insert and step, each on a fresh state and on one a step returned: on a mesh the two
-        # can differ in layout, and each compiles its own variant here rather than later.
+        fills = self.prefill_chunk > 0 or self.prefix_cache is not None
+        # insert (or extend) and step, each on a fresh state and on one a step returned: on a
+        # mesh the two can differ in layout, and each compiles its own variant here rather than later.
         for _ in range(2):
-            for n in prompt_lengths:
+            sizes = sorted({c for c in map(chunk_bucket, prompt_lengths) if c <= self.slots.max_context})
+            for n in sizes if fills else prompt_lengths:
+                if fills:
+                    state = self.slots.restore(state, None, 0, 0)
+                    ids = np.zeros((min(n, self.prefill_chunk or n),), np.int32)
+                    state, out = self.slots.extend(self.params, state, self._chunk(ids, np.zeros((3, ids.size), np.int32),
+                                                                                  0, 0, ids.size, True, 0),
+                                                   None, choice_settings(generation, 1), self.slots.context_for(ids.size))
+                    continue
                 inputs = self.slots.prompt_inputs(np.zeros((n,), np.int32), max_new_tokens=1)
                 state = self.slots.insert(state, self.slots.prefill(self.params, inputs, None, generation), 0)
             for rows in self.slots.row_buckets:  # every bucket, on a state each kind of step returned
@@ -353,7 +466,9 @@ class Batcher:
                     return
             self._release_cancelled()
             self._admit()
-            if self.active_slots:
+            if self._fill is not None:
+                self._fill_some()
+            if any(r is not None and r.ready for r in self._active):
                 self._step()
 
     def _release_cancelled(self) -> None:
@@ -369,16 +484,24 @@ class Batcher:
                 if req not in ended:  # one event for the whole request
                     ended.add(req)
                     req.emit(Event(finish="cancelled"))
+            if self._active[slot] is None and self._fill is not None and self._fill.row is row:
+                self._fill = None
 
     def _admit(self) -> None:
         while True:
             with self._cond:
                 free = [i for i, row in enumerate(self._active) if row is None]
-                if not self._queue or len(free) < self._queue[0].choices:
+                if not self._queue:
+                    return
+                fills = self._fills(self._queue[0])
+                if (self._fill is not None or not free) if fills else len(free) < self._queue[0].choices:
                     return
                 req = self._queue.popleft()
             if req.cancelled.is_set():
                 req.emit(Event(finish="cancelled"))
+                continue
+            if fills:
+                self._begin_fill(req, free[0])
                 continue
             rows = [Row(req, i, None if req.grammar is None else req.grammar.matcher()) for i in range(req.choices)]
             try:
@@ -396,6 +519,133 @@ class Batcher:
             for i, (row, slot) in enumerate(zip(rows, free)):
                 self._active[slot] = row
                 self._deliver(slot, row, out, i)
+
+    # ------------------------------------------------------------ filling a row by chunks
+    def _begin_fill(self, req: Request, slot: int) -> None:
+        """Takes row `slot` for the request: its prompt's positions, the longest cached prefix
+        restored into the row (else the row only parked); `_fill_some` writes the rest."""
+        row = Row(req, 0, None if req.grammar is None else req.grammar.matcher(), ready=False)
+        try:
+            ids = np.asarray(req.input_ids, np.int32).reshape(-1)
+            inputs = self.slots.prompt_inputs(ids, _grids(req.images), _grids(req.videos),
+                                              max_new_tokens=req.config.max_new_tokens)
+            n, lb = ids.size, inputs.shape[1]
+            media = [*req.images, *req.videos]
+            cfg = self.slots.config
+            merge = cfg.vision.merge_unit
+            spans = []
+            for items, token in ((req.images, cfg.image_token_id), (req.videos, cfg.video_token_id)):
+                counts = [int(np.prod(v.grid_thw)) // merge for v in items]
+                keys = [v.content_key() for v in items] if self.prefix_cache is not None else [""] * len(items)
+                spans += placeholder_spans(ids, token, counts, keys)
+            fill = Fill(row, slot, ids, inputs.positions[:, 0, lb - n:], int(inputs.pos_offset[0]) + lb - n,
+                        media, spans, None)
+            saved = name = None
+            if self.prefix_cache is not None:
+                fill.hashes = block_hashes(ids, spans, self.prefix_cache.block)
+                hit = self.prefix_cache.lookup(fill.hashes)
+                if hit is not None:
+                    entry, tokens = hit
+                    saved, name, fill.start = entry.saved, entry.name, min(tokens, n - 1)
+                    self.prefix_cache.record(fill.start)
+            req.cached_tokens = fill.start
+            self._state = self.slots.restore(self._state, saved, slot, fill.start, name)
+        except InputError as e:
+            req.emit(Event(finish="error", message=str(e)))
+            return
+        except Exception as e:  # noqa: BLE001 - one bad request must not stop the others
+            log.exception("prefill failed")
+            req.emit(Event(finish="error", message=f"prefill failed: {type(e).__name__}: {e}"))
+            return
+        self._active[slot] = row
+        self._fill = fill
+
+    def _chunk(self, ids, positions, row: int, start: int, length: int, last: bool, pos_offset: int, seen=None,
+               size: int | None = None) -> dict:
+        """`Engine.extend`'s chunk: `length` tokens and positions padded to `size` (default
+        their `chunk_bucket`)."""
+        size = size or chunk_bucket(length)
+        pad = size - length
+        return {"input_ids": np.pad(np.asarray(ids, np.int32), (0, pad))[None],
+                "positions": np.pad(np.asarray(positions, np.int32), ((0, 0), (0, pad)))[:, None],
+                "row": np.int32(row), "start": np.int32(start), "length": np.int32(length), "last": np.bool_(last),
+                "pos_offset": np.full((1,), pos_offset, np.int32),
+                "seen": np.zeros((1, self._words), np.int32) if seen is None else seen}
+
+    def _fill_some(self) -> None:
+        """One piece of the filling request's work: the vision tower of one image or video its
+        next chunk needs (chunked prefill: one per iteration), or that chunk; the last chunk
+        starts the row and hands over its first token."""
+        fill = self._fill
+        row, req = fill.row, fill.row.request
+        n, s = fill.ids.size, self.slots.max_context
+        try:
+            size, m = chunk_shape(fill.start, min(n - fill.start, self.prefill_chunk or n), s)
+            end = fill.start + m
+            need = [i for i, sp in enumerate(fill.spans) if sp.start < end and sp.end > fill.start
+                    and i not in fill.features]
+            for i in need:
+                fill.features[i] = self._features(fill.media[i])
+                if self.prefill_chunk:  # one tower call per iteration: the decoding rows step between
+                    return
+            last = end == n
+            chunk = self._chunk(fill.ids[fill.start:end], fill.positions[:, fill.start:end], fill.slot, fill.start, m,
+                                last, fill.pos_offset, seen_words(fill.ids, self.slots.config.text.vocab_size) if last
+                                else None, size)
+            generation = dataclasses.replace(req.config, eos_token_ids=()) if req.ignore_eos else req.config
+            self._state, out = self.slots.extend(
+                self.params, self._state, chunk, self._chunk_features(fill, end), choice_settings(generation, 1),
+                self.slots.context_for(end), logprobs=req.logprobs and last, allow=self._allow([row]) if last else None)
+            fill.start = end
+            if not last:
+                return
+            out = [np.asarray(x) for x in jax.device_get(out)]
+            self._fill = None
+            if self.prefix_cache is not None:
+                self._keep_prefix(fill)
+        except InputError as e:
+            self._active[fill.slot], self._fill = None, None
+            req.emit(Event(finish="error", message=str(e)))
+            return
+        except Exception as e:  # noqa: BLE001 - the state was donated: fail the rows in flight, keep serving
+            log.exception("prefill failed")
+            self._fail_all(f"prefill failed: {type(e).__name__}: {e}")
+            return
+        row.ready = True
+        self._deliver(fill.slot, row, out, 0)
+
+    def _chunk_features(self, fill: Fill, end: int) -> np.ndarray | None:
+        """The merged features of the placeholders in slots [fill.start, end): images' then
+        videos' (as `merge_vision` takes them), padded to a bucket; None when there are none."""
+        parts = [fill.features[i][max(sp.start, fill.start) - sp.start:min(sp.end, end) - sp.start]
+                 for i, sp in enumerate(fill.spans) if sp.start < end and sp.end > fill.start]
+        if not parts:
+            return None
+        features = np.concatenate(parts)
+        f = bucket(features.shape[0], FEATURE_BUCKET_MIN)
+        return np.concatenate([features, np.zeros((f - features.shape[0], features.shape[1]), features.dtype)])
+
+    def _keep_prefix(self, fill: Fill) -> None:
+        """Saves the full blocks of the prompt just written (unless they are held already)."""
+        cache, blocks = self.prefix_cache, fill.ids.size // self.prefix_cache.block
+        if not blocks or cache.holds(fill.hashes[:blocks]):
+            return
+        k = blocks * cache.block
+        slots = min(bucket(k, PREFILL_BUCKET_MIN), self.slots.max_context)
+        name = cache.new_name()
+        saved = self.slots.save(self._state, fill.slot, slots, name)
+        dropped = cache.add(name, fill.hashes[:blocks], saved, saved.nbytes)
+        self.slots.drop(dropped)
+
+    def _fail_all(self, message: str) -> None:
+        """Ends every request in a row with an error and starts from a fresh state (after a device
+        call failed on the donated state)."""
+        failed = dict.fromkeys(r.request for r in self._active if r is not None)
+        self._active = [None] * len(self._active)
+        self._fill = None
+        for req in failed:
+            req.emit(Event(finish="error", message=message))
+        self._state = self.slots.init_state()
 
     def _prefill(self, req: Request, rows: list[Row]):
         inputs = self.slots.prompt_inputs(req.input_ids, _grids(req.images), _grids(req.videos),
@@ -427,26 +677,23 @@ class Batcher:
 
     def _step(self) -> None:
         try:
-            live = max(i for i, r in enumerate(self._active) if r is not None) + 1
+            ready = [r if r is not None and r.ready else None for r in self._active]
+            live = max(i for i, r in enumerate(ready) if r is not None) + 1
             rows = self.slots.rows_for(live)
             # a row writes its last token at slot prompt + generated - 1 and attends up to it
-            context = max(np.size(r.request.input_ids) + r.generated for r in self._active if r is not None)
-            logprobs = any(r is not None and r.request.logprobs for r in self._active)
-            allow = self._allow(self._active[:rows] + [None] * (rows - len(self._active[:rows])))
+            context = max(np.size(r.request.input_ids) + r.generated for r in ready if r is not None)
+            logprobs = any(r is not None and r.request.logprobs for r in ready)
+            allow = self._allow(ready[:rows] + [None] * (rows - len(ready[:rows])))
             self._state, out = self.slots.step(self.params, self._state, rows, context, logprobs=logprobs,
                                                allow=allow)
             out = [np.asarray(x) for x in jax.device_get(out)]
         except Exception as e:  # noqa: BLE001 - fail the rows in flight, keep serving
             log.exception("decode step failed")
-            failed = dict.fromkeys(r.request for r in self._active if r is not None)
-            self._active = [None] * len(self._active)
-            for req in failed:
-                req.emit(Event(finish="error", message=f"decode failed: {type(e).__name__}: {e}"))
-            self._state = self.slots.init_state()
+            self._fail_all(f"decode failed: {type(e).__name__}: {e}")
             return
         self.steps += 1
         for slot, row in enumerate(self._active):
-            if row is not None:
+            if row is not None and row.ready:
                 self._deliver(slot, row, out, slot)
 
     def _deliver(self, slot: int, row: Row, out: list[np.ndarray], i: int) -> None:

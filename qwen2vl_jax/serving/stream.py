@@ -141,8 +141,13 @@ class Reply:
         return grounding.boxes_for_images(choice.text, self.image_sizes)[0]
 
     def usage(self) -> dict:
+        """OpenAI's usage; with prefix caching on, prompt_tokens_details.cached_tokens too (the
+        prompt tokens whose keys and values were reused)."""
         n = sum(len(c.ids) for c in self.choices)
-        return {"prompt_tokens": self.prompt_tokens, "completion_tokens": n, "total_tokens": self.prompt_tokens + n}
+        out = {"prompt_tokens": self.prompt_tokens, "completion_tokens": n, "total_tokens": self.prompt_tokens + n}
+        if self.service.batcher.prefix_cache is not None:
+            out["prompt_tokens_details"] = {"cached_tokens": self.job.cached_tokens}
+        return out
 
     def _logprobs(self, entries: list[dict], offset: int = 0) -> dict | None:
         """OpenAI's logprobs object of these entries: chat's {"content": [...]}, or the
