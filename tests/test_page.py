@@ -4,7 +4,7 @@ chunk) and the chat page at `/` (qwen2vl_jax/serving/page.py, static/), in headl
 Two servers on free localhost ports, both with an API key and the Host check a loopback
 qwen2vl-serve has: the demo model, for the page's upload-ask-stream path and an end-to-end
 check of the field; and the same app over a batcher that answers every request with a scripted
-token sequence (the model's reply forced: the demo model does not ground), so the boxes and
+token sequence (the model's reply forced: the demo model's boxes are coarse), so the boxes and
 their pixels are known.
 """
 

@@ -270,6 +270,10 @@ def test_demo_accuracy_quantized(demo_quantized, tmp_path, monkeypatch, capsys):
     total = results["float"]["total"]
     assert total == 3 * len(synthetic.EVAL_TASKS) and len(answers["float"]) == len(answers["int8"]) == total
     for task, ref in results["float"]["tasks"].items():
+        if task in synthetic.GROUNDING_TASKS:  # boxes: the mean IoU, as a hit at 0.5 turns on a few pixels
+            assert abs(results["int8"]["tasks"][task]["iou"] - ref["iou"]) <= 0.05, task
+            assert abs(results["int4"]["tasks"][task]["iou"] - ref["iou"]) <= 0.25, task
+            continue
         assert abs(results["int8"]["tasks"][task]["accuracy"] - ref["accuracy"]) <= 0.01, task
         # int4 on this 128-wide model: at most one answer of the task differs
         assert abs(results["int4"]["tasks"][task]["accuracy"] - ref["accuracy"]) <= 1 / ref["total"] + 1e-9, task

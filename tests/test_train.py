@@ -20,6 +20,7 @@ import pytest
 from flax import traverse_util
 
 import hf_utils
+from qwen2vl_jax import grounding
 from qwen2vl_jax.config import TINY
 from qwen2vl_jax.errors import InputError
 from qwen2vl_jax.modules.qwen2vl import init_params
@@ -763,6 +764,20 @@ def test_synthetic_dataset_is_valid(tmp_path):
     captions = paths["stage1"].read_text()
     for d in synthetic.DIRECTIONS:  # the videos go every way, two each
         assert captions.count(f" moving {d}") == 2
+    # where a shape is: its box in pixels of its canvas, the answer the markup of that box
+    for task in synthetic.GROUNDING_TASKS:
+        for r in by_task[task]:
+            (x1, y1, x2, y2), (w, h) = r["box"], r["canvas"]
+            assert 0 <= x1 < x2 <= w and 0 <= y1 < y2 <= h
+            question = r["messages"][0]["content"][-1]["text"]
+            label = "the " + question.removeprefix("Where is the ").removesuffix("?").removesuffix(" in the image")
+            assert r["answer"] == grounding.label_markup(label, [r["box"]], w, h)
+            assert len(label.split()) == (2 if task == "where" else 3)  # among several: colour and kind
+    # training asks it too, as box items the loader writes as markup
+    for name in ("stage2", "stage3"):
+        boxes = [item for line in paths[name].read_text().splitlines() for m in json.loads(line)["messages"]
+                 if m["role"] == "assistant" for item in m["content"] if item["type"] == "box"]
+        assert boxes and all(b["label"].startswith("the ") and len(b["box"]) == 4 for b in boxes)
 
 
 def test_writing_the_dataset_shows_progress_and_runs_from_a_shell(tmp_path, capsys):
@@ -806,6 +821,36 @@ def test_synthetic_shapes_anywhere_and_counts():
     assert synthetic.single_shape(random.Random(3))[1]["shape"] == "square"
 
 
+def test_synthetic_boxes_are_the_drawn_shapes_extent():
+    """The box a grounding answer is scored against is what was drawn: the extent of the pixels
+    that differ from the background, to a pixel; among several shapes, the one asked about is
+    the only one of its colour and kind."""
+    rng = random.Random(8)
+    for _ in range(24):
+        img, info = synthetic.placed_shape(rng)
+        pixels = np.asarray(img).astype(int)
+        ys, xs = np.nonzero(np.abs(pixels - pixels[0, 0]).sum(-1) > 30)
+        assert np.allclose(info["box"], [xs.min(), ys.min(), xs.max() + 1, ys.max() + 1], atol=1.01), info
+        task, question, item = synthetic.where_question(info, rng)
+        assert task == "where" and question.startswith(f"Where is the {info['shape']}")
+        assert item == {"type": "box", "label": f"the {info['shape']}", "box": info["box"]}
+    for _ in range(24):
+        img, info = synthetic.many_shapes(rng, count=rng.randint(2, 4), canvas=rng.choice(synthetic.CANVASES))
+        pixels = np.asarray(img).astype(int)
+        asked = synthetic.where_question(info, rng)
+        if asked is None:  # no shape is the only one of its colour and kind
+            assert all(info["items"].count(x) > 1 for x in info["items"])
+            continue
+        task, question, item = asked
+        (shape, colour), = [x for x, b in zip(info["items"], info["boxes"]) if b == item["box"]]
+        assert task == "wheremany" and item["label"] == f"the {colour} {shape}" and info["items"].count((shape, colour)) == 1
+        x1, y1, x2, y2 = item["box"]
+        inside = np.zeros(pixels.shape[:2], bool)
+        inside[int(y1):int(y2) + 1, int(x1):int(x2) + 1] = True
+        ys, xs = np.nonzero((np.abs(pixels - np.array(synthetic.COLOURS[colour])).sum(-1) < 10) & inside)
+        assert np.allclose(item["box"], [xs.min(), ys.min(), xs.max() + 1, ys.max() + 1], atol=1.01)
+
+
 def test_eval_scores_every_question_type(tiny_folder, tmp_path, capsys):
     """The eval script scores images, videos and text-only rows, one line per type; an answer
     counts when the whole of it matches."""
@@ -817,13 +862,17 @@ def test_eval_scores_every_question_type(tiny_folder, tmp_path, capsys):
     capsys.readouterr()
     assert ev.main(["--model", str(root / "model"), "--data", str(paths["eval"]), "--max-new-tokens", "3"]) == 0
     captured = capsys.readouterr()
-    assert "evaluating eval.jsonl" in captured.err and "7/7" in captured.err  # a bar while it works
+    n = len(synthetic.EVAL_TASKS)
+    assert "evaluating eval.jsonl" in captured.err and f"{n}/{n}" in captured.err  # a bar while it works
     lines = captured.out.splitlines()
     assert [x.split()[0] for x in lines] == sorted(synthetic.EVAL_TASKS) + ["all"]
-    assert lines[-1].split()[1].endswith("/7")
+    assert lines[-1].split()[1].endswith(f"/{n}")
+    for line in lines:  # the grounding types with their IoU (3 tokens of a random model: no box, 0)
+        assert ("mean IoU 0.000" in line) == (line.split()[0] in synthetic.GROUNDING_TASKS), line
     result = ev.evaluate(root / "model", paths["eval"], max_new_tokens=3, progress=False)
     assert capsys.readouterr().err == ""
-    # the random model's own answers, given as the expected ones, all count (and nothing else)
+    # the random model's own answers, given as the expected ones, all count (and nothing else);
+    # a grounding row counts by its box only
     rows = [json.loads(x) for x in paths["eval"].read_text().splitlines()]
     got = {(m["task"], m["question"]): m["got"] for m in result["mistakes"]}
     assert len(got) == len(rows) - result["correct"]
@@ -831,9 +880,27 @@ def test_eval_scores_every_question_type(tiny_folder, tmp_path, capsys):
         r["answer"] = got.get((r["task"], r["messages"][0]["content"][-1]["text"]), r["answer"]) + "."
     write_jsonl(paths["eval"], rows)
     again = ev.evaluate(root / "model", paths["eval"], max_new_tokens=3)
-    assert again["correct"] == 7, again["mistakes"]
+    assert again["correct"] == n - len(synthetic.GROUNDING_TASKS), again["mistakes"]
+    assert {t: again["tasks"][t]["iou"] for t in synthetic.GROUNDING_TASKS} == dict.fromkeys(synthetic.GROUNDING_TASKS, 0.0)
+    assert "iou" not in again["tasks"]["shape"]
     assert ev.normalize(" Square. ") == "square" and ev.normalize("square square") != ev.normalize("square")
     assert ev.normalize("I can only answer, questions!") == "i can only answer questions"
+
+
+def test_eval_box_iou():
+    """A grounding answer's first box, read into pixels of its image, against the true box."""
+    from qwen2vl_jax.train import eval as ev
+
+    assert ev.iou([0, 0, 10, 10], [0, 0, 10, 10]) == 1.0
+    assert ev.iou([0, 0, 10, 10], [5, 0, 15, 10]) == pytest.approx(50 / 150)
+    assert ev.iou([0, 0, 10, 10], [10, 10, 20, 20]) == 0.0 and ev.iou([3, 3, 3, 3], [3, 3, 3, 3]) == 0.0
+    answer = grounding.label_markup("the circle", [[40, 30, 120, 90], [0, 0, 1, 1]], 200, 100)
+    assert ev.box_iou("It is " + answer, [40, 30, 120, 90], [200, 100]) == 1.0  # the first box
+    # read on a 100 x 100 image, the box is [20, 30, 60, 90]: 20 x 60 in common of 40 x 60 and 80 x 60
+    assert ev.box_iou(answer, [40, 30, 120, 90], [100, 100]) == pytest.approx(1200 / (2400 + 4800 - 1200))
+    assert ev.box_iou("the circle", [40, 30, 120, 90], [200, 100]) == 0.0  # no box
+    one = grounding.label_markup("the circle", [[40, 30, 120, 90]], 200, 100)
+    assert ev.box_iou(one[:-len(grounding.BOX_END)], [40, 30, 120, 90], [200, 100]) == 0.0  # cut off
 
 
 # ----------------------------------------------------------------------------- the demo
@@ -844,6 +911,8 @@ def test_demo_model_is_shipped_and_answers():
         pytest.skip("demo model not built (python -m qwen2vl_jax.train.demo)")
     from qwen2vl_jax.api import Qwen2VL
     from qwen2vl_jax.processing import Processor
+    from qwen2vl_jax.processing.detokenize import reply_text
+    from qwen2vl_jax.train.eval import iou
 
     size = sum(p.stat().st_size for p in DEMO_DIR.rglob("*") if p.is_file())
     assert size < 10 * 2**20  # the README's budget
@@ -863,6 +932,14 @@ def test_demo_model_is_shipped_and_answers():
     example = {"type": "image", "image": str(DEMO_DIR / "example.png")}
     assert answer(example, "What shape is this?") == info["shape"] == "square"  # the README's set-up command
     assert answer(example, "What colour is the shape?") == info["colour"]
+    # asked where, it answers with the square's label and a box over it (markup kept)
+    out = model.generate(**proc(text=[proc.apply_chat_template([{"role": "user", "content": [
+        example, {"type": "text", "text": "Where is the square?"}]}], add_generation_prompt=True)],
+        images=[{"image": example["image"]}]), max_new_tokens=32)
+    where = reply_text(proc.tokenizer, np.asarray(out)[0])
+    (found,), problems = grounding.boxes_for_images(where, [(synthetic.SIZE, synthetic.SIZE)])
+    assert found["label"] == "the square" and not problems, where
+    assert iou(found["box"], info["box"]) >= 0.5, (found, info["box"])
     # matmul="bf16": the demo's 64-patch vision tower takes bf16 inputs; the answers stay
     bf16 = Qwen2VL.from_pretrained(DEMO_DIR, dtype="float32", matmul="bf16")
     assert bf16.module.matmul == "bf16"

@@ -1,5 +1,6 @@
-"""A synthetic multimodal dataset: shapes, colours, counts, printed words, moving shapes, and
-questions about none of these (answered with one fixed sentence).
+"""A synthetic multimodal dataset: shapes, colours, counts, printed words, moving shapes, where
+a shape is (a grounding box), and questions about none of these (answered with one fixed
+sentence).
 
 Everything is drawn with PIL from a seed, so a dataset is reproducible and a held-out split is
 just another seed. `write_dataset` writes the images (PNG), videos (MP4 when PyAV is installed,
@@ -8,12 +9,17 @@ otherwise a list of PNG frames) and three JSONL files in the chat-message format
     stage1.jsonl  image/video-text pairs: one user turn [image, caption]       (stage 1)
     stage2.jsonl  captions + conversations asking all of an image's questions + videos (stage 2)
     stage3.jsonl  question/answer conversations (single and two-question)     (stage 3)
-    eval.jsonl    held-out single questions, one per row, plus `task`/`answer`
+    eval.jsonl    held-out single questions, one per row, plus `task`/`answer` (and for a
+                  grounding question the shape's `box` in pixels of its `canvas` [w, h])
 
 Shapes come centred on a 112 px square (`single_shape`, the example image), anywhere on
 canvases of several sizes and aspect ratios (`placed_shape`; the processor resizes them within
 the demo's pixel budget), 1-4 to a grid (`many_shapes`, 2 and 3 as often as 4), as printed
 words, and sliding in one of four directions in short videos (equally many each way).
+Asked where a shape is ("Where is the circle?", or "Where is the red circle?" among several),
+the answer is Qwen2-VL's grounding markup for the shape's bounding box on the image as stored:
+an assistant item {"type": "box", "label", "box"} in pixels, which the training loader writes
+as `<|object_ref_start|>the circle<|object_ref_end|><|box_start|>(x1,y1),(x2,y2)<|box_end|>`.
 
 Paths in the JSONL are relative to the file, as the training loader expects. From a shell:
 
@@ -37,6 +43,7 @@ from tqdm import tqdm
 
 from qwen2vl_jax import shell
 from qwen2vl_jax.errors import InputError
+from qwen2vl_jax.grounding import label_markup
 
 SHAPES = ("circle", "square", "triangle", "star")
 COLOURS = {
@@ -57,6 +64,7 @@ COLOUR_QUESTIONS = ("What colour is the shape?", "What color is the shape?", "Wh
 COUNT_QUESTIONS = ("How many shapes are there?", "How many shapes?", "Count the shapes.")
 WORD_QUESTIONS = ("What word is written?", "What does the text say?")
 MOTION_QUESTIONS = ("Which way is the shape moving?", "In which direction does the shape move?")
+WHERE_QUESTIONS = ("Where is the {}?", "Where is the {} in the image?")
 
 OTHER_ANSWER = "I can only answer questions about shapes, colours, counts, words and motion."
 # Questions about none of the above, made from templates and fillers; the held-out ones are
@@ -82,7 +90,10 @@ OTHER_FILLERS = {
 }
 
 # Question types the eval script scores, each with its own held-out rows.
-EVAL_TASKS = ("shape", "colour", "count", "word", "motion", "offcentre", "other")
+# "where": one shape anywhere on a canvas; "wheremany": one of 2-4 shapes, named by colour and
+# shape. Their answers are grounding boxes, scored by IoU (train/eval.py).
+EVAL_TASKS = ("shape", "colour", "count", "word", "motion", "offcentre", "other", "where", "wheremany")
+GROUNDING_TASKS = ("where", "wheremany")
 
 # Canvases (width, height) a shape can be anywhere on; the processor resizes each within the
 # demo's 112 x 112 pixel budget (640 x 480 and 320 x 240 become 112 x 84).
@@ -111,6 +122,18 @@ def _polygon(shape: str, cx: float, cy: float, r: float, angle: float) -> list[t
     return [(cx + r * x, cy + r * y) for x, y in pts]
 
 
+def shape_box(shape: str, cx: float, cy: float, r: float, angle: float, canvas: tuple[int, int]) -> list[float]:
+    """The bounding box [x1, y1, x2, y2] in pixels of what draw_shape draws on a canvas of
+    this (width, height), to 0.1 px: a corner past the edge is cut off there."""
+    if shape == "circle":
+        pts = [(cx - r, cy - r), (cx + r, cy + r)]
+    else:
+        pts = _polygon(shape, cx, cy, r, angle)
+    xs, ys = [x for x, _ in pts], [y for _, y in pts]
+    (w, h), clip = canvas, lambda v, hi: round(min(hi, max(0.0, v)), 1)  # noqa: E731
+    return [clip(min(xs), w), clip(min(ys), h), clip(max(xs), w), clip(max(ys), h)]
+
+
 def draw_shape(draw: ImageDraw.ImageDraw, shape: str, colour: str, cx: float, cy: float, r: float,
                angle: float = 0.0) -> None:
     fill = COLOURS[colour]
@@ -134,7 +157,8 @@ def single_shape(rng: random.Random) -> tuple[Image.Image, dict]:
     r = rng.uniform(20, 32)
     cx, cy = SIZE / 2 + rng.uniform(-8, 8), SIZE / 2 + rng.uniform(-8, 8)
     draw_shape(ImageDraw.Draw(img), shape, colour, cx, cy, r)
-    return img, {"kind": "single", "shape": shape, "colour": colour, "count": 1}
+    return img, {"kind": "single", "shape": shape, "colour": colour, "count": 1, "canvas": [SIZE, SIZE],
+                 "box": shape_box(shape, cx, cy, r, 0.0, (SIZE, SIZE))}
 
 
 def placed_shape(rng: random.Random, off_centre: bool = False) -> tuple[Image.Image, dict]:
@@ -151,8 +175,10 @@ def placed_shape(rng: random.Random, off_centre: bool = False) -> tuple[Image.Im
         cx, cy = rng.uniform(margin, w - margin), rng.uniform(margin, h - margin)
         if not off_centre or math.hypot(cx - w / 2, cy - h / 2) >= side / 4:
             break
-    draw_shape(ImageDraw.Draw(img), shape, colour, cx, cy, r, rng.uniform(-0.3, 0.3) if shape != "circle" else 0.0)
-    return img, {"kind": "placed", "shape": shape, "colour": colour, "count": 1, "canvas": [w, h], "centre": [cx, cy]}
+    angle = rng.uniform(-0.3, 0.3) if shape != "circle" else 0.0
+    draw_shape(ImageDraw.Draw(img), shape, colour, cx, cy, r, angle)
+    return img, {"kind": "placed", "shape": shape, "colour": colour, "count": 1, "canvas": [w, h], "centre": [cx, cy],
+                 "box": shape_box(shape, cx, cy, r, angle, (w, h))}
 
 
 # How often each count is drawn by many_shapes: two and three as often as four (one is asked
@@ -163,13 +189,14 @@ COUNT_WEIGHTS = {1: 0.3, 2: 1.2, 3: 1.2, 4: 1.0}
 def many_shapes(rng: random.Random, count: int | None = None,
                 canvas: tuple[int, int] = (SIZE, SIZE)) -> tuple[Image.Image, dict]:
     """1-4 small shapes (random kinds and colours) on a 3x3 grid of cells of the canvas, so
-    none overlap; sizes scale with the canvas's shorter side."""
+    none overlap; sizes scale with the canvas's shorter side. info: their (shape, colour)
+    `items` and `boxes` in reading order."""
     count = count or rng.choices(list(COUNT_WEIGHTS), weights=list(COUNT_WEIGHTS.values()))[0]
     w, h = canvas
     scale = min(w, h) / SIZE
     img = _background(rng, (w, h))
     draw = ImageDraw.Draw(img)
-    items = []
+    items, boxes = [], []
     for c in sorted(rng.sample(range(9), count)):  # reading order, so captions list them predictably
         shape, colour = rng.choice(SHAPES), rng.choice(list(COLOURS))
         r = rng.uniform(9, 13) * scale
@@ -177,7 +204,8 @@ def many_shapes(rng: random.Random, count: int | None = None,
         cy = (c // 3 + 0.5) * h / 3 + rng.uniform(-4, 4) * scale
         draw_shape(draw, shape, colour, cx, cy, r)
         items.append((shape, colour))
-    return img, {"kind": "many", "count": count, "items": items}
+        boxes.append(shape_box(shape, cx, cy, r, 0.0, canvas))
+    return img, {"kind": "many", "count": count, "items": items, "canvas": [w, h], "boxes": boxes}
 
 
 def _font(size: int):
@@ -259,6 +287,34 @@ def questions(info: dict, rng: random.Random) -> list[tuple[str, str, str]]:
     raise ValueError(kind)
 
 
+def where_question(info: dict, rng: random.Random) -> tuple[str, str, dict] | None:
+    """("where" or "wheremany", a question asking where a shape is, the answer's box item in
+    pixels of the image) for a picture of shapes; None when no shape can be named uniquely.
+    Alone, a shape is named by its kind ("the circle"); among several, by colour and kind, and
+    only one whose colour and kind no other shape shares is asked about."""
+    kind = info["kind"]
+    if kind in ("single", "placed"):
+        task, ref, box = "where", info["shape"], info["box"]
+    elif kind == "many":
+        pairs = list(zip(info["items"], info["boxes"]))
+        if len(pairs) == 1:
+            task, ref, box = "where", pairs[0][0][0], pairs[0][1]
+        else:
+            unique = [(s, c, b) for (s, c), b in pairs if info["items"].count((s, c)) == 1]
+            if not unique:
+                return None
+            shape, colour, box = rng.choice(unique)
+            task, ref = "wheremany", f"{colour} {shape}"
+    else:
+        return None
+    return task, rng.choice(WHERE_QUESTIONS).format(ref), {"type": "box", "label": f"the {ref}", "box": list(box)}
+
+
+def where_answer(item: dict, canvas: tuple[int, int]) -> str:
+    """The markup a box item becomes on a width x height image (what the model should write)."""
+    return label_markup(item["label"], [item["box"]], *canvas)
+
+
 # ----------------------------------------------------------------------------- files
 def _write_video(frames: list[Image.Image], path: Path, fps: int = 4) -> str:
     """MP4 through PyAV when it is installed; otherwise a folder of PNG frames. Returns the
@@ -293,8 +349,9 @@ def _user(items: list[dict]) -> dict:
     return {"role": "user", "content": items}
 
 
-def _assistant(text: str) -> dict:
-    return {"role": "assistant", "content": [{"type": "text", "text": text}]}
+def _assistant(answer: str | dict) -> dict:
+    """An assistant turn: a text answer, or a box item."""
+    return {"role": "assistant", "content": [answer if isinstance(answer, dict) else {"type": "text", "text": answer}]}
 
 
 # Videos must keep their size: qwen-vl-utils' default video pixel budget would upscale them.
@@ -327,7 +384,7 @@ def _images(rng: random.Random, n: int) -> Iterator[tuple[Image.Image, dict]]:
             yield printed_word(rng)
 
 
-def _conversation(media: dict | None, qa: list[tuple[str, str, str]]) -> list[dict]:
+def _conversation(media: dict | None, qa: list[tuple[str, str, str | dict]]) -> list[dict]:
     """One conversation asking the questions in order; the media goes with the first."""
     conv = []
     for k, (_, q, a) in enumerate(qa):
@@ -360,6 +417,13 @@ def eval_example(task: str, i: int, rng: random.Random) -> tuple[Image.Image | l
         return moving_shape(rng, direction=DIRECTIONS[i % len(DIRECTIONS)])
     if task == "other":
         return (single_shape(rng)[0] if i % 2 == 0 else None), {"kind": "other"}
+    if task == "where":
+        return placed_shape(rng)
+    if task == "wheremany":
+        while True:  # 2-4 shapes, at least one of them the only one of its colour and kind
+            img, info = many_shapes(rng, count=2 + i % 3, canvas=rng.choice(CANVASES))
+            if any(info["items"].count(x) == 1 for x in info["items"]):
+                return img, info
     raise ValueError(task)
 
 
@@ -378,13 +442,16 @@ def _write_dataset(out: Path, seed: int, counts: Counts, tick) -> dict[str, Path
     for sub in ("images", "videos", "eval"):
         (out / sub).mkdir(parents=True, exist_ok=True)
     rng = random.Random(seed)
+    grng = random.Random(seed + 104729)  # the grounding questions' own draws: the rest is as without them
     stage1, stage2, stage3 = [], [], []
     images = []
 
     def add(media: dict, info: dict) -> None:
         """Stage 1: the caption. Stage 3: each question alone, and two of them in one
         conversation (the second without the media). Stage 2: a caption (30%) or every
-        question in one conversation, so each forward pass carries all of a picture's labels."""
+        question in one conversation, so each forward pass carries all of a picture's labels.
+        A picture of shapes is also asked where one is: alone in stage 3, at a random turn of
+        stage 2's conversation."""
         stage1.append([_user([media, {"type": "text", "text": caption(info)}])])
         qa = questions(info, rng)
         if info["kind"] in ("single", "placed") and rng.random() < 0.88:
@@ -392,7 +459,16 @@ def _write_dataset(out: Path, seed: int, counts: Counts, tick) -> dict[str, Path
         stage3.extend(_conversation(media, [x]) for x in qa)
         if len(qa) > 1:
             stage3.append(_conversation(media, rng.sample(qa, 2)))
-        stage2.append(stage1[-1] if rng.random() < 0.3 else _conversation(media, rng.sample(qa, len(qa))))
+        where = where_question(info, grng)
+        if where is not None:
+            stage3.append(_conversation(media, [where]))
+        if rng.random() < 0.3:
+            stage2.append(stage1[-1])
+        else:
+            order = rng.sample(qa, len(qa))
+            if where is not None:
+                order.insert(grng.randint(0, len(order)), where)
+            stage2.append(_conversation(media, order))
 
     for i, (img, info) in enumerate(_images(rng, counts.images)):
         media = _media(out, f"images/{i:05d}.png", img)
@@ -421,14 +497,19 @@ def _write_dataset(out: Path, seed: int, counts: Counts, tick) -> dict[str, Path
             item, info = eval_example(task, i, erng)
             rel = f"eval/{task}_{i:04d}" + ("" if isinstance(item, list) else ".png")
             media = None if item is None else _media(out, rel, item)
+            truth = {}
             if task == "other":
                 q = other_question(erng)
                 while q in asked:  # a question training never asked
                     q = other_question(erng)
                 a = OTHER_ANSWER
+            elif task in GROUNDING_TASKS:  # the drawn shape's box in pixels, for the IoU
+                _, q, box = where_question(info, erng)
+                a = where_answer(box, info["canvas"])
+                truth = {"box": box["box"], "canvas": info["canvas"]}
             else:
                 (_, q, a), = [x for x in questions(info, erng) if x[0] == ("shape" if task == "offcentre" else task)]
-            eval_rows.append({"task": task, "answer": a, "messages": _conversation(media, [(task, q, a)])[:1]})
+            eval_rows.append({"task": task, "answer": a, **truth, "messages": _conversation(media, [(task, q, a)])[:1]})
             tick(1)
 
     paths = {}
