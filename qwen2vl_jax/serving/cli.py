@@ -62,10 +62,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--request-timeout", type=float, default=600.0, help="seconds a request may take (default 600)")
     p.add_argument("--max-body-mb", type=float, default=64.0, help="largest request body in MiB (default 64)")
     p.add_argument("--vision-cache", type=int, default=256, help="images whose features are cached (default 256; 0: off)")
-    p.add_argument("--prefill-chunk", type=int, default=512, metavar="TOKENS",
+    p.add_argument("--prefill-chunk", type=int, default=0, metavar="TOKENS",
                    help="write a prompt into its decode slot at most this many tokens (and one image or video's "
                         "vision tower) between two decode steps, so a long or image-heavy prompt does not stall the "
-                        "requests being decoded (default %(default)s; 0: a whole prompt at once)")
+                        "requests being decoded (e.g. 512; default 0: a whole prompt at once)")
     p.add_argument("--prefix-cache-gb", type=float, default=1.0, metavar="GB",
                    help="device memory for the keys and values of prompt prefixes reused by later requests with the "
                         "same tokens and images (multi-turn chats, shared system prompts), evicted least recently "
