@@ -3,7 +3,7 @@
     python benchmarks/slot_step.py [--size small|2b] [--rows 16] [--max-context 4096] [--steps 5]
                                    [--scan-layers]
 
-Builds the decode slots the server runs (`serving.scheduler.Slots`, over the one engine) over random
+Builds the decode slots the server runs (`serving.slots.Slots`, over the one engine) over random
 weights (float32, one CPU device), times its warm-up (every row bucket x context bucket
 compiled, and the prefill of every prompt bucket up to 64 tokens, as `qwen2vl-serve` does at
 start-up), then one decode step of `--rows` rows attending
@@ -35,7 +35,8 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
 
     from qwen2vl_jax import Qwen2VL
-    from qwen2vl_jax.serving.scheduler import Batcher, Slots, short_prompt_lengths
+    from qwen2vl_jax.serving.scheduler import Batcher
+    from qwen2vl_jax.serving.slots import Slots, short_prompt_lengths
     from qwen2vl_jax.modules.qwen2vl import init_params
 
     config = model_config(args.size)

@@ -62,6 +62,7 @@ class Scripted:
     max_context = 384
     active_slots = queue_depth = 0
     alive = True
+    prefix_cache = None  # the batcher's interface: no prompt prefixes kept
 
     def __init__(self, tokenizer, eos: int):
         self.tokenizer, self.eos = tokenizer, eos

@@ -20,7 +20,8 @@ import pytest
 
 from qwen2vl_jax.sampling import GenerationConfig
 from qwen2vl_jax.serving.prefix_cache import BLOCK, PrefixCache, Span, block_hashes, placeholder_spans
-from qwen2vl_jax.serving.scheduler import Batcher, Request, Slots, VisionInput, chunk_shape
+from qwen2vl_jax.serving.scheduler import Batcher, Request, VisionInput
+from qwen2vl_jax.serving.slots import Slots, chunk_shape
 
 MAX_CONTEXT = 320
 

@@ -57,7 +57,7 @@ def test_continuous_batching_equals_offline(pair, which):
     slots and stepped together (on the 4-row and the 2-row bucket, attending over the 256-slot
     context bucket that holds them), as the server runs them: each row's tokens are the layer
     loop's offline greedy tokens, for the layer loop and the scanned decoder."""
-    from qwen2vl_jax.serving.scheduler import Slots
+    from qwen2vl_jax.serving.slots import Slots
     from qwen2vl_jax.sampling import GenerationConfig
 
     loop, scanned = pair
@@ -95,7 +95,8 @@ def test_continuous_batching_equals_offline(pair, which):
 def test_warm_up_compiles_short_prompts_within_a_small_context(pair):
     """Warm-up compiles one prompt per bucket up to 64 tokens, each with room for a new token:
     a 30-slot cache takes prompts of 1-29 (buckets 16-32 would not fit it whole)."""
-    from qwen2vl_jax.serving.scheduler import Batcher, Slots, short_prompt_lengths
+    from qwen2vl_jax.serving.scheduler import Batcher
+    from qwen2vl_jax.serving.slots import Slots, short_prompt_lengths
     from qwen2vl_jax.inputs import bucket
 
     assert [bucket(n, 16) for n in short_prompt_lengths(4096)] == [16, 20, 24, 28, 32, 40, 48, 56, 64]

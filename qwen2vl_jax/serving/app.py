@@ -336,7 +336,8 @@ def build_service(model, processor, *, max_batch: int = 16, max_context: int | N
     written per iteration between decode steps (0: whole prompts); prefix_cache_gb: memory for
     reused prompt prefixes (0: off)."""
     from qwen2vl_jax.serving.prefix_cache import PrefixCache
-    from qwen2vl_jax.serving.scheduler import Batcher, Slots, VisionCache
+    from qwen2vl_jax.serving.scheduler import Batcher, VisionCache
+    from qwen2vl_jax.serving.slots import Slots
 
     settings = settings or Settings()
     slots = Slots(model.engine, max_batch=max_batch, max_context=max_context)
