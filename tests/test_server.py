@@ -145,7 +145,10 @@ def tiny(tmp_path_factory):
     from qwen2vl_jax.modules.qwen2vl import init_params
 
     config = read_config(DEMO_DIR)
-    model = Qwen2VL(config, init_params(config, jax.random.PRNGKey(1)), dtype="float32")
+    # committed to the device, as a loaded folder's params are: the demo server's programs are
+    # then these, read back from the session's compile cache instead of compiled again
+    params = jax.device_put(init_params(config, jax.random.PRNGKey(1)), jax.devices()[0])
+    model = Qwen2VL(config, params, dtype="float32")
     server, served = _serve(tmp_path_factory, model, "tiny")
     yield served
     server.__exit__(None, None, None)

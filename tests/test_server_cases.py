@@ -185,7 +185,10 @@ def served():
 
     config = read_config(DEMO_DIR)
     processor = Processor.from_pretrained(DEMO_DIR)
-    model = Qwen2VL(config, init_params(config, jax.random.PRNGKey(1)), dtype="float32")
+    # committed to the device, as a loaded folder's params are (the programs of the other
+    # demo-shaped servers, read back from the session's compile cache)
+    params = jax.device_put(init_params(config, jax.random.PRNGKey(1)), jax.devices()[0])
+    model = Qwen2VL(config, params, dtype="float32")
     probe = Served("", model, processor, None)
     inputs = probe.inputs(user(text=EOS_PROMPT))
     tokens = model.generate(**inputs, max_new_tokens=12, eos_token_ids=())[0].tolist()
