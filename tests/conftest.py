@@ -15,6 +15,7 @@ import pytest
 # into the user's cache folder.
 os.environ["QWEN2VL_COMPILE_CACHE"] = "0"
 
+import children
 import hf_utils
 from compile_counter import persistent_compile_cache
 
@@ -28,6 +29,15 @@ def session_compile_cache(tmp_path_factory):
     compiled there and then."""
     with persistent_compile_cache(tmp_path_factory.mktemp("jax_compile_cache")):
         yield
+
+
+@pytest.fixture(scope="session", autouse=True)
+def background_children(request):
+    """The subprocess checks of the selected tests (children.py), run one at a time in the
+    background from the start of the session; what is still running at the end is killed."""
+    children.start_background(request.session.items)
+    yield
+    children.stop_background()
 
 
 @pytest.fixture(scope="session")

@@ -3,11 +3,14 @@
 Each notebook is executed with nbclient in a fresh python3 kernel, with its `parameters` cell
 followed by an injected cell that overrides the values (papermill's convention); a cell that
 raises fails the test. The kernel sees two simulated CPU devices, so the mesh code paths
-(tensor-parallel inference and conversion, FSDP training) run as they would on a TPU.
+(tensor-parallel inference and conversion, FSDP training) run as they would on a TPU. The
+notebooks whose tests are selected run at once, each in its own kernel (`executed`), and each
+test checks its own notebook's run.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
 from pathlib import Path
@@ -33,9 +36,10 @@ def parameters_index(nb) -> int:
     return found[0]
 
 
-def execute(name: str, params: dict, cwd: Path, checks: str | None = None):
-    """Runs the notebook with `params` injected after its parameters cell and `checks` as a
-    last cell; returns the executed notebook. Raises CellExecutionError on a failing cell."""
+def client_for(name: str, params: dict, cwd: Path, checks: str | None = None):
+    """A client that runs the notebook with `params` injected after its parameters cell and
+    `checks` as a last cell (`await client.async_execute()` -> the executed notebook; it raises
+    CellExecutionError on a failing cell)."""
     nb = read(name)
     i = parameters_index(nb)
     injected = nbformat.v4.new_code_cell("\n".join(f"{k} = {v!r}" for k, v in params.items()))
@@ -43,10 +47,7 @@ def execute(name: str, params: dict, cwd: Path, checks: str | None = None):
     nb.cells.insert(i + 1, injected)
     if checks:
         nb.cells.append(nbformat.v4.new_code_cell(checks))
-    client = nbclient.NotebookClient(nb, timeout=600, kernel_name="python3",
-                                     resources={"metadata": {"path": str(cwd)}})
-    client.execute()
-    return nb
+    return nbclient.NotebookClient(nb, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(cwd)}})
 
 
 def outputs_text(nb) -> str:
@@ -73,13 +74,8 @@ def demo(tmp_path_factory) -> str:
     return str(folder)
 
 
-@pytest.fixture
-def kernel_env(monkeypatch):
-    """What the notebook kernels inherit: CPU, two devices, no hub access."""
-    monkeypatch.setenv("JAX_PLATFORMS", "cpu")
-    monkeypatch.setenv("JAX_NUM_CPU_DEVICES", "2")
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setenv("TF_CPP_MIN_LOG_LEVEL", "2")
+# What the notebook kernels inherit: CPU, two devices, no hub access.
+KERNEL_ENV = {"JAX_PLATFORMS": "cpu", "JAX_NUM_CPU_DEVICES": "2", "HF_HUB_OFFLINE": "1", "TF_CPP_MIN_LOG_LEVEL": "2"}
 
 
 # ---------------------------------------------------------------- the committed files
@@ -97,6 +93,67 @@ def test_committed_notebook_is_clean(name):
 
 
 # ---------------------------------------------------------------- executed on CPU
+CONVERT_CHECKS = "assert max_abs_diff <= 5e-6 * np.abs(ref).max(), (max_abs_diff, np.abs(ref).max())"
+
+
+def clients(name: str, demo: str, tmp: Path):
+    """(the client that runs notebook `name` in folder `tmp`, its WORK_DIR)."""
+    work = tmp / "work"
+    if name == "inference":
+        params = dict(MODEL=demo, MESH="tensor=2", DTYPE="float32", MAX_NEW_TOKENS=8, WORK_DIR=str(work))
+        return client_for("inference", params, tmp, INFERENCE_CHECKS), work
+    if name == "finetune":
+        params = dict(MODEL=demo, DATA=None, SYNTHETIC=dict(images=12, videos=2, eval_per_task=2), LORA_STEPS=2,
+                      BATCH_SIZE=2, MESH="auto", COMPUTE_DTYPE="float32", MAX_NEW_TOKENS=4, WORK_DIR=str(work))
+        return client_for("finetune", params, tmp), work
+    # convert: a small HF checkpoint (the demo model exported), converted, compared, exported back
+    from qwen2vl_jax.convert.convert import model_folder
+    from qwen2vl_jax.convert.export import export_checkpoint
+
+    hf = export_checkpoint(model_folder(demo), tmp / "hf", dtype="float32", progress=False)
+    params = dict(MODEL=str(hf), DTYPE="float32", MESH="tensor=2", COMPARE=True, WORK_DIR=str(work))
+    return client_for("convert", params, tmp, CONVERT_CHECKS), work
+
+
+@pytest.fixture(scope="module")
+def executed(request, demo, tmp_path_factory) -> dict:
+    """name -> (the executed notebook, or the exception its run raised; its WORK_DIR) for each
+    notebook whose test is selected, the kernels running at once (the slowest sets the time)."""
+    import importlib.util
+
+    selected = {item.originalname for item in request.session.items
+                if getattr(item, "module", None) is request.module}
+    names = [n for n in NAMES if f"test_{n}_notebook" in selected
+             and (n != "convert" or all(importlib.util.find_spec(m) for m in ("torch", "transformers")))]
+    runs = {}
+    for name in names:
+        tmp = tmp_path_factory.mktemp(name)
+        try:
+            runs[name] = clients(name, demo, tmp)
+        except Exception as e:  # noqa: BLE001 - raised in its own test
+            runs[name] = e, tmp / "work"
+
+    async def run(client):
+        return client if isinstance(client, BaseException) else await client.async_execute()
+
+    async def run_all():
+        return await asyncio.gather(*(run(client) for client, _ in runs.values()), return_exceptions=True)
+
+    with pytest.MonkeyPatch.context() as mp:
+        for key, value in KERNEL_ENV.items():
+            mp.setenv(key, value)
+        done = asyncio.run(run_all()) if runs else []
+    return {name: (out, work) for (name, (_, work)), out in zip(runs.items(), done)}
+
+
+def run_of(executed: dict, name: str):
+    """(the executed notebook, its WORK_DIR); a failing cell's error raised here, in its test."""
+    out, work = executed[name]
+    if isinstance(out, BaseException):
+        raise out
+    return out, work
+
+
 # Run after the notebook, in its kernel: the demo model, loaded and sharded by the notebook,
 # names the shape of its first image and the way its video's shape moves.
 INFERENCE_CHECKS = """
@@ -115,9 +172,8 @@ print("answers checked")
 """
 
 
-def test_inference_notebook(demo, kernel_env, tmp_path):
-    nb = execute("inference", dict(MODEL=demo, MESH="tensor=2", DTYPE="float32", MAX_NEW_TOKENS=8,
-                                   WORK_DIR=str(tmp_path / "work")), tmp_path, INFERENCE_CHECKS)
+def test_inference_notebook(executed):
+    nb, _ = run_of(executed, "inference")
     text = outputs_text(nb)
     assert text.count("tokens/s") >= 4  # image, again compiled, images, video
     assert "mesh {'data': 1, 'fsdp': 1, 'tensor': 2}" in text
@@ -128,12 +184,9 @@ def test_inference_notebook(demo, kernel_env, tmp_path):
     assert "hand-written" not in text
 
 
-def test_finetune_notebook(demo, kernel_env, tmp_path):
+def test_finetune_notebook(executed):
     """The default path: a packed LoRA run, its adapter, generation with it, the merged export."""
-    work = tmp_path / "work"
-    execute("finetune", dict(MODEL=demo, DATA=None, SYNTHETIC=dict(images=12, videos=2, eval_per_task=2),
-                             LORA_STEPS=2, BATCH_SIZE=2, MESH="auto", COMPUTE_DTYPE="float32",
-                             MAX_NEW_TOKENS=4, WORK_DIR=str(work)), tmp_path)
+    _, work = run_of(executed, "finetune")
     rows = [json.loads(x) for x in (work / "lora" / "train_log.jsonl").read_text().splitlines()]
     assert rows[-1]["step"] == 2
     assert (work / "lora" / "loss.png").is_file()
@@ -142,17 +195,10 @@ def test_finetune_notebook(demo, kernel_env, tmp_path):
     assert (work / "finetuned-hf" / "model.safetensors").is_file()
 
 
-def test_convert_notebook(demo, kernel_env, tmp_path):
+def test_convert_notebook(executed):
     """A small HF checkpoint (the demo model exported) converted, compared and exported back."""
     pytest.importorskip("torch")
     pytest.importorskip("transformers")
-    from qwen2vl_jax.convert.convert import model_folder
-    from qwen2vl_jax.convert.export import export_checkpoint
-
-    hf = export_checkpoint(model_folder(demo), tmp_path / "hf", dtype="float32", progress=False)
-    work = tmp_path / "work"
-    checks = "assert max_abs_diff <= 5e-6 * np.abs(ref).max(), (max_abs_diff, np.abs(ref).max())"
-    nb = execute("convert", dict(MODEL=str(hf), DTYPE="float32", MESH="tensor=2", COMPARE=True,
-                                 WORK_DIR=str(work)), tmp_path, checks)
+    nb, work = run_of(executed, "convert")
     assert "max |ours - transformers|" in outputs_text(nb)
     assert (work / "hf-export" / "model.safetensors").is_file()

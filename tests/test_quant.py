@@ -37,6 +37,13 @@ from qwen2vl_jax.config import DEMO_DIR
 from qwen2vl_jax.convert.cli import convert_main
 from qwen2vl_jax.errors import CheckpointError, InputError
 
+from children import Child, Children, environ
+
+REPO = Path(__file__).resolve().parents[1]
+# The checks in child processes (8 simulated devices; XLA_FLAGS set before JAX starts) run in
+# the background from the start of the session (children.py).
+CHILDREN = Children(__name__)
+
 
 # ---------------------------------------------------------------- packing and the matmul
 def test_int4_packs_two_rows_per_byte():
@@ -348,13 +355,19 @@ def _sharding_worker() -> dict:
     return out
 
 
-def test_packed_params_shard_like_float_weights():
-    repo = Path(__file__).resolve().parents[1]
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(repo), str(repo / "tests"),
-                                                        os.environ.get("PYTHONPATH", "")])}
+def _sharding_child() -> Child:
+    env = environ()
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO), str(REPO / "tests"), env.get("PYTHONPATH", "")])
     code = ("import jax; jax.config.update('jax_num_cpu_devices', 8); import json, test_quant; "
             "print(json.dumps(test_quant._sharding_worker()))")
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    return Child([sys.executable, "-c", code], env=env, timeout=300)
+
+
+CHILDREN.add("sharding", _sharding_child, read_by=("test_packed_params_shard_like_float_weights",))
+
+
+def test_packed_params_shard_like_float_weights():
+    proc = CHILDREN.result("sharding")
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads(proc.stdout.strip().splitlines()[-1])
     # q_proj [64, 64] is (param_embed, heads): rows over fsdp, columns over tensor; its 4 groups
@@ -397,15 +410,24 @@ print(json.dumps({"temp": compiled.memory_analysis().temp_size_in_bytes}))
 """
 
 
-def _prefill_temp(schedule: str) -> int:
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+def _prefill_child(schedule: str) -> Child:
+    env = {k: v for k, v in environ().items() if k != "XLA_FLAGS"}
     env["JAX_PLATFORMS"] = "cpu"
     if schedule == "on":  # the user's own setting stays
         env["XLA_FLAGS"] = f"--{xla_flags.SCHEDULER_FLAG}=true"
-    done = subprocess.run([sys.executable, "-c", _PREFILL_TEMP, schedule], capture_output=True, text=True, env=env,
-                          timeout=300)
+    return Child([sys.executable, "-c", _PREFILL_TEMP, schedule], env=env, timeout=300)
+
+
+def _prefill_temp(schedule: str) -> int:
+    done = CHILDREN.result(f"prefill_{schedule}")
     assert done.returncode == 0, done.stderr[-3000:]
     return json.loads(done.stdout.strip().splitlines()[-1])["temp"]
+
+
+if xla_flags.jaxlib_version() in xla_flags.SCHEDULER_FLAG_VERSIONS:  # else the test skips
+    for _schedule in ("off", "on"):
+        CHILDREN.add(f"prefill_{_schedule}", lambda s=_schedule: _prefill_child(s),
+                     read_by=("test_quantized_prefill_holds_one_layer_of_dequantized_weights",))
 
 
 def test_quantized_prefill_holds_one_layer_of_dequantized_weights():
@@ -436,10 +458,15 @@ def test_only_a_quantized_folder_turns_the_scheduler_off(demo_quantized):
         pytest.skip(f"the scheduler flag is set only for jaxlib {xla_flags.SCHEDULER_FLAG_VERSIONS}")
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
     env["JAX_PLATFORMS"] = "cpu"
-    for folder, expected in ((demo_quantized / "int8", f"--{xla_flags.SCHEDULER_FLAG}=false"), (DEMO_DIR, "")):
-        done = subprocess.run([sys.executable, "-c", _LOAD_FLAGS, str(folder)], capture_output=True, text=True,
-                              env=env, timeout=300)
-        assert done.returncode == 0, done.stderr[-3000:]
-        assert done.stdout.strip().splitlines()[-1:] == ([expected] if expected else []), folder
+    runs = [(folder, expected, Child([sys.executable, "-c", _LOAD_FLAGS, str(folder)], env=env, timeout=300))
+            for folder, expected in ((demo_quantized / "int8", f"--{xla_flags.SCHEDULER_FLAG}=false"), (DEMO_DIR, ""))]
+    try:
+        for folder, expected, child in runs:  # the two processes at once
+            done = child.result()
+            assert done.returncode == 0, done.stderr[-3000:]
+            assert done.stdout.strip().splitlines()[-1:] == ([expected] if expected else []), folder
+    finally:
+        for _, _, child in runs:
+            child.kill()
 
 

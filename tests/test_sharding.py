@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+from children import Child, Children, environ
 
 MESHES = {
     "data8": "data=8",
@@ -168,14 +169,23 @@ def _worker() -> dict:
 
 
 # ---------------------------------------------------------------- the tests
+def _child() -> Child:
+    repo = Path(__file__).resolve().parents[1]
+    env = environ()
+    path = [str(repo), str(repo / "tests"), env.get("PYTHONPATH", "")]
+    env["PYTHONPATH"] = os.pathsep.join(p for p in path if p)
+    env.pop("XLA_FLAGS", None)
+    return Child([sys.executable, __file__, "--worker"], env=env, cwd=repo, timeout=900)
+
+
+# The child runs in the background from the start of the session (children.py).
+CHILDREN = Children(__name__)
+CHILDREN.add("worker", _child, read_by=None)  # every test here reads its report
+
+
 @pytest.fixture(scope="module")
 def report():
-    repo = Path(__file__).resolve().parents[1]
-    path = [str(repo), str(repo / "tests"), os.environ.get("PYTHONPATH", "")]
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in path if p))
-    env.pop("XLA_FLAGS", None)
-    out = subprocess.run([sys.executable, __file__, "--worker"], capture_output=True, text=True, env=env,
-                         cwd=repo, timeout=900)
+    out = CHILDREN.result("worker")
     assert out.returncode == 0, out.stderr[-4000:]
     return json.loads(out.stdout.strip().splitlines()[-1])
 

@@ -9,7 +9,6 @@ import os
 import random
 import re
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 
@@ -20,6 +19,7 @@ import pytest
 from flax import traverse_util
 
 import hf_utils
+from children import Child, Children, environ
 from qwen2vl_jax import grounding
 from qwen2vl_jax.config import TINY
 from qwen2vl_jax.errors import InputError
@@ -230,12 +230,21 @@ print("RESULT" + json.dumps(out))
 """
 
 
+def _sharded_child() -> Child:
+    env = environ()
+    env.update(JAX_PLATFORMS="cpu", PYTHONPATH=os.pathsep.join([str(TESTS), env.get("PYTHONPATH", "")]))
+    return Child([sys.executable, "-c", SHARDED_SCRIPT], env=env, timeout=600)
+
+
+# The 8-device child runs in the background from the start of the session (children.py).
+CHILDREN = Children(__name__)
+CHILDREN.add("sharded", _sharded_child, read_by=("test_sharded_step_matches_unsharded",))
+
+
 def test_sharded_step_matches_unsharded():
     """On 8 simulated CPU devices (data=2, fsdp=2, tensor=2) two train steps give the loss and
     the parameters of the unsharded step, with params and Adam state actually sharded."""
-    env = {**os.environ, "JAX_PLATFORMS": "cpu",
-           "PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")])}
-    proc = subprocess.run([sys.executable, "-c", SHARDED_SCRIPT], capture_output=True, text=True, env=env, timeout=600)
+    proc = CHILDREN.result("sharded")
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = json.loads(proc.stdout.split("RESULT", 1)[1])
     for ref, sharded in out["loss"]:
