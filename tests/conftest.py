@@ -32,10 +32,10 @@ def session_compile_cache(tmp_path_factory):
 
 
 @pytest.fixture(scope="session", autouse=True)
-def background_children(request):
+def background_children(request, tmp_path_factory):
     """The subprocess checks of the selected tests (children.py), run one at a time in the
     background from the start of the session; what is still running at the end is killed."""
-    children.start_background(request.session.items)
+    children.start_background(request.session.items, tmp_path_factory.mktemp("children"))
     yield
     children.stop_background()
 

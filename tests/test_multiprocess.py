@@ -1,7 +1,8 @@
 """Two processes on localhost, two CPU devices each, run as one 4-device mesh and give what one
 process with four devices gives.
 
-The check runs this file as a script: first twice at once, as processes 0 and 1 of a
+The check runs this file as a script (in the background from the start of the session, see
+tests/children.py): once to write the model and data, then twice at once, as processes 0 and 1 of a
 multi-process run (a local coordinator on a free port, Gloo collectives; JAX_PLATFORMS=cpu
 JAX_NUM_CPU_DEVICES=2), then once alone with four devices. Each run
   1. calls `qwen2vl-generate` (its main function, with --coordinator, --num-processes and
@@ -27,6 +28,9 @@ import time
 from pathlib import Path
 
 import pytest
+
+import children
+from children import Children, Job
 
 REPO = Path(__file__).resolve().parents[1]
 GENERATE_MESH = "fsdp=2,tensor=2"
@@ -280,9 +284,9 @@ def _free_port() -> int:
 
 
 def _env(devices: int) -> dict:
-    env = dict(os.environ, JAX_PLATFORMS="cpu", JAX_NUM_CPU_DEVICES=str(devices), QWEN2VL_COMPILE_CACHE="0",
-               PYTHONPATH=os.pathsep.join(p for p in (str(REPO), str(REPO / "tests"), os.environ.get("PYTHONPATH"))
-                                          if p))
+    base = children.environ()  # the session's, as it started
+    env = dict(base, JAX_PLATFORMS="cpu", JAX_NUM_CPU_DEVICES=str(devices), QWEN2VL_COMPILE_CACHE="0",
+               PYTHONPATH=os.pathsep.join(p for p in (str(REPO), str(REPO / "tests"), base.get("PYTHONPATH")) if p))
     for name in ("XLA_FLAGS", "JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID", "QWEN2VL_DISTRIBUTED"):
         env.pop(name, None)
     return env
@@ -316,21 +320,32 @@ def _finish(procs: list[subprocess.Popen], deadline: float) -> list[tuple[int, s
     return results
 
 
-@pytest.fixture(scope="module")
-def runs(tmp_path_factory):
-    out = tmp_path_factory.mktemp("multiprocess")
-    _write_data(out / "data")
-    _write_model(out / "model")
+def _run_all(job: Job, out: Path) -> dict:
+    """The model and data written (a process of their own), then the two processes, then the
+    one; -> what the tests read."""
+    (prepared,) = _finish([job.track(_start("prepare", out))], time.monotonic() + TIMEOUT_S)
+    assert prepared[0] == 0, prepared[2][-4000:]
     deadline = time.monotonic() + TIMEOUT_S
     coordinator = f"127.0.0.1:{_free_port()}"
     multi = [(code, _ours(stdout), err) for code, stdout, err in
-             _finish([_start("multi", out, coordinator, i) for i in range(2)], deadline)]
+             _finish([job.track(_start("multi", out, coordinator, i)) for i in range(2)], deadline)]
     for i, (code, _, err) in enumerate(multi):
         assert code == 0, f"process {i} of 2 exited with {code}:\n{err[-4000:]}"
-    (single,) = _finish([_start("single", out)], deadline)
+    (single,) = _finish([job.track(_start("single", out))], deadline)
     assert single[0] == 0, single[2][-4000:]
     reports = {name: json.loads((out / f"{name}.json").read_text()) for name in ("multi0", "multi1", "single0")}
     return {"out": out, "multi": multi, "single": single, **reports}
+
+
+# The runs go in the background from the start of the session (children.py), beside the tests
+# that come before these.
+CHILDREN = Children(__name__)
+CHILDREN.add("runs", lambda: Job(lambda job: _run_all(job, children.folder("multiprocess"))), uses="runs")
+
+
+@pytest.fixture(scope="module")
+def runs():
+    return CHILDREN.result("runs")
 
 
 def test_two_processes_make_one_mesh(runs):
@@ -554,7 +569,10 @@ def test_shares_cover_each_micro_batch_once():
 
 
 if __name__ == "__main__":
-    if sys.argv[1:2] == ["--worker"]:
+    if sys.argv[1:3] == ["--worker", "prepare"]:
+        _write_data(Path(sys.argv[3]) / "data")
+        _write_model(Path(sys.argv[3]) / "model")
+    elif sys.argv[1:2] == ["--worker"]:
         _worker(sys.argv[2], Path(sys.argv[3]), sys.argv[4] or None, int(sys.argv[5]))
 
 

@@ -180,7 +180,7 @@ def _child() -> Child:
 
 # The child runs in the background from the start of the session (children.py).
 CHILDREN = Children(__name__)
-CHILDREN.add("worker", _child, read_by=None)  # every test here reads its report
+CHILDREN.add("worker", _child, uses="report")
 
 
 @pytest.fixture(scope="module")
