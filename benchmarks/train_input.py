@@ -5,7 +5,7 @@ Grain worker processes against none, on the demo model and the synthetic dataset
                                      [--batch-size 8] [--steps 24] [--workers 0,2] [--pack off,on]
 
 Writes the synthetic dataset (train/synthetic.py) into a temporary folder and trains the model
-(default: the shipped demo model) on the stage's file, as `qwen2vl-train` does (data.Loader ->
+(default: the shipped demo model) on the stage's file, as `qwen2vl-train` does (loader.Loader ->
 loop.Trainer). For each (rows, workers) the same --steps steps run twice from the start of the
 data: the first pass compiles every shape they need, the second is timed after its first
 step. Prints one table:
@@ -30,7 +30,7 @@ def run(loader, trainer, state, steps: int, train: bool):
     real tokens, rows, token slots, real slots, state)."""
     import jax
 
-    from qwen2vl_jax.train.data import Position
+    from qwen2vl_jax.train.loader import Position
 
     stream = loader(Position())
     tokens = rows = slots = real = 0
@@ -74,7 +74,8 @@ def main(argv=None) -> int:
     from qwen2vl_jax.config import DEMO_DIR
     from qwen2vl_jax.processing import Processor
     from qwen2vl_jax.train import loop, stages as st, synthetic
-    from qwen2vl_jax.train.data import JsonlDataset, Loader
+    from qwen2vl_jax.train.data import JsonlDataset
+    from qwen2vl_jax.train.loader import Loader
     from qwen2vl_jax.train.run import load_model_params
 
     model = Path(args.model or DEMO_DIR)

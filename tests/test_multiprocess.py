@@ -141,16 +141,16 @@ def _worker(role: str, out: Path, coordinator: str | None, process_id: int) -> N
     lap("forward_generate")
 
     # 3. two training steps through fit; record which records this process read
-    from qwen2vl_jax.train import data as train_data, run
+    from qwen2vl_jax.train import loader as train_loader, run
 
     read: list[int] = []
-    original = train_data.Loader._example
+    original = train_loader.Loader._example
 
     def counting(self, i):
         read.append(int(i))
         return original(self, i)
 
-    train_data.Loader._example = counting
+    train_loader.Loader._example = counting
     writes = {"losses": 0, "plot": 0}
     append, plot = run._append_losses, run.plot_losses
 
@@ -555,7 +555,7 @@ def test_compile_cache_folder(tmp_path):
 
 
 def test_shares_cover_each_micro_batch_once():
-    from qwen2vl_jax.train.data import Loader
+    from qwen2vl_jax.train.loader import Loader
 
     def share(me, count, batch, accum):
         loader = Loader.__new__(Loader)

@@ -18,7 +18,7 @@ import hf_utils
 from qwen2vl_jax.config import TINY
 from qwen2vl_jax.errors import InputError
 from qwen2vl_jax.modules.qwen2vl import init_params
-from qwen2vl_jax.train import data, loop, stages as st, synthetic
+from qwen2vl_jax.train import data, loader as train_loader, loop, stages as st, synthetic
 
 
 def mixed_examples(seed: int = 0) -> list[data.Example]:
@@ -37,9 +37,9 @@ def mixed_examples(seed: int = 0) -> list[data.Example]:
     return out
 
 
-def loader(batch_size: int, accum: int, pack: bool) -> data.Loader:
+def loader(batch_size: int, accum: int, pack: bool) -> train_loader.Loader:
     """A Loader for assembling steps only (no dataset behind it)."""
-    return data.Loader(types.SimpleNamespace(lengths=[1]), TINY, batch_size, accum, pack=pack)
+    return train_loader.Loader(types.SimpleNamespace(lengths=[1]), TINY, batch_size, accum, pack=pack)
 
 
 def test_first_fit_decreasing_rows():

@@ -24,7 +24,7 @@ from qwen2vl_jax import grounding
 from qwen2vl_jax.config import TINY
 from qwen2vl_jax.errors import InputError
 from qwen2vl_jax.modules.qwen2vl import init_params
-from qwen2vl_jax.train import data, loop, stages as st, synthetic
+from qwen2vl_jax.train import data, loader as loader_mod, loop, stages as st, synthetic
 
 TESTS = Path(__file__).resolve().parent
 
@@ -401,7 +401,7 @@ def test_a_record_that_breaks_mid_run_is_skipped(tiny_folder):
                                              qa("img/gone.png", "What shape?", "square")])
     ds = data.JsonlDataset(path, Processor.from_pretrained(root / "model"))
     (root / "img" / "gone.png").unlink()
-    loader = data.Loader(ds, Qwen2VLConfig.from_hf(root / "model"), batch_size=2)
+    loader = loader_mod.Loader(ds, Qwen2VLConfig.from_hf(root / "model"), batch_size=2)
     with pytest.warns(UserWarning, match="gone.jsonl line 2"):
         arrays, tokens = loader.step_batch([0, 1])
     assert arrays["attention_mask"][0, 0].any() and not arrays["attention_mask"][0, 1].any()
@@ -410,17 +410,17 @@ def test_a_record_that_breaks_mid_run_is_skipped(tiny_folder):
 def test_batches_are_bucketed_and_deterministic():
     assert [data.bucket(n) for n in (1, 64, 65, 81, 97, 113, 129, 161)] == [64, 64, 80, 96, 112, 128, 160, 192]
     lengths = [20, 21, 40, 41, 42, 90, 17, 18, 19]
-    plan = data.BatchPlan(lengths, 2, seed=5)
+    plan = loader_mod.BatchPlan(lengths, 2, seed=5)
     e0 = plan.epoch(0)
-    assert e0 == data.BatchPlan(lengths, 2, seed=5).epoch(0) and e0 != plan.epoch(1)
+    assert e0 == loader_mod.BatchPlan(lengths, 2, seed=5).epoch(0) and e0 != plan.epoch(1)
     seen = [i for step in e0 for i in step if i is not None]
     assert sorted(seen) == list(range(len(lengths)))
     for step in e0:  # one length bucket per step
         assert len({data.bucket(lengths[i]) for i in step if i is not None}) == 1
-    pos = data.Position()
+    pos = loader_mod.Position()
     for _ in range(len(e0)):
         pos = plan.advance(pos)
-    assert pos == data.Position(1, 0)
+    assert pos == loader_mod.Position(1, 0)
 
 
 # ----------------------------------------------------------------------------- runs

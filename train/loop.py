@@ -39,7 +39,8 @@ from qwen2vl_jax.config import Qwen2VLConfig
 from qwen2vl_jax.modules.qwen2vl import Qwen2VLModule
 from qwen2vl_jax.sharding import ShardingRules, named_sharding, param_shardings, to_global, use_mesh
 from qwen2vl_jax.train import stages as st
-from qwen2vl_jax.train.data import IGNORE, Position
+from qwen2vl_jax.train.data import IGNORE
+from qwen2vl_jax.train.loader import Position
 
 
 @flax.struct.dataclass

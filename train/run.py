@@ -19,7 +19,7 @@ adapter_model.safetensors, `lora.peft_format`) in place of a model folder: load 
 same --model with `--adapter OUT/adapter`, or in transformers with peft's PeftModel.
 
 Multi-process (`qwen2vl_jax.distributed`): every process runs `fit` with the same options; each
-reads and preprocesses its share of every step's records (`data.Loader`), all take part in the
+reads and preprocesses its share of every step's records (`loader.Loader`), all take part in the
 Orbax saves (OUT must be a folder every process sees), and only process 0 prints, removes
 and creates files, and writes the logs, losses and plot.
 
@@ -67,7 +67,8 @@ from qwen2vl_jax.params import flatten, stack_layers, unflatten, unstack_layers
 from qwen2vl_jax.quant.format import is_quantized
 from qwen2vl_jax.sharding import check_divisible, make_mesh, param_shardings
 from qwen2vl_jax.train import loop, stages as st
-from qwen2vl_jax.train.data import JsonlDataset, Loader, Position
+from qwen2vl_jax.train.data import JsonlDataset
+from qwen2vl_jax.train.loader import Loader, Position
 from qwen2vl_jax.train.plot import plot_losses
 
 STATE_DIR = "train_state"
@@ -109,7 +110,7 @@ class TrainOptions:
     lora_alpha: float | None = None  # None: 2 * rank
     lora_dropout: float = 0.0
     lora_targets: str | None = None  # None: lora.tree.DEFAULT_TARGETS
-    pack: bool = False  # several records per row (data.Loader.assemble_packed); batch_size still counts records
+    pack: bool = False  # several records per row (loader.Loader.assemble_packed); batch_size still counts records
     workers: int = 0  # Grain worker processes that read and preprocess records (0: threads in this process)
 
     def lora_spec(self) -> LoraSpec | None:
