@@ -36,6 +36,8 @@ FINISH_REASONS = {STOP: "stop", LENGTH: "length"}
 class KVCache:
     """Keys and values of every decoder layer: k[i], v[i] are [B, S, K, hd] (S cache slots);
     for a scanned decoder (`stacked`), k[0] and v[0] are [n, B, S, K, hd], all n layers in one.
+    A `pool` of prompt blocks (prefix caching) has the same form, B blocks of S slots each; its
+    blocks are not a batch: they are not split over the data axis.
 
     The shapes, dtype and logical axes are declared here once; `abstract` gives the shapes for
     eval_shape/AOT, `shardings` the layout on a mesh, `constrain` pins it inside a trace."""
@@ -43,12 +45,14 @@ class KVCache:
     k: tuple[jax.Array, ...]
     v: tuple[jax.Array, ...]
     stacked: bool = flax.struct.field(pytree_node=False, default=False)
+    pool: bool = flax.struct.field(pytree_node=False, default=False)
 
     AXES: ClassVar[tuple[str | None, ...]] = ("batch", None, "kv_heads", None)
 
     @property
     def axes(self) -> tuple[str | None, ...]:
-        return (None, *self.AXES) if self.stacked else self.AXES
+        axes = (None, *self.AXES[1:]) if self.pool else self.AXES
+        return (None, *axes) if self.stacked else axes
 
     @property
     def batch_axis(self) -> int:
@@ -59,21 +63,23 @@ class KVCache:
         return (batch, slots, config.num_key_value_heads, config.head_dim)
 
     @classmethod
-    def _build(cls, config: TextConfig, batch: int, slots: int, stacked: bool, make) -> "KVCache":
+    def _build(cls, config: TextConfig, batch: int, slots: int, stacked: bool, make, pool: bool = False) -> "KVCache":
         shape = cls.layer_shape(config, batch, slots)
         n = config.num_hidden_layers
         if stacked:
-            return cls((make((n, *shape)),), (make((n, *shape)),), stacked=True)
-        return cls(tuple(make(shape) for _ in range(n)), tuple(make(shape) for _ in range(n)))
+            return cls((make((n, *shape)),), (make((n, *shape)),), stacked=True, pool=pool)
+        return cls(tuple(make(shape) for _ in range(n)), tuple(make(shape) for _ in range(n)), pool=pool)
 
     @classmethod
     def abstract(cls, config: TextConfig, batch: int, slots: int, dtype, stacked: bool = False) -> "KVCache":
         return cls._build(config, batch, slots, stacked, lambda shape: jax.ShapeDtypeStruct(shape, jnp.dtype(dtype)))
 
     @classmethod
-    def zeros(cls, config: TextConfig, batch: int, slots: int, dtype, stacked: bool = False) -> "KVCache":
-        """A fresh cache (inside a trace: constrained to its layout)."""
-        return cls._build(config, batch, slots, stacked, lambda shape: jnp.zeros(shape, dtype)).constrain()
+    def zeros(cls, config: TextConfig, batch: int, slots: int, dtype, stacked: bool = False,
+              pool: bool = False) -> "KVCache":
+        """A fresh cache (inside a trace: constrained to its layout); pool: `batch` blocks of
+        `slots` slots (see the class)."""
+        return cls._build(config, batch, slots, stacked, lambda shape: jnp.zeros(shape, dtype), pool).constrain()
 
     def map(self, fn) -> "KVCache":
         """fn applied to every cache array (k and v alike)."""

@@ -12,8 +12,9 @@ way of generating drives.
   `extend`   C prompt tokens of one row of a served state written at its slots [start,
              start + C) (a prompt prefilled chunk by chunk between steps; its last chunk starts
              the row and draws its first token) (jitted per (C, context, feature bucket));
-  `save` / `restore`  a copy of a row's first slots out of the state / into a row (a prompt
-             prefix whose keys and values are reused: prefix caching).
+  `pool` / `save` / `restore`  a pool of blocks of cache slots (zeros), blocks of a row copied
+             into it / from it into a row's blocks (prompt prefixes whose keys and values are
+             reused: prefix caching) (jitted per (pool, index list) shapes).
 
 Offline generation (`generate`, `stream`) prefills a batch straight into its own rows of
 S = Lb + round_up(max_new_tokens, 64) slots (the prefix is the whole state, so its insert is the
@@ -125,7 +126,8 @@ class Engine:
         self._empty = jax.jit(self._empty_impl, static_argnums=(0, 1))
         self._step = jit(self._step_impl, 3, static_argnums=(2, 3, 4, 5), donate_argnums=1)
         self._extend = jit(self._extend_impl, 6, static_argnums=(5, 6, 7), donate_argnums=1)
-        self._save = jax.jit(self._save_impl, static_argnums=2)
+        self._pool = jax.jit(self._pool_impl, static_argnums=(0, 1))
+        self._save = jax.jit(self._save_impl, donate_argnums=1)
         self._restore = jax.jit(self._restore_impl, donate_argnums=0)
         self._loop = jit(self._loop_impl, 2, static_argnums=(2, 3), donate_argnums=1,
                          **({"compiler_options": loop_options} if loop_options else {}))
@@ -278,27 +280,49 @@ class Engine:
                              new)
             return out.constrain(), self._readout(new, logits, logprobs)
 
-    def _save_impl(self, state: DecodeState, row, slots: int) -> KVCache:
-        """A copy of row `row`'s first `slots` cache slots: a KVCache of one row."""
-        ax = state.cache.batch_axis
-        with use_mesh(self.mesh, self.rules), jax.named_scope("save_prefix"):
-            return state.cache.map(lambda x: jax.lax.slice_in_dim(
-                jax.lax.dynamic_slice_in_dim(x, row, 1, axis=ax), 0, slots, axis=ax + 1))
+    def _pool_impl(self, blocks: int, block: int) -> KVCache:
+        """A pool of `blocks` blocks of `block` zeroed cache slots (the cache's dtype and form)."""
+        with use_mesh(self.mesh, self.rules), jax.named_scope("prefix_pool"):
+            return KVCache.zeros(self.config.text, blocks, block, self.module.dtype, self.module.scan_layers, pool=True)
 
-    def _restore_impl(self, state: DecodeState, saved: KVCache | None, row, length) -> DecodeState:
-        """The state (donated) with `saved` (one row of F slots, `_save_impl`) in row `row`'s
-        slots [0, F), the first `length` of them valid; the row finished and parked at its last
-        slot, as `_extend_impl` leaves a row it has not started (saved None: only that)."""
+    @staticmethod
+    def _block_slots(blocks, block: int):
+        """Row block numbers int32[N] -> the cache slots they cover, int32[N, block]."""
+        return blocks[:, None] * block + jnp.arange(block, dtype=jnp.int32)
+
+    def _save_impl(self, state: DecodeState, pool: KVCache, row, blocks, slots) -> KVCache:
+        """The pool (donated) with row `row`'s blocks `blocks` (int32[N], each `block` cache
+        slots) copied into its blocks `slots` (int32[N]); a slot past the pool's end (padding)
+        copies nothing."""
+        ax = state.cache.batch_axis  # a pool's block axis is the cache's batch axis
+        at = self._block_slots(blocks, pool.slots)  # [N, block]
+
+        def put(dst, src):
+            one = jax.lax.dynamic_index_in_dim(src, row, axis=ax, keepdims=False)  # [(n,) S, K, hd]
+            taken = jnp.take(one, at, axis=ax, mode="clip")  # [(n,) N, block, K, hd]
+            return dst.at[(slice(None),) * ax + (slots,)].set(taken.astype(dst.dtype), mode="drop")
+
+        with use_mesh(self.mesh, self.rules), jax.named_scope("save_prefix"):
+            return pool.replace(k=tuple(map(put, pool.k, state.cache.k)),
+                                v=tuple(map(put, pool.v, state.cache.v))).constrain()
+
+    def _restore_impl(self, state: DecodeState, pool: KVCache | None, row, blocks, slots, length) -> DecodeState:
+        """The state (donated) with the pool's blocks `slots` (int32[N]) in row `row`'s blocks
+        `blocks` (int32[N]; a slot past the pool's end is padding and copies nothing) and the
+        row's first `length` slots valid; the row finished and parked at its last slot, as
+        `_extend_impl` leaves a row it has not started (pool None: only that)."""
         ax, s = state.cache.batch_axis, state.kv_valid.shape[1]
 
-        def put(big, small):
-            at = [jnp.zeros((), jnp.int32)] * big.ndim
-            at[ax] = row
-            return jax.lax.dynamic_update_slice(big, small.astype(big.dtype), at)
+        def put(big, src):
+            count, block = src.shape[ax], src.shape[ax + 1]
+            taken = jnp.take(src, jnp.minimum(slots, count - 1), axis=ax)  # [(n,) N, block, K, hd]
+            taken = taken.reshape(*taken.shape[:ax], -1, *taken.shape[ax + 2:])  # [(n,) N * block, K, hd]
+            at = jnp.where((slots < count)[:, None], self._block_slots(blocks, block), s).reshape(-1)
+            return big.at[(slice(None),) * ax + (row, at)].set(taken.astype(big.dtype), mode="drop")
 
         with use_mesh(self.mesh, self.rules), jax.named_scope("restore_prefix"):
-            cache = state.cache if saved is None else state.cache.replace(
-                k=tuple(map(put, state.cache.k, saved.k)), v=tuple(map(put, state.cache.v, saved.v)))
+            cache = state.cache if pool is None else state.cache.replace(
+                k=tuple(map(put, state.cache.k, pool.k)), v=tuple(map(put, state.cache.v, pool.v)))
             return state.replace(
                 cache=cache, kv_valid=state.kv_valid.at[row].set(jnp.arange(s) < length),
                 pos=state.pos.at[row].set(s - 1), finish=state.finish.at[row].set(LENGTH)).constrain()
@@ -362,7 +386,8 @@ class Engine:
             return jax.lax.while_loop(keep_going, body, (state, tokens, jnp.int32(1)))
 
     # ------------------------------------------------------------ ahead of time
-    PROGRAMS = ("encode", "forward", "prefill", "insert", "empty", "step", "extend", "save", "restore", "loop")
+    PROGRAMS = ("encode", "forward", "prefill", "insert", "empty", "step", "extend", "pool", "save", "restore",
+                "loop")
 
     def program(self, name: str):
         """The jitted program `name` (one of PROGRAMS), for ahead-of-time work:
@@ -420,15 +445,24 @@ class Engine:
         (the state, the row's readout as `prefill` gives it; read it after the last chunk)."""
         return self._extend(params, state, chunk, features, settings, context, greedy, logprobs, allow)
 
-    def save(self, state: DecodeState, row: int, slots: int) -> KVCache:
-        """A copy of row `row`'s first `slots` cache slots (a prompt prefix to reuse)."""
-        return self._save(state, np.int32(row), slots)
+    def pool(self, blocks: int, block: int) -> KVCache:
+        """A pool of `blocks` zeroed blocks of `block` cache slots (prompt prefixes to reuse)."""
+        return self._pool(blocks, block)
 
-    def restore(self, state: DecodeState, saved: KVCache | None, row: int, length: int) -> DecodeState:
-        """The state (donated) with a saved prefix in row `row`, its first `length` slots valid;
-        `extend` goes on from slot `length`. saved None: the row is only parked (finished, its
-        slots masked off) for the `extend` calls that will fill it."""
-        return self._restore(state, saved, np.int32(row), np.int32(length))
+    def save(self, state: DecodeState, pool: KVCache, row: int, blocks, slots) -> KVCache:
+        """The pool (donated) with row `row`'s blocks `blocks` (int32[N]) copied into its blocks
+        `slots` (int32[N]; a slot past the pool's end: padding, nothing copied)."""
+        return self._save(state, pool, np.int32(row), np.asarray(blocks, np.int32), np.asarray(slots, np.int32))
+
+    def restore(self, state: DecodeState, pool: KVCache | None, row: int, length: int, blocks=None,
+                slots=None) -> DecodeState:
+        """The state (donated) with the pool's blocks `slots` in row `row`'s blocks `blocks`
+        (int32[N] each; a slot past the pool's end: padding), the row's first `length` slots
+        valid; `extend` goes on from slot `length`. pool None: the row is only parked (finished,
+        its slots masked off) for the `extend` calls that will fill it."""
+        if pool is not None:
+            blocks, slots = np.asarray(blocks, np.int32), np.asarray(slots, np.int32)
+        return self._restore(state, pool, np.int32(row), blocks, slots, np.int32(length))
 
     # ------------------------------------------------------------ offline generation
     def _put(self, tree: dict, axes: dict) -> dict:

@@ -5,7 +5,10 @@ demo's shapes, random weights; every program compiles once per shape for the who
 - chunks whose boundaries fall inside an image's placeholders;
 - a multi-turn chat with an image through the openai client: turns 2 and 3 report
   usage.prompt_tokens_details.cached_tokens, skip the vision tower, and /metrics counts them;
-- eviction under a tiny memory bound (the cache alone, and under the batcher).
+- two prompts that share more than a block hold the shared blocks once, and the second reuses
+  them (its reply unchanged);
+- eviction under a tiny memory bound (the cache alone, and under the batcher): a chain is
+  shortened from its tail, never left with a hole.
 """
 
 from __future__ import annotations
@@ -67,6 +70,25 @@ def prompt(processor, text: str, images=(), history=()) -> tuple[np.ndarray, lis
         vision = [VisionInput(pixels[a:b], grids[i:i + 1], f"img{hash(data)}")
                   for i, (a, b, data) in enumerate(zip(bounds[:-1], bounds[1:], images))]
     return np.asarray(out["input_ids"])[0].astype(np.int32), vision
+
+
+def prefix_cache(model, max_bytes: int) -> PrefixCache:
+    """A cache over the model's blocks, its pool made a row's worth of blocks at a time (as the
+    server makes it)."""
+    slots = Slots(model.engine, max_batch=4, max_context=MAX_CONTEXT)
+    return PrefixCache(max_bytes, slots.block_nbytes(BLOCK), segment=MAX_CONTEXT // BLOCK)
+
+
+def no_holes(cache: PrefixCache) -> bool:
+    """Every held block's predecessor in its chain is held."""
+    return all(cache._parent[h] is None or cache._parent[h] in cache._slot for h in cache._slot)
+
+
+def chain(model, ids, vision) -> list[bytes]:
+    """The block hashes the batcher gives a prompt with these images."""
+    cfg = model.config
+    counts = [int(np.prod(v.grid_thw)) // cfg.vision.merge_unit for v in vision]
+    return block_hashes(ids, placeholder_spans(ids, cfg.image_token_id, counts, [v.content_key() for v in vision]))
 
 
 def run(model, jobs, *, chunk: int = 0, cache: PrefixCache | None = None, rounds: int = 1, encodes=None):
@@ -133,7 +155,7 @@ def test_replies_unchanged(tiny, jobs, baseline, chunk, cached):
     """Chunked (16: a boundary inside the image's placeholders; 40), cached, both: the same
     tokens as the whole-prompt path; with the cache the second round reuses every prompt's full
     blocks (all but the last token at most)."""
-    cache = PrefixCache(1 << 30) if cached else None
+    cache = prefix_cache(tiny[0], 1 << 30) if cached else None
     rounds = run(tiny[0], jobs, chunk=chunk, cache=cache, rounds=2 if cached else 1)
     for out in rounds:
         assert [tokens for tokens, _, _ in out] == baseline
@@ -141,6 +163,9 @@ def test_replies_unchanged(tiny, jobs, baseline, chunk, cached):
         for (ids, _, _), (_, _, reused) in zip(jobs, rounds[1]):
             assert reused == min(ids.size // BLOCK * BLOCK, ids.size - 1) > 0
         assert cache.hits >= len(jobs)
+        # two jobs per prompt, and every prompt starts with the template's block: each held once
+        chains = [chain(tiny[0], ids, vision) for ids, vision, _ in jobs]
+        assert cache.blocks == len(set().union(*chains)) < sum(map(len, chains)) and no_holes(cache)
 
 
 def test_chunk_boundary_inside_an_image(tiny, jobs):
@@ -166,7 +191,7 @@ def test_chunk_shape_fits_the_row():
     assert chunk_shape(318, 1, 320) == (2, 1)
 
 
-def test_prefix_cache_lookup_and_eviction():
+def test_prefix_cache_shares_blocks_and_evicts_tails():
     ids = np.arange(100, dtype=np.int32)
     other = ids.copy()
     other[40] = 7
@@ -176,36 +201,65 @@ def test_prefix_cache_lookup_and_eviction():
     c = block_hashes(ids, [Span(20, 36, "x")])
     assert c[0] == a[0] and c[1] != a[1] and c[3] != a[3]
 
-    cache = PrefixCache(max_bytes=250)
-    n1 = cache.new_name()
-    assert cache.add(n1, a[:3], "A3", 100) == []
-    assert cache.lookup(b)[1] == 2 * BLOCK and cache.lookup(a)[1] == 3 * BLOCK
-    n2 = cache.new_name()
-    assert cache.add(n2, a, "A6", 100) == [n1]  # the older one is a prefix of it: dropped
-    assert cache.lookup(a) == (cache._entries[n2], 6 * BLOCK)
-    n3, n4 = cache.new_name(), cache.new_name()
-    assert cache.add(n3, b, "B", 100) == []
-    cache.lookup(a)  # a is now the most recently used
-    assert cache.add(n4, block_hashes(ids + 1000, []), "C", 100) == [n3]  # over 250 bytes: b evicted
-    assert cache.evictions == 1 and cache.nbytes == 200
-    assert cache.lookup(b)[1] == 2 * BLOCK  # its first blocks are still a's
-    assert cache.add(cache.new_name(), a, "too big", 300) != []  # over the bound alone: not kept
+    cache = PrefixCache(max_bytes=550, block_nbytes=100, segment=2)  # 5 blocks fit: segments of 2, 4 slots
+    assert (cache.capacity, cache.allocated, cache.lookup(a)) == (4, 0, [])
+    assert cache.store(a[:3]) == (0, [0, 1, 2]) and cache.allocated == 4  # a second segment made
+    assert cache.store(b[:3]) == (2, [3])  # a's first two blocks are b's: only b's third is copied
+    assert (cache.blocks, cache.chains, cache.nbytes) == (4, 2, 400)  # the shared ones count once
+    assert cache.lookup(b) == [0, 1, 3] and cache.lookup(a) == [0, 1, 2]
+    cache.record(2 * BLOCK)
+    assert (cache.hits, cache.cached_tokens) == (1, 2 * BLOCK)
+    # full: b's tail (least recently used, extends nothing) goes, then a's; never a head
+    d = block_hashes(ids + 1000, [])
+    assert cache.store(d[:2]) == (0, [3, 2]) and cache.evictions == 2 and no_holes(cache)
+    assert cache.lookup(b) == [0, 1] and cache.lookup(a) == [0, 1]
+    assert cache.store(a[:3]) == (2, [2])  # d's tail went, not its head nor a's
+    assert cache.lookup(d) == [3] and no_holes(cache)
+    assert cache.store(d) == (1, [2, 1, 0]) and no_holes(cache)  # as much of a long chain as fits
+    assert cache.lookup(d) == [3, 2, 1, 0] and cache.lookup(a) == [] and cache.evictions == 6
+    cache.clear()
+    assert (cache.blocks, cache.allocated, cache.lookup(c)) == (0, 0, [])
+    assert PrefixCache(max_bytes=99, block_nbytes=100).store(a) == (0, [])  # a bound under a block keeps none
+
+
+def test_prompts_share_blocks(tiny, jobs):
+    """Two prompts that part after several blocks: the second reuses the first one's blocks, the
+    pool holds them once, and its reply is the one it gets without the cache."""
+    model = tiny[0]
+    ids = jobs[2][0]
+    other = ids.copy()
+    other[40] = ids[40] + 1  # another word in the third block
+    cache = prefix_cache(model, 1 << 30)
+    # chunks of 16: the shapes test_replies_unchanged compiled (a restored run ends on one)
+    (out,) = run(model, [(ids, [], GREEDY), (other, [], GREEDY)], chunk=16, cache=cache)
+    (alone,) = run(model, [(other, [], GREEDY)])
+    shared = 40 // BLOCK
+    assert shared > 1 and [r for _, _, r in out] == [0, shared * BLOCK] and out[1][0] == alone[0][0]
+    a, b = chain(model, ids, []), chain(model, other, [])
+    assert cache.blocks == len(set(a) | set(b)) == len(a) + len(b) - shared and cache.chains == 2
+
+
+def one_prompt_cache(model, jobs) -> PrefixCache:
+    """A cache whose bound holds the blocks of the longest prompt of `jobs`."""
+    per_block = Slots(model.engine, max_context=MAX_CONTEXT).block_nbytes(BLOCK)
+    return prefix_cache(model, max(ids.size // BLOCK for ids, _, _ in jobs) * per_block)
 
 
 def test_eviction_in_the_batcher(tiny, jobs, baseline):
-    """A bound that holds one prompt's prefix: the prompts evict each other and every reply is
-    still the same."""
-    from qwen2vl_jax.inputs import bucket
-
+    """A bound that holds the longer prompt's blocks: the prompts evict each other's from the
+    tail, the head of a shortened chain is still found, and every reply is still the same."""
     model = tiny[0]
-    per_slot = model.engine.empty(1, MAX_CONTEXT).cache.nbytes // MAX_CONTEXT
-    picked = [jobs[0], jobs[2]]
-    bound = max(bucket(ids.size // BLOCK * BLOCK, 16) for ids, _, _ in picked) * per_slot  # one of them
-    cache = PrefixCache(bound)
-    rounds = run(model, picked, chunk=0, cache=cache, rounds=2)
+    picked = [jobs[0], jobs[2]]  # an image prompt of 3 blocks and a text one of 7: none shared
+    cache = one_prompt_cache(model, picked)
+    first, longer = (ids.size // BLOCK for ids, _, _ in picked)
+    rounds = run(model, picked, chunk=16, cache=cache, rounds=2)
     for out in rounds:
         assert [tokens for tokens, _, _ in out] == [baseline[0], baseline[2]]
-    assert cache.evictions >= 1 and len(cache) == 1 and cache.nbytes <= bound
+    # round 1: the text prompt's blocks evict the image one's; round 2: the image prompt's evict
+    # the text one's last three, its first four are reused, and its last three evict the image's
+    assert [r for _, _, r in rounds[1]] == [0, (longer - first) * BLOCK]
+    assert cache.evictions == 3 * first and cache.blocks == cache.capacity == longer and no_holes(cache)
+    assert cache.nbytes == cache.allocated * cache.block_nbytes
 
 
 # ---------------------------------------------------------------------------- through the server
@@ -263,9 +317,9 @@ def test_multi_turn_chat_with_an_image(tiny):
 
 
 def test_lockstep_replays_fills(tiny, jobs, baseline):
-    """A multi-process leader's calls (extend, save, restore, drop among them), sent through the
-    channel's encoding, replay on a follower without error while the leader's replies stay the
-    same."""
+    """A multi-process leader's calls (extend, and pool, save and restore under a bound that
+    evicts), sent through the channel's encoding, replay on a follower without error while the
+    leader's replies stay the same."""
     from qwen2vl_jax import distributed
     from qwen2vl_jax.serving.lockstep import Lockstep, follow
 
@@ -284,8 +338,8 @@ def test_lockstep_replays_fills(tiny, jobs, baseline):
     channel = Recorded()
     slots = Slots(model.engine, max_batch=4, max_context=MAX_CONTEXT)
     slots.lead(channel)
-    per_slot = model.engine.empty(1, MAX_CONTEXT).cache.nbytes // MAX_CONTEXT
-    batcher = Batcher(slots, model.params, prefill_chunk=40, prefix_cache=PrefixCache(100 * per_slot)).start()
+    cache = one_prompt_cache(model, jobs)  # the pool of test_eviction_in_the_batcher: compiled once
+    batcher = Batcher(slots, model.params, prefill_chunk=40, prefix_cache=cache).start()
     got = []
     for ids, vision, generation in [jobs[0], jobs[2], jobs[0]]:
         events, end = [], threading.Event()
@@ -295,6 +349,6 @@ def test_lockstep_replays_fills(tiny, jobs, baseline):
     batcher.close()  # sends stop
     assert got == [baseline[0], baseline[2], baseline[0]]
     ops = {op for op, _, _ in channel.sent}
-    assert {"extend", "save", "restore", "drop", "stop"} <= ops, ops
+    assert {"extend", "pool", "save", "restore", "stop"} <= ops and cache.evictions, ops
     follow(model.engine, model.params, channel)
     assert not channel.sent

@@ -335,13 +335,16 @@ def build_service(model, processor, *, max_batch: int = 16, max_context: int | N
     (`progress`: called with a line per warm-up stage, e.g. print). prefill_chunk: prompt tokens
     written per iteration between decode steps (0: whole prompts); prefix_cache_gb: memory for
     reused prompt prefixes (0: off)."""
-    from qwen2vl_jax.serving.prefix_cache import PrefixCache
+    from qwen2vl_jax.serving.prefix_cache import BLOCK, PrefixCache
     from qwen2vl_jax.serving.scheduler import Batcher, VisionCache
     from qwen2vl_jax.serving.slots import Slots
 
     settings = settings or Settings()
     slots = Slots(model.engine, max_batch=max_batch, max_context=max_context)
-    prefix_cache = PrefixCache(int(prefix_cache_gb * 2**30)) if prefix_cache_gb > 0 else None
+    prefix_cache = None
+    if prefix_cache_gb > 0:  # its pool is made a segment (a row's worth of blocks) at a time, as prompts fill it
+        prefix_cache = PrefixCache(int(prefix_cache_gb * 2**30), slots.block_nbytes(BLOCK),
+                                   segment=max(1, slots.max_context // BLOCK))
     batcher = Batcher(slots, model.params, max_queue=settings.max_queue,
                       vision_cache=VisionCache(max_entries=vision_cache_entries), prefill_chunk=prefill_chunk,
                       prefix_cache=prefix_cache)

@@ -2,11 +2,12 @@
 
 Each jitted call must run on every process of the mesh as one program, in the same order. The
 `Leader` wraps the runner's device calls (`engine.Engine`: empty, encode, prefill, insert,
-step, extend, save, restore) on process 0: each is first sent to the others (its name, a few numbers as JSON, its host
-arrays as .npz, through an all-gather of bytes), then made. The others `follow`: they receive
-each call and make it on their own runner with the same arguments. A saved prompt prefix
-(prefix caching) is known by a name: every process keeps its own part of it under that name
-until process 0 says it is dropped.
+step, extend, pool, save, restore) on process 0: each is first sent to the others (its name, a few numbers as
+JSON, its host arrays as .npz, through an all-gather of bytes), then made. The others `follow`:
+they receive each call and make it on their own runner with the same arguments. The prefix
+cache's pool is a list of segments known by their index: every process makes, writes and
+reads its own part of segment i when process 0 does (process 0 alone keeps the index of what
+the pool holds).
 """
 
 from __future__ import annotations
@@ -102,16 +103,19 @@ class Leader:
         return self.engine.extend(params, state, chunk, features, settings, context, greedy, logprobs=logprobs,
                                   allow=allow)
 
-    def save(self, state, row: int, slots: int, name: int):
-        self.lockstep.send("save", row=int(row), slots=int(slots), name=int(name))
-        return self.engine.save(state, row, slots)
+    def pool(self, blocks: int, block: int, index: int):
+        self.lockstep.send("pool", blocks=int(blocks), block=int(block), index=int(index))
+        return self.engine.pool(blocks, block)
 
-    def restore(self, state, saved, row: int, length: int, name: int | None):
-        self.lockstep.send("restore", row=int(row), length=int(length), name=name)
-        return self.engine.restore(state, saved, row, length)
+    def save(self, state, pool, row: int, blocks, slots, index: int):
+        self.lockstep.send("save", {"blocks": np.asarray(blocks), "slots": np.asarray(slots)}, row=int(row),
+                           index=int(index))
+        return self.engine.save(state, pool, row, blocks, slots)
 
-    def drop(self, names: list[int]) -> None:
-        self.lockstep.send("drop", names=[int(n) for n in names])
+    def restore(self, state, pool, row: int, length: int, blocks, slots, index: int | None):
+        arrays = None if index is None else {"blocks": np.asarray(blocks), "slots": np.asarray(slots)}
+        self.lockstep.send("restore", arrays, row=int(row), length=int(length), index=index)
+        return self.engine.restore(state, pool, row, length, blocks, slots)
 
     def ping(self) -> None:
         """Followers wait inside a collective: an idle leader keeps it short."""
@@ -127,7 +131,7 @@ def follow(engine, params, lockstep: Lockstep | None = None) -> None:
     lockstep = lockstep or Lockstep()
     like = RowSettings.of([GenerationConfig()])
     state = prefix = None
-    saved: dict[int, object] = {}  # the prompt prefixes process 0 keeps, by name
+    pool: dict[int, object] = {}  # the prefix cache's pool segments, by index
     while True:
         op, meta, a = lockstep.receive()
         if op == "stop":
@@ -149,13 +153,14 @@ def follow(engine, params, lockstep: Lockstep | None = None) -> None:
             chunk = {k[len("chunk_"):]: v for k, v in a.items() if k.startswith("chunk_")}
             state, _ = engine.extend(params, state, chunk, a.get("features"), _unflat("settings", a, like),
                                      meta["context"], meta["greedy"], logprobs=meta["logprobs"], allow=a.get("allow"))
+        elif op == "pool":
+            pool[meta["index"]] = engine.pool(meta["blocks"], meta["block"])
         elif op == "save":
-            saved[meta["name"]] = engine.save(state, meta["row"], meta["slots"])
+            i = meta["index"]
+            pool[i] = engine.save(state, pool[i], meta["row"], a["blocks"], a["slots"])
         elif op == "restore":
-            name = meta["name"]
-            state = engine.restore(state, None if name is None else saved[name], meta["row"], meta["length"])
-        elif op == "drop":
-            for name in meta["names"]:
-                saved.pop(name, None)
+            i = meta["index"]
+            state = engine.restore(state, None if i is None else pool[i], meta["row"], meta["length"], a.get("blocks"),
+                                   a.get("slots"))
         elif op != "ping":
             raise RuntimeError(f"process 0 sent an unknown call {op!r}")

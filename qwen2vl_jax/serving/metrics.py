@@ -34,9 +34,12 @@ def _prefix_lines(cache) -> tuple:
     return (("prefix_cache_hits_total", "counter", cache.hits, "requests that reused a cached prompt prefix"),
             ("prefix_cache_cached_tokens_total", "counter", cache.cached_tokens,
              "prompt tokens whose keys and values came from the prefix cache"),
-            ("prefix_cache_evictions_total", "counter", cache.evictions, "prefixes evicted for room"),
-            ("prefix_cache_entries", "gauge", len(cache), "prompt prefixes held"),
-            ("prefix_cache_bytes", "gauge", cache.nbytes, "device memory the held prefixes take"))
+            ("prefix_cache_evictions_total", "counter", cache.evictions, "cached blocks evicted for room"),
+            ("prefix_cache_entries", "gauge", cache.chains, "distinct prompt prefixes held"),
+            ("prefix_cache_blocks", "gauge", cache.blocks, "blocks held (one copy of a block prompts share)"),
+            ("prefix_cache_bytes", "gauge", cache.nbytes, "device memory the held blocks take"),
+            ("prefix_cache_pool_bytes", "gauge", cache.allocated * cache.block_nbytes,
+             "device memory of the pool made so far (held blocks and free ones)"))
 
 
 class Metrics:

@@ -5,16 +5,26 @@ their prefill and their vision tower.
 A prompt is hashed in blocks of BLOCK tokens, each hash chained to the one before and covering
 the media (images, videos) whose placeholders fall in the block by their key: the hash of the
 media's content and its resize settings, so the same tokens with another image (or the same
-image at another pixel budget) are another prefix. After a request's prompt is in its row, the
-row's full blocks are copied out as one entry (`Engine.save`); a later prompt whose first blocks
-hash the same has the longest such run copied into its row (`Engine.restore`) and is prefilled
-from there. The keys and values of slot j depend only on tokens [0, j] (M-RoPE positions too),
-so any cached run is exact for any prompt that shares it.
+image at another pixel budget) are another prefix. A block's hash thus names the whole prefix
+up to its end. The keys and values of slot j depend only on tokens [0, j] (M-RoPE positions
+too), so a cached block is exact for any prompt whose chain contains its hash.
 
-An entry is the whole saved prefix of one prompt; an entry that is a prefix of a newer one is
-dropped when the newer one is stored (the newer one answers both), so a conversation holds one
-entry however many turns it has. Entries are evicted least recently used first to stay under
-the byte bound. Only the scheduler's thread calls it; others read the counters.
+Blocks are stored once, whatever number of prompts share them: a device pool of block slots
+(each BLOCK tokens of every layer's keys and values, in the KV cache's dtype and layout) and,
+here on the host, the index from a block's hash to its slot. After a request's prompt is in its
+row, the row's full blocks that are not held yet are copied into free slots (`store`); a later
+prompt has the longest held run of its chain copied from the pool into its row (`lookup`) and
+is prefilled from there. Two conversations that share a system prompt and an image hold those
+blocks once.
+
+The pool is allocated in segments of `segment` slots, one more when every slot of those already
+made is taken, up to the byte bound (`capacity` slots): a server whose prompts never fill the
+bound does not hold it. Past it, blocks are evicted least recently used first, and only blocks
+that no other held block extends: a block is found only when every block before it in its
+chain is held, so a chain is shortened from its tail and never left with a hole. (A lookup or a
+store touches a chain's blocks from the tail to the head, so a block is always more recently
+used than any block extending it, and the least recently used block is one that none extends.)
+Only the scheduler's thread calls it; others read the counters.
 """
 
 from __future__ import annotations
@@ -26,7 +36,7 @@ from typing import Sequence
 
 import numpy as np
 
-BLOCK = 16  # tokens per hashed block: the granularity at which a prefix is found
+BLOCK = 16  # tokens per hashed block: the granularity at which a prefix is found and stored
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,46 +75,64 @@ def block_hashes(ids: np.ndarray, spans: Sequence[Span], block: int = BLOCK) -> 
     return out
 
 
-@dataclasses.dataclass(eq=False)
-class Entry:
-    name: int  # what the device calls know it by (a multi-process run's followers too)
-    saved: object  # the device arrays (`Engine.save`): at least `blocks` * BLOCK slots
-    hashes: tuple[bytes, ...]
-    nbytes: int
-
-    @property
-    def blocks(self) -> int:
-        return len(self.hashes)
-
-
 class PrefixCache:
-    """Saved prompt prefixes under a byte bound, found by their blocks' hashes (LRU)."""
+    """The host index of a pool of prompt blocks under a byte bound: a block's chained hash ->
+    its pool slot, least recently used first."""
 
-    def __init__(self, max_bytes: int, block: int = BLOCK):
-        self.max_bytes, self.block = int(max_bytes), int(block)
-        self._entries: collections.OrderedDict[int, Entry] = collections.OrderedDict()
-        self._index: dict[bytes, list[Entry]] = {}  # a block's hash -> the entries holding it (newest last)
-        self._names = 0
-        self.nbytes = 0
+    def __init__(self, max_bytes: int, block_nbytes: int, *, segment: int = 256, block: int = BLOCK):
+        """max_bytes: the bound on the pool; block_nbytes: the device bytes of one block (every
+        layer's keys and values of `block` slots); segment: pool slots allocated at a time (at
+        most; fewer when the bound holds fewer)."""
+        if block_nbytes < 1 or segment < 1:
+            raise ValueError(f"block_nbytes and segment must be positive (got {block_nbytes}, {segment})")
+        self.max_bytes, self.block, self.block_nbytes = int(max_bytes), int(block), int(block_nbytes)
+        fits = self.max_bytes // self.block_nbytes
+        self.segment = min(int(segment), fits) or 1
+        self.capacity = fits // self.segment * self.segment  # pool slots the bound allows (0: none)
+        self.allocated = 0  # pool slots in the segments made so far
+        # a held block's hash -> its slot; least recently used first, and a block always after
+        # every held block that extends it
+        self._slot: collections.OrderedDict[bytes, int] = collections.OrderedDict()
+        self._parent: dict[bytes, bytes | None] = {}
+        self._children: dict[bytes, int] = {}  # held blocks that extend it by one
+        self._free: list[int] = []
         self.hits = 0  # requests that reused a prefix
         self.cached_tokens = 0  # prompt tokens those requests did not prefill
-        self.evictions = 0
+        self.evictions = 0  # blocks evicted for room
+
+    # ------------------------------------------------------------ what it holds
+    @property
+    def blocks(self) -> int:
+        """Pool slots in use (a block shared by many prompts counts once)."""
+        return len(self._slot)
+
+    @property
+    def nbytes(self) -> int:
+        """Device memory of the blocks held."""
+        return self.blocks * self.block_nbytes
+
+    @property
+    def chains(self) -> int:
+        """Distinct prefixes held: blocks that no held block extends."""
+        return sum(1 for h in self._slot if not self._children[h])
 
     def __len__(self) -> int:
-        return len(self._entries)
+        return self.chains
 
-    def lookup(self, hashes: Sequence[bytes]) -> tuple[Entry, int] | None:
-        """The entry holding the longest run of these blocks, and that run's tokens (None: not
-        even the first block is held). The entry becomes the most recently used."""
-        found = None
-        for i, h in enumerate(hashes):
-            holders = self._index.get(h)
-            if not holders:
-                break
-            found = (holders[-1], (i + 1) * self.block)
-        if found is not None:
-            self._entries.move_to_end(found[0].name)
-        return found
+    def held(self, hashes: Sequence[bytes]) -> int:
+        """How many of these blocks, from the first, are held."""
+        n = 0
+        while n < len(hashes) and hashes[n] in self._slot:
+            n += 1
+        return n
+
+    # ------------------------------------------------------------ lookup and store
+    def lookup(self, hashes: Sequence[bytes]) -> list[int]:
+        """The pool slots of the longest held run of these blocks (a prompt's chain), in order
+        (empty: not even the first is held); the run becomes the most recently used."""
+        run = list(hashes[:self.held(hashes)])
+        self._touch(run)
+        return [self._slot[h] for h in run]
 
     def record(self, tokens: int) -> None:
         """A request reused `tokens` prompt tokens (the counters /metrics shows)."""
@@ -112,51 +140,48 @@ class PrefixCache:
             self.hits += 1
             self.cached_tokens += tokens
 
-    def holds(self, hashes: Sequence[bytes]) -> bool:
-        """Every one of these blocks is held already."""
-        return bool(hashes) and hashes[-1] in self._index
+    def store(self, hashes: Sequence[bytes]) -> tuple[int, list[int]]:
+        """Keeps a prompt's chain of blocks -> (first, slots): its blocks [first, first + n) are
+        to be copied into these n pool slots (the blocks before `first` are held already; none
+        when all are, or when the bound holds no more). Makes room by evicting others' blocks,
+        never this chain's; `allocated` may grow by a segment (make it before the copy)."""
+        first = self.held(hashes)
+        self._touch(hashes[:first])  # the most recently used: what follows evicts others first
+        n = min(len(hashes), self.capacity) - first
+        slots = [self._take() for _ in range(max(n, 0))]
+        for i, slot in enumerate(slots, first):
+            h, parent = hashes[i], hashes[i - 1] if i else None
+            self._slot[h], self._parent[h], self._children[h] = slot, parent, 0
+            if parent is not None:
+                self._children[parent] += 1
+        self._touch(hashes[:first + len(slots)])
+        return first, slots
 
-    def new_name(self) -> int:
-        """A name no entry has had."""
-        self._names += 1
-        return self._names
+    def _touch(self, chain: Sequence[bytes]) -> None:
+        """A held run becomes the most recently used, its head last (more recent than its tail)."""
+        for h in reversed(chain):
+            self._slot.move_to_end(h)
 
-    def add(self, name: int, hashes: Sequence[bytes], saved, nbytes: int) -> list[int]:
-        """Stores a prefix of these blocks as `name` (`new_name`) -> the names of the entries
-        dropped: prefixes of it, the least recently used ones past the bound, or this one when
-        it is over the bound alone."""
-        if nbytes > self.max_bytes or not hashes:
-            return [name]
-        entry = Entry(name, saved, tuple(hashes), int(nbytes))
-        mine = set(entry.hashes)
-        dropped = [old for old in dict.fromkeys(e for h in entry.hashes for e in self._index.get(h, ()))
-                   if old.hashes[-1] in mine]  # wholly inside the new one
-        for old in dropped:
-            self._remove(old)
-        for h in entry.hashes:
-            self._index.setdefault(h, []).append(entry)
-        self._entries[entry.name] = entry
-        self.nbytes += entry.nbytes
-        while self.nbytes > self.max_bytes:
-            old = next(iter(self._entries.values()))
-            self._remove(old)
-            self.evictions += 1
-            dropped.append(old)
-        return [old.name for old in dropped]
+    def _take(self) -> int:
+        """A free slot: one left free, else a new segment's, else the least recently used
+        block's (one that no held block extends: see the module's docstring)."""
+        if not self._free and self.allocated < self.capacity:
+            self._free = list(range(self.allocated + self.segment - 1, self.allocated - 1, -1))
+            self.allocated += self.segment
+        if self._free:
+            return self._free.pop()
+        h, slot = self._slot.popitem(last=False)
+        if self._children.pop(h):
+            raise AssertionError("the least recently used block is extended by another")
+        parent = self._parent.pop(h)
+        if parent is not None:
+            self._children[parent] -= 1
+        self.evictions += 1
+        return slot
 
-    def _remove(self, entry: Entry) -> None:
-        del self._entries[entry.name]
-        self.nbytes -= entry.nbytes
-        for h in entry.hashes:
-            holders = self._index[h]
-            holders.remove(entry)
-            if not holders:
-                del self._index[h]
-
-    def clear(self) -> list[int]:
-        """Drops every entry -> their names."""
-        names = list(self._entries)
-        self._entries.clear()
-        self._index.clear()
-        self.nbytes = 0
-        return names
+    def clear(self) -> None:
+        """Drops every block and the pool's segments (the next `store` makes one anew)."""
+        self._slot.clear()
+        self._parent.clear()
+        self._children.clear()
+        self._free, self.allocated = [], 0

@@ -27,7 +27,7 @@ from qwen2vl_jax.errors import InputError
 from qwen2vl_jax.inputs import bucket
 from qwen2vl_jax.sampling import GenerationConfig
 from qwen2vl_jax.serving.prefix_cache import PrefixCache, block_hashes, placeholder_spans
-from qwen2vl_jax.serving.slots import (FEATURE_BUCKET_MIN, PREFILL_BUCKET_MIN, Slots, choice_settings, chunk_bucket,
+from qwen2vl_jax.serving.slots import (FEATURE_BUCKET_MIN, Slots, block_buckets, choice_settings, chunk_bucket,
                                        chunk_shape, seen_words, short_prompt_lengths)
 from qwen2vl_jax.serving.vision_cache import VisionCache
 
@@ -154,6 +154,7 @@ class Batcher:
             raise InputError(f"prefill_chunk must be 0 (off) or a number of tokens (got {prefill_chunk})")
         self.prefill_chunk = int(prefill_chunk)
         self.prefix_cache = prefix_cache
+        self._pool: list = []  # the prefix cache's pool: its segments made so far (device arrays)
         self._fill: Fill | None = None
         self._queue: collections.deque[Request] = collections.deque()
         self._active: list[Row | None] = [None] * slots.max_batch
@@ -240,7 +241,7 @@ class Batcher:
             sizes = sorted({c for c in map(chunk_bucket, prompt_lengths) if c <= self.slots.max_context})
             for n in sizes if fills else prompt_lengths:
                 if fills:
-                    state = self.slots.restore(state, None, 0, 0)
+                    state = self.slots.restore(state, self._pool, 0, (), 0)
                     ids = np.zeros((min(n, self.prefill_chunk or n),), np.int32)
                     state, out = self.slots.extend(self.params, state, self._chunk(ids, np.zeros((3, ids.size), np.int32),
                                                                                   0, 0, ids.size, True, 0),
@@ -248,6 +249,13 @@ class Batcher:
                     continue
                 inputs = self.slots.prompt_inputs(np.zeros((n,), np.int32), max_new_tokens=1)
                 state = self.slots.insert(state, self.slots.prefill(self.params, inputs, None, generation), 0)
+            if self.prefix_cache is not None:  # the pool's copies, each index bucket, on a segment made for them
+                cache = self.prefix_cache
+                pool = [self.slots.pool_segment(0, cache.segment, cache.block)]
+                for size in block_buckets(cache.segment):
+                    size = min(size, self.slots.max_context // cache.block)
+                    pool = self.slots.save(state, pool, 0, 0, range(size))
+                    state = self.slots.restore(state, pool, 0, range(size), 0)
             for rows in self.slots.row_buckets:  # every bucket, on a state each kind of step returned
                 for context in self.slots.context_buckets:
                     state, out = self.slots.step(self.params, state, rows, context)
@@ -338,16 +346,14 @@ class Batcher:
                 spans += placeholder_spans(ids, token, counts, keys)
             fill = Fill(row, slot, ids, inputs.positions[:, 0, lb - n:], int(inputs.pos_offset[0]) + lb - n,
                         media, spans, None)
-            saved = name = None
+            run = []
             if self.prefix_cache is not None:
                 fill.hashes = block_hashes(ids, spans, self.prefix_cache.block)
-                hit = self.prefix_cache.lookup(fill.hashes)
-                if hit is not None:
-                    entry, tokens = hit
-                    saved, name, fill.start = entry.saved, entry.name, min(tokens, n - 1)
-                    self.prefix_cache.record(fill.start)
+                run = self.prefix_cache.lookup(fill.hashes)
+                fill.start = min(len(run) * self.prefix_cache.block, n - 1)
+                self.prefix_cache.record(fill.start)
             req.cached_tokens = fill.start
-            self._state = self.slots.restore(self._state, saved, slot, fill.start, name)
+            self._state = self.slots.restore(self._state, self._pool, slot, run, fill.start)
         except InputError as e:
             req.emit(Event(finish="error", message=str(e)))
             return
@@ -424,16 +430,15 @@ class Batcher:
         return np.concatenate([features, np.zeros((f - features.shape[0], features.shape[1]), features.dtype)])
 
     def _keep_prefix(self, fill: Fill) -> None:
-        """Saves the full blocks of the prompt just written (unless they are held already)."""
-        cache, blocks = self.prefix_cache, fill.ids.size // self.prefix_cache.block
-        if not blocks or cache.holds(fill.hashes[:blocks]):
+        """Copies the full blocks of the prompt just written that the pool does not hold yet into
+        it (making a segment of it first when the cache asks for one)."""
+        cache = self.prefix_cache
+        first, slots = cache.store(fill.hashes[:fill.ids.size // cache.block])
+        if not slots:
             return
-        k = blocks * cache.block
-        slots = min(bucket(k, PREFILL_BUCKET_MIN), self.slots.max_context)
-        name = cache.new_name()
-        saved = self.slots.save(self._state, fill.slot, slots, name)
-        dropped = cache.add(name, fill.hashes[:blocks], saved, saved.nbytes)
-        self.slots.drop(dropped)
+        while len(self._pool) * cache.segment < cache.allocated:
+            self._pool.append(self.slots.pool_segment(len(self._pool), cache.segment, cache.block))
+        self._pool = self.slots.save(self._state, self._pool, fill.slot, first, slots)
 
     def _fail_all(self, message: str) -> None:
         """Ends every request in a row with an error and starts from a fresh state (after a device
@@ -444,6 +449,9 @@ class Batcher:
         for req in failed:
             req.emit(Event(finish="error", message=message))
         self._state = self.slots.init_state()
+        if self.prefix_cache is not None:  # a pool segment may have been donated to the failed call
+            self.prefix_cache.clear()
+            self._pool = []
 
     def _prefill(self, req: Request, rows: list[Row]):
         inputs = self.slots.prompt_inputs(req.input_ids, _grids(req.images), _grids(req.videos),

@@ -9,7 +9,10 @@ slots and the buckets its programs are compiled for.
   step     one token for the first k rows, k the smallest row bucket (1, 2, 4, ..., max_batch)
            holding every live row, attending over the first c cache slots, c the smallest
            context bucket holding every live row's tokens (all compiled at warm-up); each row
-           has its own slot, sampling settings and random key.
+           has its own slot, sampling settings and random key;
+  pool / save / restore  the prefix cache's pool, made a segment at a time, and blocks of a row
+           copied into it or out of it, each call within one segment and its index lists
+           padded to a `block_bucket` (compiled per bucket, at warm-up when the cache is on).
 The device calls go through `Slots.runner`: the engine, or a `lockstep.Leader` on process 0 of
 a multi-process run. `serving.scheduler.Batcher` drives them between requests.
 """
@@ -22,7 +25,7 @@ from typing import Sequence
 import jax
 import numpy as np
 
-from qwen2vl_jax.decode_state import DecodeState, RowSettings, mask_words
+from qwen2vl_jax.decode_state import DecodeState, KVCache, RowSettings, mask_words
 from qwen2vl_jax.engine import Engine
 from qwen2vl_jax.errors import InputError
 from qwen2vl_jax.inputs import ModelInputs, bucket, build_inputs, pack_vision
@@ -142,23 +145,39 @@ class Slots:
         return self.runner.extend(params, state, chunk, features, settings, context, None, logprobs=logprobs,
                                   allow=allow)
 
-    def save(self, state: DecodeState, row: int, slots: int, name: int):
-        """A copy of row `row`'s first `slots` cache slots, known to the device calls as `name`."""
-        if self.leader is not None:
-            return self.leader.save(state, row, slots, name)
-        return self.engine.save(state, row, slots)
+    def block_nbytes(self, block: int) -> int:
+        """Device bytes of `block` cache slots of one row, every layer's keys and values."""
+        engine = self.engine
+        return KVCache.abstract(self.config.text, 1, block, engine.module.dtype, engine.module.scan_layers).nbytes
 
-    def restore(self, state: DecodeState, saved, row: int, length: int, name: int | None = None) -> DecodeState:
-        """The state (donated) with a saved prefix (`name`; None: none, the row only parked) in
-        row `row`, its first `length` slots valid."""
+    def pool_segment(self, index: int, blocks: int, block: int) -> KVCache:
+        """Segment `index` of the prefix cache's pool: `blocks` zeroed blocks of `block` slots."""
         if self.leader is not None:
-            return self.leader.restore(state, saved, row, length, name)
-        return self.engine.restore(state, saved, row, length)
+            return self.leader.pool(blocks, block, index)
+        return self.engine.pool(blocks, block)
 
-    def drop(self, names: Sequence[int]) -> None:
-        """Saved prefixes no longer kept (the other processes free theirs)."""
-        if self.leader is not None and names:
-            self.leader.drop(list(names))
+    def save(self, state: DecodeState, pool: list, row: int, first: int, slots: Sequence[int]) -> list:
+        """The pool (a list of segments, each donated when written) with row `row`'s blocks
+        first, first + 1, ... copied into its slots `slots` (numbered across the segments)."""
+        for index, blocks, at in _by_segment(pool, range(first, first + len(slots)), slots):
+            if self.leader is not None:
+                pool[index] = self.leader.save(state, pool[index], row, blocks, at, index)
+            else:
+                pool[index] = self.engine.save(state, pool[index], row, blocks, at)
+        return pool
+
+    def restore(self, state: DecodeState, pool: list, row: int, slots: Sequence[int], length: int) -> DecodeState:
+        """The state (donated) with the pool's slots `slots` (a cached prefix's blocks, in order)
+        in row `row`'s first blocks and its first `length` slots valid (no slots: the row is only
+        parked for the `extend` calls that fill it)."""
+        parts = _by_segment(pool, range(len(slots)), slots) if len(slots) else [(None, None, None)]
+        for index, blocks, at in parts:
+            segment = None if index is None else pool[index]
+            if self.leader is not None:
+                state = self.leader.restore(state, segment, row, length, blocks, at, index)
+            else:
+                state = self.engine.restore(state, segment, row, length, blocks, at)
+        return state
 
     def rows_for(self, live: int) -> int:
         """The row bucket that covers slots [0, live)."""
@@ -179,6 +198,34 @@ class Slots:
         rows = self.max_batch if rows is None else self.rows_for(rows)
         context = self.max_context if context is None else self.context_for(context)
         return self.runner.step(params, state, None, rows, context, logprobs=logprobs, allow=allow)
+
+
+def block_bucket(n: int, segment: int) -> int:
+    """The length an index list of n blocks within a pool segment of `segment` blocks is padded
+    to: 1, 4, 16, 64, ... (x4: few programs; the padding copies nothing), `segment` at most."""
+    size = 1
+    while size < n:
+        size *= 4
+    return min(size, segment)
+
+
+def block_buckets(segment: int) -> list[int]:
+    """Every `block_bucket` of a segment of `segment` blocks (what warm-up compiles)."""
+    return sorted({block_bucket(n, segment) for n in range(1, segment + 1)})
+
+
+def _by_segment(pool: list, blocks: Sequence[int], slots: Sequence[int]) -> list[tuple[int, np.ndarray, np.ndarray]]:
+    """Row blocks and the pool slots (numbered across the segments) they go to or come from ->
+    per segment touched: (its index, the row blocks, the slots within it), each padded to a
+    `block_bucket` (a padding slot is the segment's size: past its end)."""
+    size = pool[0].k[0].shape[pool[0].batch_axis]  # blocks per segment
+    out = []
+    for index in sorted({s // size for s in slots}):
+        mine = [(b, s % size) for b, s in zip(blocks, slots) if s // size == index]
+        pad = block_bucket(len(mine), size) - len(mine)
+        out.append((index, np.asarray([b for b, _ in mine] + [0] * pad, np.int32),
+                    np.asarray([s for _, s in mine] + [size] * pad, np.int32)))
+    return out
 
 
 def choice_settings(generation: GenerationConfig, choices: int) -> RowSettings:
