@@ -310,6 +310,32 @@ def where_question(info: dict, rng: random.Random) -> tuple[str, str, dict] | No
     return task, rng.choice(WHERE_QUESTIONS).format(ref), {"type": "box", "label": f"the {ref}", "box": list(box)}
 
 
+def where_all(info: dict, rng: random.Random) -> list[tuple[str, str, dict]]:
+    """Every where-question a picture of shapes answers, in random order: its lone shape's, or
+    each of several shapes' that no other shares its colour and kind (as where_question asks
+    them)."""
+    if info["kind"] != "many" or info["count"] == 1:
+        one = where_question(info, rng)
+        return [] if one is None else [one]
+    out = []
+    for (shape, colour), box in zip(info["items"], info["boxes"]):
+        if info["items"].count((shape, colour)) == 1:
+            ref = f"{colour} {shape}"
+            out.append(("wheremany", rng.choice(WHERE_QUESTIONS).format(ref),
+                        {"type": "box", "label": f"the {ref}", "box": list(box)}))
+    rng.shuffle(out)
+    return out
+
+
+def grounding_picture(rng: random.Random) -> tuple[Image.Image, dict]:
+    """A picture drawn for where-questions alone, as the grounding rows of the eval draw
+    them: a lone shape anywhere on a canvas (35%), or 2-4 shapes on a canvas of any of the
+    sizes (65%)."""
+    if rng.random() < 0.35:
+        return placed_shape(rng)
+    return many_shapes(rng, count=rng.choice((2, 3, 4)), canvas=rng.choice(CANVASES))
+
+
 def where_answer(item: dict, canvas: tuple[int, int]) -> str:
     """The markup a box item becomes on a width x height image (what the model should write)."""
     return label_markup(item["label"], [item["box"]], *canvas)
@@ -365,6 +391,9 @@ class Counts:
     # questions about none of the dataset's things, half with an image (None: 3/16 of `images`)
     other: int | None = None
     eval_per_task: int = 100
+    # extra pictures of shapes asked only where things are (grounding_picture): one
+    # conversation asking where each nameable shape is, in stages 2 and 3
+    grounding: int = 0
 
     def __post_init__(self):
         if self.other is None:
@@ -433,7 +462,8 @@ def write_dataset(out: str | Path, seed: int = 0, counts: Counts | None = None,
     progress: a bar on stderr, one tick per image, video, unrelated question and eval row."""
     counts = counts or Counts()
     out = Path(out)
-    total = counts.images + counts.videos + counts.other + counts.eval_per_task * len(EVAL_TASKS)
+    total = (counts.images + counts.videos + counts.other + counts.grounding
+             + counts.eval_per_task * len(EVAL_TASKS))
     with tqdm(total=total, desc=f"writing {out}", unit="item", disable=not progress) as bar:
         return _write_dataset(out, seed, counts, bar.update)
 
@@ -486,6 +516,15 @@ def _write_dataset(out: Path, seed: int, counts: Counts, tick) -> dict[str, Path
         q = other_question(rng)
         asked.add(q)
         conv = _conversation(rng.choice(images) if i % 2 == 0 else None, [("other", q, OTHER_ANSWER)])
+        stage2.append(conv)
+        stage3.append(conv)
+        tick(1)
+    for i in range(counts.grounding):  # drawn from grng: the records above stay as without them
+        qa = []
+        while not qa:  # (2-4 shapes may all have a twin: draw again)
+            img, info = grounding_picture(grng)
+            qa = where_all(info, grng)
+        conv = _conversation(_media(out, f"images/g{i:05d}.png", img), qa)
         stage2.append(conv)
         stage3.append(conv)
         tick(1)
@@ -562,6 +601,8 @@ def main(argv=None) -> int:
                    help=f"training videos, equally many each way (default: {Counts.videos})")
     p.add_argument("--other", type=int, default=None, metavar="N",
                    help="questions about none of these (default: 3/16 of --images)")
+    p.add_argument("--grounding", type=int, default=0, metavar="N",
+                   help="extra pictures of shapes asked only where each shape is (default: 0)")
     p.add_argument("--eval-per-task", type=int, default=Counts.eval_per_task, metavar="N",
                    help=f"held-out rows per question type (default: {Counts.eval_per_task})")
     p.add_argument("--seed", type=int, default=0, metavar="N", help="the eval set is held out from it (default: 0)")
@@ -570,11 +611,11 @@ def main(argv=None) -> int:
 
     def go() -> None:
         for flag, value in (("--images", args.images), ("--videos", args.videos), ("--other", args.other),
-                            ("--eval-per-task", args.eval_per_task)):
+                            ("--grounding", args.grounding), ("--eval-per-task", args.eval_per_task)):
             if value is not None and value < 0:
                 raise InputError(f"{flag} must be at least 0, got {value}")
         paths = write_dataset(args.out, args.seed, Counts(images=args.images, videos=args.videos, other=args.other,
-                                                          eval_per_task=args.eval_per_task),
+                                                          grounding=args.grounding, eval_per_task=args.eval_per_task),
                               progress=not args.no_progress)
         print(f"wrote {', '.join(str(p) for p in paths.values())}")
 
