@@ -37,7 +37,7 @@ GENERATE_MESH = "fsdp=2,tensor=2"
 FORWARD_MESH = "data=2,tensor=2"
 TRAIN_MESH = "fsdp=2,tensor=2"
 NEW_TOKENS = 6
-TIMEOUT_S = 300
+TIMEOUT_S = 600  # a hang guard: the runs take 110-125 s alone, more beside the rest of the suite
 
 
 # ---------------------------------------------------------------- the worker
