@@ -11,6 +11,10 @@ read it unchanged); write a converted folder with random weights; run `fit` for 
 (vision tower + merger, captions), stage 2 (everything, mixed data) and stage 3 (LLM,
 question/answer conversations), each stage starting from the previous one's output; copy
 the final folder (without training state) to --out with an example image; evaluate.
+
+The shipped model went further: stage 2 continued from this recipe's output, then on datasets
+with where-questions (`synthetic --grounding N`); docs/training.md ("The demo model") lists
+those qwen2vl-train commands, their wall times and the eval of each.
 """
 
 from __future__ import annotations
