@@ -11,11 +11,9 @@ simulated CPU devices with the same functions that run for real (`engine.Engine`
 decode step, `train.loop.Trainer.step_function`). Per device it prints the parameter bytes,
 the KV cache of `--batch` rows of `--prompt` + `--new` slots (the weights bf16, or with
 `--weights int8,int4` also packed as `qwen2vl-convert --quantize` writes them), XLA's memory analysis
-(arguments, temporaries, outputs; donated buffers counted once), whether it fits a device of a
-v2-8 or v3-8 (one core: 8 or 16 GiB), a v5e (16 GiB), v4 (32 GiB) or v5p (95 GiB) chip, and the
-seconds lowering + compiling took (wall, and the CPU time of the process, which a busy machine
-does not inflate). A row's mesh says how many such devices it takes: fsdp=1 one, fsdp=4 four
-(a v4-8), otherwise eight (a v5e-8, a whole v2-8 / v3-8).
+(arguments, temporaries, outputs; donated buffers counted once), whether it fits a v5e
+(16 GiB), v4 (32 GiB) or v5p (95 GiB) chip, and the seconds lowering + compiling took (wall,
+and the CPU time of the process, which a busy machine does not inflate).
 
 The meshes are what a v5e-8 / v4-8 user picks: inference tensor-parallel as far as the KV heads
 allow (2B: 2 KV heads, 7B: 4, 72B: 8), with fsdp over the rest; training FSDP over all 8 chips
@@ -23,7 +21,7 @@ allow (2B: 2 KV heads, 7B: 4, 72B: 8), with fsdp over the rest; training FSDP ov
 rematerialised, the vocabulary logits made 2048 tokens at a time); `--train-methods lora` adds
 LoRA rows (rank-16 adapters on the decoder's projections and the merger, stage 3's labels, the
 base frozen and held as the trainer holds it: float32, or packed int8/int4 for QLoRA) on the
-meshes of LORA_ROWS: one device, a v4-8's 4 chips, 8 devices. Bytes are XLA's CPU
+meshes of LORA_ROWS, one chip included. Bytes are XLA's CPU
 figures: a TPU compile lays out (and fuses) differently, so read them as the size of the
 problem per chip, not as a TPU's exact peak. In particular XLA:CPU has no bfloat16 matrix
 multiply: it converts bf16 weights to float32 copies, which its temporaries include (a TPU
@@ -61,17 +59,13 @@ from qwen2vl_jax.lora.tree import DEFAULT_TARGETS, TRAINABLE as LORA_TRAINABLE, 
 from qwen2vl_jax.train import loop, stages  # noqa: E402
 
 GiB = 1024 ** 3
-# HBM per device: a v5e, v4 or v5p chip, or one core of a v2-8 / v3-8 (Colab's TPU: 8 cores, each
-# its own JAX device). A v4-8 is 4 chips (two cores each, one JAX device per chip).
-CHIPS = {"v2": 8 * GiB, "v3": 16 * GiB, "v5e": 16 * GiB, "v4": 32 * GiB, "v5p": 95 * GiB}
+CHIPS = {"v5e": 16 * GiB, "v4": 32 * GiB, "v5p": 95 * GiB}
 INFER_MESH = {"2b": "fsdp=4,tensor=2", "7b": "fsdp=2,tensor=4", "72b": "tensor=8"}
 TRAIN_MESH = {"2b": "fsdp=8", "7b": "fsdp=8", "72b": "fsdp=8"}
-# --train-methods lora: (method, mesh) rows. fsdp=1: one v5e chip, or one core of a v2-8/v3-8;
-# fsdp=8: a v5e-8, or a whole v2-8/v3-8; fsdp=4: a v4-8 (4 chips of 32 GiB).
-LORA_ROWS = {"2b": (("lora", "fsdp=1"), ("lora", "fsdp=8")),
+# --train-methods lora: (method, mesh) rows; fsdp=1 is one chip (a v5e core, or one core of a v2-8/v3-8)
+LORA_ROWS = {"2b": (("lora", "fsdp=1"),),
              "7b": (("lora", "fsdp=1"), ("qlora-int8", "fsdp=1"), ("qlora-int4", "fsdp=1"), ("lora", "fsdp=8")),
-             "72b": (("qlora-int8", "fsdp=8"), ("qlora-int4", "fsdp=8"), ("qlora-int8", "fsdp=4"),
-                     ("qlora-int4", "fsdp=4"))}
+             "72b": (("qlora-int8", "fsdp=8"), ("qlora-int4", "fsdp=8"))}
 
 
 def per_device_bytes(tree) -> int:
@@ -244,19 +238,17 @@ def main(argv=None) -> int:
                 for method, mesh_spec in LORA_ROWS.get(name, ()):
                     rows.append(training(name, args.train_batch, args.train_length, scan, method, mesh_spec))
                     print(f"# {name} {method} {mesh_spec} {decoder} training compiled", file=sys.stderr, flush=True)
-    print(f"per device, GiB, on simulated devices (jax {jax.__version__}, XLA CPU); floor = params + opt + kv; "
-          f"peak = arguments + temporaries + outputs - donated; fits: floor/peak on a device of "
-          + ", ".join(f"{c} ({n // GiB} GiB)" for c, n in CHIPS.items()))
-    chips = " ".join(f"{c:7}" for c in CHIPS)
-    head = (f"{'model':15} {'layers':>6} {'decoder':7} {'mesh':16} {'program':24} {'params':>7} {'opt':>7} {'kv':>7} "
-            f"{'floor':>7} {'args':>7} {'temp':>7} {'out':>7} {'peak':>7}  {chips} {'compile_s':>9} {'cpu_s':>7}")
+    print(f"per device, GiB, on 8 simulated devices (jax {jax.__version__}, XLA CPU); floor = params + opt + kv; "
+          f"peak = arguments + temporaries + outputs - donated; fits: floor/peak")
+    head = (f"{'model':8} {'layers':>6} {'decoder':7} {'mesh':16} {'program':24} {'params':>7} {'opt':>7} {'kv':>7} {'floor':>7} "
+            f"{'args':>7} {'temp':>7} {'out':>7} {'peak':>7}  {'v5e':7} {'v4':7} {'v5p':7} {'compile_s':>9} {'cpu_s':>7}")
     print(head)
     print("-" * len(head))
     yes = lambda ok: "yes" if ok else "no"  # noqa: E731
     for r in rows:
         floor = r["params"] + r.get("opt_state", 0) + r["kv_cache"]
         fits = " ".join(f"{yes(floor <= cap) + '/' + yes(r['peak'] <= cap):7}" for cap in CHIPS.values())
-        print(f"{r['model']:15} {r['layers']:6d} {r['decoder']:7} {r['mesh']:16} {r['part']:24} {gib(r['params'])} "
+        print(f"{r['model']:8} {r['layers']:6d} {r['decoder']:7} {r['mesh']:16} {r['part']:24} {gib(r['params'])} "
               f"{gib(r.get('opt_state', 0))} {gib(r['kv_cache'])} {gib(floor)} {gib(r['arguments'])} "
               f"{gib(r['temporaries'])} {gib(r['outputs'])} {gib(r['peak'])}  {fits} "
               f"{r['compile_s'][0]:9.1f} {r['compile_s'][1]:7.1f}")

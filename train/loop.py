@@ -37,7 +37,7 @@ import optax
 
 from qwen2vl_jax.config import Qwen2VLConfig
 from qwen2vl_jax.modules.qwen2vl import Qwen2VLModule
-from qwen2vl_jax.sharding import ShardingRules, head_by_vocab, named_sharding, param_shardings, shard, to_global, use_mesh
+from qwen2vl_jax.sharding import ShardingRules, named_sharding, param_shardings, to_global, use_mesh
 from qwen2vl_jax.train import stages as st
 from qwen2vl_jax.train.data import IGNORE
 from qwen2vl_jax.train.loader import Position
@@ -62,10 +62,7 @@ def _cross_entropy(logits, targets):
     logits = logits.astype(jnp.float32)
     valid = targets != IGNORE
     logz = jax.nn.logsumexp(logits, axis=-1)
-    # The target's logit as a masked sum over the vocabulary (the other terms are exact zeros),
-    # not a gather: with the vocabulary split over chips it stays a local sum plus one reduction.
-    hit = jnp.arange(logits.shape[-1]) == jnp.where(valid, targets, 0)[..., None]
-    picked = jnp.sum(jnp.where(hit, logits, 0.0), axis=-1)
+    picked = jnp.take_along_axis(logits, jnp.where(valid, targets, 0)[..., None], axis=-1)[..., 0]
     return jnp.sum(jnp.where(valid, logz - picked, 0.0)), jnp.sum(valid)
 
 
@@ -75,11 +72,7 @@ def chunked_token_loss(module: Qwen2VLModule, params, hidden, labels, chunk: int
     all the logits [B, L, V]: the sequence is cut into pieces of max(1, chunk // B) positions
     (about `chunk` tokens), each piece's logits are made, reduced to its loss and dropped, and
     remade in the backward pass. With Qwen2-VL's 151,936-token vocabulary the f32 logits of a
-    whole batch would otherwise dominate training memory (8 x 2048 tokens: 10 GB).
-
-    On a mesh the pieces are vocabulary-parallel: the head is split by vocabulary over every
-    chip (`sharding.head_by_vocab`), each piece's hidden states are gathered whole, and each chip
-    makes its vocabulary slice of the piece's logits."""
+    whole batch would otherwise dominate training memory (8 x 2048 tokens: 10 GB)."""
     b, l, d = hidden.shape
     span = max(1, chunk // b)  # positions per piece
     targets = jnp.concatenate([labels[:, 1:], jnp.full((b, 1), IGNORE, labels.dtype)], axis=1)
@@ -90,14 +83,10 @@ def chunked_token_loss(module: Qwen2VLModule, params, hidden, labels, chunk: int
 
     @jax.checkpoint
     def piece_loss(p, h, t):
-        h = shard(h, None, None, None)  # [B, span, D], whole on every chip
-        logits = shard(module.apply({"params": p}, h, method=Qwen2VLModule.lm_logits), None, None, "loss_vocab")
-        return _cross_entropy(logits, t)
-
-    head = head_by_vocab(params)
+        return _cross_entropy(module.apply({"params": p}, h, method=Qwen2VLModule.lm_logits), t)
 
     def body(carry, piece):
-        s, c = piece_loss(head, *piece)
+        s, c = piece_loss(params, *piece)
         return (carry[0] + s, carry[1] + c), None
 
     (total, count), _ = jax.lax.scan(body, (jnp.float32(0), jnp.int32(0)), pieces)
@@ -146,8 +135,7 @@ class Trainer:
         self.stage = stage
         self.total_steps = int(total_steps)
         self.mesh = mesh
-        # packed (QLoRA) bases gathered as stored, not as the floats they dequantize to
-        self.rules = dataclasses.replace(rules or ShardingRules(), gather_packed=True)
+        self.rules = rules or ShardingRules()
         # scan_layers: the decoder scanned, its params (and so the state) stacked (params.stack_layers)
         # backend: the platform the step is built for (default: this one's), e.g. "tpu" to compile
         # a slice's program ahead of time on a CPU host
