@@ -860,6 +860,43 @@ def test_synthetic_boxes_are_the_drawn_shapes_extent():
         assert np.allclose(item["box"], [xs.min(), ys.min(), xs.max() + 1, ys.max() + 1], atol=1.01)
 
 
+def test_synthetic_grounding_pictures_ask_where_every_nameable_shape_is(tmp_path):
+    """--grounding N adds N pictures asked only where things are: one conversation per picture
+    asking where each shape that no other shares its colour and kind is, once each, its box the
+    drawn one; the rest of the dataset (and the eval rows) are as without them."""
+    from PIL import Image
+
+    counts = {"images": 6, "videos": 1, "other": 2, "eval_per_task": 2}
+    plain = synthetic.write_dataset(tmp_path / "plain", seed=5, counts=synthetic.Counts(**counts), progress=False)
+    extra = synthetic.write_dataset(tmp_path / "extra", seed=5, counts=synthetic.Counts(**counts, grounding=12),
+                                    progress=False)
+    assert extra["eval"].read_text() == plain["eval"].read_text()
+    for name in ("stage1", "stage2", "stage3"):
+        records, problems = data.read_jsonl(extra[name])
+        assert records and not problems, problems
+        rows = extra[name].read_text().splitlines()
+        added = [json.loads(r) for r in rows if '"images/g' in r]
+        assert sorted(r for r in rows if '"images/g' not in r) == sorted(plain[name].read_text().splitlines())
+        assert len(added) == (0 if name == "stage1" else 12)
+        for rec in added:
+            msgs = rec["messages"]
+            picture = Image.open(tmp_path / "extra" / msgs[0]["content"][0]["image"]).convert("RGB")
+            w, h = picture.size
+            questions = [m["content"][-1]["text"] for m in msgs[0::2]]
+            boxes = [m["content"] for m in msgs[1::2]]
+            assert all(len(b) == 1 and b[0]["type"] == "box" for b in boxes)
+            labels = [b[0]["label"] for b in boxes]
+            assert len(set(labels)) == len(labels) >= 1  # each shape asked once
+            for q, (item,) in zip(questions, boxes):
+                assert q.startswith("Where is " + item["label"])
+                x1, y1, x2, y2 = item["box"]
+                assert 0 <= x1 < x2 <= w and 0 <= y1 < y2 <= h
+                if len(boxes) > 1:  # among several, by colour and kind, drawn in that colour
+                    colour = synthetic.COLOURS[item["label"].split()[1]]
+                    cx, cy = (x1 + x2) / 2, (y1 + y2) / 2
+                    assert picture.getpixel((int(cx), int(cy))) == colour
+
+
 def test_eval_scores_every_question_type(tiny_folder, tmp_path, capsys):
     """The eval script scores images, videos and text-only rows, one line per type; an answer
     counts when the whole of it matches."""
