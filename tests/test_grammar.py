@@ -13,7 +13,7 @@ from qwen2vl_jax.errors import InputError
 
 pytest.importorskip("llguidance", reason="structured output needs llguidance (the serve extra)")
 
-from qwen2vl_jax.serving.grammar import allowed, response_format_spec  # noqa: E402
+from qwen2vl_jax.serving.grammar import allowed, fill_rows, response_format_spec  # noqa: E402
 
 # Every value bounded: a random model must finish it within a bounded number of tokens.
 SCHEMA = {
@@ -143,7 +143,7 @@ def test_fill_rows_matches_fill(engine):
     for token in tok.encode('{"name": "x'):
         assert a.accept(token)
     batch = np.full((3, grammars.mask_words), 7, np.int32)
-    grammars.fill_rows([(a, 2), (b, 0)], batch)
+    fill_rows([(a, 2), (b, 0)], batch)
     one = np.zeros(grammars.mask_words, np.int32)
     a.fill(one)
     np.testing.assert_array_equal(batch[2], one)
@@ -152,6 +152,8 @@ def test_fill_rows_matches_fill(engine):
     assert (batch[1] == 7).all()
     with pytest.raises(ValueError):
         a.fill(np.zeros(grammars.mask_words, np.int64))
+    with pytest.raises(ValueError, match="rows of"):
+        fill_rows([(a, 0)], np.zeros((1, grammars.mask_words + 1), np.int32))
 
 
 def test_copy_is_independent(engine):

@@ -267,7 +267,7 @@ def _serve(model_dir: Path, flags: list[str], process_id: int) -> dict:
     if process_id == 0:
         threading.Thread(target=client, daemon=True).start()
     got["exit"] = serve_main(["--model", str(model_dir), "--mesh", GENERATE_MESH, "--port", str(port), "--max-batch", "2",
-                              "--max-context", "256", "--no-vision-warm-up", *flags])
+                              "--max-context", "256", "--no-vision-warm-up", "--no-grammar-warm-up", *flags])
     return got
 
 
@@ -413,7 +413,6 @@ def test_server_over_two_processes_answers_as_one_process(runs):
 
 
 def test_training_equals_one_process_and_each_process_reads_its_share(runs):
-    import numpy as np
 
     t0, t1, ref = runs["multi0"]["train"], runs["multi1"]["train"], runs["single0"]["train"]
     assert t0["exit"] == t1["exit"] == ref["exit"] == 0

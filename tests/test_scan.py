@@ -4,6 +4,8 @@ sharded mesh, quantized weights and training gradients (fp32, tiny models)."""
 
 from __future__ import annotations
 
+import itertools
+
 import jax
 import numpy as np
 import pytest
@@ -94,7 +96,8 @@ def test_continuous_batching_equals_offline(pair, which):
 
 def test_warm_up_compiles_short_prompts_within_a_small_context(pair):
     """Warm-up compiles one prompt per bucket up to 64 tokens, each with room for a new token:
-    a 30-slot cache takes prompts of 1-29 (buckets 16-32 would not fit it whole)."""
+    a 30-slot cache takes prompts of 1-29 (buckets 16-32 would not fit it whole); with
+    mask_words, each also under a grammar's mask."""
     from qwen2vl_jax.serving.scheduler import Batcher
     from qwen2vl_jax.serving.slots import Slots, short_prompt_lengths
     from qwen2vl_jax.inputs import bucket
@@ -104,18 +107,23 @@ def test_warm_up_compiles_short_prompts_within_a_small_context(pair):
     from compile_counter import count_compiles
     from qwen2vl_jax.sampling import GenerationConfig
 
+    from qwen2vl_jax.serving.grammar import mask_words
+
     loop, _ = pair
     slots = Slots(loop.engine, max_batch=2, max_context=30)
-    Batcher(slots, loop.params).warm_up()
+    words = mask_words(loop.config.text.vocab_size)
+    Batcher(slots, loop.params).warm_up(mask_words=words)
     generation = GenerationConfig(max_new_tokens=1)
     state = slots.init_state()
+    every = lambda rows: np.full((rows, words), -1, np.int32)  # noqa: E731
     with count_compiles() as c:  # any prompt that fits, then a step on every bucket: nothing new
-        for n in (1, 2, 9, 16, 17, 23, 29):
-            state = slots.insert(state, slots.prefill(loop.params, slots.prompt_inputs(np.ones((n,), np.int32), max_new_tokens=1),
-                                                      None, generation), n % 2)
+        for n, masked in itertools.product((1, 2, 9, 16, 17, 23, 29), (False, True)):
+            inputs = slots.prompt_inputs(np.ones((n,), np.int32), max_new_tokens=1)
+            prefix, _ = slots.start(loop.params, inputs, None, generation, allow=every(1) if masked else None)
+            state = slots.insert(state, prefix, n % 2)
         for rows in slots.row_buckets:
-            for context in slots.context_buckets:
-                state, tok = slots.step(loop.params, state, rows, context)
+            for context, masked in itertools.product(slots.context_buckets, (False, True)):
+                state, tok = slots.step(loop.params, state, rows, context, allow=every(rows) if masked else None)
         jax.block_until_ready(tok)
     assert c["n"] == 0, c
 

@@ -324,3 +324,19 @@ def test_completions_endpoint_text_and_token_prompts(server, client):
                        ({"prompt": "x", "messages": []}, "messages")]:
         r = httpx.post(f"{url}/v1/completions", json={"model": "demo", **bad}, timeout=60)
         assert r.status_code == 400 and r.json()["error"]["param"] == param, (bad, r.text)
+
+
+def test_grammar_warm_up_builds_the_engine_and_asks_for_masked_programs(server, monkeypatch):
+    """warm_up_grammar: the warm-up is asked for the grammar-masked programs (their compiles are
+    counted in test_scan) and the grammar engine is built by the time the service is returned;
+    without it neither."""
+    from qwen2vl_jax.serving import app, grammar, warmup
+
+    _, model, processor, _ = server
+    asked = []
+    monkeypatch.setattr(warmup, "warm_up", lambda batcher, processor, **kw: asked.append(kw["mask_words"]))
+    on = app.build_service(model, processor, max_batch=1, max_context=64, warm_up_vision=False, warm_up_grammar=True)
+    off = app.build_service(model, processor, max_batch=1, max_context=64, warm_up_vision=False)
+    assert asked == [grammar.mask_words(model.config.text.vocab_size), 0] and asked[0] > 0
+    assert isinstance(on._grammars, grammar.Grammars) and on.grammars() is on._grammars
+    assert off._grammars is None

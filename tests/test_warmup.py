@@ -19,7 +19,7 @@ class FakeBatcher:
         self.slots = types.SimpleNamespace(config=config, row_buckets=(1,), context_buckets=(256,),
                                            encode=lambda params, pixels, grid: self.encoded.append(len(pixels)))
 
-    def warm_up(self):
+    def warm_up(self, mask_words=0):
         pass
 
 

@@ -4,6 +4,7 @@ serves the app on a local socket (tests, benchmarks, notebooks)."""
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import hmac
 import json
@@ -329,12 +330,15 @@ class CountStatus:
 # ---------------------------------------------------------------------------- building it
 def build_service(model, processor, *, max_batch: int = 16, max_context: int | None = None,
                   settings: Settings | None = None, vision_cache_entries: int = 256, warm_up: bool = True,
-                  warm_up_vision: bool = True, progress=None, prefill_chunk: int = 0,
-                  prefix_cache_gb: float = 0.0) -> Service:
+                  warm_up_vision: bool = True, warm_up_grammar: bool = False, progress=None,
+                  prefill_chunk: int = 0, prefix_cache_gb: float = 0.0) -> Service:
     """A Service over a loaded model: its decode slots and Batcher (not started), warmed up
-    (`progress`: called with a line per warm-up stage, e.g. print). prefill_chunk: prompt tokens
-    written per iteration between decode steps (0: whole prompts); prefix_cache_gb: memory for
-    reused prompt prefixes (0: off)."""
+    (`progress`: called with a line per warm-up stage, e.g. print). warm_up_grammar: also compile
+    the programs structured output runs and build the grammar engine (beside the compiles), so the
+    first request with a response_format or forced tool call waits for neither; it needs
+    llguidance and is skipped without it. prefill_chunk: prompt tokens written per iteration
+    between decode steps (0: whole prompts); prefix_cache_gb: memory for reused prompt prefixes
+    (0: off)."""
     from qwen2vl_jax.serving.prefix_cache import BLOCK, PrefixCache
     from qwen2vl_jax.serving.scheduler import Batcher, VisionCache
     from qwen2vl_jax.serving.slots import Slots
@@ -348,11 +352,21 @@ def build_service(model, processor, *, max_batch: int = 16, max_context: int | N
     batcher = Batcher(slots, model.params, max_queue=settings.max_queue,
                       vision_cache=VisionCache(max_entries=vision_cache_entries), prefill_chunk=prefill_chunk,
                       prefix_cache=prefix_cache)
+    service = Service(model, processor, batcher, settings)
     if warm_up:
+        from qwen2vl_jax.serving import grammar
         from qwen2vl_jax.serving.warmup import warm_up as warm
 
-        warm(batcher, processor, progress=progress, vision=warm_up_vision)
-    return Service(model, processor, batcher, settings)
+        engine = None
+        if warm_up_grammar and grammar.llguidance is not None:  # built on a thread while the programs compile
+            engine = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="qwen2vl-grammar")
+            built = engine.submit(service.grammars)
+        words = grammar.mask_words(model.config.text.vocab_size) if engine is not None else 0
+        warm(batcher, processor, progress=progress, vision=warm_up_vision, mask_words=words)
+        if engine is not None:
+            built.result()
+            engine.shutdown()
+    return service
 
 
 class ServerThread:

@@ -85,6 +85,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-vision-warm-up", action="store_true",
                    help="skip compiling the vision tower for every image size at start-up (each size then "
                         "compiles on its first image)")
+    p.add_argument("--no-grammar-warm-up", action="store_true",
+                   help="skip compiling the grammar-masked programs and building the grammar engine at "
+                        "start-up (the first request with a response_format or a forced tool call then "
+                        "waits for them)")
     distributed.add_arguments(p)
     shell.add_version(p, PROG)
     return p
@@ -249,7 +253,7 @@ def _run(args) -> int:
     service = build_service(model, processor, max_batch=args.max_batch, max_context=args.max_context,
                             settings=settings, vision_cache_entries=args.vision_cache,
                             prefill_chunk=args.prefill_chunk, prefix_cache_gb=args.prefix_cache_gb,
-                            warm_up_vision=not args.no_vision_warm_up,
+                            warm_up_vision=not args.no_vision_warm_up, warm_up_grammar=not args.no_grammar_warm_up,
                             progress=_say if not multi or distributed.is_leader() else None)
     if multi:
         from qwen2vl_jax.serving.lockstep import follow

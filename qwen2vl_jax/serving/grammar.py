@@ -28,7 +28,7 @@ it; with bounded values (string lengths, enums, array sizes) every reply ends wi
 number of tokens.
 
 Matchers are independent and not thread-safe; `fill_rows` fills many rows' masks at once on
-llguidance's thread pool (it releases the GIL).
+llguidance's thread pool (it releases the GIL): the scheduler fills a step's rows so.
 """
 
 from __future__ import annotations
@@ -150,7 +150,6 @@ class Grammars:
         self._cache: collections.OrderedDict[str, Grammar] = collections.OrderedDict()
         self.cache_size = cache_size  # compiled grammars kept, least recently used dropped first
         self._lock = threading.Lock()
-        self._executor = None
 
     # -------------------------------------------------------------- compile
     def compile(self, spec: Mapping[str, Any]) -> Grammar:
@@ -212,21 +211,6 @@ class Grammars:
         return None
 
     # -------------------------------------------------------------- batches
-    def fill_rows(self, rows: Sequence[tuple[Matcher, int]], words: np.ndarray) -> None:
-        """Fills words[row] for each (matcher, row), in parallel. words: int32[B, mask_words],
-        contiguous; rows not named are left as they are."""
-        if words.dtype != np.int32 or words.ndim != 2 or words.shape[1] != self.mask_words or not words.flags.c_contiguous:
-            raise ValueError(f"fill_rows needs a contiguous int32[B, {self.mask_words}] array")
-        if not rows:
-            return
-        for _, row in rows:
-            if not 0 <= row < words.shape[0]:
-                raise ValueError(f"row {row} is outside the {words.shape[0]} rows")
-        if self._executor is None:
-            self._executor = llguidance.LLExecutor()
-        self._executor.unsafe_compute_mask_ptr([(m._m, int(r)) for m, r in rows], words.ctypes.data,
-                                               self.mask_words * 4, words.shape[0])
-
     def cache_info(self) -> dict:
         with self._lock:
             return {"size": len(self._cache), "limit": self.cache_size}
@@ -235,6 +219,30 @@ class Grammars:
         """Forgets every compiled grammar (the next compile of a spec builds it anew)."""
         with self._lock:
             self._cache.clear()
+
+
+_executor = None  # llguidance's thread pool, made on first use
+_executor_lock = threading.Lock()
+
+
+def fill_rows(rows: Sequence[tuple[Matcher, int]], words: np.ndarray) -> None:
+    """Fills words[row] for each (matcher, row) at once, on llguidance's threads (the GIL released).
+    words: int32[B, W] contiguous, W the matchers' mask width; rows not named are left as they are."""
+    global _executor
+    if words.dtype != np.int32 or words.ndim != 2 or not words.flags.c_contiguous:
+        raise ValueError(f"fill_rows needs a contiguous int32[B, W] array, got {words.dtype}{list(words.shape)}")
+    for matcher, row in rows:
+        if matcher._words != words.shape[1]:
+            raise ValueError(f"a matcher of {matcher._words}-word masks for rows of {words.shape[1]} words")
+        if not 0 <= row < words.shape[0]:
+            raise ValueError(f"row {row} is outside the {words.shape[0]} rows")
+    if not rows:
+        return
+    with _executor_lock:
+        if _executor is None:
+            _executor = llguidance.LLExecutor()
+    _executor.unsafe_compute_mask_ptr([(m._m, int(r)) for m, r in rows], words.ctypes.data, words.shape[1] * 4,
+                                      words.shape[0])
 
 
 def allowed(words: np.ndarray, vocab_size: int) -> np.ndarray:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
+import threading
 import time
 
 import numpy as np
@@ -68,6 +69,7 @@ class Service:
         self.preprocessor = Preprocessor(settings.preprocess_workers, settings.max_queue,
                                          lambda: self.batcher.queue_depth)
         self._grammars = None
+        self._grammars_lock = threading.Lock()
 
     @property
     def token_texts(self):
@@ -78,19 +80,24 @@ class Service:
             self._token_texts = TokenTexts(self.processor.tokenizer)
         return self._token_texts
 
+    def grammars(self):
+        """The grammar engine (`grammar.Grammars`), built on first use: a few seconds."""
+        with self._grammars_lock:
+            if self._grammars is None:
+                from qwen2vl_jax.serving.grammar import Grammars
+
+                self._grammars = Grammars(self.processor.tokenizer, self.model.config.text.vocab_size,
+                                          eos_ids=self.eos_ids)
+            return self._grammars
+
     def grammar(self, parsed: Parsed):
         """The compiled grammar the request's tokens must follow (response_format, or forced tool
         calls), or None."""
         spec = parsed.grammar_spec
         if spec is None:
             return None
-        if self._grammars is None:
-            from qwen2vl_jax.serving.grammar import Grammars
-
-            self._grammars = Grammars(self.processor.tokenizer, self.model.config.text.vocab_size,
-                                      eos_ids=self.eos_ids)  # built once: a few seconds
         try:
-            return self._grammars.compile(spec)
+            return self.grammars().compile(spec)
         except InputError as e:
             raise ApiError(400, str(e), "tools" if parsed.tool_call_grammar else "response_format") from None
 

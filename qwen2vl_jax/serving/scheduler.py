@@ -15,6 +15,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import hashlib
+import itertools
 import logging
 import threading
 from typing import Callable, Sequence
@@ -226,29 +227,35 @@ class Batcher:
             self._queue.append(request)
             self._cond.notify_all()
 
-    def warm_up(self, prompt_lengths: Sequence[int] | None = None) -> None:
+    def warm_up(self, prompt_lengths: Sequence[int] | None = None, mask_words: int = 0) -> None:
         """Compiles the step and the prefill/insert of the given prompt lengths' buckets before
         the thread starts (call before `start`); by default every bucket up to 64 tokens, where
-        most chat turns fall (longer prompts compile their bucket when one first comes)."""
+        most chat turns fall (longer prompts compile their bucket when one first comes).
+        mask_words > 0: also their variants under a grammar's token mask (int32[rows, mask_words]),
+        which structured output and forced tool calls run."""
         if prompt_lengths is None:
             prompt_lengths = short_prompt_lengths(self.slots.max_context)
         state = self.slots.init_state()
         generation = GenerationConfig(max_new_tokens=2)
         fills = self.prefill_chunk > 0 or self.prefix_cache is not None
+        masks = [None] + ([lambda rows: np.full((rows, mask_words), -1, np.int32)] if mask_words > 0 else [])
         # insert (or extend) and step, each on a fresh state and on one a step returned: on a
         # mesh the two can differ in layout, and each compiles its own variant here rather than later.
         for _ in range(2):
             sizes = sorted({c for c in map(chunk_bucket, prompt_lengths) if c <= self.slots.max_context})
-            for n in sizes if fills else prompt_lengths:
+            for n, mask in itertools.product(sizes if fills else prompt_lengths, masks):
+                allow = None if mask is None else mask(1)
                 if fills:
                     state = self.slots.restore(state, self._pool, 0, (), 0)
                     ids = np.zeros((min(n, self.prefill_chunk or n),), np.int32)
                     state, out = self.slots.extend(self.params, state, self._chunk(ids, np.zeros((3, ids.size), np.int32),
                                                                                   0, 0, ids.size, True, 0),
-                                                   None, choice_settings(generation, 1), self.slots.context_for(ids.size))
+                                                   None, choice_settings(generation, 1), self.slots.context_for(ids.size),
+                                                   allow=allow)
                     continue
                 inputs = self.slots.prompt_inputs(np.zeros((n,), np.int32), max_new_tokens=1)
-                state = self.slots.insert(state, self.slots.prefill(self.params, inputs, None, generation), 0)
+                prefix, out = self.slots.start(self.params, inputs, None, generation, allow=allow)
+                state = self.slots.insert(state, prefix, 0)
             if self.prefix_cache is not None:  # the pool's copies, each index bucket, on a segment made for them
                 cache = self.prefix_cache
                 pool = [self.slots.pool_segment(0, cache.segment, cache.block)]
@@ -257,8 +264,9 @@ class Batcher:
                     pool = self.slots.save(state, pool, 0, 0, range(size))
                     state = self.slots.restore(state, pool, 0, range(size), 0)
             for rows in self.slots.row_buckets:  # every bucket, on a state each kind of step returned
-                for context in self.slots.context_buckets:
-                    state, out = self.slots.step(self.params, state, rows, context)
+                for context, mask in itertools.product(self.slots.context_buckets, masks):
+                    state, out = self.slots.step(self.params, state, rows, context,
+                                                 allow=None if mask is None else mask(rows))
         jax.block_until_ready(out)
 
     # ------------------------------------------------------------ the thread
@@ -464,12 +472,13 @@ class Batcher:
     def _allow(self, rows: Sequence[Row | None]) -> np.ndarray | None:
         """The rows' allowed-token bitmasks (every bit set for a row without a grammar), or
         None when no row has one (the step compiled without a mask)."""
-        if not any(row is not None and row.matcher is not None for row in rows):
+        masked = [(row.matcher, i) for i, row in enumerate(rows) if row is not None and row.matcher is not None]
+        if not masked:
             return None
+        from qwen2vl_jax.serving.grammar import fill_rows
+
         allow = np.full((len(rows), self._words), -1, np.int32)
-        for i, row in enumerate(rows):
-            if row is not None and row.matcher is not None:
-                row.matcher.fill(allow[i])
+        fill_rows(masked, allow)
         return allow
 
     def _features(self, item: VisionInput) -> np.ndarray:

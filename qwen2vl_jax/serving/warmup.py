@@ -83,15 +83,18 @@ class _Stage:
             self.progress(f"warm-up: {self.what}: {time.perf_counter() - self.t0:.1f} s")
 
 
-def warm_up(batcher, processor, progress: Callable[[str], None] | None = None, vision: bool = True) -> None:
-    """Compiles what requests will run, before the batcher starts: the batcher's own warm-up, then
-    (vision=True) the vision tower for each bucket of image sizes."""
+def warm_up(batcher, processor, progress: Callable[[str], None] | None = None, vision: bool = True,
+            mask_words: int = 0) -> None:
+    """Compiles what requests will run, before the batcher starts: the batcher's own warm-up (with
+    mask_words > 0 also under a grammar's token mask), then (vision=True) the vision tower for each
+    bucket of image sizes."""
     say = progress or (lambda line: None)
     slots = batcher.slots
     rows, contexts = getattr(slots, "row_buckets", ()), getattr(slots, "context_buckets", ())
+    masked = ", each also under a grammar's mask" if mask_words > 0 else ""
     with _Stage(say, f"decode step ({len(rows)} row x {len(contexts)} context buckets) and prefills of "
-                     "short prompts"):
-        batcher.warm_up()
+                     f"short prompts{masked}"):
+        batcher.warm_up(mask_words=mask_words)
     if not vision:
         return
     merge_unit = slots.config.vision.merge_unit
