@@ -3,7 +3,7 @@
     python benchmarks/scale.py [--models 2b,7b,72b] [--parts prefill,decode,train]
                                [--batch 1] [--prompt 2048] [--new 512] [--weights bf16,int8,int4]
                                [--decoder scan,loop] [--train-batch 8] [--train-length 2048]
-                               [--train-methods full,lora]
+                               [--train-methods full,lora] [--fit-micro 4,2,1]
 
 Nothing is allocated: the parameters, cache, decode state, train state and batches are
 abstract shapes with their shardings, and each program is lowered and compiled by XLA for 8
@@ -11,17 +11,24 @@ simulated CPU devices with the same functions that run for real (`engine.Engine`
 decode step, `train.loop.Trainer.step_function`). Per device it prints the parameter bytes,
 the KV cache of `--batch` rows of `--prompt` + `--new` slots (the weights bf16, or with
 `--weights int8,int4` also packed as `qwen2vl-convert --quantize` writes them), XLA's memory analysis
-(arguments, temporaries, outputs; donated buffers counted once), whether it fits a v5e
-(16 GiB), v4 (32 GiB) or v5p (95 GiB) chip, and the seconds lowering + compiling took (wall,
-and the CPU time of the process, which a busy machine does not inflate).
+(arguments, temporaries, outputs; donated buffers counted once), whether it fits a device of a
+v2-8 or v3-8 (one core: 8 or 16 GiB), a v5e (16 GiB), v4 (32 GiB) or v5p (95 GiB) chip, and the
+seconds lowering + compiling took (wall, and the CPU time of the process, which a busy machine
+does not inflate). A row's mesh says how many such devices it takes: fsdp=1 one, fsdp=4 four
+(a v4-8), otherwise eight (a v5e-8, a whole v2-8 / v3-8).
 
 The meshes are what a v5e-8 / v4-8 user picks: inference tensor-parallel as far as the KV heads
 allow (2B: 2 KV heads, 7B: 4, 72B: 8), with fsdp over the rest; training FSDP over all 8 chips
 (params, gradients and AdamW state in float32, the forward in bfloat16, every block
 rematerialised, the vocabulary logits made 2048 tokens at a time); `--train-methods lora` adds
 LoRA rows (rank-16 adapters on the decoder's projections and the merger, stage 3's labels, the
-base frozen and held as the trainer holds it: float32, or packed int8/int4 for QLoRA) on the
-meshes of LORA_ROWS, one chip included. Bytes are XLA's CPU
+base frozen and held as the trainer holds it: bfloat16, the compute dtype, or packed int8/int4
+for QLoRA; the adapters and their AdamW state float32) on the meshes of LORA_ROWS: one device,
+a v4-8's 4 chips, 8 devices. Every train row names the micro-batch one device computes (rows of
+the batch axis a device holds x tokens); a one-device row is compiled again at each
+`--fit-micro` row count: the micro-batches `--batch-size R --accum N` with `--remat` trains on
+one chip, so the one whose peak fits shows. Last come the asked fits (ASKED), yes or no by floor
+and by peak at each micro-batch. Bytes are XLA's CPU
 figures: a TPU compile lays out (and fuses) differently, so read them as the size of the
 problem per chip, not as a TPU's exact peak. In particular XLA:CPU has no bfloat16 matrix
 multiply: it converts bf16 weights to float32 copies, which its temporaries include (a TPU
@@ -33,7 +40,6 @@ peak fits. A TPU's peak lies between the two.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
 
@@ -59,13 +65,23 @@ from qwen2vl_jax.lora.tree import DEFAULT_TARGETS, TRAINABLE as LORA_TRAINABLE, 
 from qwen2vl_jax.train import loop, stages  # noqa: E402
 
 GiB = 1024 ** 3
-CHIPS = {"v5e": 16 * GiB, "v4": 32 * GiB, "v5p": 95 * GiB}
+# HBM per device: a v5e, v4 or v5p chip, or one core of a v2-8 / v3-8 (Colab's TPU: 8 cores, each
+# its own JAX device). A v4-8 is 4 chips (two cores each, one JAX device per chip).
+CHIPS = {"v2": 8 * GiB, "v3": 16 * GiB, "v5e": 16 * GiB, "v4": 32 * GiB, "v5p": 95 * GiB}
 INFER_MESH = {"2b": "fsdp=4,tensor=2", "7b": "fsdp=2,tensor=4", "72b": "tensor=8"}
 TRAIN_MESH = {"2b": "fsdp=8", "7b": "fsdp=8", "72b": "fsdp=8"}
-# --train-methods lora: (method, mesh) rows; fsdp=1 is one chip (a v5e core, or one core of a v2-8/v3-8)
-LORA_ROWS = {"2b": (("lora", "fsdp=1"),),
+# --train-methods lora: (method, mesh) rows. fsdp=1: one v5e chip, or one core of a v2-8/v3-8;
+# fsdp=8: a v5e-8, or a whole v2-8/v3-8; fsdp=4: a v4-8 (4 chips of 32 GiB).
+LORA_ROWS = {"2b": (("lora", "fsdp=1"), ("lora", "fsdp=8")),
              "7b": (("lora", "fsdp=1"), ("qlora-int8", "fsdp=1"), ("qlora-int4", "fsdp=1"), ("lora", "fsdp=8")),
-             "72b": (("qlora-int8", "fsdp=8"), ("qlora-int4", "fsdp=8"))}
+             "72b": (("qlora-int8", "fsdp=8"), ("qlora-int4", "fsdp=8"), ("qlora-int8", "fsdp=4"),
+                     ("qlora-int4", "fsdp=4"))}
+# What is asked to fit (issue 29): (model as the table names it, mesh, device memory, where).
+ASKED = (("2b lora", "fsdp=1", 16 * GiB, "one 16 GiB chip (v5e, a v3-8 core)"),
+         ("7b qlora-int8", "fsdp=1", 16 * GiB, "one 16 GiB chip"),
+         ("7b qlora-int4", "fsdp=1", 16 * GiB, "one 16 GiB chip"),
+         ("72b qlora-int8", "fsdp=8", 16 * GiB, "a v5e-8"),
+         ("72b qlora-int4", "fsdp=8", 16 * GiB, "a v5e-8"))
 
 
 def per_device_bytes(tree) -> int:
@@ -190,9 +206,11 @@ def training(name: str, batch: int, length: int, scan: bool = True, method: str 
     placed = abstract(jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), arrays),
                       trainer.batch_shardings(arrays))
     compiled, seconds = compile_timed(trainer.step_function(state), state, placed)
+    rows = batch // max(1, mesh.shape["data"] * mesh.shape["fsdp"])  # the rows of the batch axis a device holds
     return {"model": name if method == "full" else f"{name} {method}", "mesh": mesh_spec,
             "layers": config.text.num_hidden_layers, "decoder": "scan" if scan else "loop",
-            "part": f"train step {batch}x{length}", "params": per_device_bytes(state.params),
+            "part": f"train {batch}x{length}, {rows}x{length}/dev", "micro": rows,
+            "params": per_device_bytes(state.params),
             "opt_state": per_device_bytes(state.opt_state), "kv_cache": 0, **memory(compiled), "compile_s": seconds}
 
 
@@ -216,9 +234,11 @@ def main(argv=None) -> int:
                         "independent of depth) and loop (one traced copy per layer)")
     p.add_argument("--train-batch", type=int, default=8)
     p.add_argument("--train-length", type=int, default=2048)
+    p.add_argument("--fit-micro", default="4,2,1",
+                   help="comma list of rows: each one-device LoRA row is compiled again at each (empty: not)")
     p.add_argument("--train-methods", default="full",
                    help="comma list of full (stage 2 on TRAIN_MESH) and lora (the LoRA and QLoRA rows of "
-                        "LORA_ROWS: 2B/7B on one chip, 7B on 8, 72B QLoRA on 8)")
+                        "LORA_ROWS: 2B/7B on one chip and on 8, 72B QLoRA on 8 and on a v4-8's 4)")
     args = p.parse_args(argv)
     parts = set(args.parts.split(","))
     decoders = args.decoder.split(",")
@@ -238,20 +258,39 @@ def main(argv=None) -> int:
                 for method, mesh_spec in LORA_ROWS.get(name, ()):
                     rows.append(training(name, args.train_batch, args.train_length, scan, method, mesh_spec))
                     print(f"# {name} {method} {mesh_spec} {decoder} training compiled", file=sys.stderr, flush=True)
-    print(f"per device, GiB, on 8 simulated devices (jax {jax.__version__}, XLA CPU); floor = params + opt + kv; "
-          f"peak = arguments + temporaries + outputs - donated; fits: floor/peak")
-    head = (f"{'model':8} {'layers':>6} {'decoder':7} {'mesh':16} {'program':24} {'params':>7} {'opt':>7} {'kv':>7} {'floor':>7} "
-            f"{'args':>7} {'temp':>7} {'out':>7} {'peak':>7}  {'v5e':7} {'v4':7} {'v5p':7} {'compile_s':>9} {'cpu_s':>7}")
+                    # one device: the smaller micro-batches `--accum` trains with, for the one whose peak fits
+                    for micro in [int(x) for x in args.fit_micro.split(",") if x] if mesh_spec == "fsdp=1" else ():
+                        if micro >= args.train_batch:
+                            continue
+                        rows.append(training(name, micro, args.train_length, scan, method, mesh_spec))
+                        print(f"# {name} {method} {mesh_spec} {decoder} training at {micro} rows compiled",
+                              file=sys.stderr, flush=True)
+    print(f"per device, GiB, on simulated devices (jax {jax.__version__}, XLA CPU); floor = params + opt + kv; "
+          f"peak = arguments + temporaries + outputs - donated; fits: floor/peak on a device of "
+          + ", ".join(f"{c} ({n // GiB} GiB)" for c, n in CHIPS.items()))
+    chips = " ".join(f"{c:7}" for c in CHIPS)
+    head = (f"{'model':15} {'layers':>6} {'decoder':7} {'mesh':16} {'program':30} {'params':>7} {'opt':>7} {'kv':>7} "
+            f"{'floor':>7} {'args':>7} {'temp':>7} {'out':>7} {'peak':>7}  {chips} {'compile_s':>9} {'cpu_s':>7}")
     print(head)
     print("-" * len(head))
     yes = lambda ok: "yes" if ok else "no"  # noqa: E731
     for r in rows:
         floor = r["params"] + r.get("opt_state", 0) + r["kv_cache"]
         fits = " ".join(f"{yes(floor <= cap) + '/' + yes(r['peak'] <= cap):7}" for cap in CHIPS.values())
-        print(f"{r['model']:8} {r['layers']:6d} {r['decoder']:7} {r['mesh']:16} {r['part']:24} {gib(r['params'])} "
+        print(f"{r['model']:15} {r['layers']:6d} {r['decoder']:7} {r['mesh']:16} {r['part']:30} {gib(r['params'])} "
               f"{gib(r.get('opt_state', 0))} {gib(r['kv_cache'])} {gib(floor)} {gib(r['arguments'])} "
               f"{gib(r['temporaries'])} {gib(r['outputs'])} {gib(r['peak'])}  {fits} "
               f"{r['compile_s'][0]:9.1f} {r['compile_s'][1]:7.1f}")
+    asked = [(a, [r for r in rows if (r["model"], r["mesh"]) == a[:2]]) for a in ASKED]
+    if any(found for _, found in asked):
+        print("\nasked fits, per device: floor, and XLA:CPU's peak at each micro-batch compiled")
+    for (model, mesh_spec, cap, where), found in asked:
+        if not found:
+            continue
+        floor = found[0]["params"] + found[0]["opt_state"]
+        peaks = ", ".join(f"{r['micro']}x{args.train_length}: {r['peak'] / GiB:.2f} {yes(r['peak'] <= cap)}"
+                          for r in found)
+        print(f"{model} on {where} ({mesh_spec}): floor {floor / GiB:.2f} {yes(floor <= cap)}; peak {peaks}")
     return 0
 
 

@@ -43,6 +43,13 @@ class ShardingRules:
     mlp: str | tuple[str, ...] | None = "tensor"
     vocab: str | tuple[str, ...] | None = "tensor"
     patches: str | tuple[str, ...] | None = None
+    # The training loss's vocabulary: its logits, and the output head while it makes them, are
+    # split over every axis (`head_by_vocab`), so no chip ever holds the whole head.
+    loss_vocab: str | tuple[str, ...] | None = ("data", "fsdp", "tensor")
+    # FSDP training (the trainer sets it): a packed weight split over fsdp is gathered as stored
+    # and dequantized whole on each chip (`gathered_packed`), not dequantized per shard and
+    # gathered as floats (2 to 8 times the bytes: bf16 against int8 or int4).
+    gather_packed: bool = False
     # Parameters: the "model" dimension of weights is split over fsdp.
     param_embed: str | tuple[str, ...] | None = "fsdp"
 
@@ -126,7 +133,12 @@ PARAM_AXES: tuple[tuple[str, tuple[str | None, ...]], ...] = (
     (r"(mlp/fc1|merger/mlp_0)/kernel$", ("param_embed", "mlp")),
     (r"(mlp/fc1|merger/mlp_0)/bias$", ("mlp",)),
     (r"(mlp/fc2|merger/mlp_2)/kernel$", ("mlp", "param_embed")),
-    (r"/lora_(a|b|scale|dropout)$", (None,)),  # LoRA adapters (lora/): rank-r factors, replicated
+    # LoRA adapters (lora/): a [in, r] and b [r, out] split over fsdp by their long side, like
+    # the model dimension of a weight (replicated, 72B's rank-16 adapters and their AdamW state
+    # would take 2.3 GiB on every chip); the rank and the scalars stay whole.
+    (r"/lora_a$", ("param_embed", None)),
+    (r"/lora_b$", (None, "param_embed")),
+    (r"/lora_(scale|dropout)$", (None,)),
     (r"(scale|bias)$", (None,)),  # norms and the remaining biases: small, replicated
     (r"/perm$", (None,)),  # a quantized layer's input permutation (quant/format.py)
 )
@@ -144,19 +156,25 @@ def param_logical_axes(params) -> Any:
         # A scanned decoder's stacked layers (params.stack_layers): layer 0's rule, after a
         # replicated layer axis.
         lead = (None,) * layer_axes(name)
-        name, rank = layer_path(name), len(leaf.shape) - len(lead)
-        for pattern, axes in _PARAM_RULES:
-            if pattern.search(name):
-                if len(axes) != rank and axes != (None,):
-                    missing.append(f"{name} (rank {rank} vs {axes})")
-                return lead + axes + (None,) * (rank - len(axes))
-        missing.append(name)
-        return (None,) * len(leaf.shape)
+        axes = _axes_for(layer_path(name), len(leaf.shape) - len(lead), missing)
+        return lead + axes
 
     out = jax.tree_util.tree_map_with_path(axes_of, params)
     if missing:
         raise ValueError(f"no sharding rule for {len(missing)} parameter(s): " + listing(missing))
     return out
+
+
+def _axes_for(name: str, rank: int, missing: list) -> tuple[str | None, ...]:
+    """The logical axes of one (unstacked) parameter of `rank` dims at HF-style path `name`;
+    an unmatched path (or a rank its rule does not fit) is appended to `missing`."""
+    for pattern, axes in _PARAM_RULES:
+        if pattern.search(name):
+            if len(axes) != rank and axes != (None,):
+                missing.append(f"{name} (rank {rank} vs {axes})")
+            return axes + (None,) * (rank - len(axes))
+    missing.append(name)
+    return (None,) * rank
 
 
 def param_shardings(params, mesh: Mesh, rules: ShardingRules | None = None) -> Any:
@@ -167,6 +185,53 @@ def param_shardings(params, mesh: Mesh, rules: ShardingRules | None = None) -> A
         lambda leaf, names: named_sharding(mesh, rules, leaf.shape, *names), params, axes,
         is_leaf=lambda x: hasattr(x, "shape"),
     )
+
+
+def gathered_packed(leaves: dict, module_path: str) -> dict:
+    """A packed layer's leaves (qweight, scales, zeros, perm), inside a traced step, constrained
+    whole along the model dimension (the fsdp split undone, any tensor split kept) when the
+    active rules ask for it (`gather_packed`); else, or without a mesh, as they are.
+    module_path: the layer's module path (model/layers/mlp/up_proj; scanned or not), whose
+    kernel's rule gives the axes. The dequantized float weight then exists only whole, inside
+    the layer's product, and what crosses chips is the stored integers."""
+    active = _ACTIVE.get()
+    if active is None or not active[1].gather_packed:
+        return leaves
+    mesh, rules = active
+    whole = dataclasses.replace(rules, param_embed=None)
+    name = layer_path(f"{module_path}/kernel")
+    out = {}
+    for key, leaf in jax.lax.optimization_barrier(leaves).items():
+        names = _axes_for(name, leaf.ndim, []) if key != "perm" else (None,)
+        if "vocab" in names:  # the output head: laid out by `head_by_vocab` for the loss
+            out[key] = leaf
+            continue
+        out[key] = jax.lax.with_sharding_constraint(leaf, NamedSharding(mesh, whole.spec_for(leaf.shape, names, mesh)))
+    return out
+
+
+def head_by_vocab(params) -> Any:
+    """`params` with the output head's vocabulary-wide leaves (lm_head's kernel, or the tied
+    embedding table; float or packed) constrained to the `loss_vocab` split and whole along the
+    model dimension; every other leaf as it is. A no-op without an active mesh.
+
+    This is the training loss's layout (vocabulary-parallel logits): each chip makes the logits
+    of its slice of the vocabulary for a whole chunk of tokens from its own slice of the head.
+    Under FSDP the head is otherwise gathered whole for every chunk, as the float weight a
+    packed head dequantizes to (72B: 152064 x 8192, 4.6 GiB in float32) rather than as stored."""
+    active = _ACTIVE.get()
+    if active is None:
+        return params
+    mesh, rules = active
+    loss_rules = dataclasses.replace(rules, param_embed=None, vocab=rules.loss_vocab)
+
+    def one(leaf, names):
+        if "vocab" not in names:
+            return leaf
+        spec = loss_rules.spec_for(leaf.shape, names, mesh)
+        return jax.lax.with_sharding_constraint(leaf, NamedSharding(mesh, spec))
+
+    return jax.tree_util.tree_map(one, params, param_logical_axes(params), is_leaf=lambda x: hasattr(x, "shape"))
 
 
 def check_groups(params, shardings) -> None:
@@ -292,5 +357,5 @@ def check_divisible(config, mesh: Mesh | None) -> None:
     bad = [f"{n} {name}" for name, n in dims.items() if n % t]
     if bad:
         raise InputError(f"mesh tensor={t} does not divide the model's " + ", ".join(bad)
-                         + f"; choose a tensor size that divides them all")
+                         + "; choose a tensor size that divides them all")
 

@@ -190,6 +190,47 @@ def test_remat_and_bf16_options(tiny_batch):
     assert abs(float(m_half["loss"]) - lr_) < 2e-3 * lr_  # bf16 compute: measured 3e-5 of the loss
 
 
+def test_lora_holds_its_frozen_base_in_the_compute_dtype(tiny_batch):
+    """A LoRA run (bf16 compute) holds its frozen float base in bfloat16, the adapters and their
+    Adam state in float32 (a packed base's integers and scales as stored, the scales float32);
+    the base comes out of a step unchanged and the adapters move; `abstract_state` (a resume)
+    has the same dtypes. A full run keeps float32."""
+    from qwen2vl_jax.lora.tree import TRAINABLE, LoraSpec, attach, init_adapter
+    from qwen2vl_jax.modules.qwen2vl import init_shapes
+    from qwen2vl_jax.quant.format import Scheme
+    from qwen2vl_jax.quant.tree import quantize_params
+
+    exs, _ = tiny_batch
+    batch = data.stack_micro([data.collate([e for e in exs if e.pixel_values is None and e.pixel_values_videos is None],
+                                           TINY)])  # text only: a quick compile
+    floats = jax.tree.map(np.asarray, random_params(TINY, 2))
+    adapter = jax.tree.map(lambda x: x + 0.05 if x.ndim == 2 else x, init_adapter(init_shapes(TINY), LoraSpec(rank=4), 5))
+    stage = st.get_stage(3, train=(TRAINABLE,), learning_rate=1e-3, warmup_steps=0)
+    params = attach(floats, adapter)
+    trainer = loop.Trainer(TINY, stage, 10, compute_dtype=jnp.bfloat16)
+    state = trainer.init_state(params)
+    held, dtypes = flat(state.params), jax.tree.map(lambda x: x.dtype, state)
+    new, metrics = trainer.step(state, batch)  # donates state
+    after = flat(new.params)
+    for k, x in flat(params).items():
+        want = jnp.float32 if "lora_" in k else jnp.bfloat16
+        assert held[k].dtype == want and after[k].dtype == want, (k, held[k].dtype)
+        if "lora_" not in k:
+            assert np.array_equal(after[k], np.asarray(x, jnp.bfloat16)), k
+    assert {x.dtype for x in jax.tree.leaves(new.opt_state) if x.ndim} == {jnp.dtype(jnp.float32)}
+    assert not np.array_equal(after["model/layers_0/mlp/up_proj/lora_b"], held["model/layers_0/mlp/up_proj/lora_b"])
+    assert np.isfinite(float(metrics["loss"])) and float(metrics["loss"]) > 0
+    assert jax.tree.map(lambda s: s.dtype, trainer.abstract_state(params)) == dtypes
+    packed = loop.Trainer(TINY, stage, 10, compute_dtype=jnp.bfloat16).init_state(
+        attach(quantize_params(floats, Scheme.of("int8")), adapter))
+    dtypes = {k: x.dtype for k, x in flat(packed.params).items()}
+    assert dtypes["model/layers_0/mlp/up_proj/qweight"] == jnp.int8
+    assert dtypes["model/layers_0/mlp/up_proj/scales"] == jnp.float32
+    assert dtypes["model/layers_0/input_layernorm/scale"] == jnp.bfloat16
+    full = loop.Trainer(TINY, st.get_stage(3), 10, compute_dtype=jnp.bfloat16).abstract_state(floats)
+    assert {x.dtype for x in jax.tree.leaves(full.params)} == {jnp.dtype(jnp.float32)}
+
+
 SHARDED_SCRIPT = r"""
 import json, sys
 import jax
@@ -226,6 +267,67 @@ for _ in range(2):
 kernel = t.params["model"]["layers_0"]["mlp"]["up_proj"]["kernel"]
 mu = t.opt_state[1][0].mu["model"]["layers_0"]["mlp"]["up_proj"]["kernel"]
 out["sharded"] = [str(kernel.sharding.spec), str(mu.sharding.spec), len(kernel.sharding.device_set)]
+
+# QLoRA (int8 base, adapters with a nonzero B) on the same mesh, the vocabulary even so that the
+# loss splits it: one step's loss and adapter updates are the unsharded step's; the compiled
+# step gathers no floating copy of a packed weight (the head or a decoder kernel).
+import dataclasses, re, tempfile
+from pathlib import Path
+from qwen2vl_jax.lora.peft_format import PREFIX, WEIGHTS, load_adapter, module_name
+from qwen2vl_jax.lora.tree import TRAINABLE, LoraSpec, attach, detach, init_adapter
+from qwen2vl_jax.params import flatten
+from qwen2vl_jax.quant.format import HEAD, LINEARS, Scheme
+from qwen2vl_jax.quant.tree import quantize_params
+from qwen2vl_jax.modules.qwen2vl import init_shapes
+from qwen2vl_jax.safetensors_io import read_header
+from qwen2vl_jax.train.run import write_adapter
+cfg = dataclasses.replace(TINY, text=dataclasses.replace(TINY.text, vocab_size=212))
+floats = jax.tree.map(np.asarray, params)  # TINY's, the vocabulary padded by one random row
+rng = np.random.default_rng(4)
+floats["model"]["embed_tokens"]["embedding"] = np.concatenate(
+    [floats["model"]["embed_tokens"]["embedding"], rng.normal(0, 0.02, (1, cfg.text.hidden_size)).astype(np.float32)])
+floats["lm_head"]["kernel"] = np.concatenate(
+    [floats["lm_head"]["kernel"], rng.normal(0, 0.02, (cfg.text.hidden_size, 1)).astype(np.float32)], axis=1)
+adapter = jax.tree.map(lambda x: x + 0.05 if x.ndim == 2 else x, init_adapter(init_shapes(cfg), LoraSpec(rank=4), 5))
+qparams = attach(quantize_params(floats, Scheme.of("int8")), adapter)
+qstage = st.get_stage(3, train=(TRAINABLE,), learning_rate=1e-3, warmup_steps=0, eps=1e-4)
+text = [e for e in exs if e.pixel_values is None and e.pixel_values_videos is None] * 2
+batch = data.stack_micro([data.collate(text, TINY)])  # text only: a quicker compile
+qref, qtr = loop.Trainer(cfg, qstage, 10), loop.Trainer(cfg, qstage, 10, mesh=mesh)
+qs, qt = qref.init_state(qparams), qtr.init_state(qparams)
+a = qt.params["model"]["layers_0"]["mlp"]["up_proj"]["lora_a"]
+lora_specs = [str(a.sharding.spec), str(qt.opt_state[1][0].mu["model"]["layers_0"]["mlp"]["up_proj"]["lora_a"].sharding.spec)]
+placed = qtr.place_batch(batch)
+compiled = qtr.step_function(qt).lower(qt, placed).compile()
+hlo = compiled.as_text()
+before = tt.flat(qs.params)
+(qs, ms), (qt, mt) = qref.step(qs, batch), compiled(qt, placed)
+a, b = tt.flat(qs.params), tt.flat(qt.params)
+packed = {tuple(x.shape) for p, x in flatten(init_shapes(cfg)).items() if LINEARS.match(p) or HEAD.match(p)}
+gathered = [(m.group(1), tuple(int(d) for d in m.group(2).split(",") if d))
+            for m in re.finditer(r"= (\w+)\[([\d,]*)\][^ ]* all-gather\(", hlo)]
+out["qlora"] = {"loss": [float(ms["loss"]), float(mt["loss"])], "lora_a": lora_specs,
+                "update_err": max(tt.rel_err(b[k] - before[k], a[k] - before[k]) for k in a if "lora_" in k),
+                "moved": min(float(np.abs(a[k] - before[k]).max()) for k in a if k.endswith(("lora_a", "lora_b"))),
+                "gathers": len(gathered),
+                "float_weight_gathers": [f"{t}{list(d)}" for t, d in gathered
+                                         if t in ("f32", "bf16") and (212 in d or d[-2:] in packed)]}
+
+# The adapters of that sharded state written as the run writes them (PEFT's layout), read back:
+# every tensor the whole adapter (not one chip's shard), [r, in] / [out, r] as peft has them.
+folder = Path(tempfile.mkdtemp())
+write_adapter(qt.params, folder, folder, LoraSpec(rank=4), init_shapes(cfg))
+header, _ = read_header(folder / "adapter" / WEIGHTS)
+shapes = {p: tuple(x.shape) for p, x in flatten(init_shapes(cfg)).items()}
+trained = {k: np.asarray(v) for k, v in detach(jax.device_get(qt.params))[1].items()}
+loaded = load_adapter(folder / "adapter", init_shapes(cfg))
+name = PREFIX + module_name("model/layers_0/mlp/down_proj") + ".lora_"
+out["adapter"] = {"split": str(qt.params["model"]["layers_0"]["mlp"]["down_proj"]["lora_a"].sharding.spec),
+                  "keys": sorted(loaded) == sorted(trained),
+                  "equal": all(np.array_equal(loaded[k], trained[k]) for k in trained),
+                  "down_proj": [header[name + "A.weight"]["shape"], header[name + "B.weight"]["shape"]],
+                  "want": [[4, shapes["model/layers_0/mlp/down_proj/kernel"][0]],
+                           [shapes["model/layers_0/mlp/down_proj/kernel"][1], 4]]}
 print("RESULT" + json.dumps(out))
 """
 
@@ -238,7 +340,8 @@ def _sharded_child() -> Child:
 
 # The 8-device child runs in the background from the start of the session (children.py).
 CHILDREN = Children(__name__)
-CHILDREN.add("sharded", _sharded_child, read_by=("test_sharded_step_matches_unsharded",))
+CHILDREN.add("sharded", _sharded_child, read_by=("test_sharded_step_matches_unsharded",
+                                                  "test_adapter_saved_from_a_sharded_state_loads_back"))
 
 
 def test_sharded_step_matches_unsharded():
@@ -253,6 +356,24 @@ def test_sharded_step_matches_unsharded():
     assert max(out["update_err"]) <= 1e-4  # see UPDATE_STAGE
     spec, mu_spec, ndev = out["sharded"]
     assert "fsdp" in spec and "tensor" in spec and spec == mu_spec and ndev == 8
+    # QLoRA: same loss and adapter gradients; adapters and their Adam state split over fsdp; the
+    # packed base crosses chips as integers and the head is split by vocabulary, never gathered
+    q = out["qlora"]
+    assert abs(q["loss"][0] - q["loss"][1]) <= 1e-5 * q["loss"][0]
+    assert q["moved"] > 0 and q["update_err"] <= 1e-4
+    assert "fsdp" in q["lora_a"][0] and q["lora_a"][0] == q["lora_a"][1]
+    assert q["gathers"] > 0 and q["float_weight_gathers"] == [], q
+
+
+def test_adapter_saved_from_a_sharded_state_loads_back():
+    """The adapters of a sharded (fsdp-split) LoRA state, written as a run writes them, are the
+    whole adapters in PEFT's shapes and load back equal (not one device's shard of each)."""
+    proc = CHILDREN.result("sharded")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ad = json.loads(proc.stdout.split("RESULT", 1)[1])["adapter"]
+    assert "fsdp" in ad["split"], ad  # what the check is about: the state holds them split
+    assert ad["down_proj"] == ad["want"], ad
+    assert ad["keys"] and ad["equal"], ad
 
 
 # ----------------------------------------------------------------------------- data
@@ -895,6 +1016,66 @@ def test_synthetic_grounding_pictures_ask_where_every_nameable_shape_is(tmp_path
                     colour = synthetic.COLOURS[item["label"].split()[1]]
                     cx, cy = (x1 + x2) / 2, (y1 + y2) / 2
                     assert picture.getpixel((int(cx), int(cy))) == colour
+
+
+def test_synthetic_grounding_many_asks_only_among_several_shapes(tmp_path):
+    """--grounding-many: every grounding picture holds 2-4 shapes, each asked by colour and kind
+    ("wheremany"), none a lone shape; the rest of the dataset and the eval rows as without it."""
+    counts = {"images": 4, "videos": 1, "other": 1, "eval_per_task": 2, "grounding": 30}
+    plain = synthetic.write_dataset(tmp_path / "plain", seed=5, counts=synthetic.Counts(**counts), progress=False)
+    many = synthetic.write_dataset(tmp_path / "many", seed=5,
+                                   counts=synthetic.Counts(**counts, grounding_many=True), progress=False)
+    assert many["eval"].read_text() == plain["eval"].read_text()
+    for name in ("stage2", "stage3"):
+        records, problems = data.read_jsonl(many[name])
+        assert records and not problems, problems
+        rows = many[name].read_text().splitlines()
+        assert sorted(r for r in rows if '"images/g' not in r) == \
+            sorted(r for r in plain[name].read_text().splitlines() if '"images/g' not in r)
+        added = [json.loads(r)["messages"] for r in rows if '"images/g' in r]
+        assert len(added) == 30
+        for msgs in added:
+            labels = [m["content"][0]["label"] for m in msgs[1::2]]
+            assert labels and all(len(lab.split()) == 3 for lab in labels)  # "the red circle": colour and kind
+    lone = [json.loads(r)["messages"] for r in plain["stage2"].read_text().splitlines() if '"images/g' in r]
+    assert any(len(m[1]["content"][0]["label"].split()) == 2 for m in lone)  # without it, some lone shapes
+
+
+def test_synthetic_grounding_parts_ask_by_colour_alone_and_kind_alone(tmp_path):
+    """--grounding-parts: among several shapes, each is also asked by its colour alone ("the red
+    shape") when no other shares that colour, and by its kind alone ("the circle") when no other
+    shares that kind; its box is the drawn one. The eval rows stay as without it."""
+    from PIL import Image
+
+    counts = {"images": 2, "videos": 1, "other": 1, "eval_per_task": 2, "grounding": 30, "grounding_many": True}
+    plain = synthetic.write_dataset(tmp_path / "plain", seed=3, counts=synthetic.Counts(**counts), progress=False)
+    parts = synthetic.write_dataset(tmp_path / "parts", seed=3,
+                                    counts=synthetic.Counts(**counts, grounding_parts=True), progress=False)
+    assert parts["eval"].read_text() == plain["eval"].read_text()
+    records, problems = data.read_jsonl(parts["stage2"])
+    assert records and not problems, problems
+    seen = {"colour": 0, "kind": 0}
+    for line in parts["stage2"].read_text().splitlines():
+        if '"images/g' not in line:
+            continue
+        msgs = json.loads(line)["messages"]
+        picture = Image.open(tmp_path / "parts" / msgs[0]["content"][0]["image"]).convert("RGB")
+        items = [m["content"][0] for m in msgs[1::2]]
+        labels = [it["label"] for it in items]
+        assert len(set(labels)) == len(labels)  # each question once
+        full = {tuple(it["box"]): it["label"].split()[1:] for it in items if len(it["label"].split()) == 3
+                and it["label"].split()[2] != "shape"}
+        for it in items:
+            words = it["label"].split()
+            x1, y1, x2, y2 = it["box"]
+            if words[-1] == "shape":  # by colour alone: drawn in that colour, no other shape of it
+                seen["colour"] += 1
+                assert picture.getpixel((int((x1 + x2) / 2), int((y1 + y2) / 2))) == synthetic.COLOURS[words[1]]
+                assert sum(c == words[1] for c, _ in full.values()) <= 1
+            elif len(words) == 2:  # by kind alone
+                seen["kind"] += 1
+                assert words[1] in synthetic.SHAPES and sum(k == words[1] for _, k in full.values()) <= 1
+    assert seen["colour"] and seen["kind"]
 
 
 def test_eval_scores_every_question_type(tiny_folder, tmp_path, capsys):

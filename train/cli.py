@@ -113,7 +113,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="tokens whose vocabulary logits are made at once in the loss; lower it to save "
                         "memory on long batches (default: 2048)")
     r.add_argument("--compute-dtype", choices=("float32", "bfloat16"), default="float32",
-                   help="forward/backward dtype; params and optimizer state stay float32 (default: float32)")
+                   help="forward/backward dtype; trained params and optimizer state stay float32, a LoRA run's "
+                        "frozen base is held in this dtype (default: float32)")
     r.add_argument("--mesh", default=None, metavar="SPEC", help="data=D,fsdp=F,tensor=T (default: one device)")
     r.add_argument("--log-every", type=int, default=10, metavar="N",
                    help="log a line and a train_log.jsonl row every N steps (default: 10)")

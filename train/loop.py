@@ -36,8 +36,10 @@ import numpy as np
 import optax
 
 from qwen2vl_jax.config import Qwen2VLConfig
+from qwen2vl_jax.lora.layer import A as LORA_A, B as LORA_B, LEAVES as LORA_LEAVES
 from qwen2vl_jax.modules.qwen2vl import Qwen2VLModule
-from qwen2vl_jax.sharding import ShardingRules, named_sharding, param_shardings, to_global, use_mesh
+from qwen2vl_jax.quant.format import RUNTIME_PARTS
+from qwen2vl_jax.sharding import ShardingRules, head_by_vocab, named_sharding, param_shardings, shard, to_global, use_mesh
 from qwen2vl_jax.train import stages as st
 from qwen2vl_jax.train.data import IGNORE
 from qwen2vl_jax.train.loader import Position
@@ -62,7 +64,10 @@ def _cross_entropy(logits, targets):
     logits = logits.astype(jnp.float32)
     valid = targets != IGNORE
     logz = jax.nn.logsumexp(logits, axis=-1)
-    picked = jnp.take_along_axis(logits, jnp.where(valid, targets, 0)[..., None], axis=-1)[..., 0]
+    # The target's logit as a masked sum over the vocabulary (the other terms are exact zeros),
+    # not a gather: with the vocabulary split over chips it stays a local sum plus one reduction.
+    hit = jnp.arange(logits.shape[-1]) == jnp.where(valid, targets, 0)[..., None]
+    picked = jnp.sum(jnp.where(hit, logits, 0.0), axis=-1)
     return jnp.sum(jnp.where(valid, logz - picked, 0.0)), jnp.sum(valid)
 
 
@@ -72,7 +77,11 @@ def chunked_token_loss(module: Qwen2VLModule, params, hidden, labels, chunk: int
     all the logits [B, L, V]: the sequence is cut into pieces of max(1, chunk // B) positions
     (about `chunk` tokens), each piece's logits are made, reduced to its loss and dropped, and
     remade in the backward pass. With Qwen2-VL's 151,936-token vocabulary the f32 logits of a
-    whole batch would otherwise dominate training memory (8 x 2048 tokens: 10 GB)."""
+    whole batch would otherwise dominate training memory (8 x 2048 tokens: 10 GB).
+
+    On a mesh the pieces are vocabulary-parallel: the head is split by vocabulary over every
+    chip (`sharding.head_by_vocab`), each piece's hidden states are gathered whole, and each chip
+    makes its vocabulary slice of the piece's logits."""
     b, l, d = hidden.shape
     span = max(1, chunk // b)  # positions per piece
     targets = jnp.concatenate([labels[:, 1:], jnp.full((b, 1), IGNORE, labels.dtype)], axis=1)
@@ -83,10 +92,14 @@ def chunked_token_loss(module: Qwen2VLModule, params, hidden, labels, chunk: int
 
     @jax.checkpoint
     def piece_loss(p, h, t):
-        return _cross_entropy(module.apply({"params": p}, h, method=Qwen2VLModule.lm_logits), t)
+        h = shard(h, None, None, None)  # [B, span, D], whole on every chip
+        logits = shard(module.apply({"params": p}, h, method=Qwen2VLModule.lm_logits), None, None, "loss_vocab")
+        return _cross_entropy(logits, t)
+
+    head = head_by_vocab(params)
 
     def body(carry, piece):
-        s, c = piece_loss(params, *piece)
+        s, c = piece_loss(head, *piece)
         return (carry[0] + s, carry[1] + c), None
 
     (total, count), _ = jax.lax.scan(body, (jnp.float32(0), jnp.int32(0)), pieces)
@@ -108,23 +121,49 @@ def batch_loss(module: Qwen2VLModule, params, batch: dict, chunk: int = LOSS_CHU
     return chunked_token_loss(module, params, hidden, batch["labels"], chunk)
 
 
-def master_copy(x):
-    """A parameter as the state holds it: floating leaves in float32, packed integers as they are
-    (a copy either way: the step donates its state, and the caller keeps its arrays)."""
-    dtype = jnp.float32 if jnp.issubdtype(x.dtype, jnp.floating) else x.dtype
+LORA_TRAINED = (f"/{LORA_A}", f"/{LORA_B}")
+
+
+def held_dtype(path: str, x, trainable: frozenset[str], compute_dtype):
+    """The dtype the state holds parameter `path` in. Trained floating leaves: float32 (master
+    weights). A LoRA run's frozen base (the stage trains adapters): the compute dtype, the only
+    one the forward reads it in (a bfloat16 run's 2B base: 4.4 GB, not 8.8), except the adapters'
+    own leaves (scale, dropout rate) and a packed layer's scales and zeros: float32. Any other
+    run's frozen leaves: float32 too (a full run exports them). Integers: as they are."""
+    if not jnp.issubdtype(x.dtype, jnp.floating):
+        return x.dtype
+    lora = any(p.endswith(LORA_TRAINED) for p in trainable)
+    if path in trainable or not lora or path.rpartition("/")[2] in LORA_LEAVES + RUNTIME_PARTS:
+        return jnp.dtype(jnp.float32)
+    return jnp.dtype(compute_dtype)
+
+
+def _held(params, trainable: frozenset[str], compute_dtype, make):
+    """`make(leaf, dtype)` over every leaf of `params` with its `held_dtype`."""
+    def one(path, x):
+        name = "/".join(str(k.key) for k in path)
+        return make(x, held_dtype(name, x, trainable, compute_dtype))
+
+    return jax.tree_util.tree_map_with_path(one, params)
+
+
+def master_copy(x, dtype):
+    """A parameter as the state holds it, in `dtype` (a copy: the step donates its state, and
+    the caller keeps its arrays)."""
     return jnp.array(x, dtype, copy=True)
 
 
-def master_shape(x):
+def master_shape(x, dtype):
     """`master_copy` on shapes."""
-    return jax.ShapeDtypeStruct(x.shape, jnp.float32 if jnp.issubdtype(x.dtype, jnp.floating) else x.dtype)
+    return jax.ShapeDtypeStruct(x.shape, dtype)
 
 
 # ----------------------------------------------------------------------------- trainer
 class Trainer:
     """The jitted train step of one stage on one (optional) mesh.
 
-    params are fp32 master weights; `compute_dtype` is the forward/backward dtype."""
+    Trained params are fp32 master weights; `compute_dtype` is the forward/backward dtype, and
+    the dtype a LoRA run holds its frozen base in (`held_dtype`)."""
 
     def __init__(self, config: Qwen2VLConfig, stage: st.Stage, total_steps: int, *, mesh=None,
                  rules: ShardingRules | None = None, remat: bool = False, compute_dtype=jnp.float32,
@@ -135,7 +174,8 @@ class Trainer:
         self.stage = stage
         self.total_steps = int(total_steps)
         self.mesh = mesh
-        self.rules = rules or ShardingRules()
+        # packed (QLoRA) bases gathered as stored, not as the floats they dequantize to
+        self.rules = dataclasses.replace(rules or ShardingRules(), gather_packed=True)
         # scan_layers: the decoder scanned, its params (and so the state) stacked (params.stack_layers)
         # backend: the platform the step is built for (default: this one's), e.g. "tpu" to compile
         # a slice's program ahead of time on a CPU host
@@ -149,8 +189,8 @@ class Trainer:
 
     # ---------------------------------------------------------------- state
     def init_state(self, params) -> TrainState:
-        params = jax.tree.map(master_copy, params)
         self.trainable = st.trainable_paths(params, self.stage)
+        params = _held(params, self.trainable, self.module.dtype, master_copy)
         train, _ = st.split(params, self.trainable)
         if self.mesh is None:
             # Committed to the device like the states the step returns (the counters would not be),
@@ -167,8 +207,8 @@ class Trainer:
 
     def abstract_state(self, params_shapes) -> TrainState:
         """ShapeDtypeStructs (with shardings on a mesh) of the state, for restoring."""
-        params_shapes = jax.tree.map(master_shape, params_shapes)
         self.trainable = st.trainable_paths(params_shapes, self.stage)
+        params_shapes = _held(params_shapes, self.trainable, self.module.dtype, master_shape)
         shapes = jax.eval_shape(lambda p: TrainState(jnp.zeros((), jnp.int32), p,
                                                      self.optimizer.init(st.split(p, self.trainable)[0])),
                                 params_shapes)

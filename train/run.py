@@ -54,6 +54,7 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.experimental import multihost_utils
 
 from qwen2vl_jax import checkpoint as ck, distributed, interrupts
 from qwen2vl_jax.checkpoint import load_hf_params
@@ -257,12 +258,13 @@ def _run_key(opts: TrainOptions, stage: st.Stage, records: int) -> dict:
     return json.loads(json.dumps(key))  # as it reads back from the checkpoint (tuples -> lists)
 
 
-def load_model_params(folder: Path, config: Qwen2VLConfig, shardings=None) -> dict:
-    """fp32 params from a converted folder (Orbax) or an HF folder (safetensors)."""
+def load_model_params(folder: Path, config: Qwen2VLConfig, shardings=None, dtype=jnp.float32) -> dict:
+    """Params in `dtype` (packed leaves as stored) from a converted folder (Orbax) or an HF
+    folder (safetensors)."""
     if ck.is_converted(folder):
-        return ck.load_params(folder, config, dtype=jnp.float32, shardings=shardings)
+        return ck.load_params(folder, config, dtype=dtype, shardings=shardings)
     if any(folder.glob("*.safetensors")):
-        params = load_hf_params(folder, config, jnp.float32, host=True)
+        params = load_hf_params(folder, config, dtype, host=True)
         if shardings is not None:
             params = jax.device_put(params, shardings)
         return params
@@ -292,13 +294,23 @@ def state_params(opts: TrainOptions, base: dict, config: Qwen2VLConfig, adapter:
     return stack_layers(base) if opts.scan_layers else base
 
 
+def whole(x) -> np.ndarray:
+    """A (possibly sharded, possibly multi-host) array as one host numpy array; collective when
+    another process holds part of it."""
+    if isinstance(x, jax.Array) and not x.is_fully_addressable:
+        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+    return np.asarray(x)
+
+
 def write_adapter(params: dict, out: Path, model_dir: Path, spec: LoraSpec, float_shapes: dict) -> None:
     """Writes the adapters of a LoRA run's params as OUT/adapter (PEFT's format), replaced
-    whole by rename: a staging sibling first, the old folder swapped out after."""
+    whole by rename: a staging sibling first, the old folder swapped out after. Every process
+    calls it (an adapter split over hosts is gathered collectively); process 0 writes."""
+    _, adapter = detach(params)  # stacked or not: only the adapters are copied to the host
+    # whole arrays, not one device's shard: the trainer splits adapters over fsdp (sharding.PARAM_AXES)
+    host = {p: whole(x) for p, x in adapter.items()}
     if jax.process_index() != 0:
         return
-    _, adapter = detach(params)  # stacked or not: only the adapters are copied to the host
-    host = {p: np.asarray(x.addressable_data(0) if isinstance(x, jax.Array) else x) for p, x in adapter.items()}
     host = flatten(unstack_layers(unflatten(host)))
     staging, final = out / f".{ADAPTER_DIR}.tmp", out / ADAPTER_DIR
     shutil.rmtree(staging, ignore_errors=True)
@@ -442,11 +454,12 @@ def _fit(opts: TrainOptions, log, model_dir: Path, out: Path, saved: dict, made:
                 pending = [(s, v) for s, v in _read_losses(loss_file) if s > last_row]
         else:
             shardings = param_shardings(base_shapes(model_dir, config), mesh) if mesh is not None else None
-            loaded = load_model_params(model_dir, config, shardings)
             spec = opts.lora_spec()
+            # a LoRA run holds its frozen base in the compute dtype (loop.held_dtype): read it so
+            loaded = load_model_params(model_dir, config, shardings, jnp.float32 if spec is None else dtype)
             adapter = None if spec is None else init_adapter(init_shapes(config), spec, opts.seed)
             state = trainer.init_state(state_params(opts, loaded, config, adapter))
-            del loaded  # the state holds its own float32 copy: free these before training
+            del loaded  # the state holds its own copy: free these before training
             position, pending = Position(), []
         title = f"stage {opts.stage} ({stage.name}) loss"
 

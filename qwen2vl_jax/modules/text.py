@@ -24,7 +24,7 @@ from qwen2vl_jax.quant.cpu import FEW_ROWS
 from qwen2vl_jax.quant.format import RUNTIME_PARTS
 from qwen2vl_jax.quant.matmul import embed_attend, embed_lookup, matmul
 from qwen2vl_jax.modules.rope import apply_rotary, mrope_cos_sin
-from qwen2vl_jax.sharding import shard
+from qwen2vl_jax.sharding import gathered_packed, shard
 
 
 class LayerCache(NamedTuple):
@@ -86,6 +86,7 @@ class Linear(nn.Dense):
         if not self.has_variable("params", "qweight"):
             return adapted(self, inputs, super().__call__(inputs))
         leaves = {k: self.get_variable("params", k) for k in RUNTIME_PARTS if self.has_variable("params", k)}
+        leaves = gathered_packed(leaves, "/".join(self.path))
         y = matmul(inputs, leaves, self.dtype, self.backend)
         if self.use_bias:
             y = y + self.param("bias", self.bias_init, (self.features,), self.param_dtype).astype(self.dtype)
