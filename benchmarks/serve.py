@@ -36,7 +36,8 @@ and a short question (with --image 0, a short text question alone), asks for NEW
          reference assets), 4 decoder layers and 4 vision blocks, random weights
   2b     Qwen2-VL-2B's shapes, random bfloat16 weights
 Columns: requests/s and output tokens/s over the level's wall time; time to first token and
-time per output token after the first (per request), p50/p99; failed requests; the server's
+time per output token after the first (per request), p50/p99; the inter-token latency p99 (every
+gap between two streamed tokens of a request, all requests pooled); failed requests; the server's
 resident memory after warm-up and at the end. The peer is the first row (x first row: output
 tokens/s against the first level's, one client by default; with --compare, --schema both or
 --peer, against the first row of the same level).
@@ -270,7 +271,7 @@ async def one_turn(client, url: str, args, messages: list[dict], schema: bool = 
         return {"ok": False}
     ttft = times[0] - t0
     tpot = (times[-1] - times[0]) / (n - 1) if n > 1 else float("nan")
-    return {"ok": True, "ttft": ttft, "tpot": tpot, "tokens": n, "text": "".join(text)}
+    return {"ok": True, "ttft": ttft, "tpot": tpot, "tokens": n, "text": "".join(text), "gaps": np.diff(times).tolist()}
 
 
 async def level(url: str, args, clients: int, requests: int, first_seed: int, schema: bool = False) -> dict:
@@ -297,6 +298,8 @@ def summary(results: list[dict], clients: int, wall: float) -> dict:
     ok = [r for r in results if r["ok"]]
     later = [r for r in ok if r.get("turn", 0) > 0]
 
+    gaps = [g for r in ok for g in r.get("gaps", ())]
+
     def pct(key, q, rows=ok):
         return float(np.percentile([r[key] for r in rows], q)) if rows else float("nan")
 
@@ -304,6 +307,7 @@ def summary(results: list[dict], clients: int, wall: float) -> dict:
             "req_s": len(ok) / wall, "tok_s": sum(r["tokens"] for r in ok) / wall,
             "ttft_p50": pct("ttft", 50), "ttft_p99": pct("ttft", 99),
             "tpot_p50": pct("tpot", 50), "tpot_p99": pct("tpot", 99),
+            "itl_p99": float(np.percentile(gaps, 99)) if gaps else float("nan"),
             "first_ttft_p50": pct("ttft", 50, [r for r in ok if r.get("turn", 0) == 0]),
             "later_ttft_p50": pct("ttft", 50, later), "later_ttft_p99": pct("ttft", 99, later),
             "results": results, "wall": wall}
@@ -426,7 +430,7 @@ def side_by_side(args, levels: list[int]) -> int:
             for note in notes:
                 print(note)
             head = ("clients", column, "requests", "failed", "out tok/s", "x first row", "TTFT p50 s", "TTFT p99 s",
-                    "TPOT p50 ms", "TPOT p99 ms")
+                    "TPOT p50 ms", "TPOT p99 ms", "ITL p99 ms")
             if args.turns > 1:
                 head += ("turn 1 TTFT p50 s", "turns 2+ TTFT p50 s", "turns 2+ TTFT p99 s")
             print("| " + " | ".join(head) + " |")
@@ -446,7 +450,7 @@ def side_by_side(args, levels: list[int]) -> int:
                     first = first or r
                     cells = [clients, name(label, schema), r["requests"], r["failed"], f"{r['tok_s']:.1f}",
                              f"{r['tok_s'] / first['tok_s']:.2f}", f"{r['ttft_p50']:.2f}", f"{r['ttft_p99']:.2f}",
-                             f"{1e3 * r['tpot_p50']:.0f}", f"{1e3 * r['tpot_p99']:.0f}"]
+                             f"{1e3 * r['tpot_p50']:.0f}", f"{1e3 * r['tpot_p99']:.0f}", f"{1e3 * r['itl_p99']:.0f}"]
                     if args.turns > 1:
                         cells += [f"{r['first_ttft_p50']:.2f}", f"{r['later_ttft_p50']:.2f}",
                                   f"{r['later_ttft_p99']:.2f}"]
@@ -466,7 +470,7 @@ def print_head(args, startup: float, rss_warm: float) -> None:
           f"(EOS ignored), --max-batch {args.max_batch}; launch to healthy {startup:.0f} s; "
           f"server RSS {rss_warm:.2f} GB after warm-up")
     head = ("clients", "requests", "failed", "req/s", "out tok/s", "x first row",
-            "TTFT p50 s", "TTFT p99 s", "TPOT p50 ms", "TPOT p99 ms")
+            "TTFT p50 s", "TTFT p99 s", "TPOT p50 ms", "TPOT p99 ms", "ITL p99 ms")
     print("| " + " | ".join(head) + " |")
     print("|" + "---|" * len(head), flush=True)
 
@@ -474,7 +478,7 @@ def print_head(args, startup: float, rss_warm: float) -> None:
 def print_row(args, r: dict, base: dict) -> None:
     cells = [r["clients"], r["requests"], r["failed"], f"{r['req_s']:.2f}", f"{r['tok_s']:.1f}",
              f"{r['tok_s'] / base['tok_s']:.1f}", f"{r['ttft_p50']:.2f}", f"{r['ttft_p99']:.2f}",
-             f"{1e3 * r['tpot_p50']:.0f}", f"{1e3 * r['tpot_p99']:.0f}"]
+             f"{1e3 * r['tpot_p50']:.0f}", f"{1e3 * r['tpot_p99']:.0f}", f"{1e3 * r['itl_p99']:.0f}"]
     print("| " + " | ".join(str(c) for c in cells) + " |", flush=True)
 
 

@@ -42,3 +42,13 @@ def test_tree_rss_counts_children():
     finally:
         child.stdin.close()
         child.wait(30)
+
+
+def test_summary_pools_every_gap_for_the_inter_token_latency():
+    # three stalls among 200 gaps: each request's average (TPOT) hides them, the pooled p99 (ITL) does not
+    steady = {"ok": True, "ttft": 1.0, "tpot": 0.1, "tokens": 101, "gaps": [0.1] * 100}
+    stalled = {"ok": True, "ttft": 1.0, "tpot": 0.16, "tokens": 101, "gaps": [0.1] * 97 + [2.1] * 3}
+    r = serve.summary([steady, stalled, {"ok": False}], clients=2, wall=10.0)
+    assert (r["requests"], r["failed"]) == (3, 1)
+    assert r["tpot_p99"] < 0.2
+    assert r["itl_p99"] == pytest.approx(2.1)
