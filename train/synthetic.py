@@ -310,10 +310,12 @@ def where_question(info: dict, rng: random.Random) -> tuple[str, str, dict] | No
     return task, rng.choice(WHERE_QUESTIONS).format(ref), {"type": "box", "label": f"the {ref}", "box": list(box)}
 
 
-def where_all(info: dict, rng: random.Random) -> list[tuple[str, str, dict]]:
+def where_all(info: dict, rng: random.Random, parts: bool = False) -> list[tuple[str, str, dict]]:
     """Every where-question a picture of shapes answers, in random order: its lone shape's, or
     each of several shapes' that no other shares its colour and kind (as where_question asks
-    them)."""
+    them). `parts`: among several, also each shape by its colour alone ("Where is the red
+    shape?") when no other shares its colour, and by its kind alone ("Where is the circle?")
+    when no other shares its kind (task "wherepart")."""
     if info["kind"] != "many" or info["count"] == 1:
         one = where_question(info, rng)
         return [] if one is None else [one]
@@ -323,15 +325,21 @@ def where_all(info: dict, rng: random.Random) -> list[tuple[str, str, dict]]:
             ref = f"{colour} {shape}"
             out.append(("wheremany", rng.choice(WHERE_QUESTIONS).format(ref),
                         {"type": "box", "label": f"the {ref}", "box": list(box)}))
+        if parts:
+            for ref, alone in ((f"{colour} shape", [c for _, c in info["items"]].count(colour) == 1),
+                               (shape, [k for k, _ in info["items"]].count(shape) == 1)):
+                if alone:
+                    out.append(("wherepart", rng.choice(WHERE_QUESTIONS).format(ref),
+                                {"type": "box", "label": f"the {ref}", "box": list(box)}))
     rng.shuffle(out)
     return out
 
 
-def grounding_picture(rng: random.Random) -> tuple[Image.Image, dict]:
+def grounding_picture(rng: random.Random, many: bool = False) -> tuple[Image.Image, dict]:
     """A picture drawn for where-questions alone, as the grounding rows of the eval draw
     them: a lone shape anywhere on a canvas (35%), or 2-4 shapes on a canvas of any of the
-    sizes (65%)."""
-    if rng.random() < 0.35:
+    sizes (65%); `many`: always 2-4 shapes."""
+    if rng.random() < 0.35 and not many:
         return placed_shape(rng)
     return many_shapes(rng, count=rng.choice((2, 3, 4)), canvas=rng.choice(CANVASES))
 
@@ -394,6 +402,9 @@ class Counts:
     # extra pictures of shapes asked only where things are (grounding_picture): one
     # conversation asking where each nameable shape is, in stages 2 and 3
     grounding: int = 0
+    grounding_many: bool = False  # the grounding pictures all of 2-4 shapes (none of a lone one)
+    # among several shapes, also ask each by its colour alone and by its kind alone where unique
+    grounding_parts: bool = False
 
     def __post_init__(self):
         if self.other is None:
@@ -522,8 +533,8 @@ def _write_dataset(out: Path, seed: int, counts: Counts, tick) -> dict[str, Path
     for i in range(counts.grounding):  # drawn from grng: the records above stay as without them
         qa = []
         while not qa:  # (2-4 shapes may all have a twin: draw again)
-            img, info = grounding_picture(grng)
-            qa = where_all(info, grng)
+            img, info = grounding_picture(grng, many=counts.grounding_many)
+            qa = where_all(info, grng, parts=counts.grounding_parts)
         conv = _conversation(_media(out, f"images/g{i:05d}.png", img), qa)
         stage2.append(conv)
         stage3.append(conv)
@@ -603,6 +614,12 @@ def main(argv=None) -> int:
                    help="questions about none of these (default: 3/16 of --images)")
     p.add_argument("--grounding", type=int, default=0, metavar="N",
                    help="extra pictures of shapes asked only where each shape is (default: 0)")
+    p.add_argument("--grounding-many", action="store_true",
+                   help="the --grounding pictures all of 2-4 shapes, each asked by colour and kind (default: "
+                        "a lone shape in 35%% of them)")
+    p.add_argument("--grounding-parts", action="store_true",
+                   help="among several shapes of a --grounding picture, also ask each by its colour alone "
+                        "(\"Where is the red shape?\") and by its kind alone, where no other shares it")
     p.add_argument("--eval-per-task", type=int, default=Counts.eval_per_task, metavar="N",
                    help=f"held-out rows per question type (default: {Counts.eval_per_task})")
     p.add_argument("--seed", type=int, default=0, metavar="N", help="the eval set is held out from it (default: 0)")
@@ -615,7 +632,9 @@ def main(argv=None) -> int:
             if value is not None and value < 0:
                 raise InputError(f"{flag} must be at least 0, got {value}")
         paths = write_dataset(args.out, args.seed, Counts(images=args.images, videos=args.videos, other=args.other,
-                                                          grounding=args.grounding, eval_per_task=args.eval_per_task),
+                                                          grounding=args.grounding, eval_per_task=args.eval_per_task,
+                                                          grounding_many=args.grounding_many,
+                                                          grounding_parts=args.grounding_parts),
                               progress=not args.no_progress)
         print(f"wrote {', '.join(str(p) for p in paths.values())}")
 
