@@ -22,7 +22,7 @@ import logging
 import re
 import shutil
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Iterable
 
 import jax
 import jax.numpy as jnp

@@ -127,6 +127,39 @@ def test_cpu_form_equals_the_dequantized_dot(bits, group, perm, in_f, block, mon
         np.testing.assert_allclose(got, xp @ w, rtol=1e-5, atol=1e-5 * np.abs(xp @ w).max())
 
 
+@pytest.mark.parametrize("bits,group", [(8, -1), (4, 16)])
+def test_cpu_form_bf16_products(bits, group):
+    """products="bf16": 64 rows or more (prefill) take bf16 inputs, as a float model's products
+    do under matmul="bf16"; fewer rows are the f32 product bit for bit."""
+    from qwen2vl_jax.quant.cpu import BF16_MIN_ROWS
+
+    rng = np.random.default_rng(bits)
+    in_f, out_f = 96, 40
+    leaves = _leaves(rng, in_f, out_f, bits, group, False)
+    w = qformat.dequantize(leaves, in_f).astype(np.float64)
+    shapes = {"lm_head": {"kernel": jax.ShapeDtypeStruct((in_f, out_f), jnp.float32)}}
+    form = {k: jnp.asarray(v) for k, v in cpu.cpu_layout({"lm_head": leaves}, shapes)["lm_head"].items()}
+    run = jax.jit(qmatmul.matmul, static_argnums=(2, 3, 4))
+    as_bf16 = lambda a: np.asarray(jnp.asarray(a).astype(jnp.bfloat16).astype(jnp.float32), np.float64)  # noqa: E731
+    for rows in (BF16_MIN_ROWS - 1, BF16_MIN_ROWS, 150):
+        x = rng.standard_normal((rows, in_f)).astype(np.float32)
+        f32 = np.asarray(run(x, form, jnp.float32, "cpu", "f32"))
+        got = np.asarray(run(x, form, jnp.float32, "cpu", "bf16"))
+        if rows < BF16_MIN_ROWS:
+            np.testing.assert_array_equal(got, f32)
+            continue
+        scale = np.abs(x @ w).max()
+        if group == -1:  # the integers are exact in bf16, the scale comes after the product: x alone is rounded
+            np.testing.assert_allclose(got, as_bf16(x) @ w, rtol=0, atol=1e-4 * scale)
+        else:  # int4 in groups: q * s (= w + zero * s) rounded to bf16, the zero points' term in f32; XLA
+            # may keep x in f32 here (it is allowed excess precision), which it does for some shapes
+            offsets = np.repeat(leaves["zeros"].astype(np.float64) * leaves["scales"], group, axis=0)
+            weight = as_bf16(w + offsets)
+            err = min(np.abs(got - (xr @ weight - x @ offsets)).max() for xr in (as_bf16(x), x))
+            assert err <= 1e-4 * scale, err
+        assert np.abs(got - f32).max() > 1e-3 * scale  # and clearly apart from the f32 product
+
+
 def test_embedding_lookup_and_tied_head():
     rng = np.random.default_rng(1)
     table = rng.standard_normal((37, 16)).astype(np.float32)

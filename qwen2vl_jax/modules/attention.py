@@ -25,6 +25,8 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
+from qwen2vl_jax.quant.cpu import BF16_MIN_ROWS  # one threshold for float and packed products
+
 BACKENDS = ("cpu", "gpu", "tpu")
 
 
@@ -80,7 +82,6 @@ def fused_attention(q, k, v, *, mask=None, lengths=None, causal=False):
 #         bf16 dot instructions (AVX512-BF16, AMX) run such products about twice as fast as f32.
 #         Fewer rows stay in f32: there the weight's conversion would cost more than it saves.
 MATMULS = ("f32", "bf16")
-BF16_MIN_ROWS = 64
 
 
 def check_matmul(choice: str) -> str:

@@ -80,6 +80,7 @@ class Linear(nn.Dense):
     checkpoints; `backend` picks the packed product's kernel."""
 
     backend: str = backend_field()
+    matmul: str = "f32"  # the large products' precision (modules/attention.py), packed weights' too
 
     @nn.compact
     def __call__(self, inputs):
@@ -87,7 +88,7 @@ class Linear(nn.Dense):
             return adapted(self, inputs, super().__call__(inputs))
         leaves = {k: self.get_variable("params", k) for k in RUNTIME_PARTS if self.has_variable("params", k)}
         leaves = gathered_packed(leaves, "/".join(self.path))
-        y = matmul(inputs, leaves, self.dtype, self.backend)
+        y = matmul(inputs, leaves, self.dtype, self.backend, products=self.matmul)
         if self.use_bias:
             y = y + self.param("bias", self.bias_init, (self.features,), self.param_dtype).astype(self.dtype)
         return adapted(self, inputs, y)
@@ -180,8 +181,8 @@ class Attention(nn.Module):
         b, l, _ = x.shape
         h, kh, hd = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
         dense = lambda n, name, bias=True: Linear(n, use_bias=bias, dtype=self.dtype,  # noqa: E731
-                                                  dot_general=dense_dot(self.matmul), backend=self.backend,
-                                                  name=name)
+                                                  dot_general=dense_dot(self.matmul), matmul=self.matmul,
+                                                  backend=self.backend, name=name)
         if self.has_variable("params", "qkv_proj"):  # params.fuse_projections: one matmul for the three
             q, k, v = jnp.split(dense((h + 2 * kh) * hd, "qkv_proj")(x), [h * hd, (h + kh) * hd], axis=-1)
         else:
@@ -223,7 +224,7 @@ class Mlp(nn.Module):
     def __call__(self, x):
         cfg = self.config
         dense = lambda n, name: Linear(n, use_bias=False, dtype=self.dtype, dot_general=dense_dot(self.matmul),  # noqa: E731
-                                       backend=self.backend, name=name)
+                                       matmul=self.matmul, backend=self.backend, name=name)
         if self.has_variable("params", "gate_up_proj"):  # params.fuse_projections
             gate, up = jnp.split(dense(2 * cfg.intermediate_size, "gate_up_proj")(x), 2, axis=-1)
         else:

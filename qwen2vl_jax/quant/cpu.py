@@ -33,6 +33,7 @@ FEW_ROWS = 16
 # optimization_barrier keeps the dots apart).
 BLOCK_INPUTS = 2048
 CHUNK_BYTES = 16 << 20  # prefill's f32 pieces: under glibc's 32 MiB mmap threshold, so reused
+BF16_MIN_ROWS = 64  # products of this many rows or more take bf16 inputs under matmul="bf16" (modules/attention.py)
 
 
 def cpu_layout(params, shapes):
@@ -134,10 +135,12 @@ def materialized(x2):
     return jax.lax.cond(jnp.any(has_nan), lambda v: jnp.where(has_nan, jnp.nan, v), lambda v: v, x2)
 
 
-def cpu_matmul(x2, leaves: dict, in_features: int):
+def cpu_matmul(x2, leaves: dict, in_features: int, bf16: bool = False):
     """x2 f32[N, I] @ W in the CPU form -> f32[N, O]. One row: a loop per block that reads the
     integers directly (`cpu_layout`); up to FEW_ROWS rows: that, row by row; more: each block
-    dequantized to f32 once and multiplied."""
+    dequantized to f32 once and multiplied (bf16: dequantized to bf16 and multiplied with bf16
+    inputs, accumulating in f32: the inputs are rounded as a float model's are under
+    matmul="bf16"; the integers are exact in bf16, a group-scaled weight is rounded)."""
     # Tied to this layer's input, the weight's convert cannot be hoisted out of a decode
     # while_loop as loop-invariant (which would hold every layer's weight in f32), nor a
     # prefill's dequantize scheduled before the layer runs.
@@ -183,15 +186,17 @@ def cpu_matmul(x2, leaves: dict, in_features: int):
         y = jnp.concatenate([one_row(x2[r:r + 1]) for r in range(n)])
     else:  # each block dequantized in chunks of outputs under CHUNK_BYTES (no fresh mmap per call)
         halves = (None,) if bits == 8 else (0, 1)
-        pieces = -(-out_f * (bi // len(halves)) * 4 // CHUNK_BYTES)  # ceil: f32 bytes / CHUNK_BYTES
+        wtype = jnp.bfloat16 if bf16 else jnp.float32
+        pieces = -(-out_f * (bi // len(halves)) * jnp.dtype(wtype).itemsize // CHUNK_BYTES)  # ceil: bytes / CHUNK_BYTES
         step = -(-out_f // pieces)
         cuts = [(c, min(c + step, out_f)) for c in range(0, out_f, step)]
         outs = []
         for b in range(nb):
             for h in halves:
                 xb = x2[:, b * bi:(b + 1) * bi] if h is None else x2[:, b * bi + h:(b + 1) * bi:2]
-                ws = jax.lax.optimization_barrier([weight(b, h)[c0:c1] for c0, c1 in cuts])
-                outs.append(jnp.concatenate([xb @ w.T for w in ws], axis=1))
+                ws = jax.lax.optimization_barrier([weight(b, h)[c0:c1].astype(wtype) for c0, c1 in cuts])
+                outs.append(jnp.concatenate([jnp.dot(xb.astype(wtype), w.T, preferred_element_type=jnp.float32)
+                                             for w in ws], axis=1))
         y = sum(outs)
     if not grouped:
         y = y * scales[0]

@@ -17,7 +17,7 @@ import math
 import jax
 import jax.numpy as jnp
 
-from qwen2vl_jax.quant.cpu import FEW_ROWS, cpu_matmul, materialized
+from qwen2vl_jax.quant.cpu import BF16_MIN_ROWS, FEW_ROWS, cpu_matmul, materialized
 from qwen2vl_jax.quant.format import bits_of, zero_points
 
 # A block's float buffer in `_blocked` is about BLOCK_BYTES: in cache, and big enough that the
@@ -92,16 +92,19 @@ def _block_rows(total: int, per_group: int, width: int) -> int:
     return next(r for r in range(target, 0, -1) if per_group % r == 0)
 
 
-def matmul(x, leaves: dict, dtype, backend: str = "cpu"):
+def matmul(x, leaves: dict, dtype, backend: str = "cpu", products: str = "f32"):
     """x [..., I] @ W (packed, or in the CPU form of `cpu.cpu_layout`) -> [..., O] in `dtype`,
-    with the kernel for `backend` (the platform the program is built for; see the module doc)."""
+    with the kernel for `backend` (the platform the program is built for; see the module doc).
+    products "bf16": the CPU form's many-row products (prefill) take bf16 inputs and accumulate
+    in f32, as the float model's do under that setting (modules/attention.py)."""
     if "perm" in leaves:
         x = jnp.take(x, leaves["perm"], axis=-1)
     in_features = x.shape[-1]
     lead = x.shape[:-1]
     n = math.prod(lead)
     if leaves["qweight"].ndim == 3:
-        y = cpu_matmul(x.reshape(n, in_features).astype(jnp.float32), leaves, in_features)
+        y = cpu_matmul(x.reshape(n, in_features).astype(jnp.float32), leaves, in_features,
+                       bf16=products == "bf16" and n >= BF16_MIN_ROWS)
         return y.reshape(*lead, -1).astype(dtype)
     if backend == "cpu" and n <= FEW_ROWS:
         y = _blocked(x.reshape(n, in_features).astype(jnp.float32), leaves, in_features)
