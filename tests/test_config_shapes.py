@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 import hf_utils
-from qwen2vl_jax.config import PRESETS, QWEN2_VL_2B, QWEN2_VL_7B, QWEN2_VL_72B, Qwen2VLConfig
+from qwen2vl_jax.config import PRESETS, QWEN2_VL_2B, QWEN2_VL_7B, Qwen2VLConfig
 from qwen2vl_jax.errors import CheckpointError
 from qwen2vl_jax.modules.qwen2vl import init_shapes
 from qwen2vl_jax.params import count_params

@@ -190,7 +190,7 @@ def test_generate_bad_drawing_flags(demo_dir, tmp_path, argv, message):
 
 
 # ---------------------------------------------------------------------------- training data
-def write_jsonl(tmp_path, *records) -> "Path":
+def write_jsonl(tmp_path, *records):
     import json
 
     from PIL import Image

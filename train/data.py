@@ -44,7 +44,7 @@ from qwen2vl_jax import grounding
 from qwen2vl_jax.config import Qwen2VLConfig
 from qwen2vl_jax.errors import InputError
 from qwen2vl_jax.jsonio import parse_json
-from qwen2vl_jax.inputs import LABEL_PAD, bucket, build_inputs, pack_vision, vision_sizes
+from qwen2vl_jax.inputs import LABEL_PAD, build_inputs, pack_vision, vision_sizes
 
 IGNORE = LABEL_PAD
 LABEL_MODES = ("assistant", "caption")
