@@ -370,7 +370,7 @@ def test_warm_up_tells_what_it_compiles(served):
     batcher = served.service.batcher
     calls = []
     stand_in = types.SimpleNamespace(slots=batcher.slots, params=batcher.params,
-                                     warm_up=lambda: calls.append("batcher"))  # its own test covers it
+                                     warm_up=lambda mask_words=0: calls.append("batcher"))  # its own test covers it
     lines = []
     warm_up(stand_in, processor, progress=lines.append)
     assert calls == ["batcher"]

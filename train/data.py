@@ -45,6 +45,7 @@ from qwen2vl_jax.config import Qwen2VLConfig
 from qwen2vl_jax.errors import InputError
 from qwen2vl_jax.jsonio import parse_json
 from qwen2vl_jax.inputs import LABEL_PAD, build_inputs, pack_vision, vision_sizes
+from qwen2vl_jax.inputs import bucket  # noqa: F401 - the batch bucket, read as data.bucket by the loader's users
 
 IGNORE = LABEL_PAD
 LABEL_MODES = ("assistant", "caption")
